@@ -1,0 +1,1 @@
+"""Pre/post-processing, metric scaling, weights and the model cache."""

@@ -1,0 +1,1 @@
+"""Pure-torch Depth Anything 3 networks: tensors in, tensors out."""
