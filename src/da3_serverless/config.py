@@ -77,6 +77,14 @@ class Settings(BaseSettings):
     # Self-hosted server
     max_body_bytes: int = Field(default=100_000_000, validation_alias=_env("MAX_BODY_BYTES"))
     max_queue: int = Field(default=16, validation_alias=_env("MAX_QUEUE"))
+    model_concurrency: int = Field(default=1, validation_alias=_env("MODEL_CONCURRENCY"))
+    max_jobs: int = Field(default=1000, validation_alias=_env("MAX_JOBS"))
+    job_ttl_s: float = Field(default=3600.0, validation_alias=_env("JOB_TTL_S"))
+    shutdown_grace_s: float = Field(default=60.0, validation_alias=_env("SHUTDOWN_GRACE_S"))
+
+    # Client (`da3-serverless request`)
+    endpoint: str | None = Field(default=None, validation_alias=_env("DA3_ENDPOINT"))
+    runpod_api_key: str | None = Field(default=None, validation_alias=_env("RUNPOD_API_KEY"))
 
     @cached_property
     def workspace_dir(self) -> Path:
