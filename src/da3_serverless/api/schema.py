@@ -1,0 +1,291 @@
+"""API contract v1: the request and response objects (DESIGN §4).
+
+`parse_request(payload)` turns the JSON object a client sent (the `input` of a RunPod job, the
+body of `POST /runsync`) into a `RunRequest`, or raises `ServiceError("invalid_input")` whose
+message names every offending field and says how to fix it. The response models describe what
+the service returns; the service builds plain dicts, the models exist for validation and for the
+HTTP server's OpenAPI document.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    FiniteFloat,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from ..config import Settings
+from .errors import ServiceError
+
+SCHEMA_VERSION = "1"
+OutputName = Literal["depth", "preview", "confidence", "sky_mask", "depth_npy", "pointcloud"]
+OUTPUT_NAMES: tuple[str, ...] = OutputName.__args__
+MIN_PROCESS_RES = 14  # one ViT patch
+Matrix = list[list[FiniteFloat]]
+
+
+def _is_matrix(value: object) -> bool:
+    """A list of lists of non-lists: one matrix, as opposed to a list of matrices."""
+    return (
+        isinstance(value, list)
+        and len(value) > 0
+        and all(isinstance(row, list) for row in value)
+        and not any(isinstance(x, list) for row in value for x in row)
+    )
+
+
+def _check_shape(matrix: Matrix, shapes: tuple[tuple[int, int], ...], what: str) -> None:
+    rows = len(matrix)
+    cols = {len(row) for row in matrix}
+    if len(cols) != 1 or (rows, cols.pop()) not in shapes:
+        wanted = " or ".join(f"{r}x{c}" for r, c in shapes)
+        raise ValueError(f"each {what} matrix must be {wanted} (a list of rows of numbers)")
+
+
+# Strict: a JSON "yes" or 1 is not a boolean, "504" is not an integer, strings are not numbers.
+_STRICT = ConfigDict(extra="forbid", strict=True)
+
+
+class ImageRef(BaseModel):
+    """One view of the scene: exactly one of `url` (http/https) or `base64` (raw or data URI)."""
+
+    model_config = _STRICT
+
+    url: str | None = None
+    base64: str | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ImageRef:
+        if (self.url is None) == (self.base64 is None):
+            raise ValueError("give exactly one of 'url' or 'base64' for each entry of images")
+        return self
+
+
+class RunRequest(BaseModel):
+    """A v1 request. `process_res` is only checked against its lower bound here; the upper bound
+    (`settings.max_process_res`) and the number of views (`settings.max_views`) are server
+    settings, checked by `check_limits` (which `parse_request(payload, settings)` calls)."""
+
+    model_config = _STRICT
+
+    api_key: str | None = None
+    image_url: str | None = None
+    image_base64: str | None = None
+    images: list[ImageRef] | None = Field(default=None, min_length=1)
+    model_id: str | None = None
+    output_metric: bool = True
+    use_ray_pose: bool = False
+    process_res: int = Field(default=504, ge=MIN_PROCESS_RES)
+    focal_length_px: FiniteFloat | None = Field(default=None, gt=0)
+    # One 3x3 per view (a single 3x3 is accepted for one view); pixel units.
+    intrinsics: list[Matrix] | None = None
+    # One world-to-camera 3x4 (or 4x4 with last row 0 0 0 1) per view; stored as 3x4.
+    extrinsics: list[Matrix] | None = None
+    outputs: list[OutputName] = Field(default_factory=lambda: ["depth"], min_length=1)
+    return_base64: bool = True
+
+    @field_validator("intrinsics", "extrinsics", mode="before")
+    @classmethod
+    def _wrap_single_matrix(cls, value: object) -> object:
+        return [value] if _is_matrix(value) else value
+
+    @field_validator("intrinsics")
+    @classmethod
+    def _check_intrinsics(cls, value: list[Matrix] | None) -> list[Matrix] | None:
+        for k in value or []:
+            _check_shape(k, ((3, 3),), "intrinsics")
+            if not (k[0][0] > 0 and k[1][1] > 0):
+                raise ValueError(
+                    "intrinsics need positive focal lengths fx = K[0][0], fy = K[1][1]"
+                )
+            if any(abs(a - b) > 1e-6 for a, b in zip(k[2], (0.0, 0.0, 1.0), strict=True)):
+                raise ValueError(
+                    "the last row of each intrinsics matrix must be [0, 0, 1] "
+                    "(is the matrix transposed?)"
+                )
+        return value
+
+    @field_validator("extrinsics")
+    @classmethod
+    def _check_extrinsics(cls, value: list[Matrix] | None) -> list[Matrix] | None:
+        if value is None:
+            return None
+        out = []
+        for e in value:
+            _check_shape(e, ((3, 4), (4, 4)), "extrinsics")
+            if len(e) == 4:
+                if any(abs(a - b) > 1e-6 for a, b in zip(e[3], (0.0, 0.0, 0.0, 1.0), strict=True)):
+                    raise ValueError("the last row of a 4x4 extrinsics matrix must be [0, 0, 0, 1]")
+                e = e[:3]
+            out.append(e)
+        return out
+
+    @field_validator("outputs")
+    @classmethod
+    def _dedupe(cls, value: list[str]) -> list[str]:
+        return list(dict.fromkeys(value))
+
+    @model_validator(mode="after")
+    def _one_source_and_camera_per_view(self) -> RunRequest:
+        given = [self.image_url is not None, self.image_base64 is not None, self.images is not None]
+        if sum(given) != 1:
+            raise ValueError(
+                "give exactly one of image_url, image_base64, images "
+                f"(got {'none' if not any(given) else sum(given)})"
+            )
+        n = self.view_count
+        for name in ("intrinsics", "extrinsics"):
+            matrices = getattr(self, name)
+            if matrices is not None and len(matrices) != n:
+                raise ValueError(
+                    f"{name} has {len(matrices)} matrices but the request has {n} view(s): "
+                    "give one per image, in the order of the images"
+                )
+        return self
+
+    @property
+    def view_count(self) -> int:
+        return len(self.images) if self.images is not None else 1
+
+
+def check_limits(request: RunRequest, settings: Settings) -> None:
+    """Refuse a request past the server's limits: `process_res` above `settings.max_process_res`
+    or more views than `settings.max_views` (`ServiceError("invalid_input")`)."""
+    problems = []
+    if request.process_res > settings.max_process_res:
+        problems.append(
+            f"process_res {request.process_res} is above this server's limit of "
+            f"{settings.max_process_res}: use a value from {MIN_PROCESS_RES} to "
+            f"{settings.max_process_res} (504 is the model's native resolution)"
+        )
+    if request.view_count > settings.max_views:
+        problems.append(
+            f"images has {request.view_count} views but this server accepts at most "
+            f"{settings.max_views}: send fewer views per request"
+        )
+    if problems:
+        raise ServiceError("invalid_input", "; ".join(problems))
+
+
+_FIELDS = tuple(RunRequest.model_fields)
+_IMAGE_REF_FIELDS = tuple(ImageRef.model_fields)
+_TYPE_HINTS = {
+    "bool_type": "must be true or false (a JSON boolean)",
+    "int_type": "must be a whole number (a JSON integer)",
+    "float_type": "must be a number",
+    "string_type": "must be a string",
+    "list_type": "must be a list",
+    "model_type": "must be an object",
+    "finite_number": "must be a finite number",
+}
+
+
+def _where(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _describe(error: Any) -> str:
+    loc = tuple(error["loc"])
+    kind = error["type"]
+    where = _where(loc)
+    if kind == "extra_forbidden":
+        name = str(loc[-1])[:64]
+        valid = _IMAGE_REF_FIELDS if len(loc) > 1 else _FIELDS
+        close = difflib.get_close_matches(name, valid, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        where = where if len(loc) > 1 else f"'{name}'"
+        return f"unknown field {where}{hint}: remove it; valid fields are {', '.join(valid)}"
+    if kind == "literal_error" and loc and loc[0] == "outputs":
+        return f"{where} must be one of {', '.join(OUTPUT_NAMES)}"
+    if kind == "value_error":
+        # Our own validators: the message already says what to do.
+        message = str(error["ctx"]["error"]) if "ctx" in error else error["msg"]
+        return f"{where}: {message}" if where else message
+    if kind in _TYPE_HINTS:
+        return f"{where} {_TYPE_HINTS[kind]}"
+    if kind in ("too_short", "greater_than", "greater_than_equal") and "ctx" in error:
+        # pydantic's own wording, without the offending value (it could be a secret).
+        return f"{where}: {error['msg'].lower()}"
+    return f"{where}: {error['msg']}" if where else error["msg"]
+
+
+def parse_request(payload: object, settings: Settings | None = None) -> RunRequest:
+    """Validate a v1 request object; with `settings`, also `check_limits`.
+
+    Raises `ServiceError("invalid_input")` naming each bad field. Messages never contain the
+    values sent (so never the api_key).
+    """
+    if not isinstance(payload, dict):
+        raise ServiceError(
+            "invalid_input",
+            f"the request must be a JSON object with fields such as image_url, got "
+            f"{type(payload).__name__}",
+        )
+    try:
+        request = RunRequest.model_validate(payload)
+    except ValidationError as exc:
+        messages = list(dict.fromkeys(_describe(e) for e in exc.errors(include_url=False)))
+        raise ServiceError("invalid_input", "invalid request: " + "; ".join(messages)) from None
+    if settings is not None:
+        check_limits(request, settings)
+    return request
+
+
+# ---- response ----------------------------------------------------------------------------
+
+
+class OutputFile(BaseModel):
+    """One extra output (preview, confidence, ...): inline base64, a file on the volume, and/or
+    a bucket URL, with its media type (e.g. `image/png`, `application/octet-stream`)."""
+
+    base64: str | None = None
+    path: str | None = None
+    url: str | None = None
+    media_type: str
+
+
+class ViewResult(BaseModel):
+    """The result for one view. `image_base64` is the depth map as a 16-bit grayscale PNG:
+    depth = min_depth + v * (max_depth - min_depth) / 65535 (`depth_encoding` "png16-linear")."""
+
+    width: int
+    height: int
+    min_depth: FiniteFloat
+    max_depth: FiniteFloat
+    image_base64: str | None = None
+    depth_encoding: str = "png16-linear"
+    file_path: str | None = None
+    file_url: str | None = None
+    intrinsics: list[list[float]] | None = Field(default=None, description="3x3, pixels")
+    extrinsics: list[list[float]] | None = Field(
+        default=None, description="3x4 world-to-camera [R|t]"
+    )
+    preview: OutputFile | None = None
+    confidence: OutputFile | None = None
+    sky_mask: OutputFile | None = None
+    depth_npy: OutputFile | None = None
+    pointcloud: OutputFile | None = None
+
+
+class RunResponse(ViewResult):
+    """A v1 response: the first view's fields at the top level (so the original single-image
+    contract keeps its names), `views` with one entry per view when there are several."""
+
+    schema_version: Literal["1"] = SCHEMA_VERSION
+    model_id: str
+    is_metric: bool
+    units: Literal["m", "relative"]
+    views: list[ViewResult] | None = None
+    timings_ms: dict[str, float] = Field(default_factory=dict)
+    warnings: list[str] = Field(default_factory=list)
