@@ -9,9 +9,27 @@ from __future__ import annotations
 
 import pytest
 import torch
+from depth_anything_3.model.cam_dec import CameraDec as RefCameraDec
+from depth_anything_3.model.cam_enc import CameraEnc as RefCameraEnc
 from depth_anything_3.model.dpt import DPT as RefDPT
 from depth_anything_3.model.dualdpt import DualDPT as RefDualDPT
+from depth_anything_3.model.utils.transform import (
+    extri_intri_to_pose_encoding,
+    mat_to_quat,
+    pose_encoding_to_extri_intri,
+    quat_to_mat,
+)
+from depth_anything_3.utils.geometry import affine_inverse
 
+from da3_serverless.model.camera import (
+    CameraDec,
+    CameraEnc,
+    camera_from_pose_encoding,
+    invert_rigid,
+    pose_encoding_from_camera,
+    quaternion_to_rotation,
+    rotation_to_quaternion,
+)
 from da3_serverless.model.dpt import DPT, DualDPT
 
 # (dim_in, features, out_channels) of the heads in the reference configs.
@@ -20,6 +38,8 @@ DUALDPT_PRESETS = {
     "da3-base": (1536, 128, [96, 192, 384, 768]),
     "da3-large": (2048, 256, [256, 512, 1024, 1024]),
 }
+# Camera encoder width (dim_out) and decoder input width (dim_in) of the any-view presets.
+CAMERA_PRESETS = {"da3-small": (384, 768), "da3-large": (1024, 2048)}
 DPT_PRESETS = {"da3mono-large": (1024, 256, [256, 512, 1024, 1024])}  # same for da3metric-large
 
 
@@ -87,6 +107,16 @@ def test_dualdpt_matches_reference(preset: str) -> None:
     for key in no_rays:
         assert torch.equal(no_rays[key], got[key])
 
+    # Tokens handed over in bf16 (backbone under autocast) are decoded in the head's fp32.
+    bf16_feats = [(t.bfloat16(), c.bfloat16()) for t, c in feats]
+    rounded_feats = [(t.bfloat16().float(), c) for t, c in feats]
+    with torch.no_grad():
+        from_bf16 = ours(bf16_feats, H, W, patch_start_idx=0)
+        from_rounded = ours(rounded_feats, H, W, patch_start_idx=0)
+    for key in got:
+        assert from_bf16[key].dtype == torch.float32
+        assert torch.equal(from_bf16[key], from_rounded[key])
+
 
 @pytest.mark.parametrize("preset", sorted(DPT_PRESETS))
 def test_dpt_matches_reference(preset: str) -> None:
@@ -107,3 +137,72 @@ def test_dpt_matches_reference(preset: str) -> None:
     assert got["depth"].shape == (1, 2, H, W)
     for key in got:
         assert_close(got[key], expected[key])
+
+
+def random_cameras(views: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """World-to-camera (1, views, 4, 4) rigid transforms and pixel intrinsics (1, views, 3, 3)."""
+    gen = torch.Generator().manual_seed(seed)
+    rot = quat_to_mat(torch.randn(1, views, 4, generator=gen))
+    trans = torch.randn(1, views, 3, 1, generator=gen)
+    bottom = torch.tensor([0.0, 0.0, 0.0, 1.0]).expand(1, views, 1, 4)
+    ext = torch.cat([torch.cat([rot, trans], dim=-1), bottom], dim=-2)
+    ixt = torch.zeros(1, views, 3, 3)
+    ixt[..., 0, 0] = 20 + 40 * torch.rand(1, views, generator=gen)
+    ixt[..., 1, 1] = 20 + 40 * torch.rand(1, views, generator=gen)
+    ixt[..., 0, 2], ixt[..., 1, 2], ixt[..., 2, 2] = 21.0, 14.0, 1.0
+    return ext, ixt
+
+
+def test_rigid_inverse_and_quaternions_match_reference() -> None:
+    ext, _ = random_cameras(64, seed=2)
+    assert_close(invert_rigid(ext), affine_inverse(ext))
+    assert_close(invert_rigid(ext[..., :3, :]), affine_inverse(ext[..., :3, :]))
+    # Half-turns about each axis put the pivot on x, y and z as well as w.
+    half_turns = torch.diag_embed(torch.tensor([[1.0, -1, -1], [-1, 1, -1], [-1, -1, 1]]))
+    rotations = torch.cat([ext[0, :, :3, :3], half_turns])
+    quat = rotation_to_quaternion(rotations)
+    assert_close(quat, mat_to_quat(rotations))
+    assert (quat[:, 3] >= 0).all()
+    assert_close(quaternion_to_rotation(quat), quat_to_mat(quat))
+    assert_close(quaternion_to_rotation(3.0 * quat), rotations)
+
+
+def test_pose_encoding_matches_reference_both_ways() -> None:
+    ext, ixt = random_cameras(5, seed=3)
+    cam_to_world = affine_inverse(ext)
+    encoding = pose_encoding_from_camera(cam_to_world, ixt, (28, 42))
+    assert encoding.shape == (1, 5, 9)
+    assert_close(encoding, extri_intri_to_pose_encoding(cam_to_world, ixt, (28, 42)))
+    got_c2w, got_k = camera_from_pose_encoding(encoding, (28, 42))
+    ref_c2w, ref_k = pose_encoding_to_extri_intri(encoding, (28, 42))
+    assert_close(got_c2w, ref_c2w)
+    assert_close(got_k, ref_k)
+    # The round trip gives the cameras back (principal point moves to the image centre).
+    assert_close(got_c2w, cam_to_world[..., :3, :])
+    assert_close(got_k, ixt)
+
+
+@pytest.mark.parametrize("preset", sorted(CAMERA_PRESETS))
+def test_camera_encoder_matches_reference(preset: str) -> None:
+    dim_out, _ = CAMERA_PRESETS[preset]
+    torch.manual_seed(0)
+    ref = randomized(RefCameraEnc(dim_out=dim_out), 0)
+    ours = copy_into(CameraEnc(dim_out=dim_out), ref)
+    ext, ixt = random_cameras(3, seed=4)
+    with torch.no_grad():
+        got = ours(ext, ixt, (28, 42))
+        assert_close(got, ref(ext, ixt, (28, 42)))
+    assert got.shape == (1, 3, dim_out)
+
+
+@pytest.mark.parametrize("preset", sorted(CAMERA_PRESETS))
+def test_camera_decoder_matches_reference(preset: str) -> None:
+    _, dim_in = CAMERA_PRESETS[preset]
+    torch.manual_seed(0)
+    ref = randomized(RefCameraDec(dim_in=dim_in), 0)
+    ours = copy_into(CameraDec(dim_in=dim_in), ref)
+    tokens = torch.randn(1, 3, dim_in, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        got = ours(tokens)
+        assert_close(got, ref(tokens))
+    assert got.shape == (1, 3, 9)

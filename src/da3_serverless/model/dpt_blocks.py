@@ -237,7 +237,8 @@ class PyramidHeadBase(nn.Module):
         same dict with leading (B, S).
         """
         B, S = feats[0][0].shape[:2]
-        tokens = [f[0].flatten(0, 1)[:, patch_start_idx:] for f in feats]
+        dtype = self.projects[0].weight.dtype  # backbone tokens may come in bf16
+        tokens = [f[0].flatten(0, 1)[:, patch_start_idx:].to(dtype) for f in feats]
         n = B * S
         step = n if chunk_size is None else max(1, min(chunk_size, n))
         parts = [
