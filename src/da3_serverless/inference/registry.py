@@ -1,0 +1,93 @@
+"""Loaded models kept in an LRU bounded by a memory budget, so a few can serve side by side."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+
+import torch
+
+from da3_serverless.inference.models import lookup_model
+from da3_serverless.inference.predictor import Predictor
+
+log = logging.getLogger(__name__)
+
+Loader = Callable[[str], Predictor]
+
+
+def model_bytes(predictor: Predictor) -> int:
+    """Bytes held by the network's parameters and buffers."""
+    tensors = [*predictor.network.parameters(), *predictor.network.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def estimated_bytes(model_id: str) -> int:
+    """fp32 weight bytes of a model in the table (0 when unknown, e.g. a local folder)."""
+    info = lookup_model(model_id)
+    return info.params_m * 1_000_000 * 4 if info else 0
+
+
+def default_budget_bytes(device: torch.device) -> int:
+    """Half the device's memory: the rest is for activations of the request in flight."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory // 2
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+
+
+class ModelRegistry:
+    """`get(model_id)` returns a loaded Predictor, loading it (once) when needed and evicting
+    the least recently used ones when the budget would be passed. Thread-safe."""
+
+    def __init__(self, loader: Loader, budget_bytes: int):
+        self._loader = loader
+        self.budget_bytes = budget_bytes
+        self._models: OrderedDict[str, Predictor] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def loaded(self) -> list[str]:
+        with self._lock:
+            return list(self._models)
+
+    def get(self, model_id: str) -> Predictor:
+        with self._lock:
+            if model_id in self._models:
+                self._models.move_to_end(model_id)
+                return self._models[model_id]
+            # Make room before loading (estimate) and again after (actual size), so two models
+            # never sit in memory together past the budget.
+            self._evict_for(estimated_bytes(model_id), model_id)
+            predictor = self._loader(model_id)
+            self._evict_for(model_bytes(predictor), model_id)
+            self._models[model_id] = predictor
+            return predictor
+
+    def evict_all_except(self, keep: str | None = None) -> list[str]:
+        """Drop every model but `keep` (after an out-of-memory error); returns what was dropped."""
+        with self._lock:
+            dropped = [model_id for model_id in self._models if model_id != keep]
+            for model_id in dropped:
+                del self._models[model_id]
+        _free_memory()
+        return dropped
+
+    def _evict_for(self, incoming: int, model_id: str) -> None:
+        evicted = False
+        while self._models and self._used() + incoming > self.budget_bytes:
+            dropped, _ = self._models.popitem(last=False)
+            log.info("evicted model %s to make room for %s", dropped, model_id)
+            evicted = True
+        if evicted:
+            _free_memory()
+
+    def _used(self) -> int:
+        return sum(model_bytes(predictor) for predictor in self._models.values())
+
+
+def _free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -1,0 +1,133 @@
+"""Where a model's snapshot (`config.json` + `model.safetensors`) comes from.
+
+Order: a local folder; RunPod's model caches; the workspace's `models/`; the Hugging Face
+cache (`HF_HOME`); a download from the hub (skipped offline).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+from da3_serverless.config import Settings
+from da3_serverless.inference.models import lookup_model
+
+SNAPSHOT_FILES = ("config.json", "model.safetensors")
+RUNPOD_HUB_CACHE = Path("/runpod-volume/huggingface-cache/hub")
+RUNPOD_PLAIN_CACHE = Path("/runpod/cache")
+
+
+class ModelNotFoundError(LookupError):
+    """No snapshot of the model anywhere we looked; the message lists every place."""
+
+
+def is_snapshot(folder: Path) -> bool:
+    return all((folder / name).is_file() for name in SNAPSHOT_FILES)
+
+
+@dataclass
+class WeightLocator:
+    """Finds (or downloads) a model snapshot folder. Pure paths in, no environment reads."""
+
+    hf_cache: Path  # the hub cache dir, i.e. $HF_HOME/hub
+    models_dir: Path | None = None
+    runpod_hub_cache: Path = RUNPOD_HUB_CACHE
+    runpod_plain_cache: Path = RUNPOD_PLAIN_CACHE
+    offline: bool = False
+    token: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_settings(cls, settings: Settings | None = None) -> WeightLocator:
+        settings = settings or Settings()
+        return cls(
+            hf_cache=settings.cache_dir / "hub",
+            models_dir=settings.models_dir,
+            offline=settings.hf_hub_offline,
+            token=settings.hf_token,
+        )
+
+    def resolve(self, model_id: str, *, download: bool = True) -> Path:
+        """A snapshot folder for a local path, an HF repo id or a short name.
+
+        Raises ModelNotFoundError naming the repo and every place looked.
+        """
+        local = Path(model_id).expanduser()
+        if local.is_dir():
+            if is_snapshot(local):
+                return local
+            raise ModelNotFoundError(
+                f"{str(local)!r} is a folder but not a model snapshot: it needs "
+                f"{' and '.join(SNAPSHOT_FILES)}"
+            )
+        info = lookup_model(model_id)
+        repo_id = info.repo_id if info else model_id
+        if "/" not in repo_id:
+            raise ModelNotFoundError(
+                f"{model_id!r} is neither a snapshot folder nor a known model id or HF repo id"
+            )
+        looked: list[str] = []
+        for found in self._cached(repo_id, looked):
+            return found
+        if self.offline or not download:
+            looked.append("Hugging Face download (skipped: offline)")
+            raise self._not_found(repo_id, looked)
+        try:
+            return self.download(repo_id)
+        except (HfHubHTTPError, OSError) as error:
+            looked.append(f"Hugging Face download ({type(error).__name__}: {error})")
+            raise self._not_found(repo_id, looked) from None
+
+    def download(self, repo_id: str) -> Path:
+        """Download the snapshot files into the HF cache (atomic: huggingface_hub writes
+        `.incomplete` files and renames them when complete)."""
+        folder = snapshot_download(
+            repo_id,
+            cache_dir=self.hf_cache,
+            allow_patterns=list(SNAPSHOT_FILES),
+            token=self.token,
+        )
+        return Path(folder)
+
+    def _cached(self, repo_id: str, looked: list[str]):
+        """Yield snapshot folders already on disk, in resolution order; record each place."""
+        org, name = repo_id.split("/", 1)
+        looked.append(f"RunPod model cache {self.runpod_hub_cache}")
+        yield from _hub_cache_snapshot(repo_id, self.runpod_hub_cache)
+        plain = self.runpod_plain_cache / org / name
+        looked.append(f"RunPod model cache {plain}/<revision>")
+        if plain.is_dir():
+            yield from (revision for revision in sorted(plain.iterdir()) if is_snapshot(revision))
+        if self.models_dir is not None:
+            looked.append(f"workspace models {self.models_dir}/{name}")
+            candidate = self.models_dir / name
+            if is_snapshot(candidate):
+                yield candidate
+        looked.append(f"Hugging Face cache {self.hf_cache}")
+        yield from _hub_cache_snapshot(repo_id, self.hf_cache)
+
+    @staticmethod
+    def _not_found(repo_id: str, looked: list[str]) -> ModelNotFoundError:
+        places = "; ".join(looked)
+        return ModelNotFoundError(
+            f"model {repo_id!r} not found. Looked in: {places}. Put a snapshot (config.json + "
+            "model.safetensors) in one of those places, or allow downloads (HF_HUB_OFFLINE unset)"
+        )
+
+
+def _hub_cache_snapshot(repo_id: str, cache: Path):
+    """The snapshot of `repo_id` in an HF hub cache folder, if complete (yields 0 or 1)."""
+    if not cache.is_dir():
+        return
+    try:
+        folder = Path(
+            snapshot_download(
+                repo_id, cache_dir=cache, allow_patterns=list(SNAPSHOT_FILES), local_files_only=True
+            )
+        )
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        return
+    if is_snapshot(folder):
+        yield folder
