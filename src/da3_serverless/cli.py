@@ -1,0 +1,142 @@
+"""`da3-serverless` command line: predict, warmup, prefetch, prune, serve, request."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from da3_serverless.config import Settings
+
+
+def cmd_predict(args: argparse.Namespace, settings: Settings) -> int:
+    from da3_serverless.inference.predictor import Predictor
+    from da3_serverless.inference.weights import WeightLocator
+
+    predictor = Predictor.from_pretrained(
+        args.model or settings.model_id, locator=WeightLocator.from_settings(settings)
+    )
+    prediction = predictor.predict(
+        [str(path) for path in args.images],
+        process_res=args.process_res,
+        use_ray_pose=args.ray_pose,
+        focal_length_px=args.focal_length_px,
+        metric=not args.relative,
+    )
+    arrays = {
+        name: value
+        for name in ("depth", "confidence", "sky", "intrinsics", "extrinsics")
+        if (value := getattr(prediction, name)) is not None
+    }
+    if prediction.depth.dtype == object:  # views of different sizes: one array per view
+        arrays = {
+            f"{name}_{index}": view
+            for name, value in arrays.items()
+            for index, view in enumerate(value)
+        }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(args.output, **arrays, units=prediction.units)
+    for path, depth in zip(args.images, prediction.depth, strict=True):
+        print(
+            f"{path}: {depth.shape[1]}x{depth.shape[0]} depth {depth.min():.3f}..{depth.max():.3f}"
+            f" {prediction.units} ({predictor.model_id})"
+        )
+    print(f"wrote {args.output}")
+    return 0
+
+
+def cmd_warmup(args: argparse.Namespace, settings: Settings) -> int:
+    from da3_serverless.service import Service, warm_up
+
+    if args.model:
+        settings = settings.model_copy(update={"model_id": args.model})
+    service = Service(settings)
+    try:
+        warm_up(service.registry.get(settings.model_id))
+    except Exception as error:  # a failed warmup must fail loudly, whatever the cause
+        print(f"warmup of {settings.model_id} failed: {error}", file=sys.stderr)
+        return 1
+    print(f"warmup of {settings.model_id} ok")
+    return 0
+
+
+def cmd_prefetch(args: argparse.Namespace, settings: Settings) -> int:
+    from da3_serverless.inference.weights import ModelNotFoundError, WeightLocator
+
+    locator = WeightLocator.from_settings(settings)
+    failed = 0
+    for model_id in args.models or [settings.model_id]:
+        try:
+            print(f"{model_id}: {locator.resolve(model_id)}")
+        except ModelNotFoundError as error:
+            print(f"{model_id}: missing: {error}", file=sys.stderr)
+            failed += 1
+    return 1 if failed else 0
+
+
+def cmd_prune(args: argparse.Namespace, settings: Settings) -> int:
+    from da3_serverless.api.storage import OutputStore
+
+    removed = OutputStore(settings).prune()
+    for path in removed:
+        print(f"removed {path}")
+    print(f"pruned {len(removed)} file(s) older than {settings.output_retention_days} days")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="da3-serverless", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    predict = commands.add_parser("predict", help="depth for local images, written to .npz")
+    predict.add_argument("images", nargs="+", type=Path, help="views of one scene")
+    predict.add_argument("--model", help="HF repo id, short name or snapshot folder")
+    predict.add_argument("--process-res", type=int, default=504)
+    predict.add_argument("--ray-pose", action="store_true", help="camera pose from rays")
+    predict.add_argument("--focal-length-px", type=float, help="for DA3METRIC-LARGE")
+    predict.add_argument("--relative", action="store_true", help="relative depth is enough")
+    predict.add_argument("-o", "--output", type=Path, required=True, help="OUT.npz")
+    predict.set_defaults(run=cmd_predict)
+
+    warmup = commands.add_parser("warmup", help="load the model and run one forward pass")
+    warmup.add_argument("--model", help="default: MODEL_ID")
+    warmup.set_defaults(run=cmd_warmup)
+
+    prefetch = commands.add_parser("prefetch", help="download model snapshots into the cache")
+    prefetch.add_argument("models", nargs="*", help="default: MODEL_ID")
+    prefetch.set_defaults(run=cmd_prefetch)
+
+    prune = commands.add_parser("prune", help="remove outputs past OUTPUT_RETENTION_DAYS")
+    prune.set_defaults(run=cmd_prune)
+
+    _add_transport_commands(commands)
+    return parser
+
+
+def _add_transport_commands(commands) -> None:
+    from da3_serverless import client, http_server
+
+    serve = commands.add_parser("serve", help="self-hosted HTTP server for the v1 API")
+    http_server.add_serve_arguments(serve)
+    serve.set_defaults(run=http_server.cli_serve)
+
+    request = commands.add_parser("request", help="send images to a running endpoint")
+    client.add_request_arguments(request)
+    request.set_defaults(run=client.cli_request)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args, Settings())
+    except (ValueError, LookupError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

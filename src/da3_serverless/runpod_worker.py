@@ -1,0 +1,51 @@
+"""RunPod serverless worker: `python -m da3_serverless.runpod_worker [RunPod flags]`.
+
+RunPod's own flags work: `--rp_serve_api --rp_api_port N` (local test API), `--test_input`
+(or `test_input.json` in the working directory). The model named by MODEL_ID is loaded and
+warmed before the first job.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+
+import runpod
+
+from da3_serverless.api.errors import ServiceError
+from da3_serverless.config import Settings
+from da3_serverless.service import Service
+
+log = logging.getLogger(__name__)
+
+
+def make_handler(service: Service) -> Callable[[dict], dict]:
+    """A RunPod handler: job `{"id", "input"}` -> the v1 response, or `{"error": "<JSON>"}`.
+
+    RunPod models a job's `error` as a string, so our error object travels as JSON text (the
+    client parses it back); RunPod then marks the job FAILED.
+    """
+
+    def handler(job: dict) -> dict:
+        try:
+            return service.handle(job.get("input"))
+        except ServiceError as error:
+            return {"error": json.dumps({**error.to_dict()["error"], "status": error.status})}
+        except Exception:
+            log.exception("job %s failed", job.get("id"))
+            internal = ServiceError("internal", "internal error: the failure was logged; retry")
+            return {"error": json.dumps({**internal.to_dict()["error"], "status": 500})}
+
+    return handler
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    service = Service(Settings())
+    service.start()
+    runpod.serverless.start({"handler": make_handler(service)})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,427 @@
+"""The service, free of any transport: request -> auth -> images -> predictor -> outputs ->
+storage -> response. Transports (RunPod worker, HTTP server, CLI) call `Service.handle`."""
+
+from __future__ import annotations
+
+import base64
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from da3_serverless.api import encoding
+from da3_serverless.api.auth import check_api_key
+from da3_serverless.api.errors import ServiceError
+from da3_serverless.api.images import DecodedImage, load_request_images
+from da3_serverless.api.schema import SCHEMA_VERSION, RunRequest, parse_request
+from da3_serverless.api.storage import OutputStore, StorageError
+from da3_serverless.config import Settings
+from da3_serverless.inference.models import MODELS, ModelInfo, lookup_model, valid_model_ids
+from da3_serverless.inference.prediction import Prediction
+from da3_serverless.inference.predictor import Predictor
+from da3_serverless.inference.registry import ModelRegistry, default_budget_bytes
+from da3_serverless.inference.weights import ModelNotFoundError, WeightLocator
+
+log = logging.getLogger(__name__)
+
+# extra output name -> (file suffix, media type)
+EXTRAS: dict[str, tuple[str, str]] = {
+    "preview": (".png", "image/png"),
+    "confidence": (".png", "image/png"),
+    "sky_mask": (".png", "image/png"),
+    "depth_npy": (".npy", "application/octet-stream"),
+    "pointcloud": (".ply", "application/octet-stream"),
+}
+DEPTH_MEDIA = (".png", "image/png")
+
+
+@dataclass
+class _Timer:
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            elapsed = (time.perf_counter() - start) * 1000
+            self.timings_ms[name] = round(self.timings_ms.get(name, 0.0) + elapsed, 3)
+
+
+@dataclass
+class _Artifact:
+    """One encoded output of one view, before it is placed inline, on the volume or a bucket."""
+
+    view: int
+    name: str  # "depth" or an EXTRAS key
+    data: bytes
+    suffix: str
+    media_type: str
+    fields: dict = field(default_factory=dict)  # response fields that go with it (depth range)
+
+
+class Service:
+    """Holds the settings, the model registry and the output store; `handle` serves one request.
+
+    Thread-safe: several transports' threads may call `handle` at once (the HTTP server
+    serialises inference per model itself).
+    """
+
+    def __init__(self, settings: Settings, registry: ModelRegistry | None = None):
+        self.settings = settings
+        self.store = OutputStore(settings)
+        self.locator = WeightLocator.from_settings(settings)
+        self.registry = registry or ModelRegistry(self._load, self._budget_bytes())
+        self._ready = False
+
+    # ---- lifecycle -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Load and warm the default model (raises on failure), prune old outputs."""
+        if not self.settings.api_key and not self.settings.allow_unauthenticated:
+            log.warning("DA3_API_KEY is not set: every request will be refused (401)")
+        elif not self.settings.api_key:
+            log.warning("DA3_ALLOW_UNAUTHENTICATED=1: serving without an API key")
+        self.prune_outputs()
+        predictor = self.registry.get(self.settings.model_id)
+        if self.settings.warmup:
+            warm_up(predictor)
+        self._ready = True
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    def prune_outputs(self) -> list[Path]:
+        try:
+            return self.store.prune()
+        except OSError as error:
+            log.warning("could not prune %s: %s", self.settings.output_dir, error)
+            return []
+
+    def model_table(self) -> list[dict]:
+        loaded = set(self.registry.loaded())
+        return [
+            {
+                "model_id": info.repo_id,
+                "short_name": info.short_name,
+                "preset": info.preset,
+                "license": info.license,
+                "metric": info.metric,
+                "needs_focal_length": info.needs_focal,
+                "camera": info.camera,
+                "confidence": info.confidence,
+                "sky": info.sky,
+                "params_millions": info.params_m,
+                "gpu_memory_gb": info.gpu_memory_gb,
+                "default": info.repo_id == self._default_repo_id(),
+                "loaded": info.repo_id in loaded,
+            }
+            for info in MODELS
+        ]
+
+    # ---- one request ---------------------------------------------------------------------
+
+    def handle(self, payload: object, api_key: str | None = None) -> dict:
+        """Serve one v1 request (the RunPod `input` object); `api_key` comes from transport
+        headers and is used when the payload has none. Returns the response dict; raises
+        ServiceError. A failed request leaves no file behind."""
+        timer = _Timer()
+        started = time.perf_counter()
+        body_key = payload.get("api_key") if isinstance(payload, dict) else None
+        check_api_key(body_key if isinstance(body_key, str) else api_key, self.settings)
+        with timer.stage("validate"):
+            request = parse_request(payload, self.settings)
+            model_id, info = self._choose_model(request)
+        with timer.stage("decode"):
+            images = load_request_images(request, self.settings)
+        focal = self._focal_lengths(request, info, images)
+        with timer.stage("load_model"):
+            predictor = self._predictor(model_id)
+        with timer.stage("inference"):
+            prediction = self._predict(predictor, request, images, focal)
+        self.store.maybe_prune()
+        saved: list[Path] = []
+        try:
+            with timer.stage("encode"):
+                artifacts, warnings = _encode(request, prediction, images)
+            response = self._respond(
+                request, predictor, prediction, artifacts, timer, saved, warnings
+            )
+        except BaseException:
+            self.store.discard(saved)
+            raise
+        timer.timings_ms["total"] = round((time.perf_counter() - started) * 1000, 3)
+        response["timings_ms"] = timer.timings_ms
+        return response
+
+    def _default_repo_id(self) -> str:
+        info = lookup_model(self.settings.model_id)
+        return info.repo_id if info else self.settings.model_id
+
+    def _choose_model(self, request: RunRequest) -> tuple[str, ModelInfo | None]:
+        """The registry key and table entry. Clients pick from the table only; the operator's
+        MODEL_ID may also be a local snapshot folder."""
+        if request.model_id is None:
+            return self._default_repo_id(), lookup_model(self.settings.model_id)
+        info = lookup_model(request.model_id)
+        if info is None:
+            raise ServiceError(
+                "unsupported_model",
+                f"model_id {request.model_id[:100]!r} is not a DA3 model: use one of "
+                f"{', '.join(valid_model_ids())} (short names such as 'da3-small' work too)",
+            )
+        if request.output_metric and not info.can_give_meters:
+            metric = [m.repo_id for m in MODELS if m.can_give_meters]
+            raise ServiceError(
+                "invalid_input",
+                f"{info.repo_id} gives relative depth only, but output_metric is true: use a "
+                f"metric model ({', '.join(metric)}) or set output_metric to false",
+            )
+        return info.repo_id, info
+
+    def _focal_lengths(
+        self, request: RunRequest, info: ModelInfo | None, images: list[DecodedImage]
+    ) -> list[float] | None:
+        """Per-view focal lengths (input px) for a model that needs one to give meters."""
+        if info is None or not info.needs_focal or not request.output_metric:
+            return None
+        if request.focal_length_px is not None:
+            return [request.focal_length_px] * len(images)
+        if request.intrinsics is not None:
+            return None  # the predictor takes the focal from the intrinsics
+        focal = [image.focal_length_px for image in images]
+        if any(f is None for f in focal):
+            raise ServiceError(
+                "invalid_input",
+                f"{info.repo_id} needs the camera's focal length to give meters, and the image "
+                "has no EXIF FocalLengthIn35mmFilm: send focal_length_px (pixels of the input "
+                "image) or intrinsics, use the nested model (depth-anything/"
+                "DA3NESTED-GIANT-LARGE-1.1), or set output_metric to false",
+            )
+        return focal
+
+    def _predictor(self, model_id: str) -> Predictor:
+        try:
+            return self.registry.get(model_id)
+        except ModelNotFoundError as error:
+            raise ServiceError("model_unavailable", str(error)) from None
+        except torch.cuda.OutOfMemoryError:
+            self.registry.evict_all_except(None)
+            raise ServiceError(
+                "out_of_memory",
+                f"not enough GPU memory to load {model_id}; retry, or use a smaller model",
+            ) from None
+        except (ValueError, OSError) as error:
+            log.exception("loading %s failed", model_id)
+            raise ServiceError(
+                "model_unavailable", f"model {model_id} could not be loaded: {error}"
+            ) from None
+
+    def _predict(
+        self,
+        predictor: Predictor,
+        request: RunRequest,
+        images: list[DecodedImage],
+        focal: list[float] | None,
+    ) -> Prediction:
+        try:
+            return predictor.predict(
+                [image.image for image in images],
+                process_res=request.process_res,
+                use_ray_pose=request.use_ray_pose,
+                intrinsics=request.intrinsics,
+                extrinsics=request.extrinsics,
+                focal_length_px=focal,
+                metric=request.output_metric,
+            )
+        except ValueError as error:
+            raise ServiceError("invalid_input", str(error)) from None
+        except torch.cuda.OutOfMemoryError:
+            self.registry.evict_all_except(predictor.model_id)
+            raise ServiceError(
+                "out_of_memory",
+                "the GPU ran out of memory for this request: lower process_res, send fewer "
+                "views, or retry",
+            ) from None
+
+    def _respond(
+        self,
+        request: RunRequest,
+        predictor: Predictor,
+        prediction: Prediction,
+        artifacts: list[_Artifact],
+        timer: _Timer,
+        saved: list[Path],
+        warnings: list[str],
+    ) -> dict:
+        views = [_view_skeleton(prediction, index) for index in range(len(prediction))]
+        inline = request.return_base64 and _inline_size(artifacts) <= (
+            self.settings.max_response_bytes
+        )
+        if request.return_base64 and not inline:
+            warnings.append(
+                f"outputs exceed MAX_RESPONSE_BYTES ({self.settings.max_response_bytes} bytes): "
+                "they are stored and returned as paths/URLs instead of base64"
+            )
+        with timer.stage("save"):
+            for artifact in artifacts:
+                entry = self._place(artifact, inline, saved, warnings)
+                view = views[artifact.view]
+                view.update(artifact.fields)
+                if artifact.name == "depth":
+                    view["image_base64"] = entry.get("base64")
+                    view["file_path"] = entry.get("path")
+                    if "url" in entry:
+                        view["file_url"] = entry["url"]
+                else:
+                    view[artifact.name] = entry
+        response = {
+            "schema_version": SCHEMA_VERSION,
+            "model_id": predictor.model_id,
+            "is_metric": prediction.is_metric,
+            "units": prediction.units,
+            **views[0],
+            "views": views if len(views) > 1 else None,
+            "warnings": list(dict.fromkeys(warnings)),
+        }
+        return response
+
+    def _place(
+        self, artifact: _Artifact, inline: bool, saved: list[Path], warnings: list[str]
+    ) -> dict:
+        """Inline base64 and/or a file on the volume (always for the depth PNG, and for extras
+        that are not inline), or a bucket URL when a bucket is configured."""
+        entry: dict = {"media_type": artifact.media_type}
+        if inline:
+            entry["base64"] = base64.b64encode(artifact.data).decode("ascii")
+        if not inline and self.store.has_bucket:
+            try:
+                entry["url"] = self.store.upload(
+                    artifact.data, artifact.suffix, artifact.media_type
+                )
+            except StorageError as error:
+                warnings.append(f"could not upload {artifact.name} to the bucket: {error}")
+        if artifact.name == "depth" or not inline:
+            try:
+                path = self.store.save(artifact.data, artifact.suffix)
+                saved.append(path)
+                entry["path"] = str(path)
+            except StorageError as error:
+                warnings.append(f"could not save {artifact.name} on the volume: {error}")
+        return entry
+
+    def _load(self, model_id: str) -> Predictor:
+        predictor = Predictor.from_pretrained(
+            model_id,
+            device=self.settings.device,
+            dtype=_dtype(self.settings.dtype),
+            locator=self.locator,
+        )
+        if self.settings.compile:
+            predictor.compile(self.settings.compile_cache_dir)
+        return predictor
+
+    def _budget_bytes(self) -> int:
+        if self.settings.model_memory_budget_gb is not None:
+            return int(self.settings.model_memory_budget_gb * 1024**3)
+        device = torch.device(
+            self.settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        )
+        return default_budget_bytes(device)
+
+
+def warm_up(predictor: Predictor) -> None:
+    """One small forward pass, so the first request does not pay for lazy initialisation."""
+    pixels = np.zeros((280, 280, 3), dtype=np.uint8)
+    pixels[::2] = 255
+    predictor.predict(pixels, process_res=280, focal_length_px=300.0)
+
+
+def _dtype(name: str | None) -> torch.dtype | None:
+    if name is None:
+        return None
+    dtypes = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+              "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
+    if name.lower() not in dtypes:
+        raise ValueError(f"DA3_DTYPE={name!r}: use one of {', '.join(dtypes)}")
+    return dtypes[name.lower()]
+
+
+def _view_skeleton(prediction: Prediction, index: int) -> dict:
+    depth = prediction.depth[index]
+    height, width = depth.shape
+
+    def matrix(values: np.ndarray | None) -> list[list[float]] | None:
+        return None if values is None else np.asarray(values[index], dtype=float).tolist()
+
+    return {
+        "width": int(width),
+        "height": int(height),
+        "intrinsics": matrix(prediction.intrinsics),
+        "extrinsics": matrix(prediction.extrinsics),
+    }
+
+
+def _encode(
+    request: RunRequest, prediction: Prediction, images: list[DecodedImage]
+) -> tuple[list[_Artifact], list[str]]:
+    """Every view's depth PNG and requested extras, encoded; warnings for extras this model
+    cannot give."""
+    artifacts, warnings = [], []
+    for index in range(len(prediction)):
+        png = encoding.encode_depth_png16(prediction.depth[index])
+        fields = {
+            "min_depth": png.min_depth,
+            "max_depth": png.max_depth,
+            "depth_encoding": encoding.DEPTH_ENCODING,
+        }
+        artifacts.append(_Artifact(index, "depth", png.png, *DEPTH_MEDIA, fields=fields))
+        for name in request.outputs:
+            if name == "depth":
+                continue
+            data = _encode_extra(name, prediction, index, images[index])
+            if data is None:
+                warnings.append(f"{name} is not available from this model: {_MISSING[name]}")
+            else:
+                artifacts.append(_Artifact(index, name, data, *EXTRAS[name]))
+    return artifacts, warnings
+
+
+_MISSING = {
+    "confidence": "it predicts no confidence",
+    "sky_mask": "it predicts no sky",
+    "pointcloud": "it predicts no camera; send intrinsics to get a point cloud",
+}
+
+
+def _encode_extra(
+    name: str, prediction: Prediction, index: int, image: DecodedImage
+) -> bytes | None:
+    depth = prediction.depth[index]
+    if name == "preview":
+        return encoding.encode_preview(depth)
+    if name == "confidence":
+        conf = prediction.confidence
+        return None if conf is None else encoding.encode_confidence(conf[index])
+    if name == "sky_mask":
+        sky = prediction.sky
+        return None if sky is None else encoding.encode_sky_mask(sky[index])
+    if name == "depth_npy":
+        return encoding.encode_npy(depth)
+    if prediction.intrinsics is None:  # pointcloud
+        return None
+    extrinsics = None if prediction.extrinsics is None else prediction.extrinsics[index]
+    rgb = np.asarray(image.image.convert("RGB"))
+    return encoding.encode_pointcloud_ply(depth, prediction.intrinsics[index], rgb, extrinsics)
+
+
+def _inline_size(artifacts: list[_Artifact]) -> int:
+    """Bytes the artifacts take as base64 in the response."""
+    return sum(4 * ((len(artifact.data) + 2) // 3) for artifact in artifacts)
