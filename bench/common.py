@@ -1,0 +1,62 @@
+"""Shared pieces of the benchmarks: random snapshots, the reference oracle, timing."""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+IMAGES = REPO.parent / "shared" / "data" / "images"
+SNAPSHOTS = REPO / "artifacts" / "bench-snapshots"
+sys.path.insert(0, str(REPO / "tests"))  # the reference oracle helper lives with the tests
+
+from da3_serverless.model.checkpoint import write_random_checkpoint  # noqa: E402
+from reference import load_reference  # noqa: E402
+
+__all__ = ["IMAGES", "load_reference", "median_seconds", "snapshot"]
+
+
+def snapshot(preset: str, seed: int = 0) -> Path:
+    """A random-weight snapshot of `preset`, written once and reused across runs."""
+    folder = SNAPSHOTS / f"{preset}-seed{seed}"
+    if not (folder / "model.safetensors").is_file():
+        write_random_checkpoint(preset, folder, seed=seed)
+    return folder
+
+
+def median_seconds(fn: Callable[[], object], runs: int = 5, warmup: int = 1) -> float:
+    """Median wall time of `fn` over `runs` calls after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def interleaved_medians(fns: dict[str, Callable[[], object]], runs: int, warmup: int = 1):
+    """Median seconds per named function, calls interleaved so drift hits all alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(runs):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def matmul_gflops(size: int = 2048, runs: int = 5) -> float:
+    """Achieved GFLOP/s of a large fp32 matmul: the machine's practical ceiling."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    seconds = median_seconds(lambda: a @ b, runs=runs, warmup=2)
+    return 2 * size**3 / seconds / 1e9
