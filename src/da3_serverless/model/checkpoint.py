@@ -1,0 +1,206 @@
+"""DA3 snapshot folders: ``config.json`` ({"model_name": preset}) + ``model.safetensors``.
+
+Tensor names are those of the official release: the network's state-dict keys under the prefix
+``model.``. The official files were written with safetensors' ``save_model``, which stores each
+set of shared (tied) tensors once, under one of its names; both reading and writing follow that.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_model
+from torch import nn
+
+from da3_serverless.model.presets import PRESETS, build_network
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+KEY_PREFIX = "model."
+# Checkpoint parts we do not build (the 3D-Gaussian head of the giant releases): their keys are
+# skipped by name.
+IGNORED_MODULES = frozenset({"gs_head", "gs_adapter"})
+# How many offending keys an error lists before giving a count.
+MAX_LISTED_KEYS = 10
+
+
+class CheckpointError(ValueError):
+    """A snapshot folder that does not hold the network its config names."""
+
+
+def _listing(keys: list[str]) -> str:
+    shown = ", ".join(keys[:MAX_LISTED_KEYS])
+    more = len(keys) - MAX_LISTED_KEYS
+    return f"{len(keys)}: {shown}" + (f" and {more} more" if more > 0 else "")
+
+
+def read_preset(folder: str | Path) -> str:
+    """The preset named by ``folder/config.json``; CheckpointError if absent or unknown."""
+    path = Path(folder) / CONFIG_NAME
+    try:
+        name = json.loads(path.read_text())["model_name"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path} must be JSON with a 'model_name': {exc}") from exc
+    if name not in PRESETS:
+        raise CheckpointError(
+            f"{path} names unknown model {name!r}; valid names: {', '.join(PRESETS)}"
+        )
+    return name
+
+
+class _Group:
+    """One distinct tensor of a network: all its state-dict names (more than one when tied),
+    its placeholder and whether it is a parameter (else a persistent buffer)."""
+
+    def __init__(self, tensor: torch.Tensor, is_param: bool) -> None:
+        self.names: list[str] = []
+        self.tensor = tensor
+        self.is_param = is_param
+
+    def assign(self, net: nn.Module, value: torch.Tensor) -> None:
+        """Make ``value`` the tensor of every name (ties kept: one object for all)."""
+        new = nn.Parameter(value, requires_grad=False) if self.is_param else value
+        for name in self.names:
+            module_name, _, leaf = name.rpartition(".")
+            module = net.get_submodule(module_name)
+            (module._parameters if self.is_param else module._buffers)[leaf] = new
+
+
+def _groups(net: nn.Module) -> list[_Group]:
+    """Distinct parameters and persistent buffers of ``net``, names sorted, in name order."""
+    groups: dict[int, _Group] = {}
+    for module_name, module in net.named_modules(remove_duplicate=False):
+        prefix = f"{module_name}." if module_name else ""
+        for leaf, param in module._parameters.items():
+            if param is not None:
+                groups.setdefault(id(param), _Group(param, True)).names.append(prefix + leaf)
+        for leaf, buf in module._buffers.items():
+            if buf is not None and leaf not in module._non_persistent_buffers_set:
+                groups.setdefault(id(buf), _Group(buf, False)).names.append(prefix + leaf)
+    for group in groups.values():
+        group.names.sort()
+    return sorted(groups.values(), key=lambda g: g.names[0])
+
+
+def _check_materialised(net: nn.Module) -> None:
+    left = [name for name, t in [*net.named_parameters(), *net.named_buffers()] if t.is_meta]
+    if left:
+        raise CheckpointError(f"tensors without values after loading: {_listing(left)}")
+
+
+def _is_ignored(key: str) -> bool:
+    return not IGNORED_MODULES.isdisjoint(key.split("."))
+
+
+def load_network(
+    folder: str | Path,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> tuple[str, nn.Module]:
+    """Build the network of ``folder``'s config and fill it from ``folder/model.safetensors``.
+
+    The network is built on the meta device (no random init) and every tensor is read straight
+    onto ``device``, floating-point ones cast to ``dtype``. Strict: missing, unexpected or
+    mis-shaped tensors raise CheckpointError naming them; keys of the 3D-Gaussian head are
+    skipped. A tied tensor may be stored under any of its names. Returns (preset, network in
+    eval mode).
+    """
+    folder = Path(folder)
+    preset = read_preset(folder)
+    path = folder / WEIGHTS_NAME
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing")
+    with torch.device("meta"):
+        net = build_network(preset)
+
+    missing, wrong_shape, used = [], [], set()
+    with safe_open(str(path), framework="pt", device=str(torch.device(device))) as file:
+        stored = {key for key in file.keys() if not _is_ignored(key)}  # noqa: SIM118
+        for group in _groups(net):
+            present = [KEY_PREFIX + n for n in group.names if KEY_PREFIX + n in stored]
+            used.update(present)
+            if not present:
+                missing.append(KEY_PREFIX + group.names[0])
+                continue
+            value = file.get_tensor(present[0])
+            if value.shape != group.tensor.shape:
+                shapes = f"{tuple(value.shape)} instead of {tuple(group.tensor.shape)}"
+                wrong_shape.append(f"{present[0]} {shapes}")
+                continue
+            group.assign(net, value.to(dtype) if value.is_floating_point() else value)
+    problems = [
+        f"{label} ({_listing(keys)})"
+        for label, keys in (
+            ("missing keys", missing),
+            ("unexpected keys", sorted(stored - used)),
+            ("keys of the wrong shape", wrong_shape),
+        )
+        if keys
+    ]
+    if problems:
+        raise CheckpointError(f"{path} does not fit {preset}: " + "; ".join(problems))
+    _check_materialised(net)
+    return preset, net.eval()
+
+
+def save_network(net: nn.Module, preset: str, folder: str | Path) -> Path:
+    """Write ``net`` as a snapshot folder of ``preset`` (official layout, tied tensors once),
+    each file atomically. Returns the folder."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown DA3 preset {preset!r}; valid presets: {', '.join(PRESETS)}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    wrapper = nn.Module()
+    wrapper.model = net  # gives the keys their "model." prefix
+    _write_atomically(folder / WEIGHTS_NAME, lambda tmp: save_model(wrapper, str(tmp)))
+    config = json.dumps({"model_name": preset}) + "\n"
+    _write_atomically(folder / CONFIG_NAME, lambda tmp: tmp.write_text(config))
+    return folder
+
+
+def _write_atomically(path: Path, write: Callable[[Path], object]) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _random_value(name: str, shape: torch.Size, gen: torch.Generator) -> torch.Tensor:
+    """Seeded stand-in for a trained tensor, scaled so activations stay O(1) through the
+    network: depth is finite and varied, sky probabilities fall on both sides of 0.3."""
+    noise = torch.randn(shape, generator=gen)
+    leaf = name.rsplit(".", 1)[-1]
+    if leaf == "gamma":  # layer scale: small residual branches
+        return 0.1 + 0.01 * noise
+    if name.endswith("fc_fov.0.bias"):  # fields of view around 1 rad, not clamped at 0
+        return 1.0 + 0.05 * noise
+    if leaf in ("cls_token", "camera_token", "pos_embed"):
+        return 0.02 * noise
+    if len(shape) == 1:  # norm weights around 1, biases around 0
+        return (1.0 if leaf == "weight" else 0.0) + 0.02 * noise
+    fan_in = shape[1:].numel()
+    return noise / fan_in**0.5
+
+
+def write_random_checkpoint(preset: str, folder: str | Path, seed: int = 0) -> Path:
+    """Write a snapshot folder of ``preset`` whose every tensor is drawn from ``seed`` (the
+    same seed gives the same file). For tests and benchmarks. Returns the folder."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown DA3 preset {preset!r}; valid presets: {', '.join(PRESETS)}")
+    with torch.device("meta"):
+        net = build_network(preset)
+    gen = torch.Generator().manual_seed(seed)
+    for group in _groups(net):
+        group.assign(net, _random_value(group.names[0], group.tensor.shape, gen))
+    _check_materialised(net)
+    return save_network(net, preset, folder)
