@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from addict import Dict
 from depth_anything_3.model.cam_dec import CameraDec as RefCameraDec
 from depth_anything_3.model.cam_enc import CameraEnc as RefCameraEnc
+from depth_anything_3.model.da3 import DepthAnything3Net
 from depth_anything_3.model.dpt import DPT as RefDPT
 from depth_anything_3.model.dualdpt import DualDPT as RefDualDPT
 from depth_anything_3.model.utils.transform import (
@@ -20,6 +22,7 @@ from depth_anything_3.model.utils.transform import (
     quat_to_mat,
 )
 from depth_anything_3.utils.geometry import affine_inverse
+from depth_anything_3.utils.ray_utils import get_extrinsic_from_camray
 
 from da3_serverless.model.camera import (
     CameraDec,
@@ -31,6 +34,7 @@ from da3_serverless.model.camera import (
     rotation_to_quaternion,
 )
 from da3_serverless.model.dpt import DPT, DualDPT
+from da3_serverless.model.rays import RNG_SEED, camera_from_rays, pose_from_rays
 
 # (dim_in, features, out_channels) of the heads in the reference configs.
 DUALDPT_PRESETS = {
@@ -206,3 +210,89 @@ def test_camera_decoder_matches_reference(preset: str) -> None:
         got = ours(tokens)
         assert_close(got, ref(tokens))
     assert got.shape == (1, 3, 9)
+
+
+def synthetic_ray_map(h: int, w: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Noisy rays of a known camera with 5 % outliers and a few directions in the image plane.
+
+    Returns ray (h, w, 6), confidence (h, w) and the true cam-to-world rotation (3, 3).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    rotation = quat_to_mat(torch.randn(4, generator=gen))
+    centre = torch.randn(3, generator=gen)
+    # Normalised intrinsics (the image spans 2 units) with a centred principal point.
+    k_inv = torch.linalg.inv(torch.tensor([[1.2, 0.0, 1.0], [0.0, 1.4, 1.0], [0.0, 0.0, 1.0]]))
+    ys, xs = torch.meshgrid(
+        (torch.arange(h) + 0.5) / h * 2, (torch.arange(w) + 0.5) / w * 2, indexing="ij"
+    )
+    pixels = torch.stack([xs, ys, torch.ones_like(xs)], dim=-1)
+    directions = pixels @ k_inv.T @ rotation.T
+    directions += 0.005 * torch.randn(directions.shape, generator=gen)
+    outliers = torch.rand(h, w, generator=gen) < 0.05
+    directions[outliers] = torch.randn(int(outliers.sum()), 3, generator=gen)
+    directions[0, :5, 2] = 0.0
+    origins = centre + 0.01 * torch.randn(h, w, 3, generator=gen)
+    confidence = 1 + torch.rand(h, w, generator=gen).exp()
+    return torch.cat([directions, origins], dim=-1), confidence, rotation
+
+
+def reference_ray_pose(
+    ray: torch.Tensor, conf: torch.Tensor, image_hw: tuple[int, int], seed: int
+) -> tuple[torch.Tensor, ...]:
+    """The reference's c2w/focal/principal point and its network's extrinsics/intrinsics step."""
+    torch.manual_seed(seed)
+    raw = get_extrinsic_from_camray(ray.clone(), conf.clone(), ray.shape[2], ray.shape[3])
+    torch.manual_seed(seed)
+    out = Dict(ray=ray.clone(), ray_conf=conf.clone())
+    out = DepthAnything3Net._process_ray_pose_estimation(None, out, *image_hw)
+    return (*raw, out.extrinsics, out.intrinsics)
+
+
+def test_ray_pose_matches_reference_with_same_random_stream(monkeypatch) -> None:
+    # 100 x 100 cells: the best hypothesis has over 8000 inliers, so the final fit also samples.
+    maps = [synthetic_ray_map(100, 100, seed) for seed in (6, 7)]
+    ray = torch.stack([m[0] for m in maps])[None]
+    conf = torch.stack([m[1] for m in maps])[None]
+    # The reference's final fit asks for a full SVD (a 16000 x 16000 U, 1 GB); the reduced one
+    # has the same V, so both implementations get it here.
+    full_svd = torch.linalg.svd
+    monkeypatch.setattr(
+        torch.linalg, "svd", lambda a, full_matrices=True: full_svd(a, full_matrices=False)
+    )
+    image_hw = (28, 42)
+    expected = reference_ray_pose(ray, conf, image_hw, RNG_SEED)
+    other_seed = reference_ray_pose(ray, conf, image_hw, RNG_SEED + 1)
+
+    global_state = torch.get_rng_state()
+    got = (*camera_from_rays(ray, conf), *pose_from_rays(ray, conf, image_hw))
+    assert torch.equal(torch.get_rng_state(), global_state)
+    assert [g.shape for g in got] == [
+        (1, 2, 4, 4),
+        (1, 2, 2),
+        (1, 2, 2),
+        (1, 2, 3, 4),
+        (1, 2, 3, 3),
+    ]
+    for ours, ref in zip(got, expected, strict=True):
+        assert_close(ours, ref)
+    # The answer depends on the random draws; ours are the same on every call.
+    assert not torch.equal(other_seed[0], expected[0])
+    assert all(torch.equal(a, b) for a, b in zip(got[:3], camera_from_rays(ray, conf), strict=True))
+    # And it is the camera the rays were made from.
+    for view, (_, _, rotation) in enumerate(maps):
+        torch.testing.assert_close(got[0][0, view, :3, :3], rotation, atol=0.02, rtol=0)
+    torch.testing.assert_close(got[1][0], torch.tensor([[1.2, 1.4]] * 2), atol=0.02, rtol=0)
+
+
+def test_ray_pose_without_consensus_keeps_best_hypothesis() -> None:
+    # Wildly scattered directions: no hypothesis reaches 4 inliers. The reference raises here;
+    # ours keeps the best sampled homography and still returns a finite camera.
+    gen = torch.Generator().manual_seed(0)
+    ray = torch.randn(1, 1, 3, 3, 6, generator=gen) * torch.tensor([50, 50, 1, 1, 1, 1.0])
+    conf = 1 + torch.rand(1, 1, 3, 3, generator=gen)
+    with pytest.raises(ValueError):
+        get_extrinsic_from_camray(ray.clone(), conf.clone(), 3, 3)
+    extrinsics, intrinsics = pose_from_rays(ray, conf, (42, 42))
+    assert extrinsics.isfinite().all() and intrinsics.isfinite().all()
+    rotation = extrinsics[0, 0, :, :3]
+    torch.testing.assert_close(rotation @ rotation.T, torch.eye(3), atol=1e-5, rtol=0)
