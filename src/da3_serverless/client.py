@@ -1,0 +1,347 @@
+"""Python client for both deployments, and the `da3-serverless request` command.
+
+`Client(endpoint)` talks to a self-hosted server (`http://host:8000`), a RunPod endpoint
+(`https://api.runpod.ai/v2/<id>`, with `runpod_api_key`) or RunPod's local test API. All three
+take RunPod's `{"input": {...}}` at `POST /runsync` and answer `{"id", "status", "output" |
+"error"}`, so the client speaks only that form: it polls `GET /status/<id>` while the job is
+IN_QUEUE/IN_PROGRESS and turns failures (our error object, as JSON text or as an object) into
+`DA3Error(code, status, message)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from da3_serverless.api.encoding import decode_depth_png16
+from da3_serverless.config import Settings
+
+ImageInput = str | Path | bytes | Image.Image
+RETRY_STATUSES = (429, 503)
+PENDING = ("IN_QUEUE", "IN_PROGRESS")
+
+
+class DA3Error(Exception):
+    """A failed request: the service's error `code` (or a transport one such as `http_error`,
+    `timeout`, `runpod_failed`), the HTTP-like `status` (None when unknown) and the message."""
+
+    def __init__(self, code: str, status: int | None, message: str):
+        super().__init__(f"{code} ({status}): {message}")
+        self.code = code
+        self.status = status
+        self.message = message
+
+
+@dataclass
+class DepthResult:
+    """One view's result. `depth` is (H, W) float32 in `units` (meters when `is_metric`),
+    decoded from `depth_npy` when requested (exact) else from the 16-bit PNG; None when the
+    server returned paths instead of base64. `outputs` holds each inline extra's bytes
+    (`preview` PNG, `depth_npy`, `pointcloud` PLY, ...)."""
+
+    depth: np.ndarray | None
+    width: int
+    height: int
+    min_depth: float
+    max_depth: float
+    intrinsics: np.ndarray | None  # (3, 3), pixels
+    extrinsics: np.ndarray | None  # (3, 4), world-to-camera
+    depth_png: bytes | None
+    outputs: dict[str, bytes]
+    raw: dict[str, Any]
+    is_metric: bool = False
+    units: str = "relative"
+    model_id: str = ""
+    views: list[DepthResult] = field(default_factory=list)
+
+    @property
+    def preview(self) -> bytes | None:
+        return self.outputs.get("preview")
+
+    def preview_image(self) -> Image.Image | None:
+        return None if self.preview is None else Image.open(io.BytesIO(self.preview))
+
+
+def parse_response(response: dict[str, Any]) -> DepthResult:
+    """A v1 response dict -> DepthResult (with `views` when there are several)."""
+    result = _parse_view(response, response)
+    for view in response.get("views") or []:
+        result.views.append(_parse_view(view, response))
+    return result
+
+
+def _parse_view(view: dict[str, Any], top: dict[str, Any]) -> DepthResult:
+    outputs = {}
+    for name, entry in view.items():
+        if isinstance(entry, dict) and isinstance(entry.get("base64"), str):
+            outputs[name] = base64.b64decode(entry["base64"])
+    png = base64.b64decode(view["image_base64"]) if view.get("image_base64") else None
+    if "depth_npy" in outputs:
+        depth = np.load(io.BytesIO(outputs["depth_npy"]), allow_pickle=False).astype(np.float32)
+    elif png is not None:
+        depth = decode_depth_png16(png, view["min_depth"], view["max_depth"])
+    else:
+        depth = None
+
+    def matrix(name: str) -> np.ndarray | None:
+        value = view.get(name)
+        return None if value is None else np.asarray(value, dtype=np.float64)
+
+    return DepthResult(
+        depth=depth, width=view["width"], height=view["height"],
+        min_depth=view["min_depth"], max_depth=view["max_depth"],
+        intrinsics=matrix("intrinsics"), extrinsics=matrix("extrinsics"), depth_png=png,
+        outputs=outputs, raw=view, is_metric=top.get("is_metric", False),
+        units=top.get("units", "relative"), model_id=top.get("model_id", ""),
+    )  # fmt: skip
+
+
+def image_fields(image: ImageInput) -> dict[str, str]:
+    """`{"url": ...}` for an http(s) URL, else `{"base64": ...}` of the file/bytes/PIL image."""
+    if isinstance(image, str) and image.startswith(("http://", "https://")):
+        return {"url": image}
+    if isinstance(image, Image.Image):
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        data = buffer.getvalue()
+    elif isinstance(image, bytes):
+        data = image
+    else:
+        data = Path(image).read_bytes()
+    return {"base64": base64.b64encode(data).decode("ascii")}
+
+
+class Client:
+    """A synchronous client. `api_key` is this service's key (sent in the body, the one place
+    every deployment passes on); `runpod_api_key` authenticates to RunPod itself (Bearer).
+    `transport` replaces httpx's network transport (tests, proxies)."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        api_key: str | None = None,
+        runpod_api_key: str | None = None,
+        timeout: float = 600.0,
+        max_retries: int = 4,
+        poll_interval: float = 1.0,
+        transport: httpx.BaseTransport | None = None,
+    ):
+        self.endpoint = endpoint.rstrip("/")
+        self.api_key = api_key
+        self.timeout = timeout
+        self.max_retries = max_retries
+        self.poll_interval = poll_interval
+        headers = {"Authorization": f"Bearer {runpod_api_key}"} if runpod_api_key else {}
+        self._http = httpx.Client(
+            headers=headers, timeout=httpx.Timeout(timeout, connect=10.0), transport=transport
+        )
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def depth(self, image: ImageInput | Sequence[ImageInput], **options: Any) -> DepthResult:
+        """Depth for one image (path, URL, bytes, PIL) or a list of views of one scene.
+
+        `options` are v1 request fields: model_id, process_res, outputs, output_metric,
+        use_ray_pose, focal_length_px, intrinsics, extrinsics, return_base64."""
+        if isinstance(image, (list, tuple)):
+            payload: dict[str, Any] = {"images": [image_fields(i) for i in image]}
+        else:
+            source = image_fields(image)
+            key = "image_url" if "url" in source else "image_base64"
+            payload = {key: next(iter(source.values()))}
+        return parse_response(self.run({**payload, **options}))
+
+    def models(self) -> list[dict[str, Any]]:
+        """The model table (self-hosted server only: `GET /models`)."""
+        return self._send("GET", "models").json()
+
+    def run(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """Send one v1 request object; return the v1 response dict or raise DA3Error."""
+        if self.api_key is not None and "api_key" not in payload:
+            payload = {**payload, "api_key": self.api_key}
+        deadline = time.monotonic() + self.timeout
+        job = _job(self._send("POST", "runsync", json={"input": payload}))
+        while job.get("status") in PENDING:
+            if time.monotonic() > deadline:
+                raise DA3Error(
+                    "timeout", None, f"job {job.get('id')} unfinished after {self.timeout} s"
+                )
+            time.sleep(self.poll_interval)
+            job = _job(self._send("GET", f"status/{job['id']}"))
+        if job.get("status") == "COMPLETED" and isinstance(job.get("output"), dict):
+            output = job["output"]
+            if "error" in output:  # a handler that returned an error object as its output
+                raise _error(output["error"], None)
+            return output
+        if "error" in job:
+            raise _error(job["error"], job.get("_http_status"))
+        raise DA3Error("runpod_failed", None, f"job ended {job.get('status')!r} without output")
+
+    def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """One call, retried with backoff on 429/503 (at most `max_retries` times)."""
+        for attempt in range(self.max_retries + 1):
+            try:
+                response = self._http.request(method, f"{self.endpoint}/{path}", **kwargs)
+            except httpx.TimeoutException as exc:
+                raise DA3Error("timeout", None, f"{method} {path}: {exc}") from None
+            except httpx.TransportError as exc:
+                raise DA3Error("connection_failed", None, f"{method} {path}: {exc}") from None
+            retryable = response.status_code in RETRY_STATUSES or _failed_status(response) == 503
+            if not retryable or attempt == self.max_retries:
+                return response
+            time.sleep(_backoff(response, attempt))
+        raise AssertionError("unreachable")
+
+
+def _job(response: httpx.Response) -> dict[str, Any]:
+    """The RunPod-style job object of a response; a bare v1 error body becomes a FAILED job."""
+    try:
+        body = response.json()
+    except ValueError:
+        raise DA3Error("http_error", response.status_code, response.text[:300]) from None
+    if not isinstance(body, dict):
+        raise DA3Error("http_error", response.status_code, f"unexpected body: {body!r:.300}")
+    if "status" not in body or isinstance(body.get("status"), int):
+        if "error" not in body:
+            raise DA3Error("http_error", response.status_code, f"unexpected body: {body!r:.300}")
+        body = {"status": "FAILED", "error": body["error"]}
+    body["_http_status"] = response.status_code
+    return body
+
+
+def _error(error: object, http_status: int | None) -> DA3Error:
+    """DA3Error from our error object: a dict, or its JSON text (RunPod's string `error`)."""
+    if isinstance(error, str):
+        try:
+            error = json.loads(error)
+        except ValueError:
+            return DA3Error("runpod_failed", http_status, error[:500])
+    if isinstance(error, dict) and "code" in error:
+        status = error.get("status", http_status)
+        return DA3Error(str(error["code"]), status, str(error.get("message", "")))
+    return DA3Error("runpod_failed", http_status, repr(error)[:500])
+
+
+def _failed_status(response: httpx.Response) -> int | None:
+    """The error's status inside a 200 FAILED job (RunPod's APIs answer failures with 200)."""
+    try:
+        body = response.json()
+        return _error(body["error"], None).status if body.get("status") == "FAILED" else None
+    except (ValueError, KeyError, AttributeError, TypeError):
+        return None
+
+
+def _backoff(response: httpx.Response, attempt: int) -> float:
+    retry_after = response.headers.get("retry-after", "")
+    if retry_after.isdigit():
+        return min(float(retry_after), 30.0)
+    return min(0.5 * 2**attempt, 30.0)
+
+
+# --- CLI: da3-serverless request ---
+
+_EXTRA_SUFFIX = {
+    "preview": "preview.png",
+    "confidence": "confidence.png",
+    "sky_mask": "sky.png",
+    "depth_npy": "depth.npy",
+    "pointcloud": "ply",
+}
+
+
+def add_request_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("images", nargs="+", help="image files or http(s) URLs")
+    parser.add_argument("--endpoint", help="server URL or https://api.runpod.ai/v2/<id> "
+                        "(default: DA3_ENDPOINT)")  # fmt: skip
+    parser.add_argument("--api-key", help="this service's key (default: DA3_API_KEY)")
+    parser.add_argument("--runpod-api-key", help="RunPod account key (default: RUNPOD_API_KEY)")
+    parser.add_argument("--out", type=Path, default=Path("."), help="output folder")
+    parser.add_argument("--model", dest="model_id", help="model id or short name")
+    parser.add_argument("--process-res", type=int, help="processing resolution (longest side)")
+    parser.add_argument("--outputs", help="comma-separated: depth,preview,confidence,sky_mask,"
+                        "depth_npy,pointcloud (default: depth,preview)")  # fmt: skip
+    parser.add_argument("--relative", action="store_true", help="output_metric=false")
+    parser.add_argument("--focal-length-px", type=float, help="focal length in input pixels")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per image")
+
+
+def cli_request(args: argparse.Namespace, settings: Settings) -> int:
+    """`da3-serverless request`: for each image write `<stem>.depth.png` (16-bit), the extras
+    (`<stem>.preview.png`, ...) and `<stem>.json` (the response without base64). Returns 0 when
+    every image succeeded, else 1."""
+    endpoint = args.endpoint or settings.endpoint
+    if not endpoint:
+        print("error: give --endpoint or set DA3_ENDPOINT", file=sys.stderr)
+        return 2
+    options: dict[str, Any] = {"outputs": (args.outputs or "depth,preview").split(",")}
+    if args.model_id:
+        options["model_id"] = args.model_id
+    if args.process_res:
+        options["process_res"] = args.process_res
+    if args.relative:
+        options["output_metric"] = False
+    if args.focal_length_px:
+        options["focal_length_px"] = args.focal_length_px
+    args.out.mkdir(parents=True, exist_ok=True)
+    failed = 0
+    client = Client(
+        endpoint,
+        api_key=args.api_key or settings.api_key,
+        runpod_api_key=args.runpod_api_key or settings.runpod_api_key,
+        timeout=args.timeout,
+    )
+    with client, tqdm(args.images, unit="image", disable=len(args.images) < 2) as bar:
+        for image in bar:
+            stem = Path(str(image).split("?")[0]).stem or "image"
+            try:
+                result = client.depth(image, **options)
+            except (DA3Error, OSError) as exc:
+                failed += 1
+                tqdm.write(f"{image}: {exc}", file=sys.stderr)
+                continue
+            _write_result(result, args.out, stem)
+    return 1 if failed else 0
+
+
+def _write_result(result: DepthResult, out: Path, stem: str) -> None:
+    views = result.views or [result]
+    for index, view in enumerate(views):
+        name = stem if len(views) == 1 else f"{stem}.view{index}"
+        if view.depth_png is not None:
+            (out / f"{name}.depth.png").write_bytes(view.depth_png)
+        for extra, data in view.outputs.items():
+            (out / f"{name}.{_EXTRA_SUFFIX.get(extra, extra)}").write_bytes(data)
+    (out / f"{stem}.json").write_text(json.dumps(_without_base64(result.raw), indent=2))
+
+
+def _without_base64(value: Any) -> Any:
+    """The response with every inline payload replaced by its size, for the metadata file."""
+    if isinstance(value, dict):
+        return {
+            k: (f"<{len(v)} base64 chars>" if k in ("base64", "image_base64") and v else
+                _without_base64(v))
+            for k, v in value.items()
+        }  # fmt: skip
+    if isinstance(value, list):
+        return [_without_base64(v) for v in value]
+    return value
