@@ -12,7 +12,7 @@ import torch
 from addict import Dict
 from depth_anything_3.model.cam_dec import CameraDec as RefCameraDec
 from depth_anything_3.model.cam_enc import CameraEnc as RefCameraEnc
-from depth_anything_3.model.da3 import DepthAnything3Net
+from depth_anything_3.model.da3 import DepthAnything3Net, NestedDepthAnything3Net
 from depth_anything_3.model.dpt import DPT as RefDPT
 from depth_anything_3.model.dualdpt import DualDPT as RefDualDPT
 from depth_anything_3.model.utils.transform import (
@@ -21,9 +21,23 @@ from depth_anything_3.model.utils.transform import (
     pose_encoding_to_extri_intri,
     quat_to_mat,
 )
+from depth_anything_3.utils.alignment import (
+    apply_metric_scaling,
+    compute_sky_mask,
+    least_squares_scale_scalar,
+    set_sky_regions_to_max_depth,
+)
 from depth_anything_3.utils.geometry import affine_inverse
 from depth_anything_3.utils.ray_utils import get_extrinsic_from_camray
 
+from da3_serverless.model.alignment import (
+    align_to_metric,
+    fill_sky,
+    least_squares_scale,
+    metric_depth_from_focal,
+    mono_sky_fill,
+    non_sky_mask,
+)
 from da3_serverless.model.camera import (
     CameraDec,
     CameraEnc,
@@ -34,7 +48,8 @@ from da3_serverless.model.camera import (
     rotation_to_quaternion,
 )
 from da3_serverless.model.dpt import DPT, DualDPT
-from da3_serverless.model.rays import RNG_SEED, camera_from_rays, pose_from_rays
+from da3_serverless.model.rays import camera_from_rays, pose_from_rays
+from da3_serverless.model.rng import RNG_SEED, seeded_generator
 
 # (dim_in, features, out_channels) of the heads in the reference configs.
 DUALDPT_PRESETS = {
@@ -296,3 +311,133 @@ def test_ray_pose_without_consensus_keeps_best_hypothesis() -> None:
     assert extrinsics.isfinite().all() and intrinsics.isfinite().all()
     rotation = extrinsics[0, 0, :, :3]
     torch.testing.assert_close(rotation @ rotation.T, torch.eye(3), atol=1e-5, rtol=0)
+
+
+def depth_scene(far: bool, seed: int = 8) -> dict[str, torch.Tensor]:
+    """Any-view and metric outputs of 2 views of 300 x 210 with sky in the top 15 % of rows:
+    over 100000 non-sky pixels, so quantiles are taken on random samples."""
+    gen = torch.Generator().manual_seed(seed)
+    shape = (1, 2, 300, 210)
+    depth = (0.5 * torch.randn(shape, generator=gen)).exp() * 3
+    sky = 0.25 * torch.rand(shape, generator=gen)
+    sky[..., :45, :] += 0.5
+    ext, ixt = random_cameras(2, seed)
+    ixt[..., 0, 0], ixt[..., 1, 1] = 250.0, 270.0
+    # Raw metric output (for a 300 px focal length) of the same scene 25x (far: sky beyond
+    # 200 m) or 0.8x as deep, with 0-5 % noise; the mean focal length is 260 px.
+    metric = (
+        depth * (25.0 if far else 0.8) * (300 / 260) * (1 + 0.05 * torch.rand(shape, generator=gen))
+    )
+    return {
+        "depth": depth,
+        "depth_conf": 1 + torch.randn(shape, generator=gen).exp(),
+        "extrinsics": ext[..., :3, :],
+        "intrinsics": ixt,
+        "metric_depth": metric,
+        "metric_sky": sky,
+    }
+
+
+def reference_nested_alignment(scene: dict[str, torch.Tensor]) -> Dict:
+    """The reference nested network's scaling, alignment and sky steps, in its order."""
+    output = Dict(
+        {k: scene[k].clone() for k in ("depth", "depth_conf", "extrinsics", "intrinsics")}
+    )
+    metric = Dict(depth=scene["metric_depth"].clone(), sky=scene["metric_sky"].clone())
+    output = NestedDepthAnything3Net._apply_metric_scaling(None, output, metric)
+    output = NestedDepthAnything3Net._apply_depth_alignment(None, output, metric)
+    return NestedDepthAnything3Net._handle_sky_regions(None, output, metric)
+
+
+def test_alignment_helpers_match_reference() -> None:
+    scene = depth_scene(far=False)
+    intrinsics = scene["intrinsics"]
+    assert_close(
+        metric_depth_from_focal(scene["metric_depth"], intrinsics),
+        apply_metric_scaling(scene["metric_depth"], intrinsics),
+    )
+    mask = non_sky_mask(scene["metric_sky"])
+    assert torch.equal(mask, compute_sky_mask(scene["metric_sky"], threshold=0.3))
+    assert_close(
+        least_squares_scale(scene["metric_depth"][mask], scene["depth"][mask]),
+        least_squares_scale_scalar(scene["metric_depth"][mask], scene["depth"][mask]),
+    )
+    got = fill_sky(scene["depth"], mask, 7.5, scene["depth_conf"])
+    expected = set_sky_regions_to_max_depth(scene["depth"], scene["depth_conf"], mask, 7.5)
+    for ours, ref in zip(got, expected, strict=True):
+        assert torch.equal(ours, ref)
+    assert fill_sky(scene["depth"], mask, 7.5)[1] is None
+
+
+@pytest.mark.parametrize("far", [False, True], ids=["near", "far-sky-capped"])
+def test_nested_alignment_matches_reference(far: bool) -> None:
+    scene = depth_scene(far)
+    inputs = {k: v.clone() for k, v in scene.items()}
+    torch.manual_seed(RNG_SEED)
+    expected = reference_nested_alignment(scene)
+    got = align_to_metric(**scene)
+
+    assert_close(got.depth, expected.depth)
+    assert_close(got.depth_conf, expected.depth_conf)
+    assert_close(got.extrinsics, expected.extrinsics)
+    assert got.scale_factor == pytest.approx(expected.scale_factor, rel=1e-5)
+    assert all(torch.equal(scene[k], inputs[k]) for k in scene)  # inputs untouched
+    sky_depth = got.depth[~non_sky_mask(scene["metric_sky"])]
+    assert (sky_depth == sky_depth[0]).all()
+    assert (sky_depth[0] == 200.0) == far
+    # The sampled quantiles depend on the random draws.
+    torch.manual_seed(RNG_SEED + 1)
+    assert not torch.equal(reference_nested_alignment(scene).depth, got.depth)
+
+
+def test_nested_alignment_without_enough_non_sky_pixels_uses_all() -> None:
+    # All sky: the reference stops there; ours fits the scale on every pixel, fills nothing.
+    scene = depth_scene(far=False)
+    scene["metric_sky"] = torch.ones_like(scene["metric_sky"])
+    got = align_to_metric(**scene)
+    assert 0.8 < got.scale_factor < 0.84  # 0.8x as deep, plus 0-5 % noise
+    assert_close(got.depth, scene["depth"] * got.scale_factor)
+    assert torch.equal(got.depth_conf, scene["depth_conf"])
+
+
+def test_mono_sky_fill_matches_reference() -> None:
+    scene = depth_scene(far=False)
+    depth, sky = scene["metric_depth"], scene["metric_sky"]
+    torch.manual_seed(RNG_SEED)
+    expected = DepthAnything3Net._process_mono_sky_estimation(None, Dict(depth=depth, sky=sky))
+    got = mono_sky_fill(depth, sky)
+    assert_close(got, expected.depth)
+    assert not torch.equal(got, depth)
+    # With (almost) no sky, or no ground, the depth is left as it is.
+    assert mono_sky_fill(depth, torch.zeros_like(sky)) is depth
+    assert mono_sky_fill(depth, torch.ones_like(sky)) is depth
+
+
+def test_one_generator_reproduces_the_reference_random_stream() -> None:
+    # Nested network with ray pose: rays -> metric branch's sky -> alignment, one random stream.
+    scene = depth_scene(far=True)
+    ray, conf, _ = synthetic_ray_map(12, 16, seed=9)
+    ray, conf = ray.expand(1, 2, -1, -1, -1), conf.expand(1, 2, -1, -1)
+    torch.manual_seed(RNG_SEED)
+    ref_pose = DepthAnything3Net._process_ray_pose_estimation(
+        None, Dict(ray=ray.clone(), ray_conf=conf.clone()), 300, 210
+    )
+    ref_metric = DepthAnything3Net._process_mono_sky_estimation(
+        None, Dict(depth=scene["metric_depth"].clone(), sky=scene["metric_sky"])
+    )
+    scene |= {
+        "extrinsics": ref_pose.extrinsics,
+        "intrinsics": ref_pose.intrinsics,
+        "metric_depth": ref_metric.depth,
+    }
+    expected = reference_nested_alignment(scene)
+
+    generator = seeded_generator("cpu")
+    extrinsics, intrinsics = pose_from_rays(ray, conf, (300, 210), generator)
+    metric_depth = mono_sky_fill(scene["metric_depth"], scene["metric_sky"], generator)
+    assert_close(extrinsics, ref_pose.extrinsics)
+    assert_close(metric_depth, ref_metric.depth)
+    scene |= {"extrinsics": extrinsics, "intrinsics": intrinsics, "metric_depth": metric_depth}
+    got = align_to_metric(**scene, generator=generator)
+    assert_close(got.depth, expected.depth)
+    assert_close(got.extrinsics, expected.extrinsics)

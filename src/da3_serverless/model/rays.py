@@ -6,9 +6,9 @@ the homography that maps the cell centres (x, y, 1) of an identity camera to the
 its QL decomposition gives the rotation (Q) and the intrinsics (L). The camera centre is the
 confidence-weighted mean of the ray origins.
 
-The RANSAC samples with a local generator seeded with `RNG_SEED`, created per call, so the same
-input always gives the same camera. It draws the same numbers in the same order as the reference
-implementation does from the global generator after `torch.manual_seed(RNG_SEED)`.
+RANSAC sampling uses the given generator, by default a fresh `rng.seeded_generator`, so the same
+input always gives the same camera; it draws the same numbers in the same order as the reference
+implementation does from the global generator.
 """
 
 from __future__ import annotations
@@ -18,8 +18,7 @@ from collections.abc import Sequence
 import torch
 
 from da3_serverless.model.camera import invert_rigid
-
-RNG_SEED = 0
+from da3_serverless.model.rng import seeded_generator
 
 _RANSAC_ITERATIONS = 100
 _POINTS_PER_SAMPLE = 8
@@ -35,13 +34,15 @@ _INLIER_KEEP_FRACTION = 0.95
 
 
 def camera_from_rays(
-    ray: torch.Tensor, ray_conf: torch.Tensor
+    ray: torch.Tensor, ray_conf: torch.Tensor, generator: torch.Generator | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ray (B, S, h, w, 6) direction + origin, ray_conf (B, S, h, w) weights ->
     cam_to_world (B, S, 4, 4), focal (B, S, 2) and principal point (B, S, 2) as (x, y) in
-    normalised units (the image spans 2; fx in pixels = focal_x * W / 2, cx = pp_x * W / 2)."""
+    normalised units (the image spans 2; fx in pixels = focal_x * W / 2, cx = pp_x * W / 2).
+    `generator` drives the RANSAC sampling; None means a fresh `seeded_generator`."""
     B, S, h, w, _ = ray.shape
-    generator = torch.Generator(device=ray.device).manual_seed(RNG_SEED)
+    if generator is None:
+        generator = seeded_generator(ray.device)
     rays = ray.flatten(0, 1).flatten(1, 2)  # (n, N, 6)
     weights = ray_conf.flatten(0, 1).flatten(1, 2)  # (n, N)
     n_points = rays.shape[1]
@@ -90,12 +91,16 @@ def camera_from_rays(
 
 
 def pose_from_rays(
-    ray: torch.Tensor, ray_conf: torch.Tensor, image_hw: Sequence[int]
+    ray: torch.Tensor,
+    ray_conf: torch.Tensor,
+    image_hw: Sequence[int],
+    generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """ray (B, S, h, w, 6), ray_conf (B, S, h, w) of an image of size image_hw = (H, W) ->
-    world-to-camera extrinsics (B, S, 3, 4) and pixel intrinsics (B, S, 3, 3)."""
+    world-to-camera extrinsics (B, S, 3, 4) and pixel intrinsics (B, S, 3, 3).
+    `generator`: see `camera_from_rays`."""
     height, width = image_hw
-    cam_to_world, focal, principal = camera_from_rays(ray, ray_conf)
+    cam_to_world, focal, principal = camera_from_rays(ray, ray_conf, generator)
     extrinsics = invert_rigid(cam_to_world)[..., :3, :]
     intrinsics = torch.eye(3, device=ray.device).repeat(*extrinsics.shape[:2], 1, 1)
     intrinsics[..., 0, 0] = focal[..., 0] / 2 * width

@@ -1,0 +1,156 @@
+"""Metric scale and sky handling of DA3 depth maps (mono, metric and nested models).
+
+- `metric_depth_from_focal`: raw output of the metric model -> meters (x focal_px / 300).
+- `mono_sky_fill`: models with a sky head put sky pixels at the far end of the scene.
+- `align_to_metric`: the nested model scales its any-view depth (and camera translations) to the
+  metric branch by least squares on confident non-sky pixels, then fills the sky.
+
+Large maps are subsampled for quantiles with the given generator (default: a fresh
+`rng.seeded_generator`), drawing the same numbers in the same order as the reference does from
+the global generator. Inputs are never modified; results are new tensors.
+Shapes: B batch, S views, H x W depth map.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from da3_serverless.model.rng import seeded_generator
+
+# The metric model predicts depth for a focal length of this many pixels.
+METRIC_FOCAL_PX = 300.0
+# Sky probability at or above which a pixel counts as sky.
+SKY_THRESHOLD = 0.3
+# Quantiles are taken on at most this many values (torch.quantile has a size limit).
+_QUANTILE_SAMPLES = 100_000
+# Below this many sky or non-sky pixels the sky is left alone.
+_MIN_PIXELS = 10
+# Sky depth of the nested model: the 99th percentile of the rest of the scene, capped (meters).
+_SKY_QUANTILE = 0.99
+_MAX_SKY_DEPTH_M = 200.0
+# Pixels below these depths are left out of the scale fit.
+_MIN_DEPTH = 1e-3
+_MIN_METRIC_DEPTH_M = 1e-2
+
+
+@dataclass
+class MetricAlignment:
+    """Result of `align_to_metric`: depth (B, S, H, W) in meters, depth_conf (B, S, H, W) with
+    sky at 1, extrinsics (B, S, 3|4, 4) with translations in meters, and the applied scale."""
+
+    depth: torch.Tensor
+    depth_conf: torch.Tensor
+    extrinsics: torch.Tensor
+    scale_factor: float
+
+
+def non_sky_mask(sky: torch.Tensor, threshold: float = SKY_THRESHOLD) -> torch.Tensor:
+    """Sky probabilities (...) -> bool mask (...), True where the pixel is not sky."""
+    return sky < threshold
+
+
+def metric_depth_from_focal(
+    depth: torch.Tensor, intrinsics: torch.Tensor, focal_px: float = METRIC_FOCAL_PX
+) -> torch.Tensor:
+    """Metric-model depth (B, S, H, W) and pixel intrinsics (B, S, 3, 3) -> meters (B, S, H, W):
+    depth x mean(fx, fy) / 300."""
+    focal = (intrinsics[..., 0, 0] + intrinsics[..., 1, 1]) / 2
+    return depth * (focal[..., None, None] / focal_px)
+
+
+def least_squares_scale(target: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """Scalar s minimising |target - s * source|^2 over all elements (0-dim tensor)."""
+    target, source = target.reshape(-1), source.reshape(-1)
+    return torch.dot(target, source) / torch.dot(source, source).clamp_min(1e-12)
+
+
+def fill_sky(
+    depth: torch.Tensor,
+    non_sky: torch.Tensor,
+    sky_depth: torch.Tensor | float,
+    depth_conf: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Copies of depth (and confidence) with sky pixels (~non_sky) set to `sky_depth` (and 1)."""
+    depth = depth.masked_fill(~non_sky, sky_depth)
+    if depth_conf is not None:
+        depth_conf = depth_conf.masked_fill(~non_sky, 1.0)
+    return depth, depth_conf
+
+
+def mono_sky_fill(
+    depth: torch.Tensor, sky: torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Depth (B, S, H, W) of a model with a sky head and its sky map (B, S, H, W) -> depth with
+    sky pixels at the 99th percentile of the other pixels' depth. Unchanged when either region
+    has 10 pixels or fewer."""
+    non_sky = non_sky_mask(sky)
+    if non_sky.sum() <= _MIN_PIXELS or (~non_sky).sum() <= _MIN_PIXELS:
+        return depth
+    generator = generator if generator is not None else seeded_generator(depth.device)
+    far = torch.quantile(_sample_with_replacement(depth[non_sky], generator), _SKY_QUANTILE)
+    return fill_sky(depth, non_sky, far)[0]
+
+
+def align_to_metric(
+    depth: torch.Tensor,
+    depth_conf: torch.Tensor,
+    extrinsics: torch.Tensor,
+    intrinsics: torch.Tensor,
+    metric_depth: torch.Tensor,
+    metric_sky: torch.Tensor,
+    generator: torch.Generator | None = None,
+) -> MetricAlignment:
+    """Nested model: bring the any-view branch to the metric branch's scale.
+
+    depth, depth_conf (B, S, H, W), extrinsics (B, S, 3|4, 4) world-to-camera and pixel
+    intrinsics (B, S, 3, 3) of the any-view branch; metric_depth (raw, after `mono_sky_fill`) and
+    metric_sky (B, S, H, W) of the metric branch.
+
+    The metric depth is converted with the any-view intrinsics; the scale is fitted on non-sky
+    pixels whose confidence is at least the median non-sky confidence; sky pixels then get the
+    99th percentile of the scaled non-sky depth (at most 200 m) and confidence 1. With 10 non-sky
+    pixels or fewer (the reference gives up there), every pixel is treated as non-sky.
+    """
+    generator = generator if generator is not None else seeded_generator(depth.device)
+    metric = metric_depth_from_focal(metric_depth, intrinsics)
+    non_sky = non_sky_mask(metric_sky)
+    sky_present = bool(non_sky.sum() > _MIN_PIXELS)
+    if not sky_present:
+        non_sky = torch.ones_like(non_sky)
+
+    median_conf = torch.quantile(_sample_without_replacement(depth_conf[non_sky], generator), 0.5)
+    fit = (
+        (depth_conf >= median_conf)
+        & non_sky
+        & (metric > _MIN_METRIC_DEPTH_M)
+        & (depth > _MIN_DEPTH)
+    )
+    scale = least_squares_scale(metric[fit], depth[fit])
+    depth = depth * scale
+    extrinsics = extrinsics.clone()
+    extrinsics[..., :3, 3] *= scale
+
+    if sky_present:
+        far = torch.quantile(_sample_with_replacement(depth[non_sky], generator), _SKY_QUANTILE)
+        depth, depth_conf = fill_sky(depth, non_sky, far.clamp_max(_MAX_SKY_DEPTH_M), depth_conf)
+    return MetricAlignment(depth, depth_conf, extrinsics, scale.item())
+
+
+def _sample_without_replacement(values: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """values (n,) -> at most `_QUANTILE_SAMPLES` of them, drawn by a random permutation."""
+    if values.numel() <= _QUANTILE_SAMPLES:
+        return values
+    pick = torch.randperm(values.numel(), generator=generator, device=values.device)
+    return values[pick[:_QUANTILE_SAMPLES]]
+
+
+def _sample_with_replacement(values: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """values (n,) -> at most `_QUANTILE_SAMPLES` of them, drawn uniformly with replacement."""
+    if values.numel() <= _QUANTILE_SAMPLES:
+        return values
+    pick = torch.randint(
+        0, values.numel(), (_QUANTILE_SAMPLES,), generator=generator, device=values.device
+    )
+    return values[pick]
