@@ -108,6 +108,9 @@ def test_dualdpt_matches_reference(preset: str) -> None:
     ours = copy_into(
         DualDPT(dim_in=dim_in, output_dim=2, features=features, out_channels=out_channels), ref
     )
+    # Like the reference, all ray output branches share one LayerNorm (stored once in releases).
+    shared = {id(b[2].weight) for b in ours.scratch.output_conv2_aux}
+    assert len(shared) == len({id(b[2].weight) for b in ref.scratch.output_conv2_aux}) == 1
     feats, H, W = head_inputs(dim_in)
     with torch.no_grad():
         expected = ref(feats, H, W, patch_start_idx=0)

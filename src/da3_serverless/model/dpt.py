@@ -141,12 +141,14 @@ class DualDPT(PyramidHeadBase):
         self.scratch.output_conv1 = nn.Conv2d(features, half, kernel_size=3, padding=1)
         self.scratch.output_conv2 = _output_branch(half, output_dim)
         # The checkpoints hold one ray neck and output branch per pyramid level, but only the last
-        # (finest) level is ever decoded.
+        # (finest) level is ever decoded. All output branches share one LayerNorm, as in the
+        # released networks (whose files store it once, under the first level's name).
         self.scratch.output_conv1_aux = nn.ModuleList(
             [_ray_neck(features, aux_out1_conv_num) for _ in range(aux_pyramid_levels)]
         )
+        ray_norm = ChannelLayerNorm(_HIDDEN)
         self.scratch.output_conv2_aux = nn.ModuleList(
-            [_ray_output_branch(half) for _ in range(aux_pyramid_levels)]
+            [_ray_output_branch(half, ray_norm) for _ in range(aux_pyramid_levels)]
         )
 
     def forward(
@@ -200,8 +202,8 @@ def _ray_neck(features: int, num_convs: int) -> nn.Sequential:
     )
 
 
-def _ray_output_branch(in_channels: int) -> nn.Sequential:
-    """3x3 conv -> channel LayerNorm -> ReLU -> 1x1 conv to 7 channels.
+def _ray_output_branch(in_channels: int, norm: ChannelLayerNorm) -> nn.Sequential:
+    """3x3 conv -> channel LayerNorm `norm` -> ReLU -> 1x1 conv to 7 channels.
 
     The reference wraps its LayerNorm in two permutes, so the weights sit at indices 0, 2 and 5;
     identities at 1 and 3 keep that layout.
@@ -209,7 +211,7 @@ def _ray_output_branch(in_channels: int) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(in_channels, _HIDDEN, kernel_size=3, padding=1),
         nn.Identity(),
-        ChannelLayerNorm(_HIDDEN),
+        norm,
         nn.Identity(),
         nn.ReLU(),
         nn.Conv2d(_HIDDEN, _RAY_CHANNELS, kernel_size=1),
