@@ -36,8 +36,14 @@ test: install lint
 test-fast: install
 	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
 
+# RunPod's local test API on 127.0.0.1:$(PORT) with MODEL_ID (default: the nested metric
+# model, downloaded into ./workspace/cache on first start). Without DA3_API_KEY it serves
+# loopback unauthenticated, for trying it out.
+PORT ?= 8000
+serve: export WORKSPACE ?= $(CURDIR)/workspace
 serve: install
-	$(BIN)/da3-serverless predict ../shared/data/images/soh-000.png --model da3-small --random-weights -o /tmp/da3-soh-000.npz
+	DA3_ALLOW_UNAUTHENTICATED=$${DA3_ALLOW_UNAUTHENTICATED:-$$([ -n "$$DA3_API_KEY" ] && echo 0 || echo 1)} \
+	$(BIN)/python -m da3_serverless.runpod_worker --rp_serve_api --rp_api_host 127.0.0.1 --rp_api_port $(PORT)
 
 bench: install
 	$(BIN)/python bench/cpu_forward.py

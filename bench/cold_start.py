@@ -45,7 +45,7 @@ image = Image.open(sys.argv[2]).convert("RGB").resize((504, 280), Image.Resampli
 x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)
 mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
 x = ((x - mean[:, None, None]) / std[:, None, None])[None, None]
-wrapper(x)
+wrapper(x, export_feat_layers=[])
 print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 

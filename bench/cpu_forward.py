@@ -61,7 +61,11 @@ def bench_preset(preset: str, runs: int, compile_too: bool) -> dict:
             runs=runs,
         )
         # The reference's default path on CPU: its wrapper's autocast (float16 without CUDA).
-        medians.update(interleaved_medians({"reference_default": lambda: reference(batch)}, runs))
+        medians.update(
+            interleaved_medians(
+                {"reference_default": lambda: reference(batch, export_feat_layers=[])}, runs
+            )
+        )
         difference = max_relative_difference(ours_net(batch), ref_net(batch))
         with FlopCounterMode(display=False) as counter:
             ours_net(batch)
