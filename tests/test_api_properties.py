@@ -8,8 +8,10 @@ from pathlib import Path
 import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from hypothesis.extra.numpy import array_shapes, arrays
 from PIL import Image
 
+from da3_serverless.api.encoding import decode_depth_png16, encode_depth_png16
 from da3_serverless.api.errors import ServiceError
 from da3_serverless.api.images import decode_image
 from da3_serverless.api.schema import RunRequest, parse_request
@@ -90,3 +92,19 @@ def test_decode_image_mutated_real_files(sample: bytes, edits: list, cut: int) -
     for position, value in edits:
         data[position % len(data)] = value
     _check(bytes(data[: max(1, len(data) - cut % len(data))]))
+
+
+@given(
+    arrays(
+        np.float32,
+        array_shapes(min_dims=2, max_dims=2, min_side=1, max_side=40),
+        elements=st.floats(-1e6, 1e6, width=32),
+    )
+)
+@settings(max_examples=200)
+def test_depth_png16_round_trip(depth: np.ndarray) -> None:
+    encoded = encode_depth_png16(depth)
+    back = decode_depth_png16(encoded.png)
+    step = (encoded.max_depth - encoded.min_depth) / 65535
+    eps = 4 * np.finfo(np.float32).eps * max(abs(encoded.min_depth), abs(encoded.max_depth), 1e-30)
+    assert np.abs(back.astype(np.float64) - depth).max() <= step + eps
