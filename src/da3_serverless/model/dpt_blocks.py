@@ -29,21 +29,15 @@ def resize_bilinear(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
 
 
 def activate(x: torch.Tensor, name: str) -> torch.Tensor:
-    """Output activation by its config name (`exp`, `expp1` = exp + 1, `sigmoid`, ...)."""
+    """Output activation by its config name: exp, expp1 (exp + 1), relu, sigmoid or linear."""
     if name == "exp":
         return torch.exp(x)
     if name == "expp1":
         return torch.exp(x) + 1
-    if name == "expm1":
-        return torch.expm1(x)
     if name == "relu":
         return torch.relu(x)
     if name == "sigmoid":
         return torch.sigmoid(x)
-    if name == "softplus":
-        return F.softplus(x)
-    if name == "tanh":
-        return torch.tanh(x)
     if name == "linear":
         return x
     raise ValueError(f"unknown activation {name!r}")
