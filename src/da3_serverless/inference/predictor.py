@@ -168,10 +168,12 @@ class Predictor:
         batch = to_network_input(views, (width, height)).to(self.device)
 
         focal_px = self._metric_focals(views, focal_length_px, given_intrinsics) if metric else None
-        net_intrinsics = None if given_intrinsics is None else _rescale(given_intrinsics, scales)
-        net_extrinsics = None
+        # Known cameras condition the network only as a pair; intrinsics alone serve the
+        # metric focal length and the returned camera.
+        net_extrinsics = net_intrinsics = None
         if given_extrinsics is not None:
             net_extrinsics = normalise_extrinsics(given_extrinsics)
+            net_intrinsics = _rescale(given_intrinsics, scales)
 
         output = self._forward(batch, net_extrinsics, net_intrinsics, use_ray_pose)
         depth = output.depth[0].float()
