@@ -12,19 +12,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from da3_serverless.model.alignment import align_to_metric, mono_sky_fill
 from da3_serverless.model.camera import camera_from_pose_encoding, invert_rigid
 from da3_serverless.model.dpt import DualDPT
+from da3_serverless.model.rays import pose_from_rays
+from da3_serverless.model.rng import seeded_generator
 from da3_serverless.model.vit import PATCH_SIZE
-
-# Sky probability at or above which a pixel counts as sky.
-SKY_THRESHOLD = 0.3
-# Fewest sky and non-sky pixels for the sky depth fill to be meaningful.
-MIN_SKY_PIXELS = 10
-# Quantile of non-sky depth given to sky pixels.
-SKY_DEPTH_QUANTILE = 0.99
-# Most non-sky depths a quantile is computed from (a fixed-seed sample beyond that).
-MAX_QUANTILE_SAMPLES = 100_000
-SAMPLING_SEED = 0
 
 
 @dataclass
@@ -74,28 +67,6 @@ def check_inputs(
         raise ValueError(f"intrinsics must be {(*views, 3, 3)}, got {tuple(intrinsics.shape)}")
 
 
-def sample_for_quantile(values: torch.Tensor) -> torch.Tensor:
-    """values (M,) -> at most MAX_QUANTILE_SAMPLES of them, drawn with a fixed seed so the
-    same input always gives the same result."""
-    if values.numel() <= MAX_QUANTILE_SAMPLES:
-        return values
-    gen = torch.Generator(device=values.device).manual_seed(SAMPLING_SEED)
-    idx = torch.randint(
-        0, values.numel(), (MAX_QUANTILE_SAMPLES,), device=values.device, generator=gen
-    )
-    return values[idx]
-
-
-def fill_sky_depth(depth: torch.Tensor, sky: torch.Tensor) -> torch.Tensor:
-    """Depth (B, N, H, W) with sky pixels (sky >= 0.3) set to the 99th percentile of the
-    non-sky depths, when there are enough of both kinds; else unchanged."""
-    non_sky = sky < SKY_THRESHOLD
-    if non_sky.sum() <= MIN_SKY_PIXELS or (~non_sky).sum() <= MIN_SKY_PIXELS:
-        return depth
-    far = torch.quantile(sample_for_quantile(depth[non_sky]), SKY_DEPTH_QUANTILE)
-    return torch.where(non_sky, depth, far)
-
-
 class DepthAnything3Net(nn.Module):
     """Backbone + dense head, with optional camera decoder/encoder (any-view models).
 
@@ -122,29 +93,18 @@ class DepthAnything3Net(nn.Module):
         intrinsics: torch.Tensor | None = None,
         *,
         use_ray_pose: bool = False,
+        generator: torch.Generator | None = None,
     ) -> NetOutput:
         """images (B, N, 3, H, W); extrinsics (B, N, 4, 4) world-to-camera and intrinsics
         (B, N, 3, 3) pixels of known cameras (both or neither); use_ray_pose: cameras from the
-        predicted ray map instead of the camera decoder."""
-        out = self.predict(images, extrinsics, intrinsics, use_ray_pose=use_ray_pose)
-        if out.sky is not None:
-            out.depth = fill_sky_depth(out.depth, out.sky)
-        return out
-
-    def predict(
-        self,
-        images: torch.Tensor,
-        extrinsics: torch.Tensor | None = None,
-        intrinsics: torch.Tensor | None = None,
-        *,
-        use_ray_pose: bool = False,
-    ) -> NetOutput:
-        """forward without the sky depth fill (raw head depth)."""
+        predicted ray map instead of the camera decoder. ``generator`` drives the random
+        sampling of post-processing (default: a fresh seeded one, so results are repeatable).
+        """
         check_inputs(images, extrinsics, intrinsics, self.cam_enc is not None)
-        if use_ray_pose:
-            raise ValueError("use_ray_pose is not supported yet")
         height, width = images.shape[-2:]
         device_type = images.device.type
+        if generator is None:
+            generator = seeded_generator(images.device)
         cam_token = None
         if extrinsics is not None:
             with torch.autocast(device_type, enabled=False):
@@ -152,19 +112,70 @@ class DepthAnything3Net(nn.Module):
         feats = self.backbone(images, cam_token)
         with torch.autocast(device_type, enabled=False):
             if isinstance(self.head, DualDPT):
-                rays = use_ray_pose and self.cam_dec is not None
-                head = self.head(feats, height, width, patch_start_idx=0, compute_rays=rays)
+                head = self.head(feats, height, width, patch_start_idx=0, compute_rays=use_ray_pose)
             else:
                 head = self.head(feats, height, width, patch_start_idx=0)
             out = NetOutput(depth=head["depth"], confidence=head.get("depth_conf"))
-            out.sky = head.get("sky")
-            if self.cam_dec is not None:
-                if use_ray_pose:
-                    out.extrinsics, out.intrinsics = self._ray_cameras(head, height, width)
-                else:
-                    encoding = self.cam_dec(feats[-1][1])
-                    cam_to_world, out.intrinsics = camera_from_pose_encoding(
-                        encoding, (height, width)
-                    )
-                    out.extrinsics = invert_rigid(cam_to_world)
+            if self.cam_dec is not None and use_ray_pose:
+                out.extrinsics, out.intrinsics = pose_from_rays(
+                    head["ray"], head["ray_conf"], (height, width), generator=generator
+                )
+            elif self.cam_dec is not None:
+                encoding = self.cam_dec(feats[-1][1])
+                cam_to_world, out.intrinsics = camera_from_pose_encoding(encoding, (height, width))
+                out.extrinsics = invert_rigid(cam_to_world)
+            if "sky" in head:
+                out.sky = head["sky"]
+                out.depth = mono_sky_fill(out.depth, out.sky, generator)
         return out
+
+
+class NestedDepthAnything3Net(nn.Module):
+    """Any-view network (``da3``) brought to metric scale by a metric network (``da3_metric``).
+
+    The any-view depth and camera translations are scaled by a least-squares fit to the metric
+    depth (converted with the any-view intrinsics) on confident non-sky pixels; sky pixels get
+    the far end of the scene and confidence 1. ``sky`` is the metric network's.
+    """
+
+    def __init__(self, da3: DepthAnything3Net, da3_metric: DepthAnything3Net) -> None:
+        super().__init__()
+        self.da3 = da3
+        self.da3_metric = da3_metric
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        extrinsics: torch.Tensor | None = None,
+        intrinsics: torch.Tensor | None = None,
+        *,
+        use_ray_pose: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> NetOutput:
+        """Same arguments as DepthAnything3Net.forward; depth in meters."""
+        if generator is None:
+            generator = seeded_generator(images.device)
+        # One generator through both branches and the alignment, in this order, so sampling
+        # follows a single random stream.
+        out = self.da3(
+            images, extrinsics, intrinsics, use_ray_pose=use_ray_pose, generator=generator
+        )
+        metric = self.da3_metric(images, generator=generator)
+        with torch.autocast(images.device.type, enabled=False):
+            aligned = align_to_metric(
+                out.depth,
+                out.confidence,
+                out.extrinsics,
+                out.intrinsics,
+                metric.depth,
+                metric.sky,
+                generator=generator,
+            )
+        return NetOutput(
+            depth=aligned.depth,
+            confidence=aligned.depth_conf,
+            sky=metric.sky,
+            extrinsics=aligned.extrinsics,
+            intrinsics=out.intrinsics,
+            is_metric=True,
+        )

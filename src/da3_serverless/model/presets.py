@@ -12,7 +12,7 @@ from torch import nn
 
 from da3_serverless.model.camera import CameraDec, CameraEnc
 from da3_serverless.model.dpt import DPT, DualDPT
-from da3_serverless.model.net import DepthAnything3Net
+from da3_serverless.model.net import DepthAnything3Net, NestedDepthAnything3Net
 from da3_serverless.model.vit import DinoV2
 
 
@@ -81,6 +81,10 @@ def da3metric_large() -> DepthAnything3Net:
     return _monocular_large()
 
 
+def da3nested_giant_large() -> NestedDepthAnything3Net:
+    return NestedDepthAnything3Net(da3_giant(), da3metric_large())
+
+
 PRESETS: dict[str, Callable[[], nn.Module]] = {
     "da3-small": da3_small,
     "da3-base": da3_base,
@@ -88,6 +92,7 @@ PRESETS: dict[str, Callable[[], nn.Module]] = {
     "da3-giant": da3_giant,
     "da3mono-large": da3mono_large,
     "da3metric-large": da3metric_large,
+    "da3nested-giant-large": da3nested_giant_large,
 }
 
 

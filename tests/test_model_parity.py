@@ -1,0 +1,136 @@
+"""Our networks against the reference implementation, for every preset, in fp32 on CPU.
+
+Per preset, one seeded random checkpoint (write_random_checkpoint) is loaded by our
+load_network and, through safetensors' load_model, by the reference wrapper; both run the same
+inputs (the reference through its network's own forward, not its autocast wrapper). Depth,
+confidence, sky, extrinsics and intrinsics must agree to 1e-4 relative.
+
+To keep memory low (the giant networks hold ~4.5 GB of fp32 weights), all cases of a preset
+run on our network first, which is then freed before the reference is built.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+
+from da3_serverless.model.alignment import SKY_THRESHOLD
+from da3_serverless.model.checkpoint import load_network, write_random_checkpoint
+from da3_serverless.model.net import NetOutput
+from da3_serverless.model.rng import RNG_SEED
+from reference import load_reference, reference_forward
+
+HEIGHT, WIDTH = 70, 98  # 5 x 7 patches
+
+# case -> (views, use_ray_pose, known cameras)
+CASES = {
+    "one_view": (1, False, False),
+    "two_views": (2, False, False),
+    "three_views": (3, False, False),  # reference-view selection starts at 3 views
+    "ray_pose": (2, True, False),
+    "known_cameras": (2, False, True),
+}
+PRESET_CASES = {
+    "da3-small": list(CASES),
+    "da3-base": ["two_views", "known_cameras"],
+    "da3-large": ["three_views", "ray_pose"],
+    "da3mono-large": ["one_view", "two_views"],
+    "da3metric-large": ["two_views"],
+    "da3-giant": ["three_views", "ray_pose", "known_cameras"],
+    "da3nested-giant-large": ["two_views", "ray_pose"],
+}
+SLOW_PRESETS = {"da3-giant", "da3nested-giant-large"}
+FIELDS = ("depth", "confidence", "sky", "extrinsics", "intrinsics")
+
+
+def case_inputs(views: int, cameras: bool) -> dict[str, torch.Tensor]:
+    """Seeded images (1, views, 3, H, W); with cameras, world-to-camera extrinsics (first view
+    at the origin, as after the API's normalisation) and pixel intrinsics."""
+    gen = torch.Generator().manual_seed(views)
+    scales = torch.tensor([1.0, 2.0, 0.5])[:views, None, None, None]  # views that differ
+    inputs = {"images": torch.randn(1, views, 3, HEIGHT, WIDTH, generator=gen) * scales}
+    if cameras:
+        rotation, _ = torch.linalg.qr(torch.randn(views, 3, 3, generator=gen))
+        rotation = rotation * torch.linalg.det(rotation)[:, None, None]  # proper rotations
+        rotation[0] = torch.eye(3)
+        extrinsics = torch.eye(4).repeat(1, views, 1, 1)
+        extrinsics[0, :, :3, :3] = rotation
+        extrinsics[0, 1:, :3, 3] = torch.randn(views - 1, 3, generator=gen)
+        intrinsics = torch.tensor([[90.0, 0, WIDTH / 2], [0, 85.0, HEIGHT / 2], [0, 0, 1]])
+        inputs["extrinsics"] = extrinsics
+        inputs["intrinsics"] = intrinsics.repeat(1, views, 1, 1)
+    return inputs
+
+
+def free_memory() -> None:
+    gc.collect()
+
+
+@pytest.fixture(scope="module")
+def preset_outputs(request, tmp_path_factory) -> dict[str, tuple[NetOutput, dict]]:
+    """case -> (our NetOutput, the reference's outputs as a dict of FIELDS) for one preset."""
+    preset = request.param
+    folder = write_random_checkpoint(preset, tmp_path_factory.mktemp(preset), seed=0)
+    nested = preset.startswith("da3nested")
+
+    ours = {}
+    _, net = load_network(folder)
+    with torch.no_grad():
+        for case in PRESET_CASES[preset]:
+            views, ray_pose, cameras = CASES[case]
+            inputs = case_inputs(views, cameras)
+            ours[case] = net(**inputs, use_ray_pose=ray_pose)
+    del net
+    free_memory()
+
+    theirs = {}
+    wrapper = load_reference(preset, folder)
+    with torch.no_grad():
+        for case in PRESET_CASES[preset]:
+            views, ray_pose, cameras = CASES[case]
+            inputs = case_inputs(views, cameras)
+            images = inputs.pop("images")
+            torch.manual_seed(RNG_SEED)  # the reference's ray pose samples the global RNG
+            out = reference_forward(wrapper, images, **inputs, use_ray_pose=ray_pose)
+            sky = out.get("sky")
+            if nested:  # the reference drops the metric branch's sky; ours returns it
+                sky = wrapper.model.da3_metric(images).sky
+            theirs[case] = {
+                "depth": out.depth,
+                "confidence": out.get("depth_conf"),
+                "sky": sky,
+                "extrinsics": out.get("extrinsics"),
+                "intrinsics": out.get("intrinsics"),
+                "is_metric": nested,
+            }
+    del wrapper
+    free_memory()
+    return {case: (ours[case], theirs[case]) for case in ours}
+
+
+def _params():
+    for preset, cases in PRESET_CASES.items():
+        marks = [pytest.mark.slow] if preset in SLOW_PRESETS else []
+        for case in cases:
+            yield pytest.param(preset, case, marks=marks, id=f"{preset}-{case}")
+
+
+@pytest.mark.parametrize(("preset_outputs", "case"), list(_params()), indirect=["preset_outputs"])
+def test_matches_reference(preset_outputs, case):
+    ours, ref = preset_outputs[case]
+    for field in FIELDS:
+        got, expected = getattr(ours, field), ref[field]
+        assert (got is None) == (expected is None), field
+        if expected is None:
+            continue
+        assert got.shape == expected.shape, field
+        assert torch.isfinite(got).all(), field
+        scale = max(expected.abs().max().item(), 1.0)
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5 * scale, msg=field)
+    assert ours.is_metric == ref["is_metric"]
+    assert (ours.depth > 0).all()
+    if ours.sky is not None:  # the random weights give both sky and non-sky pixels
+        assert (ours.sky >= SKY_THRESHOLD).sum() > 10
+        assert (ours.sky < SKY_THRESHOLD).sum() > 10
