@@ -1,0 +1,225 @@
+"""Where outputs go besides the response: files under the workspace's `output_images/` and,
+when configured, an S3-compatible bucket (DESIGN §4, §5).
+
+Failures raise `StorageError`; the service reports them as warnings in a response that still
+comes back. Files are only ever written, removed or pruned directly inside `output_images/`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import stat
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from ..config import Settings
+
+PRUNE_INTERVAL_S = 3600.0
+PRESIGNED_URL_TTL_S = 7 * 24 * 3600  # the longest S3 allows, as RunPod's own upload helper uses
+_SUFFIX = re.compile(r"\.[A-Za-z0-9]{1,16}(\.[A-Za-z0-9]{1,16})?")
+
+
+class StorageError(Exception):
+    """Saving or uploading an output failed; the message says where and why (never a secret)."""
+
+
+def _check_suffix(suffix: str) -> None:
+    if not _SUFFIX.fullmatch(suffix):
+        raise ValueError(f"suffix must look like '.png' or '.tar.gz', got {suffix!r}")
+
+
+class OutputStore:
+    """Output files of requests: `save`/`discard` in `settings.output_dir`, `prune` of old ones,
+    optional `upload` to the bucket of `settings.bucket_endpoint_url`."""
+
+    def __init__(self, settings: Settings):
+        self.root = settings.output_dir
+        self.retention_s = settings.output_retention_days * 86400.0
+        self._settings = settings
+        self._last_prune: float | None = None
+        self._prune_lock = threading.Lock()
+        self._s3: Any = None
+        self._s3_lock = threading.Lock()
+
+    # ---- local files -------------------------------------------------------------------------
+
+    def save(self, data: bytes, suffix: str) -> Path:
+        """Write `data` to `<root>/<uuid4 hex><suffix>` atomically (a temporary file in the same
+        folder, fsync, rename) and return the path. Raises `StorageError` (read-only or missing
+        volume, disk full, ...), leaving no partial file behind."""
+        _check_suffix(suffix)
+        final = self.root / f"{uuid.uuid4().hex}{suffix}"
+        tmp: str | None = None
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp-", suffix=suffix)
+            with os.fdopen(fd, "wb") as out:
+                out.write(data)
+                out.flush()
+                os.fsync(out.fileno())
+            os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs are meant to be read by others
+            os.replace(tmp, final)
+            tmp = None
+        except OSError as exc:
+            raise StorageError(
+                f"could not save an output file in {self.root}: {exc.strerror or exc} "
+                "(check that the volume is mounted, writable and not full)"
+            ) from None
+        finally:
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+        return final
+
+    def _inside(self, path: Path) -> bool:
+        """True when `path` names an entry directly inside the root (the entry itself may be a
+        link: its target is not looked at)."""
+        try:
+            return path.parent.resolve() == self.root.resolve() and path.name not in ("", ".", "..")
+        except OSError:
+            return False
+
+    def discard(self, paths: Iterable[Path | str]) -> None:
+        """Remove the files of a failed request; paths outside the root and missing files are
+        ignored."""
+        for path in map(Path, paths):
+            if self._inside(path):
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+
+    def prune(self, now: float | None = None) -> list[Path]:
+        """Remove entries directly in the root whose own modification time (lstat) is older than
+        `settings.output_retention_days`, and return them. Regular files and symbolic links
+        are removed (a link, never its target); folders are neither entered nor removed.
+        Entries that vanish or cannot be removed are skipped."""
+        cutoff = (time.time() if now is None else now) - self.retention_s
+        removed: list[Path] = []
+        try:
+            entries = list(os.scandir(self.root))
+        except OSError:
+            return removed
+        for entry in entries:
+            try:
+                info = entry.stat(follow_symlinks=False)
+                if not (stat.S_ISREG(info.st_mode) or stat.S_ISLNK(info.st_mode)):
+                    continue
+                if info.st_mtime < cutoff:
+                    os.unlink(entry.path)  # unlink never follows a link
+                    removed.append(Path(entry.path))
+            except OSError:
+                continue
+        return removed
+
+    def maybe_prune(self, now: float | None = None) -> list[Path]:
+        """`prune` at most once per hour for this store (and never twice at the same time)."""
+        now = time.time() if now is None else now
+        if not self._prune_lock.acquire(blocking=False):
+            return []
+        try:
+            if self._last_prune is not None and now - self._last_prune < PRUNE_INTERVAL_S:
+                return []
+            self._last_prune = now
+            return self.prune(now)
+        finally:
+            self._prune_lock.release()
+
+    # ---- bucket ------------------------------------------------------------------------------
+
+    @property
+    def uploads_enabled(self) -> bool:
+        """True when BUCKET_ENDPOINT_URL, BUCKET_ACCESS_KEY_ID and BUCKET_SECRET_ACCESS_KEY are
+        all set."""
+        s = self._settings
+        return bool(s.bucket_endpoint_url and s.bucket_access_key_id and s.bucket_secret_access_key)
+
+    def upload(self, data: bytes, suffix: str, media_type: str) -> str:
+        """Put `data` in the bucket as `<YYYY-MM-DD>/<uuid4 hex><suffix>` and return a
+        presigned GET URL valid for 7 days. Raises `StorageError`."""
+        _check_suffix(suffix)
+        if not self.uploads_enabled:
+            raise StorageError(
+                "no bucket configured: set BUCKET_ENDPOINT_URL, BUCKET_ACCESS_KEY_ID and "
+                "BUCKET_SECRET_ACCESS_KEY to upload outputs"
+            )
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        client, bucket = self._bucket()
+        key = f"{time.strftime('%Y-%m-%d', time.gmtime())}/{uuid.uuid4().hex}{suffix}"
+        try:
+            client.put_object(Bucket=bucket, Key=key, Body=data, ContentType=media_type)
+            return client.generate_presigned_url(
+                "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=PRESIGNED_URL_TTL_S
+            )
+        except (BotoCoreError, ClientError) as exc:
+            host = urlsplit(self._settings.bucket_endpoint_url or "").hostname
+            raise StorageError(
+                f"could not upload an output to bucket {bucket!r} at {host}: "
+                f"{type(exc).__name__} (check BUCKET_ENDPOINT_URL and the bucket's credentials)"
+            ) from None
+
+    def _bucket(self) -> tuple[Any, str]:
+        """The S3 client (made once; boto3 is imported only when uploads are used) and bucket."""
+        endpoint, bucket, path_style = parse_bucket_endpoint(
+            self._settings.bucket_endpoint_url or ""
+        )
+        with self._s3_lock:
+            if self._s3 is None:
+                import boto3
+                from botocore.config import Config
+
+                self._s3 = boto3.session.Session().client(
+                    "s3",
+                    endpoint_url=endpoint,
+                    aws_access_key_id=self._settings.bucket_access_key_id,
+                    aws_secret_access_key=self._settings.bucket_secret_access_key,
+                    region_name=_region(endpoint),
+                    config=Config(
+                        signature_version="s3v4",
+                        s3={"addressing_style": "path" if path_style else "virtual"},
+                        retries={"max_attempts": 3, "mode": "standard"},
+                        connect_timeout=10,
+                        read_timeout=60,
+                    ),
+                )
+        return self._s3, bucket
+
+
+def parse_bucket_endpoint(url: str) -> tuple[str, str, bool]:
+    """Split BUCKET_ENDPOINT_URL into (S3 endpoint, bucket, path_style).
+
+    Two forms name the bucket: virtual-hosted, RunPod's documented form,
+    `https://<bucket>.s3.<region>.amazonaws.com` (the bucket is the first host label; also
+    DigitalOcean-style `https://<bucket>.<region>.digitaloceanspaces.com`), and path style,
+    `https://<host>[:port]/<bucket>` (MinIO, Cloudflare R2, a local test server).
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise StorageError("BUCKET_ENDPOINT_URL must be an http(s) URL naming the bucket")
+    segments = [s for s in parts.path.split("/") if s]
+    if segments:
+        return f"{parts.scheme}://{parts.netloc}", segments[0], True
+    bucket, dot, rest = parts.netloc.partition(".")
+    if not dot or "." not in rest:
+        raise StorageError(
+            "BUCKET_ENDPOINT_URL must name the bucket: https://<bucket>.s3.<region>.amazonaws.com "
+            "or https://<host>/<bucket>"
+        )
+    return f"{parts.scheme}://{rest}", bucket, False
+
+
+def _region(endpoint: str) -> str:
+    """The region in an AWS (`s3.<region>.amazonaws.com`) or DigitalOcean
+    (`<region>.digitaloceanspaces.com`) endpoint; us-east-1 (the S3 default) otherwise."""
+    host = urlsplit(endpoint).hostname or ""
+    match = re.match(r"s3[.-]([a-z0-9-]+)\.amazonaws\.com$", host) or re.match(
+        r"([a-z0-9-]+)\.digitaloceanspaces\.com$", host
+    )
+    return match.group(1) if match else "us-east-1"

@@ -1,0 +1,260 @@
+"""Output storage: atomic saves, failures as StorageError, pruning that never follows links or
+leaves the folder, and uploads to a real S3 API (moto's server on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from da3_serverless.api import storage
+from da3_serverless.api.storage import OutputStore, StorageError, parse_bucket_endpoint
+from da3_serverless.config import Settings
+
+DAY = 86400.0
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> OutputStore:
+    return OutputStore(Settings(workspace=tmp_path / "ws", output_retention_days=14))
+
+
+def test_save_writes_atomically_under_output_images(store: OutputStore, tmp_path: Path) -> None:
+    path = store.save(b"\x89PNG data", ".png")
+    assert path.parent == tmp_path / "ws" / "output_images" == store.root
+    assert path.read_bytes() == b"\x89PNG data"
+    assert path.suffix == ".png" and len(path.stem) == 32 and int(path.stem, 16) >= 0
+    assert oct(path.stat().st_mode & 0o777) == oct(0o644)
+    other = store.save(b"", ".tar.gz")
+    assert other.name.endswith(".tar.gz") and other != path
+    assert sorted(p.name for p in store.root.iterdir()) == sorted([path.name, other.name])
+
+
+@pytest.mark.parametrize("suffix", ["png", "../x.png", ".png/..", "./", ".p ng", ""])
+def test_save_refuses_odd_suffixes(store: OutputStore, suffix: str) -> None:
+    with pytest.raises(ValueError, match="suffix"):
+        store.save(b"x", suffix)
+
+
+def test_unwritable_folder_raises_storage_error(tmp_path: Path) -> None:
+    # Tests run as root, so chmod would not stop writes: make the workspace a regular file.
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_bytes(b"")
+    store = OutputStore(Settings(workspace=blocker))
+    with pytest.raises(StorageError, match="could not save an output file"):
+        store.save(b"data", ".png")
+
+
+def test_disk_full_leaves_nothing_behind(
+    store: OutputStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The temporary file's descriptor is /dev/full, so the real write fails with ENOSPC."""
+    made: list[Path] = []
+
+    def full_mkstemp(dir: Path, prefix: str, suffix: str) -> tuple[int, str]:
+        path = Path(dir) / f"{prefix}full{suffix}"
+        path.touch()
+        made.append(path)
+        return os.open("/dev/full", os.O_WRONLY), str(path)
+
+    monkeypatch.setattr(tempfile, "mkstemp", full_mkstemp)
+    with pytest.raises(StorageError, match="No space left on device"):
+        store.save(b"x" * 100_000, ".png")
+    assert made and not made[0].exists()
+    assert list(store.root.iterdir()) == []
+
+
+def age(path: Path, days: float, now: float) -> None:
+    os.utime(path, (now - days * DAY, now - days * DAY), follow_symlinks=False)
+
+
+def test_prune_removes_only_old_entries_and_never_follows_links(
+    store: OutputStore, tmp_path: Path
+) -> None:
+    now = time.time()
+    old, fresh = store.save(b"old", ".png"), store.save(b"fresh", ".png")
+    age(old, 15, now)
+    age(fresh, 13, now)
+    leftover = store.root / ".tmp-crashed.png"  # from a process killed mid-save
+    leftover.write_bytes(b"partial")
+    age(leftover, 30, now)
+
+    outside = tmp_path / "precious"
+    outside.mkdir()
+    target = outside / "keep.png"
+    target.write_bytes(b"keep")
+    age(target, 100, now)
+    old_link = store.root / "old-link.png"
+    old_link.symlink_to(target)
+    age(old_link, 20, now)  # the link itself is old: it goes, the target stays
+    new_link = store.root / "new-link.png"
+    new_link.symlink_to(target)  # a new link to an old target: kept
+    dir_link = store.root / "dir-link"
+    dir_link.symlink_to(outside, target_is_directory=True)
+    age(dir_link, 20, now)
+    sub = store.root / "sub"
+    sub.mkdir()
+    nested = sub / "nested.png"
+    nested.write_bytes(b"n")
+    age(nested, 50, now)
+    age(sub, 50, now)
+
+    removed = store.prune(now)
+
+    assert sorted(p.name for p in removed) == sorted(
+        [old.name, leftover.name, old_link.name, dir_link.name]
+    )
+    assert fresh.exists() and new_link.is_symlink()
+    assert target.read_bytes() == b"keep" and outside.is_dir()
+    assert nested.exists() and sub.is_dir()  # folders are neither entered nor removed
+    assert not old.exists() and not os.path.lexists(old_link)
+
+
+def test_prune_respects_retention_setting(tmp_path: Path) -> None:
+    store = OutputStore(Settings(workspace=tmp_path, output_retention_days=0.5))
+    now = time.time()
+    path = store.save(b"x", ".npy")
+    age(path, 0.4, now)
+    assert store.prune(now) == []
+    assert store.prune(now + 0.2 * DAY) == [path]
+
+
+def test_prune_without_folder(store: OutputStore) -> None:
+    assert not store.root.exists()
+    assert store.prune() == []
+
+
+def test_maybe_prune_runs_at_most_hourly(store: OutputStore) -> None:
+    now = time.time()
+    first = store.save(b"1", ".png")
+    age(first, 20, now)
+    assert store.maybe_prune(now) == [first]
+    second = store.save(b"2", ".png")
+    age(second, 20, now)
+    assert store.maybe_prune(now + 3599) == []  # too soon
+    assert second.exists()
+    assert store.maybe_prune(now + 3601) == [second]
+    other = OutputStore(store._settings)  # the interval belongs to the instance
+    third = store.save(b"3", ".png")
+    age(third, 20, now)
+    assert other.maybe_prune(now + 3602) == [third]
+
+
+def test_discard(store: OutputStore, tmp_path: Path) -> None:
+    a, b = store.save(b"a", ".png"), store.save(b"b", ".ply")
+    outside = tmp_path / "outside.png"
+    outside.write_bytes(b"o")
+    sneaky = store.root / ".." / "outside.png"
+    store.discard([a, str(b), store.root / "missing.png", outside, sneaky])
+    assert not a.exists() and not b.exists()
+    assert outside.read_bytes() == b"o"
+
+
+# ---- bucket -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        (
+            "https://my-bucket.s3.eu-west-1.amazonaws.com",
+            ("https://s3.eu-west-1.amazonaws.com", "my-bucket", False),
+        ),
+        (
+            "https://outputs.nyc3.digitaloceanspaces.com/",
+            ("https://nyc3.digitaloceanspaces.com", "outputs", False),
+        ),
+        ("http://127.0.0.1:9000/da3", ("http://127.0.0.1:9000", "da3", True)),
+        (
+            "https://acc.r2.cloudflarestorage.com/out/ignored",
+            ("https://acc.r2.cloudflarestorage.com", "out", True),
+        ),
+    ],
+)
+def test_parse_bucket_endpoint(url: str, expected: tuple) -> None:
+    assert parse_bucket_endpoint(url) == expected
+
+
+@pytest.mark.parametrize("url", ["s3://bucket", "https://localhost", "not a url"])
+def test_parse_bucket_endpoint_refuses(url: str) -> None:
+    with pytest.raises(StorageError, match="BUCKET_ENDPOINT_URL"):
+        parse_bucket_endpoint(url)
+
+
+def test_region_from_endpoint() -> None:
+    assert storage._region("https://s3.eu-west-1.amazonaws.com") == "eu-west-1"
+    assert storage._region("https://nyc3.digitaloceanspaces.com") == "nyc3"
+    assert storage._region("http://127.0.0.1:9000") == "us-east-1"
+
+
+def test_upload_without_bucket(store: OutputStore) -> None:
+    assert not store.uploads_enabled
+    with pytest.raises(StorageError, match="BUCKET_ENDPOINT_URL"):
+        store.upload(b"x", ".png", "image/png")
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint() -> Iterator[str]:
+    moto_server = pytest.importorskip("moto.server")
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+def bucket_settings(endpoint: str, tmp_path: Path, bucket: str, secret: str = "secret") -> Settings:
+    return Settings(
+        workspace=tmp_path,
+        bucket_endpoint_url=f"{endpoint}/{bucket}",
+        bucket_access_key_id="testing",
+        bucket_secret_access_key=secret,
+    )
+
+
+def test_upload_to_s3(s3_endpoint: str, tmp_path: Path) -> None:
+    import boto3
+
+    boto3.client(
+        "s3",
+        endpoint_url=s3_endpoint,
+        aws_access_key_id="testing",
+        aws_secret_access_key="secret",
+        region_name="us-east-1",
+    ).create_bucket(Bucket="da3-outputs")
+    store = OutputStore(bucket_settings(s3_endpoint, tmp_path, "da3-outputs"))
+    assert store.uploads_enabled
+    url = store.upload(b"\x89PNG depth", ".png", "image/png")
+    assert url.startswith(f"{s3_endpoint}/da3-outputs/") and "X-Amz-Signature=" in url
+    assert time.strftime("%Y-%m-%d", time.gmtime()) in url and ".png?" in url
+    response = httpx.get(url)  # the presigned URL works without credentials
+    assert response.status_code == 200
+    assert response.content == b"\x89PNG depth"
+    assert response.headers["content-type"] == "image/png"
+
+
+def test_upload_failure_is_a_storage_error_without_secrets(
+    s3_endpoint: str, tmp_path: Path
+) -> None:
+    store = OutputStore(bucket_settings(s3_endpoint, tmp_path, "no-such-bucket", "SEKRIT-123"))
+    with pytest.raises(StorageError) as info:
+        store.upload(b"x", ".png", "image/png")
+    assert "no-such-bucket" in str(info.value) and "SEKRIT" not in str(info.value)
+
+
+def test_upload_to_unreachable_endpoint(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    store = OutputStore(bucket_settings(f"http://127.0.0.1:{port}", tmp_path, "b"))
+    with pytest.raises(
+        StorageError, match=r"could not upload an output to bucket 'b' at 127\.0\.0\.1"
+    ):
+        store.upload(b"x", ".png", "image/png")
