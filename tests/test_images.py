@@ -437,7 +437,11 @@ def public_test(monkeypatch: pytest.MonkeyPatch) -> None:
     counts as public. Everything else keeps the real resolver and the real address policy, so a
     redirect from it to any other loopback/metadata address must still be refused."""
     real_resolve, real_reason = images.resolve, images.refusal_reason
-    fake = {"public.test": ["127.0.0.1"], "mixed.test": ["127.0.0.1", "10.0.0.7"]}
+    fake = {
+        "public.test": ["127.0.0.1"],
+        "other.test": ["127.0.0.1"],
+        "mixed.test": ["127.0.0.1", "10.0.0.7"],
+    }
     monkeypatch.setattr(images, "resolve", lambda h, p: fake.get(h) or real_resolve(h, p))
     monkeypatch.setattr(
         images, "refusal_reason", lambda ip: None if str(ip) == "127.0.0.1" else real_reason(ip)
@@ -449,6 +453,78 @@ def test_connects_to_the_checked_address_with_the_original_host(server: str, pub
     Handler.hosts.clear()
     assert fetch_url(f"http://public.test:{port}/photo.png", SETTINGS) == PHOTO
     assert Handler.hosts == [f"public.test:{port}"]
+
+
+@pytest.fixture(scope="module")
+def tls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path, list]]:
+    """An HTTPS server on 127.0.0.1 with a self-signed certificate for `public.test`; yields its
+    port, the certificate (to trust) and the TLS server names clients asked for (SNI)."""
+    pytest.importorskip("cryptography")
+    import datetime
+    import ssl
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "public.test")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("public.test")]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    folder = tmp_path_factory.mktemp("tls")
+    cert_file, key_file = folder / "cert.pem", folder / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    server_names: list = []
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert_file, key_file)
+    context.sni_callback = lambda sock, server_name, ctx: server_names.append(server_name)
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield str(httpd.server_address[1]), cert_file, server_names
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_https_keeps_the_hostname_for_sni_and_certificate_checks(
+    tls_server: tuple[str, Path, list], public_test, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The connection goes to the checked IP, yet TLS still names and verifies `public.test`."""
+    import functools
+    import ssl
+
+    port, cert_file, server_names = tls_server
+    trusting = ssl.create_default_context(cafile=str(cert_file))
+    monkeypatch.setattr(
+        images.httpx, "Client", functools.partial(images.httpx.Client, verify=trusting)
+    )
+    Handler.hosts.clear()
+    assert fetch_url(f"https://public.test:{port}/photo.png", SETTINGS) == PHOTO
+    assert server_names[-1] == "public.test"
+    assert Handler.hosts == [f"public.test:{port}"]
+    # The same server under a name its certificate does not carry: verification fails.
+    message = refused("fetch_failed", fetch_url, f"https://other.test:{port}/photo.png", SETTINGS)
+    assert "could not download the image from other.test" in message
 
 
 def test_every_resolved_address_is_checked(server: str, public_test) -> None:
