@@ -193,7 +193,7 @@ def test_region_from_endpoint() -> None:
 
 
 def test_upload_without_bucket(store: OutputStore) -> None:
-    assert not store.uploads_enabled
+    assert not store.has_bucket
     with pytest.raises(StorageError, match="BUCKET_ENDPOINT_URL"):
         store.upload(b"x", ".png", "image/png")
 
@@ -228,7 +228,7 @@ def test_upload_to_s3(s3_endpoint: str, tmp_path: Path) -> None:
         region_name="us-east-1",
     ).create_bucket(Bucket="da3-outputs")
     store = OutputStore(bucket_settings(s3_endpoint, tmp_path, "da3-outputs"))
-    assert store.uploads_enabled
+    assert store.has_bucket
     url = store.upload(b"\x89PNG depth", ".png", "image/png")
     assert url.startswith(f"{s3_endpoint}/da3-outputs/") and "X-Amz-Signature=" in url
     assert time.strftime("%Y-%m-%d", time.gmtime()) in url and ".png?" in url

@@ -21,9 +21,6 @@ from isal import isal_zlib
 from PIL import Image
 
 DEPTH_ENCODING = "png16-linear"
-PNG_MEDIA_TYPE = "image/png"
-NPY_MEDIA_TYPE = "application/x-npy"
-PLY_MEDIA_TYPE = "application/x-ply"
 MAX_PLY_POINTS = 2_000_000
 # Percentiles that set the preview's and confidence map's range, so a few outliers don't wash
 # out the rest; computed on at most ~1M samples to keep them cheap on 4096 x 4096 maps.

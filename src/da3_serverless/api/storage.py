@@ -134,7 +134,7 @@ class OutputStore:
     # ---- bucket ------------------------------------------------------------------------------
 
     @property
-    def uploads_enabled(self) -> bool:
+    def has_bucket(self) -> bool:
         """True when BUCKET_ENDPOINT_URL, BUCKET_ACCESS_KEY_ID and BUCKET_SECRET_ACCESS_KEY are
         all set."""
         s = self._settings
@@ -144,7 +144,7 @@ class OutputStore:
         """Put `data` in the bucket as `<YYYY-MM-DD>/<uuid4 hex><suffix>` and return a
         presigned GET URL valid for 7 days. Raises `StorageError`."""
         _check_suffix(suffix)
-        if not self.uploads_enabled:
+        if not self.has_bucket:
             raise StorageError(
                 "no bucket configured: set BUCKET_ENDPOINT_URL, BUCKET_ACCESS_KEY_ID and "
                 "BUCKET_SECRET_ACCESS_KEY to upload outputs"
