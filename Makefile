@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 REFERENCE_SPEC ?= depth-anything-3==0.1.1
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast lint format serve bench clean
+.PHONY: install test test-fast lint format serve bench lock clean
 
 $(BIN)/.installed: pyproject.toml requirements-test.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,13 +21,15 @@ $(BIN)/.installed: pyproject.toml requirements-test.txt
 
 install: $(BIN)/.installed
 
+LINT_PATHS := src tests bench scripts
+
 lint: install
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/ruff format --check $(LINT_PATHS)
 
 format: install
-	$(BIN)/ruff format src tests bench
-	$(BIN)/ruff check --fix src tests bench
+	$(BIN)/ruff format $(LINT_PATHS)
+	$(BIN)/ruff check --fix $(LINT_PATHS)
 
 test: install lint
 	$(BIN)/pytest $(PYTEST_ARGS)
@@ -47,6 +49,11 @@ serve: install
 
 bench: install
 	$(BIN)/python bench/cpu_forward.py
+
+# Re-lock the container's dependencies (requirements/pylock.docker.toml) after changing them.
+lock: install
+	$(BIN)/pip install --quiet uv
+	UV=$(BIN)/uv scripts/lock.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

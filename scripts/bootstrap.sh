@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Container entry point: prepare the workspace, prune old outputs, warm the model, then exec
-# the RunPod worker (or, with SERVE_MODE=http, the self-hosted server) so that it receives the
-# container's signals directly. Arguments are passed on to the worker / server.
+# Container entry point: prepare the workspace, prune old outputs, make sure the model's weights
+# are on disk (prefetch), then exec the RunPod worker (or, with SERVE_MODE=http, the
+# self-hosted server) so that it receives the container's signals directly. The worker loads and
+# warms the model in its own process before the first job and exits non-zero if that fails: a
+# warmup in a separate process would load the weights twice and leave nothing warm behind.
+# Arguments are passed on to the worker / server.
 #
 # Environment (all optional):
 #   WORKSPACE      workspace folder. Default: $RUNPOD_VOLUME/DA3-Serverless when RUNPOD_VOLUME
@@ -10,11 +13,13 @@
 #   HF_HOME        Hugging Face cache. Default: the model cache baked into the image, if any,
 #                  else $WORKSPACE/cache. A value set by the user is kept as it is.
 #   MODEL_ID       model to serve. Default: the baked model, if any, else config.py's default.
-#   WARMUP         0/false/no/off/n/f: start without warming the model (pydantic's booleans).
+#   WARMUP         0/false/no/off/n/f: the worker skips its warmup forward pass (pydantic's
+#                  booleans; checked here so a typo fails before anything starts).
 #   SERVE_MODE     runpod (default) or http; PORT: the HTTP port (default 8000).
 # Set by the image, not by users:
 #   DA3_BAKED_MODEL_ID, DA3_BAKED_HF_HOME   the model baked in at build time (MODEL_ID build arg).
-#   DA3_READY_FILE   written just before the exec; scripts/healthcheck.sh looks for it.
+#   DA3_READY_FILE   written by the worker once its model is loaded and warm;
+#                    scripts/healthcheck.sh looks for it.
 # Replaced by tests (stubs that record what they were called with):
 #   DA3_CLI (default: da3-serverless), DA3_WORKER_CMD (default: python -m
 #   da3_serverless.runpod_worker), DA3_FALLBACK_WORKSPACE (default: /workspace/DA3-Serverless).
@@ -28,8 +33,8 @@ die() {
 
 read -r -a cli <<<"${DA3_CLI:-da3-serverless}"
 read -r -a worker <<<"${DA3_WORKER_CMD:-python -m da3_serverless.runpod_worker}"
-ready_file="${DA3_READY_FILE:-/tmp/da3-serverless.ready}"
-rm -f "$ready_file"
+export DA3_READY_FILE="${DA3_READY_FILE:-/tmp/da3-serverless.ready}"
+rm -f "$DA3_READY_FILE"
 
 serve_mode="${SERVE_MODE:-runpod}"
 case "$serve_mode" in
@@ -71,26 +76,25 @@ if [[ -z "${MODEL_ID:-}" && -n "$baked_model" ]]; then
 fi
 log "workspace $WORKSPACE, HF_HOME $HF_HOME, model ${MODEL_ID:-(default)}, mode $serve_mode"
 
-# --- housekeeping and warmup --------------------------------------------------------------------
+# --- housekeeping and weights -------------------------------------------------------------------
 # Old outputs only take space: a failed prune is worth a warning, not a dead worker.
 if ! "${cli[@]}" prune; then
     log "warning: pruning old outputs in $WORKSPACE/output_images failed; continuing"
 fi
 
-if [[ "$warmup" == 1 ]]; then
-    status=0
-    "${cli[@]}" warmup || status=$?
-    if [[ "$status" != 0 ]]; then
-        log "error: warmup of ${MODEL_ID:-the default model} failed (exit $status, see above);" \
-            "the worker was not started. Fix the cause (model id, weights, GPU) or set WARMUP=0."
-        exit "$status"
-    fi
-else
-    log "WARMUP=$WARMUP: skipping the warmup; the first request loads the model"
+status=0
+"${cli[@]}" prefetch || status=$?
+if [[ "$status" != 0 ]]; then
+    log "error: the weights of ${MODEL_ID:-the default model} could not be found or downloaded" \
+        "(exit $status, see above); the worker was not started. Check MODEL_ID, HF_TOKEN," \
+        "HF_HUB_OFFLINE and the network volume."
+    exit "$status"
+fi
+if [[ "$warmup" == 0 ]]; then
+    log "WARMUP=$WARMUP: the worker loads the model but skips its warmup forward pass"
 fi
 
 # --- hand over ------------------------------------------------------------------------------------
-date -u +%FT%TZ >"$ready_file"
 if [[ "$serve_mode" == http ]]; then
     exec "${cli[@]}" serve --host 0.0.0.0 --port "${PORT:-8000}" "$@"
 fi

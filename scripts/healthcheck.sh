@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The image's HEALTHCHECK; exit 0 when healthy.
 # SERVE_MODE=http: the server's own readiness, GET /ready on PORT (200 once the model is loaded).
-# RunPod worker (default): the worker has no HTTP port, so the honest signal is that
-# bootstrap.sh got through workspace setup and warmup and exec'd the worker (it writes
-# DA3_READY_FILE just before). The worker's liveness needs no probe: it is the container's main
-# process, so the container stops when it exits. RunPod itself does not act on this status.
+# RunPod worker (default): the worker has no HTTP port, so the honest signal is the file
+# DA3_READY_FILE that the worker writes once its model is loaded and warm (bootstrap.sh removes
+# it at start). The worker's liveness needs no probe: it is the container's main process, so
+# the container stops when it exits. RunPod itself does not act on this status.
 set -euo pipefail
 
 if [[ "${SERVE_MODE:-runpod}" == http ]]; then
@@ -23,6 +23,6 @@ fi
 
 ready_file="${DA3_READY_FILE:-/tmp/da3-serverless.ready}"
 if [[ ! -f "$ready_file" ]]; then
-    echo "not ready: $ready_file is missing (bootstrap.sh has not started the worker yet)" >&2
+    echo "not ready: $ready_file is missing (the worker has not loaded its model yet)" >&2
     exit 1
 fi

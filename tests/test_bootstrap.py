@@ -27,7 +27,7 @@ from da3_serverless.config import Settings
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "scripts"
 DEFAULT_FALLBACK = Path("/workspace/DA3-Serverless")
-RECORDED_ENV = ("WORKSPACE", "HF_HOME", "MODEL_ID", "PORT")
+RECORDED_ENV = ("WORKSPACE", "HF_HOME", "MODEL_ID", "PORT", "WARMUP", "DA3_READY_FILE")
 
 STUB = """#!/usr/bin/env bash
 # Test stand-in: records how it was called, then fails if asked to.
@@ -161,17 +161,19 @@ def test_writable_volume_becomes_the_workspace_and_the_worker_is_execed(sandbox:
         assert (workspace / sub).is_dir()
     assert_consistent_with_settings(workspace, sandbox)
 
-    prune, warmup, worker = sandbox.calls()
+    prune, prefetch, worker = sandbox.calls()
     assert (prune.command, prune.args) == ("da3-serverless", ["prune"])
-    assert (warmup.command, warmup.args) == ("da3-serverless", ["warmup"])
+    assert (prefetch.command, prefetch.args) == ("da3-serverless", ["prefetch"])
     assert worker.command == "worker"
     assert worker.args == ["--rp_serve_api", "--rp_log_level=INFO"]
     assert worker.pid == pid  # exec: the worker replaced bootstrap, so it gets the signals
-    for call in (prune, warmup, worker):
+    for call in (prune, prefetch, worker):
         assert call.env["WORKSPACE"] == str(workspace)
         assert call.env["HF_HOME"] == str(workspace / "cache")
         assert call.env["MODEL_ID"] == "<unset>"  # config.py's default applies
-    assert sandbox.ready_file.is_file()
+    # The worker writes the ready file once its model is warm; bootstrap only names it.
+    assert worker.env["DA3_READY_FILE"] == str(sandbox.ready_file)
+    assert not sandbox.ready_file.exists()
 
 
 @pytest.mark.parametrize("kind", ["missing", "regular file"])
@@ -225,6 +227,8 @@ def test_workspace_and_hf_home_set_by_the_user_win(sandbox: Sandbox) -> None:
         "HF_HOME": str(hf_home),
         "MODEL_ID": "da3-small",
         "PORT": "<unset>",
+        "WARMUP": "<unset>",
+        "DA3_READY_FILE": str(sandbox.ready_file),
     }
 
 
@@ -249,20 +253,23 @@ def test_baked_model_is_the_default_model_and_cache(sandbox: Sandbox) -> None:
 # --- warmup, prune, modes ---------------------------------------------------------------------
 
 
-def test_failed_warmup_stops_before_the_worker(sandbox: Sandbox) -> None:
-    result, _ = run_script("bootstrap.sh", sandbox.env(STUB_FAIL="warmup"))
+def test_missing_weights_stop_before_the_worker(sandbox: Sandbox) -> None:
+    result, _ = run_script("bootstrap.sh", sandbox.env(STUB_FAIL="prefetch"))
     assert result.returncode == 7
-    assert "warmup of the default model failed (exit 7" in result.stderr
-    assert "WARMUP=0" in result.stderr
-    assert [c.args for c in sandbox.calls()] == [["prune"], ["warmup"]]
+    assert "weights of the default model could not be found or downloaded (exit 7" in (
+        result.stderr
+    )
+    assert [c.args for c in sandbox.calls()] == [["prune"], ["prefetch"]]
     assert not sandbox.ready_file.exists()
 
 
 @pytest.mark.parametrize("value", ["0", "false", "No", "OFF"])
 def test_warmup_can_be_skipped(sandbox: Sandbox, value: str) -> None:
-    result, _ = run_script("bootstrap.sh", sandbox.env(WARMUP=value, STUB_FAIL="warmup"))
+    result, _ = run_script("bootstrap.sh", sandbox.env(WARMUP=value))
     assert result.returncode == 0, result.stderr
-    assert [c.command for c in sandbox.calls()] == ["da3-serverless", "worker"]
+    assert "skips its warmup" in result.stderr
+    worker = sandbox.calls()[-1]
+    assert worker.command == "worker" and worker.env["WARMUP"] == value
 
 
 def test_bad_settings_are_refused_before_anything_runs(sandbox: Sandbox) -> None:
@@ -317,7 +324,7 @@ def test_prefetch_passes_its_arguments_on(sandbox: Sandbox) -> None:
 # --- healthcheck ------------------------------------------------------------------------------
 
 
-def test_healthcheck_for_the_worker_follows_bootstrap(sandbox: Sandbox) -> None:
+def test_healthcheck_for_the_worker_follows_its_ready_file(sandbox: Sandbox) -> None:
     env = sandbox.env()
     result, _ = run_script("healthcheck.sh", env)
     assert result.returncode == 1
@@ -325,6 +332,9 @@ def test_healthcheck_for_the_worker_follows_bootstrap(sandbox: Sandbox) -> None:
 
     result, _ = run_script("bootstrap.sh", env)
     assert result.returncode == 0, result.stderr
+    result, _ = run_script("healthcheck.sh", env)
+    assert result.returncode == 1  # the (stub) worker has not loaded a model
+    sandbox.ready_file.write_text("2026-01-01T00:00:00Z")  # what the worker writes when warm
     result, _ = run_script("healthcheck.sh", env)
     assert result.returncode == 0, result.stderr
 

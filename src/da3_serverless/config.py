@@ -39,6 +39,8 @@ class Settings(BaseSettings):
         default=None, validation_alias=_env("MODEL_MEMORY_BUDGET_GB")
     )
     warmup: bool = Field(default=True, validation_alias=_env("WARMUP"))
+    # Written by the worker once its model is loaded and warm (the image's HEALTHCHECK reads it).
+    ready_file: Path | None = Field(default=None, validation_alias=_env("DA3_READY_FILE"))
     hf_hub_offline: bool = Field(default=False, validation_alias=_env("HF_HUB_OFFLINE"))
     hf_home: Path | None = Field(default=None, validation_alias=_env("HF_HOME"))
     hf_token: str | None = Field(default=None, validation_alias=_env("HF_TOKEN"))
@@ -48,12 +50,8 @@ class Settings(BaseSettings):
     runpod_volume: Path = Field(
         default=Path("/runpod-volume"), validation_alias=_env("RUNPOD_VOLUME")
     )
-    output_retention_days: float = Field(
-        default=14, validation_alias=_env("OUTPUT_RETENTION_DAYS")
-    )
-    max_response_bytes: int = Field(
-        default=15_000_000, validation_alias=_env("MAX_RESPONSE_BYTES")
-    )
+    output_retention_days: float = Field(default=14, validation_alias=_env("OUTPUT_RETENTION_DAYS"))
+    max_response_bytes: int = Field(default=15_000_000, validation_alias=_env("MAX_RESPONSE_BYTES"))
     bucket_endpoint_url: str | None = Field(
         default=None, validation_alias=_env("BUCKET_ENDPOINT_URL")
     )
@@ -66,9 +64,7 @@ class Settings(BaseSettings):
 
     # Input limits
     max_image_side: int = Field(default=4096, validation_alias=_env("MAX_IMAGE_SIDE"))
-    max_download_bytes: int = Field(
-        default=50_000_000, validation_alias=_env("MAX_DOWNLOAD_BYTES")
-    )
+    max_download_bytes: int = Field(default=50_000_000, validation_alias=_env("MAX_DOWNLOAD_BYTES"))
     download_timeout_s: float = Field(default=20.0, validation_alias=_env("DOWNLOAD_TIMEOUT_S"))
     max_views: int = Field(default=16, validation_alias=_env("MAX_VIEWS"))
     max_process_res: int = Field(default=2016, validation_alias=_env("MAX_PROCESS_RES"))

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
+import time
 from collections.abc import Callable
 
 import runpod
@@ -42,8 +44,15 @@ def make_handler(service: Service) -> Callable[[dict], dict]:
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    service = Service(Settings())
-    service.start()
+    settings = Settings()
+    service = Service(settings)
+    try:
+        service.start()
+    except Exception:  # a worker that cannot serve must fail loudly, not take jobs
+        log.exception("model %s could not be loaded and warmed; exiting", settings.model_id)
+        sys.exit(1)
+    if settings.ready_file is not None:
+        settings.ready_file.write_text(time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     runpod.serverless.start({"handler": make_handler(service)})
 
 
