@@ -227,16 +227,28 @@ def test_zero_focal_length_means_unknown() -> None:
     assert decode_image(data, SETTINGS).focal_length_px is None
 
 
+def chunk(kind: bytes, body: bytes) -> bytes:
+    """One PNG chunk: length, type, data, CRC."""
+    crc = zlib.crc32(kind + body) & 0xFFFFFFFF
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
+
+
 def png_header_only(width: int, height: int) -> bytes:
     """A PNG whose IHDR claims width x height, with a tiny (invalid) IDAT and no pixels."""
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        crc = zlib.crc32(kind + body) & 0xFFFFFFFF
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
-
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
     idat = zlib.compress(b"\x00" * 100)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def test_sixteen_bit_rgb_png() -> None:
+    """48-bit RGB, hand-made (Pillow cannot write it); Pillow keeps each sample's high byte."""
+    pixels = np.array([[[65535, 0, 32768], [257, 514, 1000]]], dtype=">u2")
+    raw = b"".join(b"\x00" + row.tobytes() for row in pixels)  # filter type 0 per row
+    ihdr = struct.pack(">IIBBBBB", 2, 1, 16, 2, 0, 0, 0)
+    data = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw))
+    decoded = decode_image(data + chunk(b"IEND", b""), SETTINGS).image
+    assert decoded.mode == "RGB"
+    assert decoded.getpixel((0, 0)) == (255, 0, 128) and decoded.getpixel((1, 0)) == (1, 2, 3)
 
 
 @pytest.mark.parametrize(("width", "height"), [(20000, 20000), (5000, 100), (100, 4097)])
