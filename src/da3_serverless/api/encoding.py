@@ -173,12 +173,21 @@ def _robust_range(values: np.ndarray) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-def _to_unit(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """Values mapped linearly so lo -> 0 and hi -> 1, clipped; non-finite -> 0."""
-    t = np.subtract(values, np.float32(lo), dtype=np.float32)
-    t *= np.float32(1.0 / (hi - lo) if hi > lo else 0.0)
-    np.nan_to_num(t, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
-    return np.clip(t, 0.0, 1.0, out=t)
+def _to_uint8(values: np.ndarray, zero: float, full: float) -> np.ndarray:
+    """Values mapped linearly so `zero` -> 0 and `full` -> 255 (either may be the larger),
+    rounded and clipped; non-finite values and a map with zero == full give 0."""
+    t = np.subtract(values, np.float32(zero), dtype=np.float32)
+    if full != zero:
+        t /= np.float32(full - zero)  # dividing first: 255 / tiny ranges overflows float32
+        t *= np.float32(255.0)
+    else:
+        t.fill(0.0)
+    np.clip(t, 0.0, 255.0, out=t)
+    np.rint(t, out=t)
+    finite = np.isfinite(values)
+    if not finite.all():
+        t[~finite] = 0.0
+    return t.astype(np.uint8)
 
 
 def encode_preview(depth: np.ndarray) -> bytes:
@@ -186,10 +195,7 @@ def encode_preview(depth: np.ndarray) -> bytes:
     The colours span the map's 2nd..98th depth percentiles (outliers saturate); invalid
     (non-finite) pixels are drawn as the farthest colour."""
     lo, hi = _robust_range(depth)
-    nearness = 1.0 - _to_unit(depth, lo, hi)
-    nearness[~np.isfinite(depth)] = 0.0
-    index = np.rint(nearness * 255.0).astype(np.uint8)
-    return write_png(COLORMAP[index])
+    return write_png(COLORMAP[_to_uint8(depth, hi, lo)])
 
 
 def encode_confidence(confidence: np.ndarray) -> bytes:
@@ -197,14 +203,14 @@ def encode_confidence(confidence: np.ndarray) -> bytes:
     percentile -> 0, its 98th -> 255, linear and clipped in between (non-finite -> 0). The two
     values are in the tEXt chunks `confidence_low` and `confidence_high`."""
     lo, hi = _robust_range(confidence)
-    unit = _to_unit(confidence, lo, hi)
     text = {"confidence_low": repr(lo), "confidence_high": repr(hi)}
-    return write_png(np.rint(unit * 255.0).astype(np.uint8), text)
+    return write_png(_to_uint8(confidence, lo, hi), text)
 
 
 def encode_sky_mask(sky: np.ndarray) -> bytes:
     """An 8-bit grayscale PNG of a (H,W) sky probability map: 255 where sky >= 0.5, else 0."""
-    return write_png(np.where(sky >= SKY_THRESHOLD, 255, 0).astype(np.uint8))
+    mask = (sky >= SKY_THRESHOLD).view(np.uint8)  # 0 or 1, without a wider temporary
+    return write_png(mask * np.uint8(255))
 
 
 def encode_npy(depth: np.ndarray) -> bytes:
@@ -240,23 +246,27 @@ def encode_pointcloud_ply(
     height, width = depth.shape
     if max_points is not None:
         stride = max(stride, math.ceil(math.sqrt(height * width / max(max_points, 1))))
-    d = np.asarray(depth[::stride, ::stride], dtype=np.float64)
+    d = np.asarray(depth[::stride, ::stride], dtype=np.float32)
     colors = np.asarray(rgb[::stride, ::stride], dtype=np.uint8)
-    v, u = np.mgrid[0:height:stride, 0:width:stride].astype(np.float64)
+    v, u = np.mgrid[0:height:stride, 0:width:stride].astype(np.float32)
     valid = np.isfinite(d) & (d > 0)
     d, u, v, colors = d[valid], u[valid], v[valid], colors[valid]
-    k = np.asarray(intrinsics, dtype=np.float64)
-    pixels = np.stack([u * d, v * d, d], axis=1)  # (N, 3): d * [u, v, 1]
-    points = pixels @ np.linalg.inv(k).T
+    # One affine map from d * [u, v, 1] to the output frame: x = M p + offset.
+    matrix = np.linalg.inv(np.asarray(intrinsics, dtype=np.float64))
+    offset = np.zeros(3)
     if extrinsics is not None:
         e = np.asarray(extrinsics, dtype=np.float64)
         rotation, translation = e[:3, :3], e[:3, 3]
-        points = (points - translation) @ rotation  # rows: R^T (x - t)
+        matrix, offset = rotation.T @ matrix, -(rotation.T @ translation)
     vertices = np.empty(
-        len(points),
+        len(d),
         dtype=[("x", "<f4"), ("y", "<f4"), ("z", "<f4"), ("r", "u1"), ("g", "u1"), ("b", "u1")],
     )
-    vertices["x"], vertices["y"], vertices["z"] = points.T
+    # Written out per axis: numpy's (N,3) @ (3,3) is an order of magnitude slower here.
+    pu, pv = u * d, v * d
+    for axis, name in enumerate("xyz"):
+        m = matrix[axis].astype(np.float32)
+        vertices[name] = m[0] * pu + m[1] * pv + m[2] * d + np.float32(offset[axis])
     vertices["r"], vertices["g"], vertices["b"] = colors.T
     header = (
         "ply\nformat binary_little_endian 1.0\n"
