@@ -20,7 +20,7 @@ from urllib.parse import parse_qs, urlparse
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
 
 from da3_serverless.api import images
 from da3_serverless.api.errors import ServiceError
@@ -252,8 +252,16 @@ def test_sixteen_bit_rgb_png() -> None:
 
 
 @pytest.mark.parametrize(("width", "height"), [(20000, 20000), (5000, 100), (100, 4097)])
-def test_oversized_header_is_refused_before_decoding(width: int, height: int) -> None:
+def test_oversized_header_is_refused_before_decoding(
+    width: int, height: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     data = png_header_only(width, height)
+
+    # tracemalloc does not see Pillow's C pixel buffers, so also make decoding itself fail loudly.
+    def no_decoding(self: object) -> None:
+        raise AssertionError("pixels were decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
     tracemalloc.start()
     try:
         message = refused("image_too_large", decode_image, data, SETTINGS, "images[2]")
