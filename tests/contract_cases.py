@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from da3_serverless.api.encoding import decode_depth_png16
 from PIL import Image
+
+from da3_serverless.api.encoding import decode_depth_png16
 
 Call = Callable[[dict[str, Any], "dict[str, str] | None"], "tuple[int | None, dict[str, Any]]"]
 PROCESS_RES = 140  # small: the cases run a real (random-weight) model on CPU
@@ -208,7 +209,7 @@ def bad_inputs(ctx: Context) -> list[tuple[str, dict[str, Any], str, int, tuple[
         ("truncated png", {**key, "image_base64": truncated}, "invalid_input", 400,
          ("truncated",)),
         ("huge header", {**key, "image_base64": base64.b64encode(png_header_only(20000, 20000))
-         .decode()}, "image_too_large", 413, ("20000",)),
+         .decode()}, "image_too_large", 413, ("4096",)),
     ]  # fmt: skip
 
 

@@ -45,7 +45,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from da3_serverless import __version__
 from da3_serverless.api.auth import check_api_key, key_from_headers
 from da3_serverless.api.errors import ServiceError
-from da3_serverless.api.schema import RunRequest, RunResponse
+from da3_serverless.api.schema import RunRequest, RunResponse, parse_request
 from da3_serverless.config import Settings
 from da3_serverless.http_queue import COMPLETED, FAILED, IN_PROGRESS, Job, JobStore, Scheduler
 from da3_serverless.inference.models import lookup_model
@@ -91,6 +91,8 @@ class Ready(BaseModel):
 
 
 _ERRORS = {s: {"model": ErrorBody} for s in (400, 401, 404, 413, 500, 502, 503)}
+# Requests in RunPod's form fail in RunPod's form.
+_RUN_ERRORS = {s: {"model": ErrorBody | RunPodEnvelope} for s in _ERRORS}
 
 
 # --- app ---
@@ -117,6 +119,7 @@ def create_app(settings: Settings, service: Service | None = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state["draining"] = False  # an app may be started again after a shutdown (tests do)
         if not service.ready:
             threading.Thread(target=load_model, name="da3-model-load", daemon=True).start()
         yield
@@ -181,10 +184,12 @@ def create_app(settings: Settings, service: Service | None = None) -> FastAPI:
                 )
             body = body["input"]
         header_key = key_from_headers(request.headers)
-        # Refuse bad keys before they take a place in the queue (Service checks again, with
-        # the same rule: the body's key wins over the header's).
+        # Refuse bad keys and malformed requests before they take a place in the queue (and
+        # so /run refuses them at once); Service checks both again, by the same functions
+        # and the same rule: the body's key wins over the header's.
         body_key = body.get("api_key") if isinstance(body, dict) else None
         check_api_key(body_key if isinstance(body_key, str) else header_key, settings)
+        parse_request(body, settings)
         model_key = _model_key(body, settings)
         request.state.log["model"] = model_key
         scheduler.admit()
@@ -194,7 +199,7 @@ def create_app(settings: Settings, service: Service | None = None) -> FastAPI:
         "/runsync",
         summary="Run one request and answer with the result",
         description='Body: the v1 request object, or RunPod\'s `{"input": {...}}` form.',
-        responses={200: {"model": RunResponse | RunPodEnvelope}, **_ERRORS},
+        responses={200: {"model": RunResponse | RunPodEnvelope}, **_RUN_ERRORS},
         openapi_extra=_request_body_doc(),
     )
     async def runsync(request: Request) -> JSONResponse:
@@ -218,7 +223,7 @@ def create_app(settings: Settings, service: Service | None = None) -> FastAPI:
         "/run",
         summary="Queue one request as a background job",
         description='Answers `{"id", "status": "IN_QUEUE"}`; poll `GET /status/{id}`.',
-        responses={200: {"model": RunPodEnvelope}, **_ERRORS},
+        responses={200: {"model": RunPodEnvelope}, **_RUN_ERRORS},
         openapi_extra=_request_body_doc(),
     )
     async def run(request: Request) -> JSONResponse:
