@@ -25,7 +25,8 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(populate_by_name=True, extra="ignore")
 
     # Auth
-    api_key: str | None = Field(default=None, validation_alias=_env("DA3_API_KEY"))
+    # Secrets stay out of reprs, so they never reach logs or test output.
+    api_key: str | None = Field(default=None, validation_alias=_env("DA3_API_KEY"), repr=False)
     allow_unauthenticated: bool = Field(
         default=False, validation_alias=_env("DA3_ALLOW_UNAUTHENTICATED")
     )
@@ -43,7 +44,7 @@ class Settings(BaseSettings):
     ready_file: Path | None = Field(default=None, validation_alias=_env("DA3_READY_FILE"))
     hf_hub_offline: bool = Field(default=False, validation_alias=_env("HF_HUB_OFFLINE"))
     hf_home: Path | None = Field(default=None, validation_alias=_env("HF_HOME"))
-    hf_token: str | None = Field(default=None, validation_alias=_env("HF_TOKEN"))
+    hf_token: str | None = Field(default=None, validation_alias=_env("HF_TOKEN"), repr=False)
 
     # Workspace and storage
     workspace: Path | None = Field(default=None, validation_alias=_env("WORKSPACE"))
@@ -59,7 +60,7 @@ class Settings(BaseSettings):
         default=None, validation_alias=_env("BUCKET_ACCESS_KEY_ID")
     )
     bucket_secret_access_key: str | None = Field(
-        default=None, validation_alias=_env("BUCKET_SECRET_ACCESS_KEY")
+        default=None, validation_alias=_env("BUCKET_SECRET_ACCESS_KEY"), repr=False
     )
 
     # Input limits

@@ -376,7 +376,7 @@ def _encode(
     cannot give."""
     artifacts, warnings = [], []
     for index in range(len(prediction)):
-        png = encoding.encode_depth_png16(prediction.depth[index])
+        png = encoding.encode_depth_png16(prediction.depth[index], units=prediction.units)
         fields = {
             "min_depth": png.min_depth,
             "max_depth": png.max_depth,
