@@ -88,3 +88,34 @@ def wait_ready(url: str, process: subprocess.Popen | None, log_path: Path | None
         time.sleep(0.3)
     output = log_path.read_text(errors="replace")[-5000:] if log_path else ""
     raise RuntimeError(f"server at {url} did not become ready:\n{output}")
+
+
+@contextlib.contextmanager
+def runpod_local_api(env: dict[str, str], log_path: Path) -> Iterator[str]:
+    """RunPod's local test API (`python -m da3_serverless.runpod_worker --rp_serve_api`) on a
+    free port, once it answers (its docs page is at `/`); yields the base URL."""
+    port = free_port()
+    src = Path(__file__).resolve().parents[1] / "src"
+    env = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(src), env.get("PYTHONPATH")]))}
+    command = [sys.executable, "-m", "da3_serverless.runpod_worker", "--rp_serve_api",
+               "--rp_api_port", str(port), "--rp_api_host", "127.0.0.1"]  # fmt: skip
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while process.poll() is None and time.monotonic() < deadline:
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{url}/", timeout=5).status_code == 200:
+                    break
+            time.sleep(0.3)
+        else:
+            raise RuntimeError(f"worker did not start:\n{log_path.read_text()[-5000:]}")
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

@@ -9,10 +9,6 @@ serving a random-weight da3-small.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -23,8 +19,8 @@ from conftest import TEST_API_KEY
 from contract_cases import png_header_only, serve_directory
 from da3_serverless.cli import main
 from da3_serverless.client import Client, DA3Error
-from paths import IMAGES, REPO
-from servers import free_port, serve_process
+from paths import IMAGES
+from servers import runpod_local_api, serve_process
 
 ERROR_JSON = json.dumps({"code": "invalid_input", "status": 400, "message": "bad image"})
 
@@ -126,32 +122,8 @@ def self_hosted(env, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def runpod_local(env, tmp_path_factory):
-    """`python -m da3_serverless.runpod_worker --rp_serve_api` on a free port."""
-    port = free_port()
-    log_path = tmp_path_factory.mktemp("runpod") / "worker.log"
-    env = {**env, "PYTHONPATH": str(REPO / "src")}
-    command = [sys.executable, "-m", "da3_serverless.runpod_worker", "--rp_serve_api",
-               "--rp_api_port", str(port), "--rp_api_host", "127.0.0.1"]  # fmt: skip
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_for_docs(url, process, log_path)
+    with runpod_local_api(env, tmp_path_factory.mktemp("runpod") / "worker.log") as url:
         yield url
-    finally:
-        process.terminate()
-        process.wait(60)
-
-
-def _wait_for_docs(url: str, process: subprocess.Popen, log_path: Path) -> None:
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            if httpx.get(f"{url}/docs", timeout=5).status_code == 200:
-                return
-        except httpx.TransportError:
-            time.sleep(0.3)
-    raise RuntimeError(f"RunPod local API did not start:\n{log_path.read_text()[-5000:]}")
 
 
 @pytest.fixture(scope="module", params=["self_hosted", "runpod_local"])
