@@ -21,7 +21,7 @@ from da3_serverless.api.images import DecodedImage, load_request_images
 from da3_serverless.api.schema import SCHEMA_VERSION, RunRequest, parse_request
 from da3_serverless.api.storage import OutputStore, StorageError
 from da3_serverless.config import Settings
-from da3_serverless.inference.models import MODELS, ModelInfo, lookup_model, valid_model_ids
+from da3_serverless.inference.models import MODELS, lookup_model, valid_model_ids
 from da3_serverless.inference.prediction import Prediction
 from da3_serverless.inference.predictor import Predictor
 from da3_serverless.inference.registry import ModelRegistry, default_budget_bytes
@@ -138,12 +138,13 @@ class Service:
         check_api_key(body_key if isinstance(body_key, str) else api_key, self.settings)
         with timer.stage("validate"):
             request = parse_request(payload, self.settings)
-            model_id, info = self._choose_model(request)
+            model_id = self._choose_model(request)
         with timer.stage("decode"):
             images = load_request_images(request, self.settings)
-        focal = self._focal_lengths(request, info, images)
         with timer.stage("load_model"):
             predictor = self._predictor(model_id)
+        _check_metric(request, predictor)
+        focal = _focal_lengths(request, predictor, images)
         with timer.stage("inference"):
             prediction = self._predict(predictor, request, images, focal)
         self.store.maybe_prune()
@@ -165,11 +166,11 @@ class Service:
         info = lookup_model(self.settings.model_id)
         return info.repo_id if info else self.settings.model_id
 
-    def _choose_model(self, request: RunRequest) -> tuple[str, ModelInfo | None]:
-        """The registry key and table entry. Clients pick from the table only; the operator's
-        MODEL_ID may also be a local snapshot folder."""
+    def _choose_model(self, request: RunRequest) -> str:
+        """The registry key of the requested model. Clients pick from the table only; the
+        operator's MODEL_ID may also be a local snapshot folder."""
         if request.model_id is None:
-            return self._default_repo_id(), lookup_model(self.settings.model_id)
+            return self._default_repo_id()
         info = lookup_model(request.model_id)
         if info is None:
             raise ServiceError(
@@ -177,35 +178,7 @@ class Service:
                 f"model_id {request.model_id[:100]!r} is not a DA3 model: use one of "
                 f"{', '.join(valid_model_ids())} (short names such as 'da3-small' work too)",
             )
-        if request.output_metric and not info.can_give_meters:
-            metric = [m.repo_id for m in MODELS if m.can_give_meters]
-            raise ServiceError(
-                "invalid_input",
-                f"{info.repo_id} gives relative depth only, but output_metric is true: use a "
-                f"metric model ({', '.join(metric)}) or set output_metric to false",
-            )
-        return info.repo_id, info
-
-    def _focal_lengths(
-        self, request: RunRequest, info: ModelInfo | None, images: list[DecodedImage]
-    ) -> list[float] | None:
-        """Per-view focal lengths (input px) for a model that needs one to give meters."""
-        if info is None or not info.needs_focal or not request.output_metric:
-            return None
-        if request.focal_length_px is not None:
-            return [request.focal_length_px] * len(images)
-        if request.intrinsics is not None:
-            return None  # the predictor takes the focal from the intrinsics
-        focal = [image.focal_length_px for image in images]
-        if any(f is None for f in focal):
-            raise ServiceError(
-                "invalid_input",
-                f"{info.repo_id} needs the camera's focal length to give meters, and the image "
-                "has no EXIF FocalLengthIn35mmFilm: send focal_length_px (pixels of the input "
-                "image) or intrinsics, use the nested model (depth-anything/"
-                "DA3NESTED-GIANT-LARGE-1.1), or set output_metric to false",
-            )
-        return focal
+        return info.repo_id
 
     def _predictor(self, model_id: str) -> Predictor:
         try:
@@ -335,6 +308,41 @@ class Service:
             self.settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
         )
         return default_budget_bytes(device)
+
+
+def _check_metric(request: RunRequest, predictor: Predictor) -> None:
+    """An explicit `output_metric: true` needs a model that can give meters; left at its
+    default, a relative model answers with `units: "relative"`."""
+    explicit = "output_metric" in request.model_fields_set
+    if explicit and request.output_metric and not (predictor.is_metric or predictor.needs_focal):
+        metric = [m.repo_id for m in MODELS if m.can_give_meters]
+        raise ServiceError(
+            "invalid_input",
+            f"{predictor.model_id} gives relative depth only, but output_metric is true: use "
+            f"a metric model ({', '.join(metric)}) or set output_metric to false",
+        )
+
+
+def _focal_lengths(
+    request: RunRequest, predictor: Predictor, images: list[DecodedImage]
+) -> list[float] | None:
+    """Per-view focal lengths (input px) for a model that needs one to give meters."""
+    if not predictor.needs_focal or not request.output_metric:
+        return None
+    if request.focal_length_px is not None:
+        return [request.focal_length_px] * len(images)
+    if request.intrinsics is not None:
+        return None  # the predictor takes the focal from the intrinsics
+    focal = [image.focal_length_px for image in images]
+    if any(f is None for f in focal):
+        raise ServiceError(
+            "invalid_input",
+            f"{predictor.model_id} needs the camera's focal length to give meters, and the "
+            "image has no EXIF FocalLengthIn35mmFilm: send focal_length_px (pixels of the input "
+            "image) or intrinsics, use the nested model (depth-anything/"
+            "DA3NESTED-GIANT-LARGE-1.1), or set output_metric to false",
+        )
+    return focal
 
 
 def warm_up(predictor: Predictor) -> None:
