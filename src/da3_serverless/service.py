@@ -235,17 +235,17 @@ class Service:
         warnings: list[str],
     ) -> dict:
         views = [_view_skeleton(prediction, index) for index in range(len(prediction))]
-        inline = request.return_base64 and _inline_size(artifacts) <= (
-            self.settings.max_response_bytes
-        )
-        if request.return_base64 and not inline:
+        budget = self.settings.max_response_bytes if request.return_base64 else 0
+        inline = _fit_inline(artifacts, budget)
+        stored = sorted({a.name for a in artifacts if id(a) not in inline})
+        if request.return_base64 and stored:
             warnings.append(
-                f"outputs exceed MAX_RESPONSE_BYTES ({self.settings.max_response_bytes} bytes): "
-                "they are stored and returned as paths/URLs instead of base64"
+                f"{', '.join(stored)} would pass MAX_RESPONSE_BYTES ({budget} bytes) inline: "
+                "stored and returned as paths/URLs instead of base64"
             )
         with timer.stage("save"):
             for artifact in artifacts:
-                entry = self._place(artifact, inline, saved, warnings)
+                entry = self._place(artifact, id(artifact) in inline, saved, warnings)
                 view = views[artifact.view]
                 view.update(artifact.fields)
                 if artifact.name == "depth":
@@ -430,6 +430,13 @@ def _encode_extra(
     return encoding.encode_pointcloud_ply(depth, prediction.intrinsics[index], rgb, extrinsics)
 
 
-def _inline_size(artifacts: list[_Artifact]) -> int:
-    """Bytes the artifacts take as base64 in the response."""
-    return sum(4 * ((len(artifact.data) + 2) // 3) for artifact in artifacts)
+def _fit_inline(artifacts: list[_Artifact], budget: int) -> set[int]:
+    """ids of the artifacts that go inline as base64 within `budget` bytes: the depth maps
+    first, then the extras in the order requested; whatever does not fit is stored."""
+    inline = set()
+    for artifact in sorted(artifacts, key=lambda a: a.name != "depth"):
+        size = 4 * ((len(artifact.data) + 2) // 3)
+        if size <= budget:
+            inline.add(id(artifact))
+            budget -= size
+    return inline
