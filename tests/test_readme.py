@@ -1,0 +1,328 @@
+"""The README cannot rot: its examples run for real and its tables match the code.
+
+Code blocks whose info string carries `readme-test` are run as written: bash blocks with bash
+(the real curl, `da3-serverless` from this interpreter's bin folder), Python blocks with `exec`
+in a fresh namespace, each in a working folder holding `photo.jpg` (a JPEG of a shared test
+photo), with the environment the README tells users to set (`DA3_ENDPOINT`, `DA3_API_KEY`,
+`RUNPOD_API_KEY`). They talk to a self-hosted server and to RunPod's local test API, both serving
+a random-weight da3-small offline. The one change made to the text: the default model's repo id
+becomes DA3-SMALL's (the giant's random weights are too large to build here).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import SMALL_REPO, TEST_API_KEY
+from da3_serverless.api.encoding import decode_depth_png16
+from da3_serverless.api.errors import STATUS_BY_CODE
+from da3_serverless.api.schema import OUTPUT_NAMES, RunRequest, RunResponse
+from da3_serverless.cli import build_parser
+from da3_serverless.config import DEFAULT_MODEL_ID, Settings
+from da3_serverless.inference.models import MODELS
+from paths import IMAGES, REPO
+from servers import runpod_local_api, serve_process
+
+README = (REPO / "README.md").read_text()
+MARKER = "readme-test"
+PHOTO_SIZE = (680, 1208)  # (H, W) of soh-000.png
+needs_curl = pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+
+
+@dataclass(frozen=True)
+class Example:
+    language: str
+    code: str
+
+
+def marked_examples() -> list[Example]:
+    """Every fenced block whose info string holds MARKER, in README order."""
+    blocks = re.findall(r"^```(\w+)([^\n]*)\n(.*?)^```", README, flags=re.M | re.S)
+    return [Example(lang, code) for lang, info, code in blocks if MARKER in info.split()]
+
+
+def example(language: str, contains: str) -> Example:
+    """The one marked example in `language` whose code contains `contains`."""
+    found = [e for e in marked_examples() if e.language == language and contains in e.code]
+    assert len(found) == 1, f"expected one {language} example with {contains!r}, got {found}"
+    return found[0]
+
+
+# Each marked example, by a string that identifies it; every one is run by a test below.
+RUNPOD_CURL = ("bash", "RUNPOD_API_KEY")
+SELF_HOSTED_CURL = ("bash", '"outputs": ["depth", "preview"]')
+DECODE_PNG = ("python", "response.json")
+CLIENT = ("python", "from da3_serverless.client import Client")
+REQUEST_CLI = ("bash", "da3-serverless request")
+PREDICT_CLI = ("bash", "da3-serverless predict")
+LIBRARY = ("python", "Predictor.from_pretrained")
+ALL_EXAMPLES = (RUNPOD_CURL, SELF_HOSTED_CURL, DECODE_PNG, CLIENT, REQUEST_CLI, PREDICT_CLI,
+                LIBRARY)  # fmt: skip
+
+
+def code_of(key: tuple[str, str]) -> str:
+    return example(*key).code.replace(DEFAULT_MODEL_ID, SMALL_REPO)
+
+
+def make_workdir(tmp_path: Path) -> Path:
+    """A folder with `photo.jpg`, as a user would have."""
+    work = tmp_path / "work"
+    work.mkdir()
+    with Image.open(IMAGES / "soh-000.png") as photo:
+        photo.convert("RGB").save(work / "photo.jpg", quality=92)
+    return work
+
+
+def example_env(base: dict[str, str], **extra: str) -> dict[str, str]:
+    """`base` plus `extra`, with this interpreter's bin folder (da3-serverless) first on PATH."""
+    env = {**base, **extra}
+    bin_dir = str(Path(sys.executable).parent)
+    env["PATH"] = os.pathsep.join([bin_dir, env.get("PATH", os.defpath)])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "src"), env.get("PYTHONPATH")]))
+    return env
+
+
+def run_bash(key: tuple[str, str], workdir: Path, env: dict[str, str]) -> None:
+    result = subprocess.run(
+        ["bash", "-e", "-o", "pipefail", "-c", code_of(key)],
+        cwd=workdir, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, f"{key} failed:\n{result.stdout}\n{result.stderr}"
+
+
+def run_python(key: tuple[str, str], workdir: Path, env: dict[str, str], monkeypatch) -> dict:
+    """Exec the example in `workdir` with exactly the service variables of `env`; returns its
+    namespace, so the test can look at what it computed."""
+    for name in list(os.environ):
+        if name.startswith(("DA3_", "HF_", "RUNPOD")) or name in ("MODEL_ID", "WORKSPACE"):
+            monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.chdir(workdir)
+    namespace: dict = {"__name__": "__readme__"}
+    exec(compile(code_of(key), f"README.md:{key[1]}", "exec"), namespace)
+    return namespace
+
+
+# --- the examples -----------------------------------------------------------------------------
+
+
+def test_every_marked_example_is_run():
+    claimed = [example(*key) for key in ALL_EXAMPLES]
+    assert sorted(map(repr, claimed)) == sorted(map(repr, marked_examples()))
+
+
+def check_response(body: dict) -> dict:
+    """Checks of a v1 response as the README describes it; returns it."""
+    assert body["schema_version"] == "1" and body["model_id"] == SMALL_REPO
+    assert (body["height"], body["width"]) == PHOTO_SIZE
+    assert body["depth_encoding"] == "png16-linear" and body["units"] == "relative"
+    assert np.asarray(body["intrinsics"]).shape == (3, 3)
+    assert np.asarray(body["extrinsics"]).shape == (3, 4)
+    return body
+
+
+def check_decode_example(workdir: Path, env: dict[str, str], monkeypatch) -> None:
+    """The PNG decoding example on `response.json`, against the library's decoder."""
+    answer = json.loads((workdir / "response.json").read_text())
+    body = check_response(answer.get("output", answer))
+    decoded = run_python(DECODE_PNG, workdir, env, monkeypatch)
+    png = base64.b64decode(body["image_base64"])
+    expected = decode_depth_png16(png, body["min_depth"], body["max_depth"])
+    assert decoded["depth"].shape == PHOTO_SIZE
+    np.testing.assert_allclose(decoded["depth"], expected, rtol=1e-6, atol=1e-6)
+    assert decoded["K"][0, 0] == body["intrinsics"][0][0]
+
+
+def check_client_example(workdir: Path, env: dict[str, str], monkeypatch) -> None:
+    result = run_python(CLIENT, workdir, env, monkeypatch)["result"]
+    assert result.depth.shape == PHOTO_SIZE and result.depth.dtype == np.float32
+    assert "depth_npy" in result.outputs and result.units == "relative"
+    from_png = decode_depth_png16(result.depth_png)
+    step = (result.max_depth - result.min_depth) / 65535
+    assert np.abs(from_png - result.depth).max() <= step * 0.501 + 1e-6 * result.max_depth
+    with Image.open(workdir / "preview.png") as preview:
+        assert preview.size == PHOTO_SIZE[::-1] and preview.mode == "RGB"
+
+
+@needs_curl
+@pytest.mark.slow
+def test_self_hosted_examples(service_env, tmp_path, monkeypatch):
+    work = make_workdir(tmp_path)
+    with serve_process(service_env, tmp_path / "serve.log") as (url, _):
+        env = example_env(service_env, DA3_ENDPOINT=url, DA3_API_KEY=TEST_API_KEY)
+        run_bash(SELF_HOSTED_CURL, work, env)
+        check_decode_example(work, env, monkeypatch)
+        body = json.loads((work / "response.json").read_text())
+        assert body["preview"]["media_type"] == "image/png" and body["preview"]["base64"]
+
+        check_client_example(work, env, monkeypatch)
+
+        run_bash(REQUEST_CLI, work, env)
+    results = work / "results"
+    with Image.open(results / "photo.depth.png") as depth:
+        assert depth.size == PHOTO_SIZE[::-1] and depth.mode.startswith("I")
+    assert np.load(results / "photo.depth.npy").shape == PHOTO_SIZE
+    assert (results / "photo.preview.png").is_file()
+    meta = json.loads((results / "photo.json").read_text())
+    assert meta["width"] == PHOTO_SIZE[1] and meta["image_base64"].endswith("base64 chars>")
+
+
+@needs_curl
+@pytest.mark.slow
+def test_runpod_examples(service_env, tmp_path, monkeypatch):
+    """RunPod's curl command and the client against RunPod's own local API server (the cloud
+    is not reachable from tests; RunPod's key is not checked there)."""
+    work = make_workdir(tmp_path)
+    with runpod_local_api(service_env, tmp_path / "worker.log") as url:
+        env = example_env(
+            service_env, DA3_ENDPOINT=url, DA3_API_KEY=TEST_API_KEY, RUNPOD_API_KEY="rp-local"
+        )
+        run_bash(RUNPOD_CURL, work, env)
+        job = json.loads((work / "response.json").read_text())
+        assert job["status"] == "COMPLETED"
+        check_decode_example(work, env, monkeypatch)
+        check_client_example(work, env, monkeypatch)
+
+        # The README's word on failures: a FAILED job with our error object as JSON text.
+        run_bash(RUNPOD_CURL, work, {**env, "DA3_API_KEY": "wrong-key"})
+    failed = json.loads((work / "response.json").read_text())
+    assert failed["status"] == "FAILED" and isinstance(failed["error"], str)
+    error = json.loads(failed["error"])
+    assert (error["code"], error["status"]) == ("unauthorized", 401) and error["message"]
+
+
+def test_library_and_predict_examples(service_env, tmp_path, monkeypatch):
+    """The library example (repo id -> the random DA3-SMALL in the offline HF cache) and the
+    `predict` command (MODEL_ID) give the same depth for the same photo."""
+    work = make_workdir(tmp_path)
+    env = example_env(service_env)
+    namespace = run_python(LIBRARY, work, env, monkeypatch)
+    prediction, depth = namespace["prediction"], namespace["depth"]
+    assert depth.shape == PHOTO_SIZE and depth.dtype == np.float32
+    assert np.isfinite(depth).all() and prediction.units == "relative"
+    assert prediction.intrinsics.shape == (1, 3, 3) and prediction.extrinsics.shape == (1, 3, 4)
+
+    run_bash(PREDICT_CLI, work, env)
+    with np.load(work / "photo.npz") as archive:
+        assert str(archive["units"]) == "relative"
+        np.testing.assert_allclose(archive["depth"], prediction.depth, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(archive["intrinsics"], prediction.intrinsics, rtol=1e-4)
+
+
+# --- the tables -------------------------------------------------------------------------------
+
+
+def section(title: str) -> str:
+    """The README text under the heading `title` (any level), up to the next heading of the
+    same or a higher level."""
+    match = re.search(rf"^(#+) {re.escape(title)}\n", README, flags=re.M)
+    assert match, f"README has no section {title!r}"
+    level = len(match.group(1))
+    rest = README[match.end() :]
+    end = re.search(rf"^#{{1,{level}}} ", rest, flags=re.M)
+    return rest[: end.start()] if end else rest
+
+
+def table_rows(text: str) -> list[list[str]]:
+    """The body rows of the markdown tables in `text` (no header rows), as stripped cells."""
+    lines = text.splitlines()
+    separator = re.compile(r"\|( *:?-+:? *\|)+")
+    rows = []
+    for index, line in enumerate(lines):
+        is_header = index + 1 < len(lines) and separator.fullmatch(lines[index + 1])
+        if line.startswith("|") and not separator.fullmatch(line) and not is_header:
+            rows.append([cell.strip() for cell in re.split(r"(?<!\\)\|", line)[1:-1]])
+    return rows
+
+
+def settings_aliases() -> dict[str, object]:
+    """Env var name -> the Settings default."""
+    return {
+        name: field.default
+        for field in Settings.model_fields.values()
+        for name in field.validation_alias.choices
+    }
+
+
+def test_configuration_table_matches_settings():
+    rows = {}
+    for cells in table_rows(section("Configuration")):
+        for name in re.findall(r"`([A-Z][A-Z0-9_]*)`", cells[0]):
+            rows[name] = cells[1]
+    aliases = settings_aliases()
+    assert not set(aliases) - set(rows), "Settings variables missing from the README table"
+    bootstrap = (REPO / "scripts" / "bootstrap.sh").read_text()
+    for name in set(rows) - set(aliases):
+        assert re.search(rf"\$\{{?{name}\b", bootstrap), f"{name}: neither Settings nor bootstrap"
+    for name, default in aliases.items():
+        cell = rows[name]
+        if isinstance(default, bool):
+            assert f"`{str(default).lower()}`" in cell, f"{name}: default {default}"
+        elif isinstance(default, (int, float)):
+            numbers = [float(n) for n in re.findall(r"\d+(?:\.\d+)?", cell.replace("_", ""))]
+            assert float(default) in numbers, f"{name}: default {default}, README says {cell}"
+        elif default is not None:
+            assert str(default) in cell, f"{name}: default {default}, README says {cell}"
+
+
+def test_model_table_matches_models():
+    rows = {cells[0]: cells for cells in table_rows(section("Models"))}
+    assert len(rows) == len(MODELS)
+    for info in MODELS:
+        _, preset, gives, license_, params, memory = rows[f"`{info.repo_id}`"]
+        assert preset == f"`{info.preset}`"
+        assert (license_, params, memory) == (
+            info.license, f"{info.params_m} M", f"{info.gpu_memory_gb:.1f} GB",
+        )  # fmt: skip
+        assert ("metric" in gives) == info.can_give_meters, info.repo_id
+        assert ("focal length" in gives) == info.needs_focal, info.repo_id
+        for capability in ("camera", "confidence", "sky"):
+            assert (capability in gives) == getattr(info, capability), (info.repo_id, capability)
+        assert ("default" in gives) == (info.repo_id == DEFAULT_MODEL_ID)
+
+
+def test_request_response_and_errors_documented():
+    request_rows = {cells[0] for cells in table_rows(section("Request"))}
+    assert request_rows == {f"`{name}`" for name in RunRequest.model_fields}
+    for name in OUTPUT_NAMES:
+        assert f"`{name}`" in section("Request")
+    response = section("Response")
+    for name in RunResponse.model_fields:
+        assert f"`{name}`" in response, f"response field {name} is not documented"
+    error_rows = {cells[0]: cells[1] for cells in table_rows(section("Errors"))}
+    assert error_rows == {f"`{code}`": str(status) for code, status in STATUS_BY_CODE.items()}
+
+
+def test_commands_in_readme_exist():
+    """Every `make` target the README names exists; every `da3-serverless` command line in it
+    parses with the real argument parser."""
+    makefile = (REPO / "Makefile").read_text()
+    targets = set(re.findall(r"^([a-z][\w-]*):", makefile, flags=re.M))
+    for target in set(re.findall(r"\bmake ([a-z][\w-]*)", README)):
+        assert target in targets, f"make {target}"
+    commands = re.findall(r"^(?:[A-Z_]+=\S+ )*da3-serverless (.+)$", README, flags=re.M)
+    commands += re.findall(r"`da3-serverless ([^`]+)`", README)
+    parser = build_parser()
+    for command in commands:
+        argv = shlex.split(command.replace("[MODEL ...]", "MODEL"))
+        if len(argv) == 1:  # a command named in prose: it exists, so its --help works
+            with pytest.raises(SystemExit) as done:
+                parser.parse_args([*argv, "--help"])
+            assert done.value.code == 0, command
+        else:
+            parser.parse_args(argv)
+    assert len(commands) >= 4
