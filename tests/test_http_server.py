@@ -14,6 +14,7 @@ import json
 import logging
 import signal
 import threading
+import time
 from typing import Any
 
 import httpx
@@ -34,6 +35,7 @@ from contract_cases import (
 )
 from da3_serverless.api.errors import ServiceError
 from da3_serverless.config import Settings
+from da3_serverless.http_queue import JobStore
 from da3_serverless.http_server import create_app
 from paths import IMAGES
 from servers import app_in_thread, serve_process
@@ -421,3 +423,16 @@ def test_graceful_shutdown(service_env_module, tmp_path):
     request_lines = [json.loads(line) for line in log.splitlines() if '"msg": "request"' in line]
     assert any(line["path"] == "/runsync" and line["status"] == 200 for line in request_lines)
     assert TEST_API_KEY not in log and photo[:200] not in log
+
+
+def test_job_store_bounds_count_and_age():
+    store = JobStore(max_jobs=2, ttl_s=3600)
+    first, second = store.new(), store.new()
+    first.status, first.finished = "COMPLETED", time.monotonic()
+    third = store.new()  # over the count: the oldest finished job goes, running ones stay
+    assert store.get(first.id) is None
+    assert store.get(second.id) is second and store.get(third.id) is third
+    expiring = JobStore(max_jobs=10, ttl_s=0)
+    done = expiring.new()
+    done.status, done.finished = "FAILED", time.monotonic() - 1
+    assert expiring.get(done.id) is None
