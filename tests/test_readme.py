@@ -326,3 +326,9 @@ def test_commands_in_readme_exist():
         else:
             parser.parse_args(argv)
     assert len(commands) >= 4
+
+
+def test_every_benchmark_is_described():
+    for script in sorted((REPO / "bench").glob("*.py")):
+        if script.name != "common.py":
+            assert f"`bench/{script.name}`" in README, f"bench/{script.name} is not in the README"
