@@ -12,6 +12,7 @@ run on our network first, which is then freed before the reference is built.
 from __future__ import annotations
 
 import gc
+import shutil
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ import torch
 from da3_serverless.model.alignment import SKY_THRESHOLD
 from da3_serverless.model.checkpoint import load_network, write_random_checkpoint
 from da3_serverless.model.net import NetOutput
+from da3_serverless.model.presets import build_network
 from da3_serverless.model.rng import RNG_SEED
 from reference import load_reference, reference_forward
 
@@ -106,6 +108,7 @@ def preset_outputs(request, tmp_path_factory) -> dict[str, tuple[NetOutput, dict
                 "is_metric": nested,
             }
     del wrapper
+    shutil.rmtree(folder)  # several GB for the giant presets
     free_memory()
     return {case: (ours[case], theirs[case]) for case in ours}
 
@@ -134,3 +137,63 @@ def test_matches_reference(preset_outputs, case):
     if ours.sky is not None:  # the random weights give both sky and non-sky pixels
         assert (ours.sky >= SKY_THRESHOLD).sum() > 10
         assert (ours.sky < SKY_THRESHOLD).sum() > 10
+
+
+@pytest.fixture(scope="module")
+def small_net(tmp_path_factory):
+    folder = write_random_checkpoint("da3-small", tmp_path_factory.mktemp("small"), seed=0)
+    return load_network(folder)[1]
+
+
+@pytest.mark.parametrize(
+    ("shape", "match"),
+    [
+        ((2, 3, 70, 98), r"must be \(batch, views, 3, height, width\)"),
+        ((1, 2, 4, 70, 98), r"must be \(batch, views, 3, height, width\)"),
+        ((1, 2, 3, 70, 100), "multiples of 14, got 70x100"),
+    ],
+)
+def test_bad_images_are_refused(small_net, shape, match):
+    with pytest.raises(ValueError, match=match):
+        small_net(torch.zeros(shape))
+
+
+def test_bad_cameras_are_refused(small_net):
+    images = torch.zeros(1, 2, 3, 42, 42)
+    intrinsics = torch.eye(3).repeat(1, 2, 1, 1)
+    extrinsics = torch.eye(4).repeat(1, 2, 1, 1)
+    with pytest.raises(ValueError, match="extrinsics and intrinsics together"):
+        small_net(images, intrinsics=intrinsics)
+    with pytest.raises(ValueError, match="extrinsics and intrinsics together"):
+        small_net(images, extrinsics=extrinsics)
+    with pytest.raises(ValueError, match=r"extrinsics must be \(1, 2, 4, 4\)"):
+        small_net(images, extrinsics[:, :, :3], intrinsics)
+    with pytest.raises(ValueError, match=r"intrinsics must be \(1, 2, 3, 3\)"):
+        small_net(images, extrinsics, intrinsics[:, :1])
+    with torch.device("meta"):  # refused before any weight is used
+        mono = build_network("da3mono-large")
+    with pytest.raises(ValueError, match="takes no camera input"):
+        mono(images, extrinsics, intrinsics)
+
+
+def test_autocast_runs_only_the_backbone_in_bfloat16(small_net):
+    images = case_inputs(2, False)["images"]
+    with torch.no_grad():
+        full = small_net(images)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = small_net(images)
+    for field in FIELDS[:2] + FIELDS[3:]:
+        assert getattr(mixed, field).dtype == torch.float32, field
+    # Only bf16 rounding in the backbone separates the two.
+    torch.testing.assert_close(mixed.depth, full.depth, rtol=0.1, atol=0.05)
+    torch.testing.assert_close(mixed.intrinsics, full.intrinsics, rtol=0.1, atol=1.0)
+
+
+def test_same_input_same_output(small_net):
+    inputs = case_inputs(2, False)
+    with torch.no_grad():
+        first = small_net(**inputs, use_ray_pose=True)
+        torch.manual_seed(123)  # the global random state plays no part
+        second = small_net(**inputs, use_ray_pose=True)
+    assert torch.equal(first.extrinsics, second.extrinsics)
+    assert torch.equal(first.depth, second.depth)
