@@ -108,7 +108,10 @@ def test_health_ready_models_openapi(gated):
         doc["paths"]
     )
     assert "RunRequest" in doc["components"]["schemas"]
-    assert httpx.get(f"{url}/docs").status_code == 200
+    docs = httpx.get(f"{url}/docs")
+    assert docs.status_code == 200 and "/static/vendor/swagger-ui/" in docs.text
+    assert "cdn" not in docs.text  # works offline
+    assert httpx.get(f"{url}/static/vendor/swagger-ui/swagger-ui-bundle.js").status_code == 200
 
 
 def test_bare_and_runpod_forms(gated):

@@ -28,8 +28,9 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -133,6 +134,8 @@ def create_app(settings: Settings, service: Service | None = None) -> FastAPI:
         version=__version__,
         summary="Depth Anything 3: metric depth, camera and extras from a photo (API v1)",
         lifespan=lifespan,
+        docs_url=None,  # served below from vendored files: no CDN at run time
+        redoc_url=None,
     )
     app.state.drain = lambda: state.__setitem__("draining", True)
 
@@ -296,6 +299,15 @@ def create_app(settings: Settings, service: Service | None = None) -> FastAPI:
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
     async def metrics_endpoint() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json", title=f"{app.title} API",
+            swagger_js_url="/static/vendor/swagger-ui/swagger-ui-bundle.js",
+            swagger_css_url="/static/vendor/swagger-ui/swagger-ui.css",
+            swagger_favicon_url="data:,",
+        )  # fmt: skip
 
     @app.get("/", include_in_schema=False)
     async def playground() -> FileResponse:
