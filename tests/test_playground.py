@@ -106,6 +106,9 @@ def test_playground_end_to_end(server, tmp_path):
             page.screenshot(path=str(shot), full_page=True)
             ARTIFACTS.mkdir(exist_ok=True)
             shutil.copy(shot, ARTIFACTS / "playground.png")
+
+            page.goto(f"{server}/docs")  # Swagger UI from the vendored files
+            page.wait_for_selector("[data-path='/runsync']", state="attached", timeout=60_000)
         finally:
             browser.close()
     assert errors == []
