@@ -25,7 +25,10 @@ IN_QUEUE, IN_PROGRESS, COMPLETED, FAILED = "IN_QUEUE", "IN_PROGRESS", "COMPLETED
 
 
 class Scheduler:
-    """Per-model concurrency limit with one bounded waiting room shared by all models."""
+    """Per-model concurrency limit with one bounded waiting room shared by all models.
+
+    `max_queue` counts requests admitted but not yet running (so it must be at least 1).
+    """
 
     def __init__(self, max_queue: int, concurrency: int = 1, retry_after_s: int = 5):
         self.max_queue = max_queue

@@ -25,6 +25,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import anyio.to_thread
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -234,6 +235,9 @@ def create_app(settings: Settings, service: Service | None = None) -> FastAPI:
             payload, _, header_key, model_key = await submit(request)
         except ServiceError as err:
             return _error_response(request, err)
+        except Exception:
+            log.exception("unexpected error", extra={"fields": {"path": "/run"}})
+            return _error_response(request, _internal(request))
         job = jobs.new()
         job.task = asyncio.create_task(run_job(job, payload, header_key, model_key))
         return JSONResponse({"id": job.id, "status": job.status})
@@ -360,12 +364,15 @@ def _request_id(request: Request) -> str:
 
 
 def _model_key(payload: object, settings: Settings) -> str:
-    """The model a request will use, as the queue's key (canonical repo id when known)."""
+    """The queue key of the model a request asks for: its canonical repo id. Unknown ids share
+    the default model's key (the service refuses them), so clients cannot grow the key set."""
     model_id = payload.get("model_id") if isinstance(payload, dict) else None
-    if not isinstance(model_id, str) or not model_id.strip():
-        model_id = settings.model_id
-    info = lookup_model(model_id)
-    return info.repo_id if info is not None else model_id
+    info = lookup_model(model_id) if isinstance(model_id, str) else None
+    if info is None:
+        info = lookup_model(settings.model_id)
+        # MODEL_ID may be a local snapshot folder, outside the table.
+        return info.repo_id if info is not None else settings.model_id
+    return info.repo_id
 
 
 async def _read_json(request: Request, limit: int) -> object:
@@ -383,6 +390,9 @@ async def _read_json(request: Request, limit: int) -> object:
         if len(body) > limit:
             raise too_large
     try:
+        # Large bodies are parsed off the event loop, which keeps serving /health meanwhile.
+        if len(body) > 1_000_000:
+            return await anyio.to_thread.run_sync(json.loads, body)
         return json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ServiceError("invalid_input", f"the body is not valid JSON: {exc}") from None
