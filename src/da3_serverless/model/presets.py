@@ -17,6 +17,7 @@ from da3_serverless.model.vit import DinoV2
 
 
 def _anyview(
+    *,
     vit: str,
     dim: int,
     out_layers: list[int],
@@ -37,16 +38,7 @@ def _anyview(
         cat_token=True,
     )
     head = DualDPT(2 * dim, output_dim=2, features=features, out_channels=out_channels)
-    _share_ray_norm(head)
     return DepthAnything3Net(backbone, head, cam_dec=CameraDec(2 * dim), cam_enc=CameraEnc(dim))
-
-
-def _share_ray_norm(head: DualDPT) -> None:
-    """Use one LayerNorm in every level's ray output branch, as the released networks do (their
-    files store it once, under the first level's name)."""
-    branches = head.scratch.output_conv2_aux
-    for branch in branches[1:]:
-        branch[2] = branches[0][2]
 
 
 def _monocular_large() -> DepthAnything3Net:
@@ -57,20 +49,32 @@ def _monocular_large() -> DepthAnything3Net:
 
 
 def da3_small() -> DepthAnything3Net:
-    return _anyview("vits", 384, [5, 7, 9, 11], 4, 64, [48, 96, 192, 384])
+    return _anyview(
+        vit="vits", dim=384, out_layers=[5, 7, 9, 11], alt_start=4,
+        features=64, out_channels=[48, 96, 192, 384],
+    )  # fmt: skip
 
 
 def da3_base() -> DepthAnything3Net:
-    return _anyview("vitb", 768, [5, 7, 9, 11], 4, 128, [96, 192, 384, 768])
+    return _anyview(
+        vit="vitb", dim=768, out_layers=[5, 7, 9, 11], alt_start=4,
+        features=128, out_channels=[96, 192, 384, 768],
+    )  # fmt: skip
 
 
 def da3_large() -> DepthAnything3Net:
-    return _anyview("vitl", 1024, [11, 15, 19, 23], 8, 256, [256, 512, 1024, 1024])
+    return _anyview(
+        vit="vitl", dim=1024, out_layers=[11, 15, 19, 23], alt_start=8,
+        features=256, out_channels=[256, 512, 1024, 1024],
+    )  # fmt: skip
 
 
 def da3_giant() -> DepthAnything3Net:
     # The release also has a 3D-Gaussian head; it is not built (checkpoint keys are skipped).
-    return _anyview("vitg", 1536, [19, 27, 33, 39], 13, 256, [256, 512, 1024, 1024])
+    return _anyview(
+        vit="vitg", dim=1536, out_layers=[19, 27, 33, 39], alt_start=13,
+        features=256, out_channels=[256, 512, 1024, 1024],
+    )  # fmt: skip
 
 
 def da3mono_large() -> DepthAnything3Net:

@@ -53,7 +53,7 @@ class PatchEmbed(nn.Module):
 class VisionTransformer(nn.Module):
     """The token embedding and transformer blocks (state-dict names of the checkpoints)."""
 
-    def __init__(self, size: VitSize, alt_start: int, qknorm_start: int, rope_start: int):
+    def __init__(self, size: VitSize, alt_start: int, qknorm_start: int) -> None:
         super().__init__()
         self.embed_dim = size.dim
         self.num_heads = size.heads
@@ -128,7 +128,7 @@ class DinoV2(nn.Module):
         self.alt_start = alt_start
         self.rope_start = rope_start
         self.cat_token = cat_token
-        self.pretrained = VisionTransformer(VIT_SIZES[name], alt_start, qknorm_start, rope_start)
+        self.pretrained = VisionTransformer(VIT_SIZES[name], alt_start, qknorm_start)
 
     def _rope_tables(
         self, rows: int, cols: int, views: int, device: torch.device
