@@ -46,7 +46,7 @@ def bench_preset(preset: str, runs: int, compile_too: bool) -> dict:
     folder = snapshot(preset)
     predictor = Predictor.from_pretrained(folder, device="cpu", dtype=torch.float32)
     reference = load_reference(preset, folder)
-    image = load_rgb(IMAGES / "soh-000.png")
+    image, _ = load_rgb(IMAGES / "soh-000.png")
     batch = to_network_input([image], processing_size(*image.size, 504))
     ours_net, ref_net = predictor.network, reference.model
 

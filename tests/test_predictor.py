@@ -3,6 +3,8 @@ network on the same weights plus the documented pre/post-processing."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -31,7 +33,7 @@ def small_reference(small_snapshot):
 
 
 def reference_outputs(reference, paths, res=RES, **kwargs):
-    views = [load_rgb(path) for path in paths]
+    views = [load_rgb(path)[0] for path in paths]
     batch = network_input(views, processing_size(*views[0].size, res))
     with torch.no_grad():
         return reference.model(batch, export_feat_layers=[], **kwargs)
@@ -156,13 +158,15 @@ def test_metric_large_scales_by_focal_over_300(metric_large, tmp_path):
     np.testing.assert_allclose(by_intrinsics.depth, metric.depth, rtol=1e-5)
     photo = Image.open(PHOTOS[0]).convert("RGB")
     exif = photo.getexif()
-    exif.get_ifd(0x8769)[0xA405] = 36  # 36 mm equivalent: focal = long side in pixels
+    exif.get_ifd(0x8769)[0xA405] = 28  # 28 mm equivalent, over the 43.27 mm diagonal
     path = tmp_path / "with-exif.jpg"
     photo.save(path, exif=exif, quality=95)
     by_exif = metric_large.predict(path, process_res=RES)
     assert by_exif.is_metric
+    focal_exif = 28 * math.hypot(1208, 680) / math.hypot(36, 24)
+    focal_exif_net = focal_exif * (net_width / 1208 + net_height / 680) / 2
     ratio = by_exif.depth / metric_large.predict(path, process_res=RES, metric=False).depth
-    np.testing.assert_allclose(ratio, focal_net / 300, rtol=1e-4)
+    np.testing.assert_allclose(ratio, focal_exif_net / 300, rtol=1e-4)
     with pytest.raises(ValueError, match="focal_length_px"):
         metric_large.predict(PHOTOS[0], process_res=RES)
     with pytest.raises(ValueError, match="predicts cameras"):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -14,7 +16,6 @@ from da3_serverless.inference.cameras import (
 )
 from da3_serverless.inference.preprocess import (
     PATCH_SIZE,
-    exif_focal_length_px,
     load_rgb,
     processing_size,
     to_network_input,
@@ -38,7 +39,7 @@ def test_processing_size_keeps_aspect_on_the_patch_grid():
 
 
 def test_network_input_is_normalised_real_photo():
-    image = load_rgb(IMAGES / "soh-000.png")
+    image, _ = load_rgb(IMAGES / "soh-000.png")
     batch = to_network_input([image, image], processing_size(*image.size, 504))
     assert batch.shape == (1, 2, 3, 280, 504)
     # ImageNet normalisation: a real photo lands roughly in [-2.2, 2.7]
@@ -52,9 +53,9 @@ def test_load_rgb_applies_exif_orientation_and_reads_focal(tmp_path):
     exif.get_ifd(0x8769)[0xA405] = 26  # 26 mm equivalent
     path = tmp_path / "rotated.jpg"
     image.save(path, exif=exif)
-    loaded = load_rgb(path)
+    loaded, focal = load_rgb(path)
     assert loaded.size == (40, 60)
-    assert exif_focal_length_px(loaded) == pytest.approx(26 / 36 * 60)
+    assert focal == pytest.approx(26 * math.hypot(60, 40) / math.hypot(36, 24))
 
 
 @pytest.mark.parametrize(

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import ipaddress
-import math
 import re
 import socket
 import time
@@ -19,11 +17,11 @@ from dataclasses import dataclass
 from io import BytesIO
 
 import httpx
-import numpy as np
 import pillow_heif
-from PIL import Image, ImageOps
+from PIL import Image
 
 from ..config import Settings
+from ..inference.preprocess import upright_rgb
 from .errors import ServiceError
 from .schema import RunRequest, check_limits
 
@@ -37,10 +35,6 @@ FORMATS = tuple(
     f for f in ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF", "HEIF", "AVIF") if f in Image.OPEN
 )
 FORMATS_TEXT = "JPEG, PNG, WebP, BMP, TIFF, GIF, HEIC/HEIF or AVIF"
-# The 36 x 24 mm frame that "35 mm equivalent" focal lengths refer to.
-FULL_FRAME_DIAGONAL_MM = math.hypot(36.0, 24.0)
-EXIF_IFD = 0x8769
-EXIF_FOCAL_35MM = 0xA405
 MAX_REDIRECTS = 5
 USER_AGENT = "da3-serverless (image fetcher)"
 # Cloud metadata endpoints. They are non-global addresses anyway; listed so the intent is explicit.
@@ -89,52 +83,6 @@ def decode_base64(text: str) -> bytes:
         ) from None
 
 
-def focal_from_exif(image: Image.Image) -> float | None:
-    """Focal length in pixels from EXIF FocalLengthIn35mmFilm, or None.
-
-    "35 mm equivalent" means the same diagonal field of view as on a 36 x 24 mm frame, so
-    f_px = f35 * diagonal_px / 43.27 mm. (The width convention f35 / 36 * width agrees for 3:2
-    images and is ~4 % lower for 4:3 ones; the diagonal one does not depend on orientation.)
-    """
-    try:
-        f35 = float(image.getexif().get_ifd(EXIF_IFD).get(EXIF_FOCAL_35MM) or 0)
-    except Exception:  # EXIF is optional metadata: a broken block just means "no focal length"
-        return None
-    if not (math.isfinite(f35) and f35 > 0):
-        return None
-    return f35 * math.hypot(*image.size) / FULL_FRAME_DIAGONAL_MM
-
-
-def _gray16_to_8bit(image: Image.Image) -> Image.Image:
-    """16/32-bit grayscale to 8-bit by scaling, not clipping (Pillow's convert("L") clips).
-
-    I;16*: 0..65535 -> 0..255. I (32-bit int): the same when the values fit 16 bits, else the
-    image's own min..max. F (float): its finite min..max.
-    """
-    a = np.asarray(image).astype(np.float64)
-    if image.mode.startswith("I;16") or (image.mode == "I" and a.min() >= 0 and a.max() <= 65535):
-        scaled = a / 257.0
-    else:
-        finite = a[np.isfinite(a)]
-        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
-        scaled = (np.nan_to_num(a, nan=lo, posinf=hi, neginf=lo) - lo) / max(hi - lo, 1e-12) * 255
-    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="L")
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """Any Pillow mode to RGB. Transparent pixels are composited on white (what viewers and
-    product photos show; a uniform background gives the model a plain, far-looking backdrop)."""
-    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
-        image = _gray16_to_8bit(image)
-    has_alpha = "A" in image.getbands() or "a" in image.mode or "transparency" in image.info
-    if has_alpha:
-        rgba = image.convert("RGBA")
-        background = Image.new("RGB", rgba.size, (255, 255, 255))
-        background.paste(rgba, mask=rgba.getchannel("A"))
-        return background
-    return image if image.mode == "RGB" else image.convert("RGB")
-
-
 def decode_image(data: bytes, settings: Settings, source: str = "image") -> DecodedImage:
     """Decode untrusted image bytes into an RGB `DecodedImage`.
 
@@ -161,10 +109,7 @@ def decode_image(data: bytes, settings: Settings, source: str = "image") -> Deco
         raise ServiceError("invalid_input", f"{source} has no pixels ({width}x{height})")
     try:
         image.load()  # first frame of an animation
-        focal = focal_from_exif(image)
-        with contextlib.suppress(Exception):  # a broken orientation tag: keep it as stored
-            image = ImageOps.exif_transpose(image)
-        rgb = _to_rgb(image)
+        rgb, focal = upright_rgb(image)
     except Image.DecompressionBombError:
         raise _too_large(source, None, settings) from None
     except MemoryError:

@@ -24,7 +24,6 @@ from da3_serverless.inference.preprocess import (
     MAX_PROCESS_RES,
     PATCH_SIZE,
     ImageInput,
-    exif_focal_length_px,
     load_rgb,
     processing_size,
     to_network_input,
@@ -142,7 +141,7 @@ class Predictor:
         metric: False asks for relative depth: no focal length needed, `units="relative"`.
         Raises ValueError with what to fix for any bad argument.
         """
-        views = self._load_views(images)
+        views, exif_focals = zip(*self._load_views(images), strict=True)
         count = len(views)
         if not isinstance(process_res, int) or not PATCH_SIZE <= process_res <= MAX_PROCESS_RES:
             raise ValueError(
@@ -167,7 +166,9 @@ class Predictor:
         scales = np.array([[width / w, height / h] for w, h in sizes])  # input px -> network px
         batch = to_network_input(views, (width, height)).to(self.device)
 
-        focal_px = self._metric_focals(views, focal_length_px, given_intrinsics) if metric else None
+        focal_px = (
+            self._metric_focals(exif_focals, focal_length_px, given_intrinsics) if metric else None
+        )
         # Known cameras condition the network only as a pair; intrinsics alone serve the
         # metric focal length and the returned camera.
         net_extrinsics = net_intrinsics = None
@@ -210,24 +211,25 @@ class Predictor:
             units="m" if metric else "relative",
         )
 
-    def _load_views(self, images: ImageInput | Sequence[ImageInput]) -> list:
+    def _load_views(self, images: ImageInput | Sequence[ImageInput]) -> list[tuple]:
+        """(RGB image, EXIF focal length px or None) per view."""
         if isinstance(images, str | os.PathLike | np.ndarray) or hasattr(images, "getexif"):
             images = [images]
         if not isinstance(images, Sequence) or len(images) == 0:
             raise ValueError("images is empty: give at least one image (PIL, array or path)")
         return [load_rgb(image, index) for index, image in enumerate(images)]
 
-    def _metric_focals(self, views, focal_length_px, intrinsics) -> np.ndarray | None:
+    def _metric_focals(self, exif_focals, focal_length_px, intrinsics) -> np.ndarray | None:
         """Per-view focal length in input pixels for DA3METRIC-LARGE, else None."""
         if not self.needs_focal:
             return None
-        count = len(views)
+        count = len(exif_focals)
         if focal_length_px is not None:
             values = np.broadcast_to(np.asarray(focal_length_px, dtype=np.float64), (count,))
         elif intrinsics is not None:
             values = (intrinsics[:, 0, 0] + intrinsics[:, 1, 1]) / 2
         else:
-            values = np.array([exif_focal_length_px(view) or np.nan for view in views])
+            values = np.array([np.nan if f is None else f for f in exif_focals])
         if not (np.isfinite(values) & (values > 0)).all():
             raise ValueError(
                 f"{self.preset} needs the camera's focal length to give meters: pass "

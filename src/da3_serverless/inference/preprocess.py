@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,15 +16,17 @@ PATCH_SIZE = 14
 MAX_PROCESS_RES = 2016  # 144 x 14: beyond this the ViT's attention no longer fits typical GPUs
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-# EXIF tags (Pillow's ExifTags.Base): the Exif sub-IFD holds the focal length
-_EXIF_IFD = 0x8769
-_FOCAL_LENGTH_35MM = 0xA405
 
 ImageInput = Image.Image | np.ndarray | str | os.PathLike
+# The 36 x 24 mm frame that "35 mm equivalent" focal lengths refer to.
+FULL_FRAME_DIAGONAL_MM = math.hypot(36.0, 24.0)
+EXIF_IFD = 0x8769
+EXIF_FOCAL_35MM = 0xA405
 
 
-def load_rgb(image: ImageInput, index: int = 0) -> Image.Image:
-    """A PIL, HxWx3 uint8 array or file path -> an RGB PIL image with EXIF orientation applied.
+def load_rgb(image: ImageInput, index: int = 0) -> tuple[Image.Image, float | None]:
+    """A PIL image, HxWx3 uint8 array or file path -> (upright RGB image, EXIF focal length in
+    pixels or None), as `upright_rgb` does.
 
     Raises ValueError naming the view (`index`) and what to fix.
     """
@@ -31,8 +35,7 @@ def load_rgb(image: ImageInput, index: int = 0) -> Image.Image:
         try:
             with Image.open(path) as opened:
                 opened.load()
-                image = opened.copy()
-                image.info["exif_focal_35mm"] = _focal_35mm(opened)
+                return upright_rgb(opened)
         except (OSError, Image.DecompressionBombError) as error:
             raise ValueError(
                 f"images[{index}]: cannot read {str(path)!r} as an image ({error}); "
@@ -46,40 +49,70 @@ def load_rgb(image: ImageInput, index: int = 0) -> Image.Image:
             )
         if min(image.shape[:2]) < 1:
             raise ValueError(f"images[{index}]: the array is empty ({image.shape})")
-        return Image.fromarray(np.ascontiguousarray(image), "RGB")
+        return Image.fromarray(np.ascontiguousarray(image), "RGB"), None
     if not isinstance(image, Image.Image):
         raise ValueError(
             f"images[{index}]: unsupported type {type(image).__name__}; "
             "pass a PIL image, an HxWx3 uint8 array or a file path"
         )
-    focal_35mm = image.info.get("exif_focal_35mm") or _focal_35mm(image)
-    upright = ImageOps.exif_transpose(image)
-    rgb = upright if upright.mode == "RGB" else upright.convert("RGB")
-    if focal_35mm:
-        rgb.info["exif_focal_35mm"] = focal_35mm
-    return rgb
+    return upright_rgb(image)
 
 
-def _focal_35mm(image: Image.Image) -> float | None:
-    value = image.getexif().get_ifd(_EXIF_IFD).get(_FOCAL_LENGTH_35MM)
-    try:
-        focal = float(value) if value is not None else None
-    except (TypeError, ValueError):
-        return None
-    return focal if focal and focal > 0 else None
+def upright_rgb(image: Image.Image) -> tuple[Image.Image, float | None]:
+    """(RGB image with EXIF orientation applied, EXIF focal length in pixels or None).
+
+    The focal length is read before the orientation is applied (the diagonal does not change).
+    """
+    focal = exif_focal_length_px(image)
+    with contextlib.suppress(Exception):  # a broken orientation tag: keep the image as stored
+        image = ImageOps.exif_transpose(image)
+    return to_rgb(image), focal
 
 
 def exif_focal_length_px(image: Image.Image) -> float | None:
-    """Focal length in pixels from EXIF `FocalLengthIn35mmFilm`, or None.
+    """Focal length in pixels from EXIF FocalLengthIn35mmFilm, or None.
 
-    The 35 mm equivalent refers to a 36 x 24 mm frame, so the image's long side spans 36 mm:
-    f_px = f_35mm / 36 * max(width, height). Works on images returned by `load_rgb` (which
-    keeps the value through orientation and mode changes) and on freshly opened files.
+    "35 mm equivalent" means the same diagonal field of view as on a 36 x 24 mm frame, so
+    f_px = f35 * diagonal_px / 43.27 mm. (The width convention f35 / 36 * width agrees for 3:2
+    images and is ~4 % lower for 4:3 ones; the diagonal one does not depend on orientation.)
     """
-    focal_35mm = image.info.get("exif_focal_35mm") or _focal_35mm(image)
-    if not focal_35mm:
+    try:
+        f35 = float(image.getexif().get_ifd(EXIF_IFD).get(EXIF_FOCAL_35MM) or 0)
+    except Exception:  # EXIF is optional metadata: a broken block just means "no focal length"
         return None
-    return float(focal_35mm) / 36.0 * max(image.size)
+    if not (math.isfinite(f35) and f35 > 0):
+        return None
+    return f35 * math.hypot(*image.size) / FULL_FRAME_DIAGONAL_MM
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode to RGB. Transparent pixels are composited on white (what viewers and
+    product photos show; a uniform background gives the model a plain, far-looking backdrop)."""
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        image = _gray16_to_8bit(image)
+    has_alpha = "A" in image.getbands() or "a" in image.mode or "transparency" in image.info
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _gray16_to_8bit(image: Image.Image) -> Image.Image:
+    """16/32-bit grayscale to 8-bit by scaling, not clipping (Pillow's convert("L") clips).
+
+    I;16*: 0..65535 -> 0..255. I (32-bit int): the same when the values fit 16 bits, else the
+    image's own min..max. F (float): its finite min..max.
+    """
+    a = np.asarray(image).astype(np.float64)
+    if image.mode.startswith("I;16") or (image.mode == "I" and a.min() >= 0 and a.max() <= 65535):
+        scaled = a / 257.0
+    else:
+        finite = a[np.isfinite(a)]
+        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+        scaled = (np.nan_to_num(a, nan=lo, posinf=hi, neginf=lo) - lo) / max(hi - lo, 1e-12) * 255
+    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="L")
 
 
 def processing_size(width: int, height: int, process_res: int) -> tuple[int, int]:
