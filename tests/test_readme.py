@@ -12,16 +12,21 @@ becomes DA3-SMALL's (the giant's random weights are too large to build here).
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from PIL import Image
@@ -34,7 +39,7 @@ from da3_serverless.cli import build_parser
 from da3_serverless.config import DEFAULT_MODEL_ID, Settings
 from da3_serverless.inference.models import MODELS
 from paths import IMAGES, REPO
-from servers import runpod_local_api, serve_process
+from servers import START_TIMEOUT_S, free_port, runpod_local_api, serve_process
 
 README = (REPO / "README.md").read_text()
 MARKER = "readme-test"
@@ -62,6 +67,7 @@ def example(language: str, contains: str) -> Example:
 
 
 # Each marked example, by a string that identifies it; every one is run by a test below.
+QUICK_START = ("bash", "http://127.0.0.1:8000/runsync")
 RUNPOD_CURL = ("bash", "RUNPOD_API_KEY")
 SELF_HOSTED_CURL = ("bash", '"outputs": ["depth", "preview"]')
 DECODE_PNG = ("python", "response.json")
@@ -69,12 +75,15 @@ CLIENT = ("python", "from da3_serverless.client import Client")
 REQUEST_CLI = ("bash", "da3-serverless request")
 PREDICT_CLI = ("bash", "da3-serverless predict")
 LIBRARY = ("python", "Predictor.from_pretrained")
-ALL_EXAMPLES = (RUNPOD_CURL, SELF_HOSTED_CURL, DECODE_PNG, CLIENT, REQUEST_CLI, PREDICT_CLI,
-                LIBRARY)  # fmt: skip
+ALL_EXAMPLES = (QUICK_START, RUNPOD_CURL, SELF_HOSTED_CURL, DECODE_PNG, CLIENT, REQUEST_CLI,
+                PREDICT_CLI, LIBRARY)  # fmt: skip
 
 
-def code_of(key: tuple[str, str]) -> str:
-    return example(*key).code.replace(DEFAULT_MODEL_ID, SMALL_REPO)
+def code_of(key: tuple[str, str], url: str | None = None) -> str:
+    """The example's code for the random DA3-SMALL; with `url`, that server instead of `make
+    serve`'s default address."""
+    code = example(*key).code.replace(DEFAULT_MODEL_ID, SMALL_REPO)
+    return code.replace("http://127.0.0.1:8000", url) if url else code
 
 
 def make_workdir(tmp_path: Path) -> Path:
@@ -95,9 +104,11 @@ def example_env(base: dict[str, str], **extra: str) -> dict[str, str]:
     return env
 
 
-def run_bash(key: tuple[str, str], workdir: Path, env: dict[str, str]) -> None:
+def run_bash(
+    key: tuple[str, str], workdir: Path, env: dict[str, str], url: str | None = None
+) -> None:
     result = subprocess.run(
-        ["bash", "-e", "-o", "pipefail", "-c", code_of(key)],
+        ["bash", "-e", "-o", "pipefail", "-c", code_of(key, url)],
         cwd=workdir, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, f"{key} failed:\n{result.stdout}\n{result.stderr}"
@@ -203,6 +214,46 @@ def test_runpod_examples(service_env, tmp_path, monkeypatch):
     assert failed["status"] == "FAILED" and isinstance(failed["error"], str)
     error = json.loads(failed["error"])
     assert (error["code"], error["status"]) == ("unauthorized", 401) and error["message"]
+
+
+@contextlib.contextmanager
+def make_serve(env: dict[str, str], log_path: Path) -> Iterator[str]:
+    """`make serve` on a free port, the venv taken as installed (`-o install`: this
+    interpreter's venv, no pip run); yields the URL once RunPod's API answers."""
+    port = free_port()
+    venv = Path(sys.executable).parent.parent
+    command = ["make", "-o", "install", "serve", f"PORT={port}", f"VENV={venv}"]
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log,
+                                   stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + START_TIMEOUT_S
+    try:
+        while process.poll() is None and time.monotonic() < deadline:
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{url}/", timeout=5).status_code == 200:
+                    break
+            time.sleep(0.3)
+        else:
+            raise RuntimeError(f"make serve did not start:\n{log_path.read_text()[-5000:]}")
+        yield url
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)  # make and the worker it started
+        process.wait(60)
+
+
+@needs_curl
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_quick_start(service_env, tmp_path, monkeypatch):
+    """`make serve` without DA3_API_KEY serves unauthenticated; the quick start's curl works
+    and its answer decodes as the README says."""
+    work = make_workdir(tmp_path)
+    env = example_env({k: v for k, v in service_env.items() if k != "DA3_API_KEY"})
+    with make_serve(env, tmp_path / "make-serve.log") as url:
+        run_bash(QUICK_START, work, env, url)
+    assert json.loads((work / "response.json").read_text())["status"] == "COMPLETED"
+    check_decode_example(work, env, monkeypatch)
 
 
 def test_library_and_predict_examples(service_env, tmp_path, monkeypatch):
