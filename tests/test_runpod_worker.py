@@ -3,12 +3,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,39 +16,9 @@ import pytest
 import contract_cases as cases
 from da3_serverless.inference.predictor import Predictor
 from paths import IMAGES, REPO
-from servers import free_port
+from servers import runpod_local_api
 
 pytestmark = pytest.mark.slow
-START_TIMEOUT_S = 300
-
-
-@contextlib.contextmanager
-def runpod_local_api(env: dict[str, str], log_path: Path) -> Iterator[str]:
-    """`python -m da3_serverless.runpod_worker --rp_serve_api` until it answers; yields URL."""
-    port = free_port()
-    env = {**env, "PYTHONPATH": str(REPO / "src")}
-    command = [sys.executable, "-m", "da3_serverless.runpod_worker", "--rp_serve_api",
-               "--rp_api_port", str(port), "--rp_api_host", "127.0.0.1"]  # fmt: skip
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while process.poll() is None and time.monotonic() < deadline:
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{url}/", timeout=5).status_code == 200:
-                    break
-            time.sleep(0.3)
-        else:
-            raise RuntimeError(f"worker did not start:\n{log_path.read_text()[-5000:]}")
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def runsync_call(url: str) -> cases.Call:
