@@ -53,7 +53,9 @@ def server(hf_cache, tmp_path_factory):
     import conftest
 
     env = conftest.service_env.__wrapped__(hf_cache, tmp_path_factory.mktemp("playground"))
-    with serve_process(env, tmp_path_factory.mktemp("serve") / "serve.log") as (url, _):
+    del env["MODEL_ID"]  # the model comes from --model (a short name) instead
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    with serve_process(env, log, "--model", "da3-small") as (url, _):
         yield url
 
 
