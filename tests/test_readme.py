@@ -256,22 +256,37 @@ def test_quick_start(service_env, tmp_path, monkeypatch):
     check_decode_example(work, env, monkeypatch)
 
 
-def test_library_and_predict_examples(service_env, tmp_path, monkeypatch):
-    """The library example (repo id -> the random DA3-SMALL in the offline HF cache) and the
-    `predict` command (MODEL_ID) give the same depth for the same photo."""
+@pytest.fixture
+def small_from_folder(small_snapshot):
+    """The random DA3-SMALL loaded from its folder: what the examples' repo id must give."""
+    from da3_serverless.inference.predictor import Predictor
+
+    return Predictor.from_pretrained(small_snapshot, device="cpu")
+
+
+def test_library_example(service_env, tmp_path, monkeypatch, small_from_folder):
+    """The library example, its repo id resolved offline to the random DA3-SMALL in HF_HOME."""
     work = make_workdir(tmp_path)
-    env = example_env(service_env)
-    namespace = run_python(LIBRARY, work, env, monkeypatch)
+    namespace = run_python(LIBRARY, work, example_env(service_env), monkeypatch)
     prediction, depth = namespace["prediction"], namespace["depth"]
     assert depth.shape == PHOTO_SIZE and depth.dtype == np.float32
-    assert np.isfinite(depth).all() and prediction.units == "relative"
+    assert prediction.units == "relative" and not prediction.is_metric
     assert prediction.intrinsics.shape == (1, 3, 3) and prediction.extrinsics.shape == (1, 3, 4)
+    expected = small_from_folder.predict(work / "photo.jpg")
+    np.testing.assert_allclose(prediction.depth, expected.depth, rtol=1e-5, atol=1e-6)
 
-    run_bash(PREDICT_CLI, work, env)
+
+@pytest.mark.slow
+def test_predict_command_example(service_env, tmp_path, small_from_folder):
+    """`da3-serverless predict` (model from MODEL_ID) writes what the library predicts."""
+    work = make_workdir(tmp_path)
+    run_bash(PREDICT_CLI, work, example_env(service_env))
+    expected = small_from_folder.predict(work / "photo.jpg")
     with np.load(work / "photo.npz") as archive:
         assert str(archive["units"]) == "relative"
-        np.testing.assert_allclose(archive["depth"], prediction.depth, rtol=1e-4, atol=1e-5)
-        np.testing.assert_allclose(archive["intrinsics"], prediction.intrinsics, rtol=1e-4)
+        np.testing.assert_allclose(archive["depth"], expected.depth, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(archive["intrinsics"], expected.intrinsics, rtol=1e-4)
+        np.testing.assert_allclose(archive["confidence"], expected.confidence, rtol=1e-4)
 
 
 # --- the tables -------------------------------------------------------------------------------
