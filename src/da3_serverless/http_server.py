@@ -182,7 +182,7 @@ def create_app(settings: Settings, service: Service | None = None) -> FastAPI:
         if envelope:
             request.state.envelope = True
             if set(body) != {"input"}:
-                extra = sorted(set(body) - {"input"})
+                extra = sorted(name[:40] for name in set(body) - {"input"})[:5]
                 raise ServiceError(
                     "invalid_input", f"only 'input' is supported in the RunPod form, not {extra}"
                 )
