@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from da3_serverless import client
 from da3_serverless.config import Settings
 
 
@@ -112,20 +113,23 @@ def build_parser() -> argparse.ArgumentParser:
     prune = commands.add_parser("prune", help="remove outputs past OUTPUT_RETENTION_DAYS")
     prune.set_defaults(run=cmd_prune)
 
-    _add_transport_commands(commands)
-    return parser
-
-
-def _add_transport_commands(commands) -> None:
-    from da3_serverless import client, http_server
-
     serve = commands.add_parser("serve", help="self-hosted HTTP server for the v1 API")
-    http_server.add_serve_arguments(serve)
-    serve.set_defaults(run=http_server.cli_serve)
+    serve.add_argument("--host", default="127.0.0.1", help="interface to listen on")
+    serve.add_argument("--port", type=int, default=8000, help="TCP port")
+    serve.add_argument("--model", default=None, help="default model (overrides MODEL_ID)")
+    serve.set_defaults(run=cmd_serve)
 
     request = commands.add_parser("request", help="send images to a running endpoint")
     client.add_request_arguments(request)
     request.set_defaults(run=client.cli_request)
+    return parser
+
+
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    # Imported here so `request` and `prune` start without loading torch and FastAPI.
+    from da3_serverless.http_server import cli_serve
+
+    return cli_serve(args, settings)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -479,12 +479,6 @@ class JsonFormatter(logging.Formatter):
 # --- CLI ---
 
 
-def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", default="127.0.0.1", help="interface to listen on")
-    parser.add_argument("--port", type=int, default=8000, help="TCP port")
-    parser.add_argument("--model", default=None, help="default model (overrides MODEL_ID)")
-
-
 class _Server(uvicorn.Server):
     """uvicorn that stops taking new work (503) as soon as a stop signal arrives."""
 
