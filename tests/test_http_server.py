@@ -37,6 +37,7 @@ from da3_serverless.api.errors import ServiceError
 from da3_serverless.config import Settings
 from da3_serverless.http_queue import JobStore
 from da3_serverless.http_server import create_app
+from da3_serverless.service import Service
 from paths import IMAGES
 from servers import app_in_thread, serve_process
 
@@ -45,9 +46,13 @@ KEY = "unit-test-key"
 
 class GatedService:
     """Stands in for `Service` in the transport tests: `handle` waits at `gate`, then echoes
-    which request it served (or raises the ServiceError the payload names)."""
+    which request it served (or raises the ServiceError the payload names). Auth and request
+    checks are the real Service's."""
+
+    authorize = Service.authorize
 
     def __init__(self) -> None:
+        self.settings = settings()
         self.gate = threading.Event()
         self.gate.set()
         self.entered = threading.Semaphore(0)

@@ -45,9 +45,9 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from da3_serverless import __version__
-from da3_serverless.api.auth import check_api_key, key_from_headers
+from da3_serverless.api.auth import key_from_headers
 from da3_serverless.api.errors import ServiceError
-from da3_serverless.api.schema import RunRequest, RunResponse, parse_request
+from da3_serverless.api.schema import RunRequest, RunResponse
 from da3_serverless.config import Settings
 from da3_serverless.http_queue import COMPLETED, FAILED, IN_PROGRESS, Job, JobStore, Scheduler
 from da3_serverless.inference.models import lookup_model
@@ -189,11 +189,8 @@ def create_app(settings: Settings, service: Service | None = None) -> FastAPI:
             body = body["input"]
         header_key = key_from_headers(request.headers)
         # Refuse bad keys and malformed requests before they take a place in the queue (and
-        # so /run refuses them at once); Service checks both again, by the same functions
-        # and the same rule: the body's key wins over the header's.
-        body_key = body.get("api_key") if isinstance(body, dict) else None
-        check_api_key(body_key if isinstance(body_key, str) else header_key, settings)
-        parse_request(body, settings)
+        # so /run refuses them at once); Service.handle checks them again the same way.
+        service.authorize(body, header_key)
         model_key = _model_key(body, settings)
         request.state.log["model"] = model_key
         scheduler.admit()

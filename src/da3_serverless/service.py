@@ -134,10 +134,8 @@ class Service:
         ServiceError. A failed request leaves no file behind."""
         timer = _Timer()
         started = time.perf_counter()
-        body_key = payload.get("api_key") if isinstance(payload, dict) else None
-        check_api_key(body_key if isinstance(body_key, str) else api_key, self.settings)
         with timer.stage("validate"):
-            request = parse_request(payload, self.settings)
+            request = self.authorize(payload, api_key)
             model_id = self._choose_model(request)
         with timer.stage("decode"):
             images = load_request_images(request, self.settings)
@@ -161,6 +159,14 @@ class Service:
         timer.timings_ms["total"] = round((time.perf_counter() - started) * 1000, 3)
         response["timings_ms"] = timer.timings_ms
         return response
+
+    def authorize(self, payload: object, api_key: str | None = None) -> RunRequest:
+        """Check the key (the payload's `api_key` wins over `api_key` from transport headers),
+        then the request; raises ServiceError. Auth comes first so an unauthenticated caller
+        learns nothing about the request format."""
+        body_key = payload.get("api_key") if isinstance(payload, dict) else None
+        check_api_key(body_key if isinstance(body_key, str) else api_key, self.settings)
+        return parse_request(payload, self.settings)
 
     def _default_repo_id(self) -> str:
         info = lookup_model(self.settings.model_id)
