@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from da3_serverless.api import encoding
 from da3_serverless.api.auth import check_api_key
 from da3_serverless.api.errors import ServiceError
 from da3_serverless.api.images import DecodedImage, load_request_images
+from da3_serverless.api.outputs import Artifact, encode_outputs, fit_inline, view_skeleton
 from da3_serverless.api.schema import SCHEMA_VERSION, RunRequest, parse_request
 from da3_serverless.api.storage import OutputStore, StorageError
 from da3_serverless.config import Settings
@@ -28,16 +28,6 @@ from da3_serverless.inference.registry import ModelRegistry, default_budget_byte
 from da3_serverless.inference.weights import ModelNotFoundError, WeightLocator
 
 log = logging.getLogger(__name__)
-
-# extra output name -> (file suffix, media type)
-EXTRAS: dict[str, tuple[str, str]] = {
-    "preview": (".png", "image/png"),
-    "confidence": (".png", "image/png"),
-    "sky_mask": (".png", "image/png"),
-    "depth_npy": (".npy", "application/octet-stream"),
-    "pointcloud": (".ply", "application/octet-stream"),
-}
-DEPTH_MEDIA = (".png", "image/png")
 
 
 @dataclass
@@ -52,18 +42,6 @@ class _Timer:
         finally:
             elapsed = (time.perf_counter() - start) * 1000
             self.timings_ms[name] = round(self.timings_ms.get(name, 0.0) + elapsed, 3)
-
-
-@dataclass
-class _Artifact:
-    """One encoded output of one view, before it is placed inline, on the volume or a bucket."""
-
-    view: int
-    name: str  # "depth" or an EXTRAS key
-    data: bytes
-    suffix: str
-    media_type: str
-    fields: dict = field(default_factory=dict)  # response fields that go with it (depth range)
 
 
 class Service:
@@ -149,7 +127,7 @@ class Service:
         saved: list[Path] = []
         try:
             with timer.stage("encode"):
-                artifacts, warnings = _encode(request, prediction, images)
+                artifacts, warnings = encode_outputs(request, prediction, images)
             response = self._respond(
                 request, predictor, prediction, artifacts, timer, saved, warnings
             )
@@ -235,14 +213,14 @@ class Service:
         request: RunRequest,
         predictor: Predictor,
         prediction: Prediction,
-        artifacts: list[_Artifact],
+        artifacts: list[Artifact],
         timer: _Timer,
         saved: list[Path],
         warnings: list[str],
     ) -> dict:
-        views = [_view_skeleton(prediction, index) for index in range(len(prediction))]
+        views = [view_skeleton(prediction, index) for index in range(len(prediction))]
         budget = self.settings.max_response_bytes if request.return_base64 else 0
-        inline = _fit_inline(artifacts, budget)
+        inline = fit_inline(artifacts, budget)
         stored = sorted({a.name for a in artifacts if id(a) not in inline})
         if request.return_base64 and stored:
             warnings.append(
@@ -273,7 +251,7 @@ class Service:
         return response
 
     def _place(
-        self, artifact: _Artifact, inline: bool, saved: list[Path], warnings: list[str]
+        self, artifact: Artifact, inline: bool, saved: list[Path], warnings: list[str]
     ) -> dict:
         """Inline base64 and/or a file on the volume (always for the depth PNG, and for extras
         that are not inline), or a bucket URL when a bucket is configured."""
@@ -366,83 +344,3 @@ def _dtype(name: str | None) -> torch.dtype | None:
     if name.lower() not in dtypes:
         raise ValueError(f"DA3_DTYPE={name!r}: use one of {', '.join(dtypes)}")
     return dtypes[name.lower()]
-
-
-def _view_skeleton(prediction: Prediction, index: int) -> dict:
-    depth = prediction.depth[index]
-    height, width = depth.shape
-
-    def matrix(values: np.ndarray | None) -> list[list[float]] | None:
-        return None if values is None else np.asarray(values[index], dtype=float).tolist()
-
-    return {
-        "width": int(width),
-        "height": int(height),
-        "intrinsics": matrix(prediction.intrinsics),
-        "extrinsics": matrix(prediction.extrinsics),
-    }
-
-
-def _encode(
-    request: RunRequest, prediction: Prediction, images: list[DecodedImage]
-) -> tuple[list[_Artifact], list[str]]:
-    """Every view's depth PNG and requested extras, encoded; warnings for extras this model
-    cannot give."""
-    artifacts, warnings = [], []
-    for index in range(len(prediction)):
-        png = encoding.encode_depth_png16(prediction.depth[index], units=prediction.units)
-        fields = {
-            "min_depth": png.min_depth,
-            "max_depth": png.max_depth,
-            "depth_encoding": encoding.DEPTH_ENCODING,
-        }
-        artifacts.append(_Artifact(index, "depth", png.png, *DEPTH_MEDIA, fields=fields))
-        for name in request.outputs:
-            if name == "depth":
-                continue
-            data = _encode_extra(name, prediction, index, images[index])
-            if data is None:
-                warnings.append(f"{name} is not available from this model: {_MISSING[name]}")
-            else:
-                artifacts.append(_Artifact(index, name, data, *EXTRAS[name]))
-    return artifacts, warnings
-
-
-_MISSING = {
-    "confidence": "it predicts no confidence",
-    "sky_mask": "it predicts no sky",
-    "pointcloud": "it predicts no camera; send intrinsics to get a point cloud",
-}
-
-
-def _encode_extra(
-    name: str, prediction: Prediction, index: int, image: DecodedImage
-) -> bytes | None:
-    depth = prediction.depth[index]
-    if name == "preview":
-        return encoding.encode_preview(depth)
-    if name == "confidence":
-        conf = prediction.confidence
-        return None if conf is None else encoding.encode_confidence(conf[index])
-    if name == "sky_mask":
-        sky = prediction.sky
-        return None if sky is None else encoding.encode_sky_mask(sky[index])
-    if name == "depth_npy":
-        return encoding.encode_npy(depth)
-    if prediction.intrinsics is None:  # pointcloud
-        return None
-    extrinsics = None if prediction.extrinsics is None else prediction.extrinsics[index]
-    rgb = np.asarray(image.image.convert("RGB"))
-    return encoding.encode_pointcloud_ply(depth, prediction.intrinsics[index], rgb, extrinsics)
-
-
-def _fit_inline(artifacts: list[_Artifact], budget: int) -> set[int]:
-    """ids of the artifacts that go inline as base64 within `budget` bytes: the depth maps
-    first, then the extras in the order requested; whatever does not fit is stored."""
-    inline = set()
-    for artifact in sorted(artifacts, key=lambda a: a.name != "depth"):
-        size = 4 * ((len(artifact.data) + 2) // 3)
-        if size <= budget:
-            inline.add(id(artifact))
-            budget -= size
-    return inline
