@@ -402,6 +402,18 @@ def test_commands_in_readme_exist():
     assert len(commands) >= 4
 
 
+def test_every_module_is_in_the_layout_table():
+    layout = section("Development")
+    package = REPO / "src" / "da3_serverless"
+    for module in [
+        *package.glob("*.py"),
+        *package.glob("api/*.py"),
+        *package.glob("inference/*.py"),
+    ]:
+        if module.name != "__init__.py":
+            assert f"{module.name}`" in layout, f"{module.relative_to(package)} is not described"
+
+
 def test_every_benchmark_is_described():
     for script in sorted((REPO / "bench").glob("*.py")):
         if script.name != "common.py":
