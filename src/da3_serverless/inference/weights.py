@@ -9,9 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from huggingface_hub import snapshot_download
-from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
 from da3_serverless.config import Settings
 from da3_serverless.inference.models import lookup_model
 
@@ -76,13 +73,15 @@ class WeightLocator:
             raise self._not_found(repo_id, looked)
         try:
             return self.download(repo_id)
-        except (HfHubHTTPError, OSError) as error:
+        except OSError as error:  # huggingface_hub's HTTP and cache errors are OSErrors
             looked.append(f"Hugging Face download ({type(error).__name__}: {error})")
             raise self._not_found(repo_id, looked) from None
 
     def download(self, repo_id: str) -> Path:
         """Download the snapshot files into the HF cache (atomic: huggingface_hub writes
         `.incomplete` files and renames them when complete)."""
+        from huggingface_hub import snapshot_download  # slow to import; local folders skip it
+
         folder = snapshot_download(
             repo_id,
             cache_dir=self.hf_cache,
@@ -121,13 +120,15 @@ def _hub_cache_snapshot(repo_id: str, cache: Path):
     """The snapshot of `repo_id` in an HF hub cache folder, if complete (yields 0 or 1)."""
     if not cache.is_dir():
         return
+    from huggingface_hub import snapshot_download
+
     try:
         folder = Path(
             snapshot_download(
                 repo_id, cache_dir=cache, allow_patterns=list(SNAPSHOT_FILES), local_files_only=True
             )
         )
-    except (LocalEntryNotFoundError, OSError, ValueError):
+    except (OSError, ValueError):  # not cached (LocalEntryNotFoundError), or a broken cache
         return
     if is_snapshot(folder):
         yield folder
