@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import binascii
 import ipaddress
-import re
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -59,6 +58,9 @@ class DecodedImage:
 # ---- decoding ---------------------------------------------------------------------------------
 
 
+_URL_SAFE = str.maketrans("-_", "+/")
+
+
 def decode_base64(text: str) -> bytes:
     """Bytes from raw base64 (standard or URL-safe alphabet, padding optional, whitespace
     ignored) or a `data:<type>;base64,<data>` URI. Raises `ServiceError("invalid_input")`."""
@@ -70,7 +72,10 @@ def decode_base64(text: str) -> bytes:
                 "invalid_input",
                 "a data URI must look like data:image/png;base64,<base64 data>",
             )
-    body = re.sub(r"\s+", "", body).translate(str.maketrans("-_", "+/")).rstrip("=")
+    body = "".join(body.split())  # whitespace anywhere (wrapped base64); fast in C
+    if "-" in body or "_" in body:  # URL-safe alphabet
+        body = body.translate(_URL_SAFE)
+    body = body.rstrip("=")
     if not body:
         raise ServiceError("invalid_input", "the base64 image is empty: send the image's bytes")
     try:
