@@ -10,13 +10,22 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import uvicorn
 
 START_TIMEOUT_S = 300  # a cold model load on a busy 2-core machine
+
+
+def eventually(condition: Callable[[], object], timeout_s: float = 60, what: str = "") -> None:
+    """Poll `condition` until it is true; fail (never hang) after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what or condition}")
+        time.sleep(0.02)
 
 
 def free_port() -> int:

@@ -39,7 +39,7 @@ from da3_serverless.http_queue import JobStore
 from da3_serverless.http_server import create_app
 from da3_serverless.service import Service
 from paths import IMAGES
-from servers import app_in_thread, serve_process
+from servers import app_in_thread, eventually, serve_process
 
 KEY = "unit-test-key"
 
@@ -50,6 +50,8 @@ class GatedService:
     checks are the real Service's."""
 
     authorize = Service.authorize
+    model_key = Service.model_key
+    default_model_id = Service.default_model_id
 
     def __init__(self) -> None:
         self.settings = settings()
@@ -185,9 +187,7 @@ def test_queue_then_backpressure_then_recovery(gated):
         first = pool.submit(post, url, req(1))
         assert service.entered.acquire(timeout=30)  # running, holding the model
         queued = [pool.submit(post, url, req(i)) for i in (2, 3)]
-        metrics = ""
-        while "da3_queue_depth 2.0" not in metrics:
-            metrics = httpx.get(f"{url}/metrics").text
+        eventually(lambda: "da3_queue_depth 2.0" in httpx.get(f"{url}/metrics").text)
         refused = post(url, req(4))
         assert refused.status_code == 503
         assert refused.json()["error"]["code"] == "overloaded"
@@ -203,6 +203,18 @@ def test_queue_then_backpressure_then_recovery(gated):
     assert "da3_request_duration_seconds_bucket" in metrics
 
 
+def poll_until(url: str, job_id: str, done: str, deadline_s: float = 60) -> dict[str, Any]:
+    """GET /status until the job reaches `done` (bounded; a regression fails, never hangs)."""
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        status = httpx.get(f"{url}/status/{job_id}", headers={"X-API-Key": KEY}).json()
+        if status["status"] == done:
+            return status
+        assert status["status"] in ("IN_QUEUE", "IN_PROGRESS"), status
+        time.sleep(0.02)
+    raise AssertionError(f"job {job_id} did not reach {done} in {deadline_s} s")
+
+
 def test_jobs(gated):
     service, url = gated
     service.gate.clear()
@@ -211,22 +223,22 @@ def test_jobs(gated):
     job_id = submitted.json()["id"]
     assert submitted.json()["status"] == "IN_QUEUE"
     assert service.entered.acquire(timeout=30)
-    assert httpx.get(f"{url}/status/{job_id}").json()["status"] == "IN_PROGRESS"
+    key = {"X-API-Key": KEY}
+    assert httpx.get(f"{url}/status/{job_id}", headers=key).json()["status"] == "IN_PROGRESS"
+    # A job's output is for key holders only.
+    anonymous = httpx.get(f"{url}/status/{job_id}")
+    assert anonymous.status_code == 401 and anonymous.json()["error"]["code"] == "unauthorized"
     service.gate.set()
-    status: dict[str, Any] = {}
-    while status.get("status") != "COMPLETED":
-        status = httpx.get(f"{url}/status/{job_id}").json()
-        assert status["status"] in ("IN_PROGRESS", "COMPLETED")
+    status = poll_until(url, job_id, "COMPLETED")
     assert status["output"]["tag"] == "j" and status["executionTime"] >= 0
 
-    bad = httpx.post(f"{url}/run", json=failing("invalid_input"), headers={"X-API-Key": KEY})
-    while (failed := httpx.get(f"{url}/status/{bad.json()['id']}").json())["status"] != "FAILED":
-        pass
+    bad = httpx.post(f"{url}/run", json=failing("invalid_input"), headers=key)
+    failed = poll_until(url, bad.json()["id"], "FAILED")
     assert json.loads(failed["error"])["code"] == "invalid_input"
-    malformed = httpx.post(f"{url}/run", json={"imag_url": "x"}, headers={"X-API-Key": KEY})
+    malformed = httpx.post(f"{url}/run", json={"imag_url": "x"}, headers=key)
     assert malformed.status_code == 400  # refused at once, not as a failed job later
     assert "did you mean 'image_url'" in malformed.json()["error"]["message"]
-    unknown = httpx.get(f"{url}/status/doesnotexist")
+    unknown = httpx.get(f"{url}/status/doesnotexist", headers=key)
     assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "not_found"
 
 
@@ -260,13 +272,20 @@ def test_ready_is_503_until_the_model_loads():
         assert httpx.get(f"{url}/ready").status_code == 503
         assert httpx.get(f"{url}/health").status_code == 200
         service.loaded.set()
-        while httpx.get(f"{url}/ready").status_code != 200:
-            pass
+        eventually(lambda: httpx.get(f"{url}/ready").status_code == 200)
 
 
 def test_two_apps_have_their_own_metrics():
+    """Per-app registries: a global one would raise "Duplicated timeseries" on the second app,
+    or count one app's requests in the other's /metrics."""
     first, second = create_app(settings(), GatedService()), create_app(settings(), GatedService())
-    assert first is not second  # a global registry would have raised "Duplicated timeseries"
+    with app_in_thread(first) as first_url, app_in_thread(second) as second_url:
+        for _ in range(3):
+            httpx.get(f"{first_url}/health")
+        first_metrics = httpx.get(f"{first_url}/metrics").text
+        second_metrics = httpx.get(f"{second_url}/metrics").text
+    assert 'path="/health"' in first_metrics
+    assert 'path="/health"' not in second_metrics
 
 
 def test_one_json_log_line_per_request_without_secrets(gated, caplog):
@@ -419,8 +438,10 @@ def test_graceful_shutdown(service_env_module, tmp_path):
             running = pool.submit(
                 httpx.post, f"{url}/runsync", json=payload, headers=headers, timeout=300
             )
-            while "da3_inflight 1.0" not in httpx.get(f"{url}/metrics").text:
-                assert not running.done(), running.result().text
+            eventually(
+                lambda: "da3_inflight 1.0" in httpx.get(f"{url}/metrics").text or running.done()
+            )
+            assert not running.done(), running.result().text
             process.send_signal(signal.SIGTERM)
             answer = running.result()
         assert answer.status_code == 200, answer.text

@@ -145,6 +145,8 @@ class Client:
         self.max_retries = max_retries
         self.poll_interval = poll_interval
         headers = {"Authorization": f"Bearer {runpod_api_key}"} if runpod_api_key else {}
+        if api_key:  # the body carries it for jobs; a self-hosted /status wants it as a header
+            headers["X-API-Key"] = api_key
         self._http = httpx.Client(
             headers=headers, timeout=httpx.Timeout(timeout, connect=10.0), transport=transport
         )

@@ -45,12 +45,11 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from da3_serverless import __version__
-from da3_serverless.api.auth import key_from_headers
+from da3_serverless.api.auth import check_api_key, key_from_headers
 from da3_serverless.api.errors import ServiceError
 from da3_serverless.api.schema import RunRequest, RunResponse
 from da3_serverless.config import Settings
 from da3_serverless.http_queue import COMPLETED, FAILED, IN_PROGRESS, Job, JobStore, Scheduler
-from da3_serverless.inference.models import lookup_model
 from da3_serverless.service import Service
 
 log = logging.getLogger("da3_serverless.http")
@@ -190,8 +189,7 @@ def create_app(settings: Settings, service: Service | None = None) -> FastAPI:
         header_key = key_from_headers(request.headers)
         # Refuse bad keys and malformed requests before they take a place in the queue (and
         # so /run refuses them at once); Service.handle checks them again the same way.
-        service.authorize(body, header_key)
-        model_key = _model_key(body, settings)
+        model_key = service.model_key(service.authorize(body, header_key))
         request.state.log["model"] = model_key
         scheduler.admit()
         return body, envelope, header_key, model_key
@@ -264,6 +262,10 @@ def create_app(settings: Settings, service: Service | None = None) -> FastAPI:
         responses={200: {"model": RunPodEnvelope}, **_ERRORS},
     )
     async def status(request: Request, job_id: str) -> JSONResponse:
+        try:  # outputs hold file paths and results: key holders only, as on RunPod
+            check_api_key(key_from_headers(request.headers), settings)
+        except ServiceError as err:
+            return _error_response(request, err)
         job = jobs.get(job_id)
         if job is None:
             err = ServiceError("not_found", f"no job {job_id!r} (unknown, or older than the TTL)")
@@ -358,18 +360,6 @@ def _request_id(request: Request) -> str:
     if 0 < len(given) <= 64 and all(c.isalnum() or c in "-_." for c in given):
         return given
     return uuid.uuid4().hex
-
-
-def _model_key(payload: object, settings: Settings) -> str:
-    """The queue key of the model a request asks for: its canonical repo id. Unknown ids share
-    the default model's key (the service refuses them), so clients cannot grow the key set."""
-    model_id = payload.get("model_id") if isinstance(payload, dict) else None
-    info = lookup_model(model_id) if isinstance(model_id, str) else None
-    if info is None:
-        info = lookup_model(settings.model_id)
-        # MODEL_ID may be a local snapshot folder, outside the table.
-        return info.repo_id if info is not None else settings.model_id
-    return info.repo_id
 
 
 async def _read_json(request: Request, limit: int) -> object:

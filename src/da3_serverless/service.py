@@ -24,7 +24,11 @@ from da3_serverless.config import Settings
 from da3_serverless.inference.models import MODELS, lookup_model, valid_model_ids
 from da3_serverless.inference.prediction import Prediction
 from da3_serverless.inference.predictor import Predictor
-from da3_serverless.inference.registry import ModelRegistry, default_budget_bytes
+from da3_serverless.inference.registry import (
+    ModelRegistry,
+    canonical_model_id,
+    default_budget_bytes,
+)
 from da3_serverless.inference.weights import ModelNotFoundError, WeightLocator
 
 log = logging.getLogger(__name__)
@@ -66,8 +70,8 @@ class Service:
             log.warning("DA3_API_KEY is not set: every request will be refused (401)")
         elif not self.settings.api_key:
             log.warning("DA3_ALLOW_UNAUTHENTICATED=1: serving without an API key")
-        self.prune_outputs()
-        predictor = self.registry.get(self.settings.model_id)
+        self.store.maybe_prune()
+        predictor = self.registry.get(self.default_model_id)
         if self.settings.warmup:
             warm_up(predictor)
         self._ready = True
@@ -75,13 +79,6 @@ class Service:
     @property
     def ready(self) -> bool:
         return self._ready
-
-    def prune_outputs(self) -> list[Path]:
-        try:
-            return self.store.prune()
-        except OSError as error:
-            log.warning("could not prune %s: %s", self.settings.output_dir, error)
-            return []
 
     def model_table(self) -> list[dict]:
         loaded = set(self.registry.loaded())
@@ -98,7 +95,7 @@ class Service:
                 "sky": info.sky,
                 "params_millions": info.params_m,
                 "gpu_memory_gb": info.gpu_memory_gb,
-                "default": info.repo_id == self._default_repo_id(),
+                "default": info.repo_id == self.default_model_id,
                 "loaded": info.repo_id in loaded,
             }
             for info in MODELS
@@ -114,7 +111,7 @@ class Service:
         started = time.perf_counter()
         with timer.stage("validate"):
             request = self.authorize(payload, api_key)
-            model_id = self._choose_model(request)
+            model_id = self.model_key(request)
         with timer.stage("decode"):
             images = load_request_images(request, self.settings)
         with timer.stage("load_model"):
@@ -146,15 +143,15 @@ class Service:
         check_api_key(body_key if isinstance(body_key, str) else api_key, self.settings)
         return parse_request(payload, self.settings)
 
-    def _default_repo_id(self) -> str:
-        info = lookup_model(self.settings.model_id)
-        return info.repo_id if info else self.settings.model_id
+    @property
+    def default_model_id(self) -> str:
+        return canonical_model_id(self.settings.model_id)
 
-    def _choose_model(self, request: RunRequest) -> str:
-        """The registry key of the requested model. Clients pick from the table only; the
-        operator's MODEL_ID may also be a local snapshot folder."""
+    def model_key(self, request: RunRequest) -> str:
+        """The registry (and queue) key of the requested model. Clients pick from the table
+        only; the operator's MODEL_ID may also be a local snapshot folder."""
         if request.model_id is None:
-            return self._default_repo_id()
+            return self.default_model_id
         info = lookup_model(request.model_id)
         if info is None:
             raise ServiceError(

@@ -25,6 +25,12 @@ def model_bytes(predictor: Predictor) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def canonical_model_id(model_id: str) -> str:
+    """The table's repo id for any name of a released model; other ids (folders) unchanged."""
+    info = lookup_model(model_id)
+    return info.repo_id if info else model_id
+
+
 def estimated_bytes(model_id: str) -> int:
     """fp32 weight bytes of a model in the table (0 when unknown, e.g. a local folder)."""
     info = lookup_model(model_id)
@@ -40,33 +46,53 @@ def default_budget_bytes(device: torch.device) -> int:
 
 class ModelRegistry:
     """`get(model_id)` returns a loaded Predictor, loading it (once) when needed and evicting
-    the least recently used ones when the budget would be passed. Thread-safe."""
+    the least recently used ones when the budget would be passed. Thread-safe.
+
+    Keys are canonical: an HF repo id, a short name or a preset name of the same release share
+    one entry. Loads run one at a time without holding the lock that lookups take, so a long
+    load never blocks requests for models already loaded (or `loaded()`).
+    """
 
     def __init__(self, loader: Loader, budget_bytes: int):
         self._loader = loader
         self.budget_bytes = budget_bytes
         self._models: OrderedDict[str, Predictor] = OrderedDict()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards _models
+        self._loading = threading.Lock()  # one load at a time: two would pass the budget
 
     def loaded(self) -> list[str]:
         with self._lock:
             return list(self._models)
 
     def get(self, model_id: str) -> Predictor:
-        with self._lock:
-            if model_id in self._models:
-                self._models.move_to_end(model_id)
-                return self._models[model_id]
+        key = canonical_model_id(model_id)
+        predictor = self._lookup(key)
+        if predictor is not None:
+            return predictor
+        with self._loading:
+            predictor = self._lookup(key)  # loaded by another thread meanwhile
+            if predictor is not None:
+                return predictor
             # Make room before loading (estimate) and again after (actual size), so two models
             # never sit in memory together past the budget.
-            self._evict_for(estimated_bytes(model_id), model_id)
-            predictor = self._loader(model_id)
-            self._evict_for(model_bytes(predictor), model_id)
-            self._models[model_id] = predictor
+            with self._lock:
+                self._evict_for(estimated_bytes(key), key)
+            predictor = self._loader(key)
+            with self._lock:
+                self._evict_for(model_bytes(predictor), key)
+                self._models[key] = predictor
             return predictor
+
+    def _lookup(self, key: str) -> Predictor | None:
+        with self._lock:
+            if key in self._models:
+                self._models.move_to_end(key)
+                return self._models[key]
+            return None
 
     def evict_all_except(self, keep: str | None = None) -> list[str]:
         """Drop every model but `keep` (after an out-of-memory error); returns what was dropped."""
+        keep = canonical_model_id(keep) if keep is not None else None
         with self._lock:
             dropped = [model_id for model_id in self._models if model_id != keep]
             for model_id in dropped:
