@@ -79,7 +79,7 @@ def test_errors_are_typed():
     assert (caught.value.code, caught.value.status) == ("http_error", 502)
 
 
-def test_retries_only_429_and_503_and_bounded():
+def test_retries_only_transient_failures_and_bounded():
     busy = {"error": {"code": "overloaded", "message": "busy"}, "status": 503}
     seen: list[httpx.Request] = []
     answers = [
@@ -102,6 +102,14 @@ def test_retries_only_429_and_503_and_bounded():
     with pytest.raises(DA3Error):
         Client("http://x", transport=scripted(bad, seen)).run({})
     assert len(seen) == 1
+
+    # A missing model is a 503 too, but waiting will not bring it: no retry.
+    seen.clear()
+    missing = {"error": {"code": "model_unavailable", "message": "m"}, "status": 503}
+    answers = [httpx.Response(503, json=missing, headers={"Retry-After": "0"})]
+    with pytest.raises(DA3Error) as caught:
+        Client("http://x", transport=scripted(answers, seen)).run({})
+    assert caught.value.code == "model_unavailable" and len(seen) == 1
 
 
 # --- end to end: self-hosted server and RunPod's local API ---

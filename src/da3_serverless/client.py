@@ -30,7 +30,8 @@ from da3_serverless.api.encoding import decode_depth_png16
 from da3_serverless.config import Settings
 
 ImageInput = str | Path | bytes | Image.Image
-RETRY_STATUSES = (429, 503)
+# Worth retrying: the server is busy or out of memory for now (a missing model is not).
+TRANSIENT_CODES = ("overloaded", "out_of_memory")
 PENDING = ("IN_QUEUE", "IN_PROGRESS")
 
 
@@ -200,7 +201,8 @@ class Client:
         raise DA3Error("runpod_failed", None, f"job ended {job.get('status')!r} without output")
 
     def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        """One call, retried with backoff on 429/503 (at most `max_retries` times)."""
+        """One call, retried with backoff on 429 and on transient 503s (at most `max_retries`
+        times): `overloaded`, `out_of_memory`, or a 503 without our error body (a proxy's)."""
         for attempt in range(self.max_retries + 1):
             try:
                 response = self._http.request(method, f"{self.endpoint}/{path}", **kwargs)
@@ -208,8 +210,7 @@ class Client:
                 raise DA3Error("timeout", None, f"{method} {path}: {exc}") from None
             except httpx.TransportError as exc:
                 raise DA3Error("connection_failed", None, f"{method} {path}: {exc}") from None
-            retryable = response.status_code in RETRY_STATUSES or _failed_status(response) == 503
-            if not retryable or attempt == self.max_retries:
+            if not _retryable(response) or attempt == self.max_retries:
                 return response
             time.sleep(_backoff(response, attempt))
         raise AssertionError("unreachable")
@@ -244,13 +245,26 @@ def _error(error: object, http_status: int | None) -> DA3Error:
     return DA3Error("runpod_failed", http_status, repr(error)[:500])
 
 
-def _failed_status(response: httpx.Response) -> int | None:
-    """The error's status inside a 200 FAILED job (RunPod's APIs answer failures with 200)."""
+def _retryable(response: httpx.Response) -> bool:
+    if response.status_code == 429:
+        return True
+    failure = _failure(response)
+    if failure is None:
+        return response.status_code == 503
+    return failure.code in TRANSIENT_CODES
+
+
+def _failure(response: httpx.Response) -> DA3Error | None:
+    """Our error in a response: a bare v1 error body, or a FAILED job (RunPod's APIs answer
+    failures with 200 and the error as JSON text). None when the body holds neither."""
     try:
         body = response.json()
-        return _error(body["error"], None).status if body.get("status") == "FAILED" else None
+        if body.get("status") == "FAILED" or isinstance(body.get("status"), int):
+            error = _error(body["error"], response.status_code)
+            return error if error.code != "runpod_failed" else None
     except (ValueError, KeyError, AttributeError, TypeError):
-        return None
+        pass
+    return None
 
 
 def _backoff(response: httpx.Response, attempt: int) -> float:
@@ -332,7 +346,8 @@ def _write_result(result: DepthResult, out: Path, stem: str) -> None:
         if view.depth_png is not None:
             (out / f"{name}.depth.png").write_bytes(view.depth_png)
         for extra, data in view.outputs.items():
-            (out / f"{name}.{_EXTRA_SUFFIX.get(extra, extra)}").write_bytes(data)
+            if extra in _EXTRA_SUFFIX:  # never a file name chosen by the server
+                (out / f"{name}.{_EXTRA_SUFFIX[extra]}").write_bytes(data)
     (out / f"{stem}.json").write_text(json.dumps(_without_base64(result.raw), indent=2))
 
 

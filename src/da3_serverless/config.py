@@ -81,7 +81,9 @@ class Settings(BaseSettings):
 
     # Client (`da3-serverless request`)
     endpoint: str | None = Field(default=None, validation_alias=_env("DA3_ENDPOINT"))
-    runpod_api_key: str | None = Field(default=None, validation_alias=_env("RUNPOD_API_KEY"))
+    runpod_api_key: str | None = Field(
+        default=None, validation_alias=_env("RUNPOD_API_KEY"), repr=False
+    )
 
     @cached_property
     def workspace_dir(self) -> Path:
