@@ -465,3 +465,12 @@ def test_job_store_bounds_count_and_age():
     done = expiring.new()
     done.status, done.finished = "FAILED", time.monotonic() - 1
     assert expiring.get(done.id) is None
+
+
+def test_deeply_nested_json_is_a_bad_request_not_a_crash(gated):
+    _, url = gated
+    answer = httpx.post(
+        f"{url}/runsync", content=b"[" * 5_000, headers={"X-API-Key": KEY}, timeout=60
+    )
+    assert answer.status_code == 400
+    assert answer.json()["error"]["message"] == "the body's JSON is nested too deeply"

@@ -213,3 +213,61 @@ def test_no_payload_raises_anything_but_service_errors(service, payload):
         json.dumps(error.to_dict())
     else:
         json.dumps(body)
+
+
+def test_the_default_model_loads_once_under_any_of_its_names(small_snapshot):
+    loads = []
+
+    def load(model_id: str) -> Predictor:
+        loads.append(model_id)
+        return Predictor.from_pretrained(small_snapshot, device="cpu")
+
+    registry = ModelRegistry(load, budget_bytes=10**12)
+    first = registry.get("da3-small")
+    assert registry.get(SMALL_REPO) is first and registry.get("DA3-SMALL") is first
+    assert loads == [SMALL_REPO]
+
+
+def test_a_corrupt_snapshot_is_model_unavailable(hf_cache, tmp_path, small_snapshot):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_bytes((small_snapshot / "config.json").read_bytes())
+    (broken / "model.safetensors").write_bytes(
+        (small_snapshot / "model.safetensors").read_bytes()[:100_000]  # truncated download
+    )
+    service = Service(make_settings(hf_cache, tmp_path / "ws", model_id=str(broken)))
+    with pytest.raises(ServiceError) as error:
+        service.handle(request())
+    assert (error.value.code, error.value.status) == ("model_unavailable", 503)
+    assert "cannot be read as safetensors" in error.value.message
+
+
+def test_multi_view_responses_count_the_repeated_first_view(service):
+    """The top level repeats view 0, so its payloads count twice against the budget."""
+    from da3_serverless.api.outputs import Artifact, fit_inline
+
+    artifacts = [Artifact(view, "depth", b"x" * 3000, ".png", "image/png") for view in (0, 1)]
+    assert len(fit_inline(artifacts, budget=8000)) == 2
+    assert len(fit_inline(artifacts, budget=8000, repeated_view=0)) == 1
+    assert len(fit_inline(artifacts, budget=12000, repeated_view=0)) == 2
+
+
+def test_the_depth_map_is_never_lost(hf_cache, tmp_path):
+    """Paths asked for, but the volume is unusable and there is no bucket: inline after all."""
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    (workspace / "output_images").write_text("a file where the folder should be")
+    service = Service(make_settings(hf_cache, workspace))
+    body = service.handle(request(return_base64=False))
+    assert body["image_base64"] and body["file_path"] is None
+    assert "the depth map could not be stored, so it is inline" in body["warnings"]
+
+
+def test_process_res_limit_cannot_pass_the_predictors_ceiling():
+    from pydantic import ValidationError
+
+    from da3_serverless.inference.preprocess import MAX_PROCESS_RES
+
+    assert Settings().max_process_res == MAX_PROCESS_RES
+    with pytest.raises(ValidationError):
+        Settings(max_process_res=MAX_PROCESS_RES + 14)

@@ -84,3 +84,12 @@ def test_settings_place_the_caches_in_the_workspace(tmp_path):
     assert weights.hf_cache == tmp_path / "ws" / "cache" / "hub"
     assert weights.models_dir == tmp_path / "ws" / "models"
     assert weights.offline
+
+
+def test_a_folder_named_like_a_model_id_does_not_shadow_it(small_snapshot, tmp_path, monkeypatch):
+    weights = locator(tmp_path)
+    place_in_hf_cache(small_snapshot, tmp_path / "hf-home", SMALL_REPO)
+    monkeypatch.chdir(tmp_path)
+    copy_snapshot(small_snapshot, tmp_path / "depth-anything" / "DA3-SMALL")
+    assert weights.resolve(SMALL_REPO).is_relative_to(weights.hf_cache)
+    assert weights.resolve("./depth-anything/DA3-SMALL") == Path("depth-anything/DA3-SMALL")

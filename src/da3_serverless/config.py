@@ -68,7 +68,10 @@ class Settings(BaseSettings):
     max_download_bytes: int = Field(default=50_000_000, validation_alias=_env("MAX_DOWNLOAD_BYTES"))
     download_timeout_s: float = Field(default=20.0, validation_alias=_env("DOWNLOAD_TIMEOUT_S"))
     max_views: int = Field(default=16, validation_alias=_env("MAX_VIEWS"))
-    max_process_res: int = Field(default=2016, validation_alias=_env("MAX_PROCESS_RES"))
+    # At most the predictor's own ceiling (inference.preprocess.MAX_PROCESS_RES = 2016).
+    max_process_res: int = Field(
+        default=2016, ge=14, le=2016, validation_alias=_env("MAX_PROCESS_RES")
+    )
     allow_private_urls: bool = Field(default=False, validation_alias=_env("DA3_ALLOW_PRIVATE_URLS"))
 
     # Self-hosted server

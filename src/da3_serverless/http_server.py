@@ -211,7 +211,10 @@ def create_app(settings: Settings, service: Service | None = None) -> FastAPI:
         except ServiceError as err:
             return _error_response(request, err, job_id)
         except Exception:
-            log.exception("unexpected error", extra={"fields": {"request_id": job_id}})
+            log.exception(
+                "unexpected error",
+                extra={"fields": {"request_id": getattr(request.state, "request_id", "?")}},
+            )
             return _error_response(request, _internal(request), job_id)
         request.state.log.update(_result_log(result))
         if envelope:
@@ -231,7 +234,15 @@ def create_app(settings: Settings, service: Service | None = None) -> FastAPI:
         except ServiceError as err:
             return _error_response(request, err)
         except Exception:
-            log.exception("unexpected error", extra={"fields": {"path": "/run"}})
+            log.exception(
+                "unexpected error",
+                extra={
+                    "fields": {
+                        "path": "/run",
+                        "request_id": getattr(request.state, "request_id", "?"),
+                    }
+                },
+            )
             return _error_response(request, _internal(request))
         job = jobs.new()
         job.task = asyncio.create_task(run_job(job, payload, header_key, model_key))
@@ -383,6 +394,8 @@ async def _read_json(request: Request, limit: int) -> object:
         return json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ServiceError("invalid_input", f"the body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ServiceError("invalid_input", "the body's JSON is nested too deeply") from None
 
 
 def _error_fields(err: ServiceError) -> dict[str, Any]:

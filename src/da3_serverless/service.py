@@ -117,9 +117,8 @@ class Service:
         with timer.stage("load_model"):
             predictor = self._predictor(model_id)
         _check_metric(request, predictor)
-        focal = _focal_lengths(request, predictor, images)
         with timer.stage("inference"):
-            prediction = self._predict(predictor, request, images, focal)
+            prediction = self._predict(predictor, request, images)
         self.store.maybe_prune()
         saved: list[Path] = []
         try:
@@ -183,7 +182,6 @@ class Service:
         predictor: Predictor,
         request: RunRequest,
         images: list[DecodedImage],
-        focal: list[float] | None,
     ) -> Prediction:
         try:
             return predictor.predict(
@@ -192,8 +190,9 @@ class Service:
                 use_ray_pose=request.use_ray_pose,
                 intrinsics=request.intrinsics,
                 extrinsics=request.extrinsics,
-                focal_length_px=focal,
+                focal_length_px=request.focal_length_px,
                 metric=request.output_metric,
+                exif_focal_length_px=[image.focal_length_px for image in images],
             )
         except ValueError as error:
             raise ServiceError("invalid_input", str(error)) from None
@@ -217,7 +216,7 @@ class Service:
     ) -> dict:
         views = [view_skeleton(prediction, index) for index in range(len(prediction))]
         budget = self.settings.max_response_bytes if request.return_base64 else 0
-        inline = fit_inline(artifacts, budget)
+        inline = fit_inline(artifacts, budget, repeated_view=0 if len(views) > 1 else None)
         stored = sorted({a.name for a in artifacts if id(a) not in inline})
         if request.return_base64 and stored:
             warnings.append(
@@ -229,6 +228,10 @@ class Service:
                 entry = self._place(artifact, id(artifact) in inline, saved, warnings)
                 view = views[artifact.view]
                 view.update(artifact.fields)
+                if artifact.name == "depth" and not entry.keys() & {"base64", "path", "url"}:
+                    # Nowhere to store it: the depth map is the answer, so it goes inline.
+                    entry["base64"] = base64.b64encode(artifact.data).decode("ascii")
+                    warnings.append("the depth map could not be stored, so it is inline")
                 if artifact.name == "depth":
                     view["image_base64"] = entry.get("base64")
                     view["file_path"] = entry.get("path")
@@ -302,28 +305,6 @@ def _check_metric(request: RunRequest, predictor: Predictor) -> None:
             f"{predictor.model_id} gives relative depth only, but output_metric is true: use "
             f"a metric model ({', '.join(metric)}) or set output_metric to false",
         )
-
-
-def _focal_lengths(
-    request: RunRequest, predictor: Predictor, images: list[DecodedImage]
-) -> list[float] | None:
-    """Per-view focal lengths (input px) for a model that needs one to give meters."""
-    if not predictor.needs_focal or not request.output_metric:
-        return None
-    if request.focal_length_px is not None:
-        return [request.focal_length_px] * len(images)
-    if request.intrinsics is not None:
-        return None  # the predictor takes the focal from the intrinsics
-    focal = [image.focal_length_px for image in images]
-    if any(f is None for f in focal):
-        raise ServiceError(
-            "invalid_input",
-            f"{predictor.model_id} needs the camera's focal length to give meters, and the "
-            "image has no EXIF FocalLengthIn35mmFilm: send focal_length_px (pixels of the input "
-            "image) or intrinsics, use the nested model (depth-anything/"
-            "DA3NESTED-GIANT-LARGE-1.1), or set output_metric to false",
-        )
-    return focal
 
 
 def warm_up(predictor: Predictor) -> None:

@@ -104,12 +104,17 @@ def _encode_extra(
     return encoding.encode_pointcloud_ply(depth, prediction.intrinsics[index], rgb, extrinsics)
 
 
-def fit_inline(artifacts: list[Artifact], budget: int) -> set[int]:
+def fit_inline(
+    artifacts: list[Artifact], budget: int, repeated_view: int | None = None
+) -> set[int]:
     """ids of the artifacts that go inline as base64 within `budget` bytes: the depth maps
-    first, then the extras in the order requested; whatever does not fit is stored."""
+    first, then the extras in the order requested; whatever does not fit is stored.
+    `repeated_view`'s artifacts count twice: a multi-view response repeats view 0 at the top."""
     inline = set()
     for artifact in sorted(artifacts, key=lambda a: a.name != "depth"):
         size = 4 * ((len(artifact.data) + 2) // 3)
+        if artifact.view == repeated_view:
+            size *= 2
         if size <= budget:
             inline.add(id(artifact))
             budget -= size

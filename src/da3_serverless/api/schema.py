@@ -29,6 +29,7 @@ SCHEMA_VERSION = "1"
 OutputName = Literal["depth", "preview", "confidence", "sky_mask", "depth_npy", "pointcloud"]
 OUTPUT_NAMES: tuple[str, ...] = OutputName.__args__
 MIN_PROCESS_RES = 14  # one ViT patch
+MAX_REPORTED_PROBLEMS = 10
 Matrix = list[list[FiniteFloat]]
 
 
@@ -191,6 +192,7 @@ _TYPE_HINTS = {
 def _where(loc: tuple[int | str, ...]) -> str:
     out = ""
     for part in loc:
+        part = part if isinstance(part, int) else str(part)[:64]
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out
 
@@ -236,6 +238,9 @@ def parse_request(payload: object, settings: Settings | None = None) -> RunReque
         request = RunRequest.model_validate(payload)
     except ValidationError as exc:
         messages = list(dict.fromkeys(_describe(e) for e in exc.errors(include_url=False)))
+        if len(messages) > MAX_REPORTED_PROBLEMS:  # a message never outgrows the request
+            extra = len(messages) - MAX_REPORTED_PROBLEMS
+            messages = [*messages[:MAX_REPORTED_PROBLEMS], f"and {extra} more problem(s)"]
         raise ServiceError("invalid_input", "invalid request: " + "; ".join(messages)) from None
     if settings is not None:
         check_limits(request, settings)

@@ -151,14 +151,15 @@ class OutputStore:
             )
         from botocore.exceptions import BotoCoreError, ClientError
 
-        client, bucket = self._bucket()
         key = f"{time.strftime('%Y-%m-%d', time.gmtime())}/{uuid.uuid4().hex}{suffix}"
+        bucket = "?"
         try:
+            client, bucket = self._bucket()  # a malformed endpoint fails here, as ValueError
             client.put_object(Bucket=bucket, Key=key, Body=data, ContentType=media_type)
             return client.generate_presigned_url(
                 "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=PRESIGNED_URL_TTL_S
             )
-        except (BotoCoreError, ClientError) as exc:
+        except (BotoCoreError, ClientError, ValueError) as exc:
             host = urlsplit(self._settings.bucket_endpoint_url or "").hostname
             raise StorageError(
                 f"could not upload an output to bucket {bucket!r} at {host}: "

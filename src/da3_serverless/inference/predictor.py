@@ -32,9 +32,6 @@ from da3_serverless.model.checkpoint import load_network
 
 # DA3METRIC-LARGE predicts depth for a canonical focal length of 300 px.
 CANONICAL_FOCAL_PX = 300.0
-METRIC_PRESETS = {"da3nested-giant-large"}
-FOCAL_METRIC_PRESETS = {"da3metric-large"}
-CAMERA_PRESETS = {"da3-small", "da3-base", "da3-large", "da3-giant", "da3nested-giant-large"}
 
 
 def default_device() -> torch.device:
@@ -68,7 +65,8 @@ class Predictor:
         self.model_id = model_id or preset
         self.device = torch.device(device) if device is not None else default_device()
         self.dtype = dtype or default_dtype(self.device)
-        self.info: ModelInfo | None = lookup_model(self.model_id) or lookup_model(preset)
+        # What the network can give comes from the model table (every preset is in it).
+        self.capabilities: ModelInfo = lookup_model(preset)
 
     @classmethod
     def from_pretrained(
@@ -97,15 +95,15 @@ class Predictor:
 
     @property
     def is_metric(self) -> bool:
-        return self.preset in METRIC_PRESETS
+        return self.capabilities.metric
 
     @property
     def needs_focal(self) -> bool:
-        return self.preset in FOCAL_METRIC_PRESETS
+        return self.capabilities.needs_focal
 
     @property
     def predicts_camera(self) -> bool:
-        return self.preset in CAMERA_PRESETS
+        return self.capabilities.camera
 
     def compile(self, cache_dir: Path | None = None) -> None:
         """Opt-in speed: channels-last convolutions and `torch.compile` of the network.
@@ -130,6 +128,7 @@ class Predictor:
         extrinsics: np.ndarray | Sequence | None = None,
         focal_length_px: float | Sequence[float] | None = None,
         metric: bool = True,
+        exif_focal_length_px: Sequence[float | None] | None = None,
     ) -> Prediction:
         """Depth, confidence, sky and cameras for N views of one scene.
 
@@ -139,10 +138,15 @@ class Predictor:
             network on known poses and returns depth in their units.
         focal_length_px: focal length(s) in input pixels, for DA3METRIC-LARGE.
         metric: False asks for relative depth: no focal length needed, `units="relative"`.
+        exif_focal_length_px: per-view EXIF focal lengths, for images the caller decoded (and
+            oriented) itself; by default they are read from the images. DA3METRIC-LARGE takes
+            its focal length from focal_length_px, else intrinsics, else EXIF.
         Raises ValueError with what to fix for any bad argument.
         """
         views, exif_focals = zip(*self._load_views(images), strict=True)
         count = len(views)
+        if exif_focal_length_px is not None:
+            exif_focals = tuple(exif_focal_length_px)
         if not isinstance(process_res, int) or not PATCH_SIZE <= process_res <= MAX_PROCESS_RES:
             raise ValueError(
                 f"process_res={process_res!r} is out of range: use an integer between "
@@ -232,9 +236,11 @@ class Predictor:
             values = np.array([np.nan if f is None else f for f in exif_focals])
         if not (np.isfinite(values) & (values > 0)).all():
             raise ValueError(
-                f"{self.preset} needs the camera's focal length to give meters: pass "
-                "focal_length_px (in pixels of the input image), intrinsics, or a photo whose "
-                "EXIF has FocalLengthIn35mmFilm"
+                f"{self.model_id} needs the camera's focal length to give meters: pass "
+                "focal_length_px (in pixels of the input image) or intrinsics, send a photo "
+                "whose EXIF has FocalLengthIn35mmFilm, use the nested metric model "
+                "(depth-anything/DA3NESTED-GIANT-LARGE-1.1), or ask for relative depth "
+                "(output_metric false; metric=False in Python)"
             )
         return values
 

@@ -51,15 +51,17 @@ class WeightLocator:
 
         Raises ModelNotFoundError naming the repo and every place looked.
         """
+        info = lookup_model(model_id)
         local = Path(model_id).expanduser()
-        if local.is_dir():
+        # A model id from the table never means a folder of that name in the working directory
+        # (write ./da3-small for such a folder).
+        if info is None and local.is_dir():
             if is_snapshot(local):
                 return local
             raise ModelNotFoundError(
                 f"{str(local)!r} is a folder but not a model snapshot: it needs "
                 f"{' and '.join(SNAPSHOT_FILES)}"
             )
-        info = lookup_model(model_id)
         repo_id = info.repo_id if info else model_id
         if "/" not in repo_id:
             raise ModelNotFoundError(

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_model
 from torch import nn
 
@@ -120,20 +120,23 @@ def load_network(
         net = build_network(preset)
 
     missing, wrong_shape, used = [], [], set()
-    with safe_open(str(path), framework="pt", device=str(torch.device(device))) as file:
-        stored = {key for key in file.keys() if not _is_ignored(key)}  # noqa: SIM118
-        for group in _groups(net):
-            present = [KEY_PREFIX + n for n in group.names if KEY_PREFIX + n in stored]
-            used.update(present)
-            if not present:
-                missing.append(KEY_PREFIX + group.names[0])
-                continue
-            value = file.get_tensor(present[0])
-            if value.shape != group.tensor.shape:
-                shapes = f"{tuple(value.shape)} instead of {tuple(group.tensor.shape)}"
-                wrong_shape.append(f"{present[0]} {shapes}")
-                continue
-            group.assign(net, value.to(dtype) if value.is_floating_point() else value)
+    try:
+        with safe_open(str(path), framework="pt", device=str(torch.device(device))) as file:
+            stored = {key for key in file.keys() if not _is_ignored(key)}  # noqa: SIM118
+            for group in _groups(net):
+                present = [KEY_PREFIX + n for n in group.names if KEY_PREFIX + n in stored]
+                used.update(present)
+                if not present:
+                    missing.append(KEY_PREFIX + group.names[0])
+                    continue
+                value = file.get_tensor(present[0])
+                if value.shape != group.tensor.shape:
+                    shapes = f"{tuple(value.shape)} instead of {tuple(group.tensor.shape)}"
+                    wrong_shape.append(f"{present[0]} {shapes}")
+                    continue
+                group.assign(net, value.to(dtype) if value.is_floating_point() else value)
+    except SafetensorError as error:  # a truncated or corrupt file
+        raise CheckpointError(f"{path} cannot be read as safetensors: {error}") from None
     problems = [
         f"{label} ({_listing(keys)})"
         for label, keys in (
