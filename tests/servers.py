@@ -86,13 +86,17 @@ def serve_process(
                 process.wait()
 
 
-def wait_ready(url: str, process: subprocess.Popen | None, log_path: Path | None) -> None:
+def wait_ready(
+    url: str, process: subprocess.Popen | None, log_path: Path | None, path: str = "/ready"
+) -> None:
+    """Until GET `url + path` answers 200; fails with the process's log if it exits or takes
+    longer than START_TIMEOUT_S."""
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
             break
         with contextlib.suppress(httpx.TransportError):
-            if httpx.get(f"{url}/ready", timeout=5).status_code == 200:
+            if httpx.get(f"{url}{path}", timeout=5).status_code == 200:
                 return
         time.sleep(0.3)
     output = log_path.read_text(errors="replace")[-5000:] if log_path else ""
@@ -112,14 +116,7 @@ def runpod_local_api(env: dict[str, str], log_path: Path) -> Iterator[str]:
         process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while process.poll() is None and time.monotonic() < deadline:
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{url}/", timeout=5).status_code == 200:
-                    break
-            time.sleep(0.3)
-        else:
-            raise RuntimeError(f"worker did not start:\n{log_path.read_text()[-5000:]}")
+        wait_ready(url, process, log_path, path="/")
         yield url
     finally:
         process.terminate()

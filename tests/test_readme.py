@@ -21,12 +21,10 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 from PIL import Image
@@ -39,7 +37,7 @@ from da3_serverless.cli import build_parser
 from da3_serverless.config import DEFAULT_MODEL_ID, Settings
 from da3_serverless.inference.models import MODELS
 from paths import IMAGES, REPO
-from servers import START_TIMEOUT_S, free_port, runpod_local_api, serve_process
+from servers import free_port, runpod_local_api, serve_process, wait_ready
 
 README = (REPO / "README.md").read_text()
 MARKER = "readme-test"
@@ -236,15 +234,8 @@ def make_serve(env: dict[str, str], log_path: Path) -> Iterator[str]:
         process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log,
                                    stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + START_TIMEOUT_S
     try:
-        while process.poll() is None and time.monotonic() < deadline:
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{url}/", timeout=5).status_code == 200:
-                    break
-            time.sleep(0.3)
-        else:
-            raise RuntimeError(f"make serve did not start:\n{log_path.read_text()[-5000:]}")
+        wait_ready(url, process, log_path, path="/")
         yield url
     finally:
         os.killpg(process.pid, signal.SIGTERM)  # make and the worker it started
