@@ -1,6 +1,7 @@
-"""Where the test data lives: the shared photos sit beside the repository (../shared)."""
+"""Where the test data lives: inside the repository (tests/data), never beside it."""
 
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-IMAGES = REPO.parent / "shared" / "data" / "images"
+DATA = REPO / "tests" / "data"
+IMAGES = DATA / "images"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from io import BytesIO
-from pathlib import Path
 
 import numpy as np
 from hypothesis import HealthCheck, given, settings
@@ -16,6 +15,7 @@ from da3_serverless.api.errors import ServiceError
 from da3_serverless.api.images import decode_image
 from da3_serverless.api.schema import RunRequest, parse_request
 from da3_serverless.config import Settings
+from paths import IMAGES
 
 SETTINGS = Settings(max_image_side=512)
 FIELDS = [*RunRequest.model_fields, "imagee_url", "input"]
@@ -58,9 +58,7 @@ SAMPLES = [
     _sample("WEBP", "RGB"),
     _sample("TIFF", "RGB"),
     _sample("BMP", "RGB"),
-    (Path(__file__).resolve().parents[1].parent / "shared/data/images/soh-000.png").read_bytes()[
-        :4000
-    ],
+    (IMAGES / "soh-000.png").read_bytes()[:4000],
 ]
 
 

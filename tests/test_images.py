@@ -33,8 +33,8 @@ from da3_serverless.api.images import (
 )
 from da3_serverless.api.schema import parse_request
 from da3_serverless.config import Settings
+from paths import IMAGES
 
-IMAGES = Path(__file__).resolve().parents[1].parent / "shared/data/images"
 SETTINGS = Settings(allow_private_urls=False)
 
 
