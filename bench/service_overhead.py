@@ -65,7 +65,7 @@ def in_process(folder: Path, workspace: Path, runs: int) -> dict:
     )
     service = Service(settings)
     service.start()
-    predictor = service.registry.get(str(folder))
+    predictor = service.model_cache.get(str(folder))
     results = {}
     for label, size in (("1208x680", None), ("4096x4096", (4096, 4096))):
         payload = {"image_base64": photo_base64(size), "process_res": RES}

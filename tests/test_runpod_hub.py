@@ -16,7 +16,7 @@ from PIL import Image
 
 from da3_serverless.api.schema import parse_request
 from da3_serverless.config import DEFAULT_MODEL_ID, Settings
-from da3_serverless.inference.models import lookup_model, valid_model_ids
+from da3_serverless.inference.catalog import lookup_model, valid_model_ids
 
 HUB_DIR = Path(__file__).resolve().parents[1] / ".runpod"
 

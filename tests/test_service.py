@@ -18,8 +18,8 @@ from conftest import SMALL_REPO, TEST_API_KEY
 from da3_serverless.api.errors import ServiceError
 from da3_serverless.api.schema import OUTPUT_NAMES, RunRequest, RunResponse
 from da3_serverless.config import Settings
+from da3_serverless.inference.cache import ModelCache, model_bytes
 from da3_serverless.inference.predictor import Predictor
-from da3_serverless.inference.registry import ModelRegistry, model_bytes
 from da3_serverless.service import Service
 from paths import IMAGES
 
@@ -153,7 +153,7 @@ def test_a_failed_request_leaves_no_file(service, monkeypatch):
 
 
 def test_out_of_memory_answers_503_and_the_service_keeps_serving(service, monkeypatch):
-    predictor = service.registry.get(SMALL_REPO)
+    predictor = service.model_cache.get(SMALL_REPO)
 
     def no_memory(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
@@ -175,7 +175,7 @@ def test_auth_is_checked_before_the_request_is_read(service):
     assert body["schema_version"] == "1"
 
 
-def test_registry_evicts_least_recently_used_within_its_budget(small_snapshot):
+def test_model_cache_evicts_least_recently_used_within_its_budget(small_snapshot):
     loads = []
 
     def load(model_id: str) -> Predictor:
@@ -183,12 +183,12 @@ def test_registry_evicts_least_recently_used_within_its_budget(small_snapshot):
         return Predictor.from_pretrained(small_snapshot, device="cpu")
 
     one = model_bytes(Predictor.from_pretrained(small_snapshot, device="cpu"))
-    registry = ModelRegistry(load, budget_bytes=int(one * 2.5))
-    registry.get("a"), registry.get("b"), registry.get("a")
-    assert registry.loaded() == ["b", "a"] and loads == ["a", "b"]
-    registry.get("c")  # over budget: "b" is the least recently used
-    assert registry.loaded() == ["a", "c"]
-    assert registry.evict_all_except("c") == ["a"] and registry.loaded() == ["c"]
+    cache = ModelCache(load, budget_bytes=int(one * 2.5))
+    cache.get("a"), cache.get("b"), cache.get("a")
+    assert cache.loaded() == ["b", "a"] and loads == ["a", "b"]
+    cache.get("c")  # over budget: "b" is the least recently used
+    assert cache.loaded() == ["a", "c"]
+    assert cache.evict_all_except("c") == ["a"] and cache.loaded() == ["c"]
 
 
 json_values = st.recursive(
@@ -222,9 +222,9 @@ def test_the_default_model_loads_once_under_any_of_its_names(small_snapshot):
         loads.append(model_id)
         return Predictor.from_pretrained(small_snapshot, device="cpu")
 
-    registry = ModelRegistry(load, budget_bytes=10**12)
-    first = registry.get("da3-small")
-    assert registry.get(SMALL_REPO) is first and registry.get("DA3-SMALL") is first
+    cache = ModelCache(load, budget_bytes=10**12)
+    first = cache.get("da3-small")
+    assert cache.get(SMALL_REPO) is first and cache.get("DA3-SMALL") is first
     assert loads == [SMALL_REPO]
 
 

@@ -1,12 +1,13 @@
-"""API key check (DESIGN §5): constant-time comparison, refuse when no key is configured."""
+"""API key check (docs/ARCHITECTURE.md §5): constant-time comparison, and every request
+refused when no key is configured."""
 
 from __future__ import annotations
 
 import hmac
 from collections.abc import Mapping
 
-from ..config import Settings
-from .errors import ServiceError
+from da3_serverless.api.errors import ServiceError
+from da3_serverless.config import Settings
 
 # Header names a self-hosted client may use, besides `Authorization: Bearer <key>`.
 KEY_HEADERS = ("x-api-key", "da3-api-key")

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
-# code -> HTTP status (DESIGN §4)
+# code -> HTTP status (docs/ARCHITECTURE.md §4)
 STATUS_BY_CODE: dict[str, int] = {
     "invalid_input": 400,
     "unauthorized": 401,
@@ -30,8 +31,17 @@ class ServiceError(Exception):
         self.message = message
         self.status = status if status is not None else STATUS_BY_CODE[code]
 
+    def fields(self) -> dict[str, Any]:
+        """The error object's fields, `{"code", "status", "message"}`: what a RunPod job's
+        `error` carries (as JSON text, `to_json`) and what a `/run` job records."""
+        return {"code": self.code, "status": self.status, "message": self.message}
+
+    def to_json(self) -> str:
+        """`fields()` as JSON text: RunPod models a job's `error` as a string."""
+        return json.dumps(self.fields())
+
     def to_dict(self) -> dict[str, Any]:
-        """The v1 error object: `{"error": {"code", "message"}, "status"}`."""
+        """The self-hosted v1 error body: `{"error": {"code", "message"}, "status"}`."""
         return {"error": {"code": self.code, "message": self.message}, "status": self.status}
 
     def __repr__(self) -> str:

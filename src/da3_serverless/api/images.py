@@ -1,7 +1,8 @@
 """Getting the request's images: base64 and URL sources, safe downloads, careful decoding.
 
-Everything here treats its input as hostile (DESIGN §5): sizes are checked from the header before
-pixels are decoded, only a fixed set of formats is parsed, URLs may only reach public addresses.
+Everything here treats its input as hostile (docs/ARCHITECTURE.md §5): sizes are checked from
+the header before pixels are decoded, only a fixed set of formats is parsed, URLs may only reach
+public addresses.
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ import httpx
 import pillow_heif
 from PIL import Image
 
-from ..config import Settings
-from ..inference.preprocess import upright_rgb
-from .errors import ServiceError
-from .schema import RunRequest, check_limits
+from da3_serverless.api.errors import ServiceError
+from da3_serverless.api.schema import RunRequest, check_limits
+from da3_serverless.config import Settings
+from da3_serverless.inference.preprocess import upright_rgb
 
 pillow_heif.register_heif_opener()
 

@@ -1,4 +1,4 @@
-"""API contract v1: the request and response objects (DESIGN §4).
+"""API contract v1: the request and response objects (docs/ARCHITECTURE.md §4).
 
 `parse_request(payload)` turns the JSON object a client sent (the `input` of a RunPod job, the
 body of `POST /runsync`) into a `RunRequest`, or raises `ServiceError("invalid_input")` whose
@@ -22,8 +22,8 @@ from pydantic import (
     model_validator,
 )
 
-from ..config import Settings
-from .errors import ServiceError
+from da3_serverless.api.errors import ServiceError
+from da3_serverless.config import Settings
 
 SCHEMA_VERSION = "1"
 OutputName = Literal["depth", "preview", "confidence", "sky_mask", "depth_npy", "pointcloud"]

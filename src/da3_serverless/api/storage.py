@@ -1,5 +1,5 @@
 """Where outputs go besides the response: files under the workspace's `output_images/` and,
-when configured, an S3-compatible bucket (DESIGN §4, §5).
+when configured, an S3-compatible bucket (docs/ARCHITECTURE.md §4, §5).
 
 Failures raise `StorageError`; the service reports them as warnings in a response that still
 comes back. Files are only ever written, removed or pruned directly inside `output_images/`.
@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from ..config import Settings
+from da3_serverless.config import Settings
 
 PRUNE_INTERVAL_S = 3600.0
 PRESIGNED_URL_TTL_S = 7 * 24 * 3600  # the longest S3 allows, as RunPod's own upload helper uses

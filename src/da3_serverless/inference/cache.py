@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import torch
 
-from da3_serverless.inference.models import lookup_model
+from da3_serverless.inference.catalog import lookup_model
 from da3_serverless.inference.predictor import Predictor
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ def default_budget_bytes(device: torch.device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
 
 
-class ModelRegistry:
+class ModelCache:
     """`get(model_id)` returns a loaded Predictor, loading it (once) when needed and evicting
     the least recently used ones when the budget would be passed. Thread-safe.
 

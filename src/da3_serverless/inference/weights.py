@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from da3_serverless.config import Settings
-from da3_serverless.inference.models import lookup_model
+from da3_serverless.inference.catalog import lookup_model
 
 SNAPSHOT_FILES = ("config.json", "model.safetensors")
 RUNPOD_HUB_CACHE = Path("/runpod-volume/huggingface-cache/hub")
