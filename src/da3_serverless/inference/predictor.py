@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from da3_serverless.inference.cameras import (
     as_matrices,
@@ -18,7 +20,7 @@ from da3_serverless.inference.cameras import (
     normalise_extrinsics,
     umeyama_scale,
 )
-from da3_serverless.inference.models import ModelInfo, lookup_model
+from da3_serverless.inference.catalog import ModelInfo, lookup_model
 from da3_serverless.inference.prediction import Prediction
 from da3_serverless.inference.preprocess import (
     MAX_PROCESS_RES,
@@ -29,6 +31,7 @@ from da3_serverless.inference.preprocess import (
     to_network_input,
 )
 from da3_serverless.model.checkpoint import load_network
+from da3_serverless.model.net import NetOutput
 
 # DA3METRIC-LARGE predicts depth for a canonical focal length of 300 px.
 CANONICAL_FOCAL_PX = 300.0
@@ -43,6 +46,34 @@ def default_dtype(device: torch.device) -> torch.dtype:
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float32
+
+
+@dataclass
+class Scene:
+    """Checked views of one scene: upright RGB images, their EXIF focal lengths (input pixels,
+    None where absent) and the given cameras, (N, 3, 3) intrinsics and (N, 4, 4) extrinsics."""
+
+    views: list[Image.Image]
+    exif_focals: list[float | None]
+    intrinsics: np.ndarray | None
+    extrinsics: np.ndarray | None
+
+
+@dataclass
+class PreparedInput:
+    """A scene ready for the network: `batch` (1, N, 3, h, w) on the device, each view's input
+    `sizes` (W, H), `scales` (N, 2) from input to network pixels, the metric focal lengths in
+    input pixels (DA3METRIC-LARGE) and the conditioning cameras in network pixels."""
+
+    scene: Scene
+    sizes: list[tuple[int, int]]
+    batch: torch.Tensor
+    scales: np.ndarray
+    focal_px: np.ndarray | None
+    net_extrinsics: np.ndarray | None
+    net_intrinsics: np.ndarray | None
+    use_ray_pose: bool
+    metric: bool
 
 
 class Predictor:
@@ -142,7 +173,21 @@ class Predictor:
             oriented) itself; by default they are read from the images. DA3METRIC-LARGE takes
             its focal length from focal_length_px, else intrinsics, else EXIF.
         Raises ValueError with what to fix for any bad argument.
+
+        The stages: check the arguments, prepare the network input, forward, then metric
+        scaling, alignment to given poses and assembling the `Prediction`.
         """
+        scene = self._check_arguments(
+            images, process_res, use_ray_pose, intrinsics, extrinsics, exif_focal_length_px
+        )
+        prepared = self._prepare(scene, process_res, focal_length_px, metric, use_ray_pose)
+        output = self._forward(prepared)
+        return self._finish(prepared, output, sample=0)
+
+    def _check_arguments(
+        self, images, process_res, use_ray_pose, intrinsics, extrinsics, exif_focal_length_px
+    ) -> Scene:
+        """The views, their EXIF focal lengths and the given cameras, checked."""
         views, exif_focals = zip(*self._load_views(images), strict=True)
         count = len(views)
         if exif_focal_length_px is not None:
@@ -164,56 +209,72 @@ class Predictor:
                 raise ValueError("extrinsics need intrinsics too: give both to condition on poses")
             if not self.predicts_camera:
                 raise ValueError(f"{self.preset} takes no camera poses: leave out extrinsics")
+        return Scene(list(views), list(exif_focals), given_intrinsics, given_extrinsics)
 
-        sizes = [view.size for view in views]
+    def _prepare(
+        self,
+        scene: Scene,
+        process_res: int,
+        focal_length_px: float | Sequence[float] | None,
+        metric: bool,
+        use_ray_pose: bool,
+    ) -> PreparedInput:
+        """The network input of one scene: resized, normalised views on the device, the scale
+        from input to network pixels, the metric focal lengths and the conditioning cameras."""
+        sizes = [view.size for view in scene.views]
         width, height = processing_size(*sizes[0], process_res)
         scales = np.array([[width / w, height / h] for w, h in sizes])  # input px -> network px
-        batch = to_network_input(views, (width, height)).to(self.device)
-
+        batch = to_network_input(scene.views, (width, height)).to(self.device)
         focal_px = (
-            self._metric_focals(exif_focals, focal_length_px, given_intrinsics) if metric else None
+            self._metric_focals(scene.exif_focals, focal_length_px, scene.intrinsics)
+            if metric
+            else None
         )
         # Known cameras condition the network only as a pair; intrinsics alone serve the
         # metric focal length and the returned camera.
         net_extrinsics = net_intrinsics = None
-        if given_extrinsics is not None:
-            net_extrinsics = normalise_extrinsics(given_extrinsics)
-            net_intrinsics = _rescale(given_intrinsics, scales)
+        if scene.extrinsics is not None:
+            net_extrinsics = normalise_extrinsics(scene.extrinsics)
+            net_intrinsics = _rescale(scene.intrinsics, scales)
+        return PreparedInput(
+            scene, sizes, batch, scales, focal_px, net_extrinsics, net_intrinsics, use_ray_pose,
+            metric,
+        )  # fmt: skip
 
-        output = self._forward(batch, net_extrinsics, net_intrinsics, use_ray_pose)
-        depth = output.depth[0].float()
-        if focal_px is not None:
-            focal_net = torch.tensor(focal_px * scales.mean(axis=1), dtype=depth.dtype)
-            depth = depth * (focal_net.to(depth.device) / CANONICAL_FOCAL_PX)[:, None, None]
-
-        pred_intrinsics = _numpy(output.intrinsics)
-        pred_extrinsics = _numpy(output.extrinsics)
-        if given_extrinsics is not None:
-            # Known poses fix the scale: bring the prediction into their units.
-            scale = umeyama_scale(
-                camera_centers(pred_extrinsics), camera_centers(given_extrinsics[:, :3])
-            )
-            depth = depth / scale
-            pred_extrinsics = given_extrinsics[:, :3].astype(np.float32)
-        if given_intrinsics is not None:
-            out_intrinsics = given_intrinsics.astype(np.float32)
-        elif pred_intrinsics is not None:
-            out_intrinsics = _rescale(pred_intrinsics, 1.0 / scales).astype(np.float32)
+    def _finish(self, prepared: PreparedInput, output: NetOutput, sample: int) -> Prediction:
+        """Entry `sample` of the network output's batch -> the `Prediction` of `prepared`, at
+        each input's own size."""
+        depth = self._metric_depth(output.depth[sample].float(), prepared)
+        extrinsics = _numpy(output.extrinsics, sample)
+        given = prepared.scene
+        if given.extrinsics is not None:
+            depth, extrinsics = _align_to_given_poses(depth, extrinsics, given.extrinsics)
+        if given.intrinsics is not None:
+            intrinsics = given.intrinsics.astype(np.float32)
+        elif output.intrinsics is not None:
+            intrinsics = _rescale(_numpy(output.intrinsics, sample), 1.0 / prepared.scales)
+            intrinsics = intrinsics.astype(np.float32)
         else:
-            out_intrinsics = None
-
-        metric = metric and (self.is_metric or focal_px is not None)
+            intrinsics = None
+        metric = prepared.metric and (self.is_metric or prepared.focal_px is not None)
+        sizes = prepared.sizes
         return Prediction(
             depth=_resize_views(depth, sizes),
-            confidence=_resize_views(output.confidence[0].float(), sizes)
-            if output.confidence is not None
-            else None,
-            sky=_resize_views(output.sky[0].float(), sizes) if output.sky is not None else None,
-            intrinsics=out_intrinsics,
-            extrinsics=pred_extrinsics,
+            confidence=_resize_optional(output.confidence, sample, sizes),
+            sky=_resize_optional(output.sky, sample, sizes),
+            intrinsics=intrinsics,
+            extrinsics=extrinsics,
             is_metric=metric,
             units="m" if metric else "relative",
         )
+
+    def _metric_depth(self, depth: torch.Tensor, prepared: PreparedInput) -> torch.Tensor:
+        """DA3METRIC-LARGE's output to meters: x focal (network pixels) / 300."""
+        if prepared.focal_px is None:
+            return depth
+        focal_net = torch.tensor(prepared.focal_px * prepared.scales.mean(axis=1))
+        focal_net = focal_net.to(device=depth.device, dtype=depth.dtype)
+        return depth * (focal_net / CANONICAL_FOCAL_PX)[:, None, None]
 
     def _load_views(self, images: ImageInput | Sequence[ImageInput]) -> list[tuple]:
         """(RGB image, EXIF focal length px or None) per view."""
@@ -244,7 +305,10 @@ class Predictor:
             )
         return values
 
-    def _forward(self, batch, extrinsics, intrinsics, use_ray_pose):
+    def _forward(self, prepared: PreparedInput) -> NetOutput:
+        """One forward pass of the prepared scene (autocast to `self.dtype` when it is not
+        fp32; the network keeps its heads in fp32 itself)."""
+
         def tensor(array):
             if array is None:
                 return None
@@ -257,7 +321,10 @@ class Predictor:
         )
         with autocast:
             return self.network(
-                batch, tensor(extrinsics), tensor(intrinsics), use_ray_pose=use_ray_pose
+                prepared.batch,
+                tensor(prepared.net_extrinsics),
+                tensor(prepared.net_intrinsics),
+                use_ray_pose=prepared.use_ray_pose,
             )
 
 
@@ -275,8 +342,25 @@ def _rescale(intrinsics: np.ndarray, scales: np.ndarray) -> np.ndarray:
     return scaled
 
 
-def _numpy(tensor: torch.Tensor | None) -> np.ndarray | None:
-    return None if tensor is None else tensor[0].float().cpu().numpy()
+def _align_to_given_poses(
+    depth: torch.Tensor, predicted: np.ndarray, given: np.ndarray
+) -> tuple[torch.Tensor, np.ndarray]:
+    """Known poses fix the scale: the depth in their units (Umeyama scale between the
+    predicted and the given camera centres) and the given poses as (N, 3, 4) float32."""
+    scale = umeyama_scale(camera_centers(predicted), camera_centers(given[:, :3]))
+    return depth / scale, given[:, :3].astype(np.float32)
+
+
+def _numpy(tensor: torch.Tensor | None, sample: int) -> np.ndarray | None:
+    """Batch entry `sample` of an optional tensor, as float32 numpy."""
+    return None if tensor is None else tensor[sample].float().cpu().numpy()
+
+
+def _resize_optional(
+    maps: torch.Tensor | None, sample: int, sizes: list[tuple[int, int]]
+) -> np.ndarray | None:
+    """`_resize_views` of batch entry `sample` of an optional (B, N, h, w) output."""
+    return None if maps is None else _resize_views(maps[sample].float(), sizes)
 
 
 def _resize_views(maps: torch.Tensor, sizes: list[tuple[int, int]]) -> np.ndarray:
