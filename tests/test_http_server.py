@@ -35,8 +35,8 @@ from contract_cases import (
 )
 from da3_serverless.api.errors import ServiceError
 from da3_serverless.config import Settings
-from da3_serverless.http_queue import JobStore
-from da3_serverless.http_server import create_app
+from da3_serverless.server import create_app
+from da3_serverless.server.queue import JobStore
 from da3_serverless.service import Service
 from paths import IMAGES
 from servers import app_in_thread, eventually, serve_process
@@ -290,7 +290,7 @@ def test_two_apps_have_their_own_metrics():
 
 def test_one_json_log_line_per_request_without_secrets(gated, caplog):
     _, url = gated
-    caplog.set_level(logging.INFO, logger="da3_serverless.http")
+    caplog.set_level(logging.INFO, logger="da3_serverless.server")
     post(url, {"image_base64": base64.b64encode(b"secret-pixels").decode()})
     lines = [r for r in caplog.records if r.getMessage() == "request"]
     assert len(lines) == 1

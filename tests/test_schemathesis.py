@@ -15,7 +15,7 @@ from schemathesis import GenerationMode
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from da3_serverless.config import Settings
-from da3_serverless.http_server import create_app
+from da3_serverless.server import create_app
 from da3_serverless.service import Service
 
 # Schema-valid is not service-valid (random base64 is no image; exactly one source...), so

@@ -7,7 +7,6 @@ warmed before the first job.
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
@@ -33,11 +32,11 @@ def make_handler(service: Service) -> Callable[[dict], dict]:
         try:
             return service.handle(job.get("input"))
         except ServiceError as error:
-            return {"error": json.dumps({**error.to_dict()["error"], "status": error.status})}
+            return {"error": error.to_json()}
         except Exception:
             log.exception("job %s failed", job.get("id"))
             internal = ServiceError("internal", "internal error: the failure was logged; retry")
-            return {"error": json.dumps({**internal.to_dict()["error"], "status": 500})}
+            return {"error": internal.to_json()}
 
     return handler
 

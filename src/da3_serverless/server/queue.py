@@ -1,4 +1,4 @@
-"""Backpressure and background jobs for the self-hosted server (no HTTP in here).
+"""Backpressure and background jobs of the self-hosted server (no HTTP in here).
 
 `Scheduler` lets `concurrency` inferences run per model and at most `max_queue` requests wait;
 past that it refuses with `overloaded` instead of piling work up. `JobStore` keeps `/run` jobs
@@ -70,7 +70,7 @@ class Scheduler:
 
 @dataclass
 class Job:
-    """One `/run` job. `error` is the v1 error object's fields (`code`, `status`, `message`)."""
+    """One `/run` job: RunPod's status name, times (monotonic), the output or the error."""
 
     id: str
     status: str = IN_QUEUE
@@ -78,7 +78,7 @@ class Job:
     started: float | None = None
     finished: float | None = None
     output: dict[str, Any] | None = None
-    error: dict[str, Any] | None = None
+    error: ServiceError | None = None
     task: asyncio.Task[None] | None = None
 
     @property

@@ -1,0 +1,127 @@
+"""The server assembled: its state, its lifespan (model load, drain) and `serve` for the CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI
+
+from da3_serverless import __version__
+from da3_serverless.config import Settings
+from da3_serverless.server.errors import RETRY_AFTER_S, add_error_handlers
+from da3_serverless.server.jobs import add_job_routes
+from da3_serverless.server.logs import log_json_lines
+from da3_serverless.server.metrics import Metrics
+from da3_serverless.server.middleware import RequestLog
+from da3_serverless.server.operations import add_operation_routes
+from da3_serverless.server.pages import add_page_routes
+from da3_serverless.server.queue import JobStore, Scheduler
+from da3_serverless.service import Service
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AppState:
+    """What the routes share: settings, the service, the queue, the jobs and the metrics;
+    `draining` once a stop signal arrived, `start_error` when the default model failed."""
+
+    settings: Settings
+    service: Service
+    scheduler: Scheduler
+    jobs: JobStore
+    metrics: Metrics
+    draining: bool = False
+    start_error: str | None = None
+
+    @classmethod
+    def build(cls, settings: Settings, service: Service) -> AppState:
+        scheduler = Scheduler(settings.max_queue, settings.model_concurrency, RETRY_AFTER_S)
+        metrics = Metrics(
+            waiting=lambda: scheduler.waiting,
+            running=lambda: scheduler.running,
+            ready=lambda: float(service.ready),
+        )
+        jobs = JobStore(settings.max_jobs, settings.job_ttl_s)
+        return cls(settings, service, scheduler, jobs, metrics)
+
+    def drain(self) -> None:
+        """Stop taking new work (answered 503) while running jobs finish."""
+        self.draining = True
+
+    def load_model(self) -> None:
+        """Load and warm the default model; on failure keep serving /health and /ready with
+        the reason."""
+        try:
+            self.service.start()
+        except Exception as exc:
+            self.start_error = f"{type(exc).__name__}: {exc}"
+            model = self.settings.model_id
+            log.exception("model load failed", extra={"fields": {"model": model}})
+
+
+def create_app(settings: Settings, service: Service | None = None) -> FastAPI:
+    """The server as an ASGI app. Without `service`, one is built from `settings`.
+
+    The model loads in a background thread at startup (unless `service.ready` already), so
+    `/health` answers at once and `/ready` says 503 until the model is warm.
+    """
+    state = AppState.build(settings, service if service is not None else Service(settings))
+    app = FastAPI(
+        title="da3-serverless",
+        version=__version__,
+        summary="Depth Anything 3: metric depth, camera and extras from a photo (API v1)",
+        lifespan=lambda app: _lifespan(state),
+        docs_url=None,  # served by pages.py from vendored files
+        redoc_url=None,
+    )
+    app.state.server = state
+    app.state.drain = state.drain
+    app.add_middleware(RequestLog, metrics=state.metrics)
+    add_error_handlers(app)
+    add_job_routes(app, state)
+    add_operation_routes(app, state)
+    add_page_routes(app)
+    return app
+
+
+@contextlib.asynccontextmanager
+async def _lifespan(state: AppState) -> AsyncIterator[None]:
+    state.draining = False  # an app may be started again after a shutdown (tests do)
+    if not state.service.ready:
+        threading.Thread(target=state.load_model, name="da3-model-load", daemon=True).start()
+    yield
+    state.drain()
+    pending = state.jobs.unfinished_tasks()
+    if pending:
+        await asyncio.wait(pending, timeout=state.settings.shutdown_grace_s)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn that stops taking new work (503) as soon as a stop signal arrives."""
+
+    def __init__(self, config: uvicorn.Config, state: AppState):
+        super().__init__(config)
+        self._state = state
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        self._state.drain()
+        super().handle_exit(sig, frame)
+
+
+def serve(settings: Settings, host: str, port: int) -> None:
+    """Run the server until SIGINT/SIGTERM, then drain and exit (`da3-serverless serve`)."""
+    log_json_lines()
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app, host=host, port=port, log_config=None, access_log=False,
+        timeout_graceful_shutdown=int(settings.shutdown_grace_s),
+    )  # fmt: skip
+    _Server(config, app.state.server).run()

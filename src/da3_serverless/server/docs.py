@@ -1,0 +1,78 @@
+"""The OpenAPI document: models that describe the hand-built responses, and the request bodies
+that the routes read by hand."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from pydantic import BaseModel
+
+from da3_serverless.api.schema import RunRequest, RunResponse
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+    status: int
+
+
+class RunPodEnvelope(BaseModel):
+    """RunPod's job form; `error` is the JSON text of `{"code", "status", "message"}`."""
+
+    id: str
+    status: str
+    output: RunResponse | None = None
+    error: str | None = None
+    delayTime: int | None = None
+    executionTime: int | None = None
+
+
+class RunPodRequest(BaseModel):
+    input: RunRequest
+
+
+class Ready(BaseModel):
+    ready: bool
+    model_id: str
+    error: str | None = None
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    s: {"model": ErrorBody} for s in (400, 401, 404, 413, 500, 502, 503)
+}
+# Requests in RunPod's form fail in RunPod's form.
+RUN_ERRORS: dict[int | str, dict[str, Any]] = {
+    s: {"model": ErrorBody | RunPodEnvelope} for s in ERRORS
+}
+
+
+def request_body_doc() -> dict[str, Any]:
+    """`openapi_extra` for routes that take a v1 request, bare or in RunPod's form."""
+    schema = {
+        "anyOf": [
+            {"$ref": "#/components/schemas/RunRequest"},
+            {"$ref": "#/components/schemas/RunPodRequest"},
+        ]
+    }
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+def openapi_document(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's document plus the request models that the hand-read bodies use."""
+    if app.openapi_schema is None:
+        doc = get_openapi(
+            title=app.title, version=app.version, summary=app.summary, routes=app.routes
+        )
+        components = doc.setdefault("components", {}).setdefault("schemas", {})
+        for model in (RunRequest, RunPodRequest):
+            schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(schema.pop("$defs", {}))
+            components[model.__name__] = schema
+        app.openapi_schema = doc
+    return app.openapi_schema

@@ -1,0 +1,144 @@
+"""Routes that run requests: `POST /runsync` (answer when done), `POST /run` + `GET
+/status/{id}` (a background job with RunPod's status names)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from da3_serverless.api.auth import check_api_key, key_from_headers
+from da3_serverless.api.errors import ServiceError
+from da3_serverless.api.schema import RunResponse
+from da3_serverless.server.body import in_runpod_form, read_json, unwrap
+from da3_serverless.server.docs import ERRORS, RUN_ERRORS, RunPodEnvelope, request_body_doc
+from da3_serverless.server.queue import COMPLETED, FAILED, IN_PROGRESS, Job
+
+if TYPE_CHECKING:
+    from da3_serverless.server.app import AppState
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Admitted:
+    """A request that passed the key and format checks and holds a place in the queue."""
+
+    payload: object  # the v1 request object
+    envelope: bool  # it came in RunPod's form
+    header_key: str | None
+    model_key: str
+
+
+async def admit(request: Request, state: AppState) -> Admitted:
+    """Read, unwrap, check the key and the request, and take a place in the queue.
+
+    Bad keys and malformed requests are refused before they queue (so /run refuses them at
+    once); `Service.handle` checks them again the same way."""
+    if state.draining:
+        raise ServiceError("model_unavailable", "the server is shutting down; retry elsewhere")
+    body = await read_json(request, state.settings.max_body_bytes)
+    request.state.envelope = envelope = in_runpod_form(body)
+    payload = unwrap(body)
+    header_key = key_from_headers(request.headers)
+    model_key = state.service.model_key(state.service.authorize(payload, header_key))
+    request.state.log["model"] = model_key
+    state.scheduler.admit()
+    return Admitted(payload, envelope, header_key, model_key)
+
+
+def add_job_routes(app: FastAPI, state: AppState) -> None:
+    @app.post(
+        "/runsync",
+        summary="Run one request and answer with the result",
+        description='Body: the v1 request object, or RunPod\'s `{"input": {...}}` form.',
+        responses={200: {"model": RunResponse | RunPodEnvelope}, **RUN_ERRORS},
+        openapi_extra=request_body_doc(),
+    )
+    async def runsync(request: Request) -> JSONResponse:
+        request.state.job_id = uuid.uuid4().hex
+        admitted = await admit(request, state)
+        result = await state.scheduler.run(
+            admitted.model_key,
+            lambda: state.service.handle(admitted.payload, api_key=admitted.header_key),
+        )
+        request.state.log.update(_result_log(result))
+        if admitted.envelope:
+            return JSONResponse({"id": request.state.job_id, "status": COMPLETED, "output": result})
+        return JSONResponse(result)
+
+    @app.post(
+        "/run",
+        summary="Queue one request as a background job",
+        description='Answers `{"id", "status": "IN_QUEUE"}`; poll `GET /status/{id}`.',
+        responses={200: {"model": RunPodEnvelope}, **RUN_ERRORS},
+        openapi_extra=request_body_doc(),
+    )
+    async def run(request: Request) -> JSONResponse:
+        admitted = await admit(request, state)
+        job = state.jobs.new()
+        job.task = asyncio.create_task(_run_job(state, job, admitted))
+        return JSONResponse({"id": job.id, "status": job.status})
+
+    @app.get(
+        "/status/{job_id}",
+        summary="A `/run` job's status (RunPod's IN_QUEUE, IN_PROGRESS, COMPLETED, FAILED)",
+        responses={200: {"model": RunPodEnvelope}, **ERRORS},
+    )
+    async def status(request: Request, job_id: str) -> JSONResponse:
+        # Outputs hold file paths and results: key holders only, as on RunPod.
+        check_api_key(key_from_headers(request.headers), state.settings)
+        job = state.jobs.get(job_id)
+        if job is None:
+            raise ServiceError("not_found", f"no job {job_id!r} (unknown, or older than the TTL)")
+        return JSONResponse(job_body(job))
+
+
+async def _run_job(state: AppState, job: Job, admitted: Admitted) -> None:
+    def work() -> dict[str, Any]:
+        job.status, job.started = IN_PROGRESS, time.monotonic()
+        return state.service.handle(admitted.payload, api_key=admitted.header_key)
+
+    try:
+        job.output = await state.scheduler.run(admitted.model_key, work)
+        job.status = COMPLETED
+    except ServiceError as err:
+        job.error, job.status = err, FAILED
+    except Exception:
+        log.exception("unexpected error in job", extra={"fields": {"job_id": job.id}})
+        job.error = ServiceError("internal", f"job {job.id} failed; see logs")
+        job.status = FAILED
+    finally:
+        job.finished = time.monotonic()
+        code = job.error.code if job.error is not None else None
+        state.metrics.observe("/run (job)", job.status, code, job.finished - job.created)
+
+
+def job_body(job: Job) -> dict[str, Any]:
+    """A job in RunPod's form: id, status, delay and execution times (ms), output or error."""
+    body: dict[str, Any] = {"id": job.id, "status": job.status}
+    if job.started is not None:
+        body["delayTime"] = round((job.started - job.created) * 1000)
+    if job.finished is not None and job.started is not None:
+        body["executionTime"] = round((job.finished - job.started) * 1000)
+    if job.output is not None:
+        body["output"] = job.output
+    if job.error is not None:
+        body["error"] = job.error.to_json()
+    return body
+
+
+def _result_log(result: dict[str, Any]) -> dict[str, Any]:
+    """What one line of log may say about a result: sizes and timings, no data."""
+    views = result.get("views") or [result]
+    return {
+        "model": result.get("model_id"),
+        "images": [[v.get("width"), v.get("height")] for v in views],
+        "timings_ms": result.get("timings_ms"),
+    }
