@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
-from da3_serverless import client
+from da3_serverless.client import Client, DA3Error, DepthResult
 from da3_serverless.config import Settings
 
 
@@ -56,7 +59,7 @@ def cmd_warmup(args: argparse.Namespace, settings: Settings) -> int:
         settings = settings.model_copy(update={"model_id": args.model})
     service = Service(settings)
     try:
-        warm_up(service.registry.get(settings.model_id))
+        warm_up(service.model_cache.get(settings.model_id))
     except Exception as error:  # a failed warmup must fail loudly, whatever the cause
         print(f"warmup of {settings.model_id} failed: {error}", file=sys.stderr)
         return 1
@@ -120,16 +123,107 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(run=cmd_serve)
 
     request = commands.add_parser("request", help="send images to a running endpoint")
-    client.add_request_arguments(request)
-    request.set_defaults(run=client.cli_request)
+    _request_arguments(request)
+    request.set_defaults(run=cmd_request)
     return parser
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     # Imported here so `request` and `prune` start without loading torch and FastAPI.
-    from da3_serverless.http_server import cli_serve
+    from da3_serverless.server import serve
 
-    return cli_serve(args, settings)
+    if args.model:
+        settings = settings.model_copy(update={"model_id": args.model})
+    serve(settings, args.host, args.port)
+    return 0
+
+
+_EXTRA_SUFFIX = {
+    "preview": "preview.png",
+    "confidence": "confidence.png",
+    "sky_mask": "sky.png",
+    "depth_npy": "depth.npy",
+    "pointcloud": "ply",
+}
+
+
+def _request_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("images", nargs="+", help="image files or http(s) URLs")
+    parser.add_argument("--endpoint", help="server URL or https://api.runpod.ai/v2/<id> "
+                        "(default: DA3_ENDPOINT)")  # fmt: skip
+    parser.add_argument("--api-key", help="this service's key (default: DA3_API_KEY)")
+    parser.add_argument("--runpod-api-key", help="RunPod account key (default: RUNPOD_API_KEY)")
+    parser.add_argument("--out", type=Path, default=Path("."), help="output folder")
+    parser.add_argument("--model", dest="model_id", help="model id or short name")
+    parser.add_argument("--process-res", type=int, help="processing resolution (longest side)")
+    parser.add_argument("--outputs", help="comma-separated: depth,preview,confidence,sky_mask,"
+                        "depth_npy,pointcloud (default: depth,preview)")  # fmt: skip
+    parser.add_argument("--relative", action="store_true", help="output_metric=false")
+    parser.add_argument("--focal-length-px", type=float, help="focal length in input pixels")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per image")
+
+
+def cmd_request(args: argparse.Namespace, settings: Settings) -> int:
+    """`da3-serverless request`: for each image write `<stem>.depth.png` (16-bit), the extras
+    (`<stem>.preview.png`, ...) and `<stem>.json` (the response without base64). Returns 0 when
+    every image succeeded, else 1."""
+    endpoint = args.endpoint or settings.endpoint
+    if not endpoint:
+        print("error: give --endpoint or set DA3_ENDPOINT", file=sys.stderr)
+        return 2
+    options: dict[str, Any] = {"outputs": (args.outputs or "depth,preview").split(",")}
+    if args.model_id:
+        options["model_id"] = args.model_id
+    if args.process_res:
+        options["process_res"] = args.process_res
+    if args.relative:
+        options["output_metric"] = False
+    if args.focal_length_px:
+        options["focal_length_px"] = args.focal_length_px
+    args.out.mkdir(parents=True, exist_ok=True)
+    failed = 0
+    client = Client(
+        endpoint,
+        api_key=args.api_key or settings.api_key,
+        runpod_api_key=args.runpod_api_key or settings.runpod_api_key,
+        timeout=args.timeout,
+    )
+    with client, tqdm(args.images, unit="image", disable=len(args.images) < 2) as bar:
+        for image in bar:
+            stem = Path(str(image).split("?")[0]).stem or "image"
+            try:
+                result = client.depth(image, **options)
+            except (DA3Error, OSError) as exc:
+                failed += 1
+                tqdm.write(f"{image}: {exc}", file=sys.stderr)
+                continue
+            _write_result(result, args.out, stem)
+    return 1 if failed else 0
+
+
+def _write_result(result: DepthResult, out: Path, stem: str) -> None:
+    views = result.views or [result]
+    for index, view in enumerate(views):
+        name = stem if len(views) == 1 else f"{stem}.view{index}"
+        if view.depth_png is not None:
+            (out / f"{name}.depth.png").write_bytes(view.depth_png)
+        for extra, data in view.outputs.items():
+            if extra in _EXTRA_SUFFIX:  # never a file name chosen by the server
+                (out / f"{name}.{_EXTRA_SUFFIX[extra]}").write_bytes(data)
+    (out / f"{stem}.json").write_text(json.dumps(_without_base64(result.raw), indent=2))
+
+
+def _without_base64(value: Any) -> Any:
+    """The response with every inline payload replaced by its size, for the metadata file."""
+    if isinstance(value, dict):
+        return {
+            k: (f"<{len(v)} base64 chars>" if k in ("base64", "image_base64") and v else
+                _without_base64(v))
+            for k, v in value.items()
+        }  # fmt: skip
+    if isinstance(value, list):
+        return [_without_base64(v) for v in value]
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""Python client for both deployments, and the `da3-serverless request` command.
+"""Python client for both deployments (the `da3-serverless request` command is in cli.py).
 
 `Client(endpoint)` talks to a self-hosted server (`http://host:8000`), a RunPod endpoint
 (`https://api.runpod.ai/v2/<id>`, with `runpod_api_key`) or RunPod's local test API. All three
@@ -10,11 +10,9 @@ IN_QUEUE/IN_PROGRESS and turns failures (our error object, as JSON text or as an
 
 from __future__ import annotations
 
-import argparse
 import base64
 import io
 import json
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,10 +22,8 @@ from typing import Any
 import httpx
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from da3_serverless.api.encoding import decode_depth_png16
-from da3_serverless.config import Settings
 
 ImageInput = str | Path | bytes | Image.Image
 # Worth retrying: the server is busy or out of memory for now (a missing model is not).
@@ -272,93 +268,3 @@ def _backoff(response: httpx.Response, attempt: int) -> float:
     if retry_after.isdigit():
         return min(float(retry_after), 30.0)
     return min(0.5 * 2**attempt, 30.0)
-
-
-# --- CLI: da3-serverless request ---
-
-_EXTRA_SUFFIX = {
-    "preview": "preview.png",
-    "confidence": "confidence.png",
-    "sky_mask": "sky.png",
-    "depth_npy": "depth.npy",
-    "pointcloud": "ply",
-}
-
-
-def add_request_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("images", nargs="+", help="image files or http(s) URLs")
-    parser.add_argument("--endpoint", help="server URL or https://api.runpod.ai/v2/<id> "
-                        "(default: DA3_ENDPOINT)")  # fmt: skip
-    parser.add_argument("--api-key", help="this service's key (default: DA3_API_KEY)")
-    parser.add_argument("--runpod-api-key", help="RunPod account key (default: RUNPOD_API_KEY)")
-    parser.add_argument("--out", type=Path, default=Path("."), help="output folder")
-    parser.add_argument("--model", dest="model_id", help="model id or short name")
-    parser.add_argument("--process-res", type=int, help="processing resolution (longest side)")
-    parser.add_argument("--outputs", help="comma-separated: depth,preview,confidence,sky_mask,"
-                        "depth_npy,pointcloud (default: depth,preview)")  # fmt: skip
-    parser.add_argument("--relative", action="store_true", help="output_metric=false")
-    parser.add_argument("--focal-length-px", type=float, help="focal length in input pixels")
-    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per image")
-
-
-def cli_request(args: argparse.Namespace, settings: Settings) -> int:
-    """`da3-serverless request`: for each image write `<stem>.depth.png` (16-bit), the extras
-    (`<stem>.preview.png`, ...) and `<stem>.json` (the response without base64). Returns 0 when
-    every image succeeded, else 1."""
-    endpoint = args.endpoint or settings.endpoint
-    if not endpoint:
-        print("error: give --endpoint or set DA3_ENDPOINT", file=sys.stderr)
-        return 2
-    options: dict[str, Any] = {"outputs": (args.outputs or "depth,preview").split(",")}
-    if args.model_id:
-        options["model_id"] = args.model_id
-    if args.process_res:
-        options["process_res"] = args.process_res
-    if args.relative:
-        options["output_metric"] = False
-    if args.focal_length_px:
-        options["focal_length_px"] = args.focal_length_px
-    args.out.mkdir(parents=True, exist_ok=True)
-    failed = 0
-    client = Client(
-        endpoint,
-        api_key=args.api_key or settings.api_key,
-        runpod_api_key=args.runpod_api_key or settings.runpod_api_key,
-        timeout=args.timeout,
-    )
-    with client, tqdm(args.images, unit="image", disable=len(args.images) < 2) as bar:
-        for image in bar:
-            stem = Path(str(image).split("?")[0]).stem or "image"
-            try:
-                result = client.depth(image, **options)
-            except (DA3Error, OSError) as exc:
-                failed += 1
-                tqdm.write(f"{image}: {exc}", file=sys.stderr)
-                continue
-            _write_result(result, args.out, stem)
-    return 1 if failed else 0
-
-
-def _write_result(result: DepthResult, out: Path, stem: str) -> None:
-    views = result.views or [result]
-    for index, view in enumerate(views):
-        name = stem if len(views) == 1 else f"{stem}.view{index}"
-        if view.depth_png is not None:
-            (out / f"{name}.depth.png").write_bytes(view.depth_png)
-        for extra, data in view.outputs.items():
-            if extra in _EXTRA_SUFFIX:  # never a file name chosen by the server
-                (out / f"{name}.{_EXTRA_SUFFIX[extra]}").write_bytes(data)
-    (out / f"{stem}.json").write_text(json.dumps(_without_base64(result.raw), indent=2))
-
-
-def _without_base64(value: Any) -> Any:
-    """The response with every inline payload replaced by its size, for the metadata file."""
-    if isinstance(value, dict):
-        return {
-            k: (f"<{len(v)} base64 chars>" if k in ("base64", "image_base64") and v else
-                _without_base64(v))
-            for k, v in value.items()
-        }  # fmt: skip
-    if isinstance(value, list):
-        return [_without_base64(v) for v in value]
-    return value

@@ -21,14 +21,14 @@ from da3_serverless.api.outputs import Artifact, encode_outputs, fit_inline, vie
 from da3_serverless.api.schema import SCHEMA_VERSION, RunRequest, parse_request
 from da3_serverless.api.storage import OutputStore, StorageError
 from da3_serverless.config import Settings
-from da3_serverless.inference.models import MODELS, lookup_model, valid_model_ids
-from da3_serverless.inference.prediction import Prediction
-from da3_serverless.inference.predictor import Predictor
-from da3_serverless.inference.registry import (
-    ModelRegistry,
+from da3_serverless.inference.cache import (
+    ModelCache,
     canonical_model_id,
     default_budget_bytes,
 )
+from da3_serverless.inference.catalog import MODELS, lookup_model, valid_model_ids
+from da3_serverless.inference.prediction import Prediction
+from da3_serverless.inference.predictor import Predictor
 from da3_serverless.inference.weights import ModelNotFoundError, WeightLocator
 
 log = logging.getLogger(__name__)
@@ -49,17 +49,17 @@ class _Timer:
 
 
 class Service:
-    """Holds the settings, the model registry and the output store; `handle` serves one request.
+    """Holds the settings, the model cache and the output store; `handle` serves one request.
 
     Thread-safe: several transports' threads may call `handle` at once (the HTTP server
     serialises inference per model itself).
     """
 
-    def __init__(self, settings: Settings, registry: ModelRegistry | None = None):
+    def __init__(self, settings: Settings, model_cache: ModelCache | None = None):
         self.settings = settings
         self.store = OutputStore(settings)
         self.locator = WeightLocator.from_settings(settings)
-        self.registry = registry or ModelRegistry(self._load, self._budget_bytes())
+        self.model_cache = model_cache or ModelCache(self._load, self._budget_bytes())
         self._ready = False
 
     # ---- lifecycle -----------------------------------------------------------------------
@@ -71,7 +71,7 @@ class Service:
         elif not self.settings.api_key:
             log.warning("DA3_ALLOW_UNAUTHENTICATED=1: serving without an API key")
         self.store.maybe_prune()
-        predictor = self.registry.get(self.default_model_id)
+        predictor = self.model_cache.get(self.default_model_id)
         if self.settings.warmup:
             warm_up(predictor)
         self._ready = True
@@ -81,7 +81,7 @@ class Service:
         return self._ready
 
     def model_table(self) -> list[dict]:
-        loaded = set(self.registry.loaded())
+        loaded = set(self.model_cache.loaded())
         return [
             {
                 "model_id": info.repo_id,
@@ -147,7 +147,7 @@ class Service:
         return canonical_model_id(self.settings.model_id)
 
     def model_key(self, request: RunRequest) -> str:
-        """The registry (and queue) key of the requested model. Clients pick from the table
+        """The cache (and queue) key of the requested model. Clients pick from the table
         only; the operator's MODEL_ID may also be a local snapshot folder."""
         if request.model_id is None:
             return self.default_model_id
@@ -162,11 +162,11 @@ class Service:
 
     def _predictor(self, model_id: str) -> Predictor:
         try:
-            return self.registry.get(model_id)
+            return self.model_cache.get(model_id)
         except ModelNotFoundError as error:
             raise ServiceError("model_unavailable", str(error)) from None
         except torch.cuda.OutOfMemoryError:
-            self.registry.evict_all_except(None)
+            self.model_cache.evict_all_except(None)
             raise ServiceError(
                 "out_of_memory",
                 f"not enough GPU memory to load {model_id}; retry, or use a smaller model",
@@ -197,7 +197,7 @@ class Service:
         except ValueError as error:
             raise ServiceError("invalid_input", str(error)) from None
         except torch.cuda.OutOfMemoryError:
-            self.registry.evict_all_except(predictor.model_id)
+            self.model_cache.evict_all_except(predictor.model_id)
             raise ServiceError(
                 "out_of_memory",
                 "the GPU ran out of memory for this request: lower process_res, send fewer "

@@ -1,0 +1,86 @@
+"""The shape of the code, checked: the public face, where tests read data from, function
+length, module docstrings, one import style and one way to name loggers."""
+
+from __future__ import annotations
+
+import ast
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import da3_serverless
+from paths import DATA, IMAGES, REPO
+
+SRC = REPO / "src" / "da3_serverless"
+MODULES = sorted(p for p in SRC.rglob("*.py"))
+TEST_FILES = sorted((REPO / "tests").glob("*.py"))
+MAX_FUNCTION_LINES = 60
+# A longer function carries its reason in a comment on the line above its `def`.
+LONG_REASON = re.compile(r"#\s*long function:\s*\S")
+
+
+def test_public_names_resolve():
+    for name in da3_serverless.__all__:
+        assert getattr(da3_serverless, name) is not None
+    assert da3_serverless.Predictor.__name__ == "Predictor"
+    assert issubclass(da3_serverless.DA3Error, Exception)
+
+
+def test_importing_the_package_and_the_client_leaves_torch_out():
+    code = (
+        "import sys\n"
+        "import da3_serverless\n"
+        "from da3_serverless import Client, DA3Error, DepthResult\n"
+        "import da3_serverless.cli\n"
+        "heavy = sorted(m for m in ('torch', 'fastapi', 'uvicorn') if m in sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def test_test_data_lives_in_the_repository():
+    for folder in (DATA, IMAGES):
+        assert folder.resolve().is_relative_to(REPO) and folder.is_dir()
+    outside = re.compile(r"\.\./shared|parents\[\d+\]\.parent|REPO\.parent|shared/data")
+    offenders = [
+        f"{path.name}:{number}"
+        for path in TEST_FILES
+        if path.name != Path(__file__).name
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if outside.search(line)
+    ]
+    assert not offenders, f"test paths that leave the repository: {offenders}"
+
+
+def _functions(path: Path):
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            yield node
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(SRC)))
+def test_functions_are_short_or_say_why(path: Path):
+    lines = path.read_text().splitlines()
+    long = []
+    for node in _functions(path):
+        first = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+        length = node.end_lineno - node.lineno + 1
+        reason = LONG_REASON.search(lines[first - 2]) if first >= 2 else None
+        if length > MAX_FUNCTION_LINES and not reason:
+            long.append(f"{node.name} ({length} lines)")
+    assert not long, f"over {MAX_FUNCTION_LINES} lines without a '# long function:' reason"
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(SRC)))
+def test_modules_have_a_docstring_absolute_imports_and_named_loggers(path: Path):
+    text = path.read_text()
+    tree = ast.parse(text)
+    assert ast.get_docstring(tree), "every module says what it is for"
+    relative = [n.lineno for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level]
+    assert not relative, f"relative imports on lines {relative}: import from da3_serverless"
+    loggers = re.findall(r"getLogger\(([^)]*)\)", text)
+    assert all(arg == "__name__" for arg in loggers), loggers
