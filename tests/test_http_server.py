@@ -35,6 +35,7 @@ from contract_cases import (
 )
 from da3_serverless.api.errors import ServiceError
 from da3_serverless.config import Settings
+from da3_serverless.inference.cancel import CancelToken
 from da3_serverless.server import create_app
 from da3_serverless.server.queue import JobStore
 from da3_serverless.service import Service
@@ -60,6 +61,11 @@ class GatedService:
         self.entered = threading.Semaphore(0)
         self.ready = True
         self.seen_keys: list[str | None] = []
+        self.stopped = 0  # requests that saw their cancel flag at the gate
+        self.discarded: list[dict[str, Any]] = []
+
+    def discard(self, response: dict[str, Any]) -> None:
+        self.discarded.append(response)
 
     def start(self) -> None:
         self.ready = True
@@ -67,10 +73,17 @@ class GatedService:
     def model_table(self) -> list[dict[str, Any]]:
         return [{"model_id": "depth-anything/DA3-SMALL", "license": "Apache-2.0"}]
 
-    def handle(self, payload: Any, api_key: str | None = None) -> dict[str, Any]:
+    def handle(
+        self, payload: Any, api_key: str | None = None, cancel: CancelToken | None = None
+    ) -> dict[str, Any]:
         self.seen_keys.append(api_key)
         self.entered.release()
-        assert self.gate.wait(60)
+        deadline = time.monotonic() + 60
+        while not self.gate.wait(0.01):  # held at the gate, stopping as Service does
+            if cancel is not None and cancel.cancelled:
+                self.stopped += 1
+                raise ServiceError("cancelled", "stopped at the test's gate")
+            assert time.monotonic() < deadline
         url = payload.get("image_url", "")
         tag = url.rsplit("/", 1)[-1]
         if "/raise/" in url:

@@ -23,6 +23,7 @@ from PIL import Image
 from da3_serverless.api.errors import ServiceError
 from da3_serverless.api.schema import RunRequest, check_limits
 from da3_serverless.config import Settings
+from da3_serverless.inference.cancel import CancelToken
 from da3_serverless.inference.preprocess import upright_rgb
 
 pillow_heif.register_heif_opener()
@@ -297,17 +298,30 @@ def _timed_out(host: str, settings: Settings) -> ServiceError:
 # ---- the request's views ------------------------------------------------------------------
 
 
-def _load_one(source: str, url: str | None, data_b64: str | None, settings: Settings):
+def _load_one(
+    source: str,
+    url: str | None,
+    data_b64: str | None,
+    settings: Settings,
+    cancel: CancelToken | None = None,
+):
+    if cancel is not None:
+        cancel.check()
     try:
         data = fetch_url(url, settings) if url is not None else decode_base64(data_b64 or "")
     except ServiceError as exc:
         raise ServiceError(exc.code, f"{source}: {exc.message}") from None
+    if cancel is not None:
+        cancel.check()
     return decode_image(data, settings, source)
 
 
-def load_request_images(request: RunRequest, settings: Settings) -> list[DecodedImage]:
+def load_request_images(
+    request: RunRequest, settings: Settings, cancel: CancelToken | None = None
+) -> list[DecodedImage]:
     """The request's views, decoded, in order (at most `settings.max_views`; URLs are fetched
-    concurrently). Raises the first view's `ServiceError`, its message prefixed by the field."""
+    concurrently). Raises the first view's `ServiceError`, its message prefixed by the field;
+    `Cancelled` once `cancel` is cancelled (checked before and after each view's bytes)."""
     check_limits(request, settings)
     if request.images is not None:
         views = [(f"images[{i}]", ref.url, ref.base64) for i, ref in enumerate(request.images)]
@@ -316,7 +330,7 @@ def load_request_images(request: RunRequest, settings: Settings) -> list[Decoded
     else:
         views = [("image_base64", None, request.image_base64)]
     if len(views) == 1:
-        return [_load_one(*views[0], settings)]
+        return [_load_one(*views[0], settings, cancel)]
     with ThreadPoolExecutor(max_workers=min(8, len(views))) as pool:
-        futures = [pool.submit(_load_one, *view, settings) for view in views]
+        futures = [pool.submit(_load_one, *view, settings, cancel) for view in views]
         return [future.result() for future in futures]

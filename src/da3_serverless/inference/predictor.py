@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +20,7 @@ from da3_serverless.inference.cameras import (
     normalise_extrinsics,
     umeyama_scale,
 )
+from da3_serverless.inference.cancel import CancelToken
 from da3_serverless.inference.catalog import ModelInfo, lookup_model
 from da3_serverless.inference.prediction import Prediction
 from da3_serverless.inference.preprocess import (
@@ -160,6 +161,7 @@ class Predictor:
         focal_length_px: float | Sequence[float] | None = None,
         metric: bool = True,
         exif_focal_length_px: Sequence[float | None] | None = None,
+        cancel: CancelToken | None = None,
     ) -> Prediction:
         """Depth, confidence, sky and cameras for N views of one scene.
 
@@ -172,6 +174,8 @@ class Predictor:
         exif_focal_length_px: per-view EXIF focal lengths, for images the caller decoded (and
             oriented) itself; by default they are read from the images. DA3METRIC-LARGE takes
             its focal length from focal_length_px, else intrinsics, else EXIF.
+        cancel: a job's `CancelToken`; once cancelled, the forward stops at its next check
+            (between the network's blocks) and `Cancelled` is raised.
         Raises ValueError with what to fix for any bad argument.
 
         The stages: check the arguments, prepare the network input, forward, then metric
@@ -180,8 +184,11 @@ class Predictor:
         scene = self._check_arguments(
             images, process_res, use_ray_pose, intrinsics, extrinsics, exif_focal_length_px
         )
+        check = cancel.check if cancel is not None else None
         prepared = self._prepare(scene, process_res, focal_length_px, metric, use_ray_pose)
-        output = self._forward(prepared)
+        output = self._forward(prepared, check)
+        if check is not None:
+            check()
         return self._finish(prepared, output, sample=0)
 
     def _check_arguments(
@@ -305,9 +312,11 @@ class Predictor:
             )
         return values
 
-    def _forward(self, prepared: PreparedInput) -> NetOutput:
+    def _forward(
+        self, prepared: PreparedInput, check: Callable[[], None] | None = None
+    ) -> NetOutput:
         """One forward pass of the prepared scene (autocast to `self.dtype` when it is not
-        fp32; the network keeps its heads in fp32 itself)."""
+        fp32; the network keeps its heads in fp32 itself); `check` raises to stop it."""
 
         def tensor(array):
             if array is None:
@@ -325,6 +334,7 @@ class Predictor:
                 tensor(prepared.net_extrinsics),
                 tensor(prepared.net_intrinsics),
                 use_ray_pose=prepared.use_ray_pose,
+                check=check,
             )
 
 

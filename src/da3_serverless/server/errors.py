@@ -31,7 +31,7 @@ def error_response(request: Request, err: ServiceError) -> JSONResponse:
     if fields is not None:
         fields["code"] = err.code
     headers = {}
-    if err.status == 503:
+    if err.status in (429, 503):
         headers["Retry-After"] = str(RETRY_AFTER_S)
     if err.status == 401:
         headers["WWW-Authenticate"] = "Bearer"

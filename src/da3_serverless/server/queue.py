@@ -1,8 +1,10 @@
 """Backpressure and background jobs of the self-hosted server (no HTTP in here).
 
 `Scheduler` lets `concurrency` inferences run per model and at most `max_queue` requests wait;
-past that it refuses with `overloaded` instead of piling work up. `JobStore` keeps `/run` jobs
-in memory, bounded in count and age, with RunPod's status names.
+past that it refuses with `overloaded` instead of piling work up. `JobStore` keeps jobs in
+memory, bounded in count and age, with RunPod's status names. A `Job` carries its cancel flag:
+cancelled while queued it leaves the queue without running; while running, it stops at its
+next check (docs/ARCHITECTURE.md §7).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -18,10 +20,12 @@ from typing import Any, TypeVar
 import anyio.to_thread
 
 from da3_serverless.api.errors import ServiceError
+from da3_serverless.inference.cancel import Cancelled, CancelToken
 
 T = TypeVar("T")
 
 IN_QUEUE, IN_PROGRESS, COMPLETED, FAILED = "IN_QUEUE", "IN_PROGRESS", "COMPLETED", "FAILED"
+CANCELLED = "CANCELLED"
 
 
 class Scheduler:
@@ -51,13 +55,21 @@ class Scheduler:
             )
         self.waiting += 1
 
-    async def run(self, model_key: str, fn: Callable[[], T]) -> T:
-        """Wait for a slot of `model_key`, then run the blocking `fn` in a worker thread."""
+    async def run(self, model_key: str, fn: Callable[[], T], job: Job | None = None) -> T:
+        """Wait for a slot of `model_key`, then run the blocking `fn` in a worker thread.
+
+        With `job`: it is IN_PROGRESS once it holds a slot, and cancelled while it waits it
+        leaves the queue at once without running (raising `Cancelled`)."""
         slot = self._slots.setdefault(model_key, asyncio.Semaphore(self.concurrency))
         try:
-            await slot.acquire()
+            taken = await _take(slot, job.stop if job is not None else None)
         finally:
             self.waiting -= 1
+        if not taken:
+            assert job is not None
+            raise Cancelled(job.cancel.reason)
+        if job is not None:
+            job.status, job.started = IN_PROGRESS, time.monotonic()
         self.running += 1
         try:
             # Not abandoned on cancel: a disconnected client must not leave the model busy
@@ -68,9 +80,30 @@ class Scheduler:
             slot.release()
 
 
+async def _take(slot: asyncio.Semaphore, stop: asyncio.Event | None) -> bool:
+    """Acquire `slot`, unless `stop` is set first: then False, and the slot is not held."""
+    if stop is None:
+        await slot.acquire()
+        return True
+    taking = asyncio.ensure_future(slot.acquire())
+    stopping = asyncio.ensure_future(stop.wait())
+    held = False
+    try:
+        await asyncio.wait((taking, stopping), return_when=asyncio.FIRST_COMPLETED)
+        held = taking.done() and not taking.cancelled() and not stop.is_set()
+    finally:
+        stopping.cancel()
+        taking.cancel()  # a waiter cancelled in time gives its turn on (asyncio.Semaphore)
+        if not held and taking.done() and not taking.cancelled():
+            slot.release()
+    return held
+
+
 @dataclass
 class Job:
-    """One `/run` job: RunPod's status name, times (monotonic), the output or the error."""
+    """One job (`/run`, `/runsync` and RunPod's paths): RunPod's status name, times
+    (monotonic), the output or the error, and its cancel flag (`cancel` for the thread that
+    runs it, `stop` for the queue it waits in)."""
 
     id: str
     status: str = IN_QUEUE
@@ -80,10 +113,21 @@ class Job:
     output: dict[str, Any] | None = None
     error: ServiceError | None = None
     task: asyncio.Task[None] | None = None
+    cancel: CancelToken = field(default_factory=CancelToken)
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def done(self) -> bool:
-        return self.status in (COMPLETED, FAILED)
+        return self.status in (COMPLETED, FAILED, CANCELLED)
+
+    def request_cancel(self, reason: str) -> None:
+        """Cancel the job (from the event loop): CANCELLED at once, unless it has finished or
+        is past its last check (then it completes). A queued job leaves the queue; a running
+        one stops at its next check and frees the worker."""
+        if self.done or not self.cancel.cancel(reason):
+            return
+        self.status = CANCELLED
+        self.stop.set()
 
 
 class JobStore:
@@ -93,6 +137,7 @@ class JobStore:
         self.max_jobs = max_jobs
         self.ttl_s = ttl_s
         self._jobs: OrderedDict[str, Job] = OrderedDict()
+        self.tally: Counter[str] = Counter()  # finished jobs by status, since the start
 
     def _prune(self) -> None:
         now = time.monotonic()
@@ -106,16 +151,24 @@ class JobStore:
                 break
             del self._jobs[job_id]
 
-    def new(self) -> Job:
+    def new(self, job_id: str | None = None) -> Job:
         """A new job in IN_QUEUE. Unfinished jobs are never dropped (the scheduler bounds them)."""
         self._prune()
-        job = Job(id=uuid.uuid4().hex)
+        job = Job(id=job_id or uuid.uuid4().hex)
         self._jobs[job.id] = job
         return job
 
     def get(self, job_id: str) -> Job | None:
         self._prune()
         return self._jobs.get(job_id)
+
+    def forget(self, job_id: str) -> None:
+        """Drop a job whose answer was delivered (a `/runsync` that finished in time)."""
+        self._jobs.pop(job_id, None)
+
+    def queued(self) -> list[Job]:
+        """The jobs waiting for the model, oldest first."""
+        return [job for job in self._jobs.values() if job.status == IN_QUEUE]
 
     def unfinished_tasks(self) -> list[asyncio.Task[None]]:
         return [j.task for j in self._jobs.values() if j.task is not None and not j.task.done()]
