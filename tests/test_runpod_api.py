@@ -22,6 +22,7 @@ import runpod
 
 import contract_cases as cases
 from conftest import TEST_API_KEY
+from da3_serverless.client import Client, DA3Error
 from da3_serverless.server import create_app
 from paths import IMAGES
 from servers import app_in_thread, eventually, serve_process
@@ -241,6 +242,23 @@ def test_purged_runsync_answers_cancelled(gated):
         assert cancelled.json()["error"]["code"] == "cancelled"
         service.gate.set()
         assert first.result(60).status_code == 200
+
+
+def test_our_client_on_runpods_paths(gated):
+    service, url = gated
+    with Client(f"{url}/v2/{ENDPOINT_ID}", api_key=KEY, timeout=60) as client:
+        assert client.run(req("x"))["tag"] == "x"
+        service.gate.clear()
+        httpx.post(v2(url, "run"), json={"input": req("busy")}, headers=bearer())
+        assert service.entered.acquire(timeout=30)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(client.run, req("y"))
+            eventually(lambda: "da3_queue_depth 1.0" in httpx.get(f"{url}/metrics").text, 30)
+            httpx.post(v2(url, "purge-queue"), headers=bearer())
+            with pytest.raises(DA3Error) as cancelled:
+                waiting.result(60)
+        assert (cancelled.value.code, cancelled.value.status) == ("cancelled", 499)
+        service.gate.set()
 
 
 # --- part two: `da3-serverless serve` with a random-weight da3-small ---

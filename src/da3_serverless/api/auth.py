@@ -50,7 +50,7 @@ def key_from_headers(headers: Mapping[str, str]) -> str | None:
     scheme, _, token = auth.strip().partition(" ")
     if scheme.lower() == "bearer" and token.strip():
         return token.strip()
-    if scheme and not token:
+    if scheme and not token and scheme.lower() != "bearer":
         return scheme
     for name in KEY_HEADERS:
         value = lowered.get(name, "").strip()

@@ -140,13 +140,13 @@ class JobStore:
         self.tally: Counter[str] = Counter()  # finished jobs by status, since the start
 
     def _prune(self) -> None:
+        # Finished: its task has ended (a cancelled job may still be stopping).
         now = time.monotonic()
-        for job_id in [
-            j.id for j in self._jobs.values() if j.done and now - j.finished > self.ttl_s
-        ]:
+        finished = [j for j in self._jobs.values() if j.done and j.finished is not None]
+        for job_id in [j.id for j in finished if now - j.finished > self.ttl_s]:
             del self._jobs[job_id]
         # Over the count limit the oldest finished jobs go first.
-        for job_id in [j.id for j in self._jobs.values() if j.done]:
+        for job_id in [j.id for j in finished if j.id in self._jobs]:
             if len(self._jobs) < self.max_jobs:
                 break
             del self._jobs[job_id]
