@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Admitted:
-    """A request that passed the key and format checks and holds a place in the queue."""
+    """A request read from its body; once admitted, it passed the key and format checks
+    (`model_key` is set) and holds a place in the queue."""
 
     payload: object  # the v1 request object
     envelope: bool  # it came in RunPod's form
@@ -191,12 +192,13 @@ async def _run_job(state: AppState, job: Job, admitted: Admitted) -> None:
     except Cancelled as stop:  # cancelled while queued: it never ran
         job.error = ServiceError("cancelled", f"{stop}: it left the queue without running")
     except ServiceError as err:
-        job.error = detached(err)
+        job.error = err
     except Exception:
         log.exception("unexpected error in job", extra={"fields": {"job_id": job.id}})
         job.error = ServiceError("internal", f"job {job.id} failed; see logs")
     finally:
         if job.error is not None:
+            job.error = detached(job.error)
             cancelled = job.error.code == "cancelled" or job.cancel.cancelled
             job.status = CANCELLED if cancelled else FAILED
         job.finished = time.monotonic()
