@@ -148,15 +148,16 @@ def serve(settings: Settings, host: str, port: int) -> None:
 
     Limits: MAX_CONNECTIONS requests at once (ConnectionLimit, our 503; uvicorn's plain-text
     limit at twice that as a backstop), idle keep-alive connections closed after KEEP_ALIVE_S,
-    request line and headers at most MAX_HEADER_BYTES. Slow clients that trickle their headers
-    are not timed out here: put a reverse proxy in front (docs/DEPLOY.md)."""
+    an unfinished request line + headers refused past MAX_HEADER_BYTES (h11, whose limit this
+    is: httptools has none). Slow clients that trickle their headers are not timed out here:
+    put a reverse proxy in front (docs/DEPLOY.md)."""
     log_json_lines()
     app = create_app(settings)
     config = uvicorn.Config(
         app, host=host, port=port, log_config=None, access_log=False,
         timeout_graceful_shutdown=int(settings.shutdown_grace_s),
         timeout_keep_alive=settings.keep_alive_s,
-        h11_max_incomplete_event_size=settings.max_header_bytes,
+        http="h11", h11_max_incomplete_event_size=settings.max_header_bytes,
         limit_concurrency=2 * settings.max_connections,
     )  # fmt: skip
     _Server(config, app.state.server).run()

@@ -102,7 +102,7 @@ def add_job_routes(app: FastAPI, state: AppState) -> None:
 
 def _missing_job(state: AppState, job_id: str) -> ServiceError:
     if not state.jobs.expired(job_id):
-        return ServiceError("not_found", f"no job {job_id[:64]!r} (unknown, or long expired)")
+        return ServiceError("not_found", f"no job {job_id[:64]!r} (unknown, or older than the TTL)")
     settings = state.settings
     return ServiceError(
         "not_found",
