@@ -307,11 +307,16 @@ def test_concurrent_requests_for_two_models_share_a_budget_for_one(
     model in use, no model in use is ever missing from the cache, and every answer is right."""
     holder: dict[str, Service] = {}
     seen: list[tuple[str, dict, list]] = []
+    loading = threading.Semaphore(1)  # a second load at once would find it taken
 
     def checked_load(model_id: str) -> Predictor:
         cache = holder["service"].model_cache
         seen.append((model_id, cache.in_use(), cache.loaded()))
-        return holder["service"]._load(model_id)
+        assert loading.acquire(blocking=False), "two models loading at once"
+        try:
+            return holder["service"]._load(model_id)
+        finally:
+            loading.release()
 
     one = model_bytes(Predictor.from_pretrained(small_snapshot, device="cpu"))
     assert estimated_bytes(BASE_REPO) > one  # the base's estimate alone passes the budget

@@ -29,9 +29,10 @@ from da3_serverless.inference.preprocess import PATCH_SIZE, processing_size
 CPU_BUDGET_TOKENS = 8192
 CPU_BUDGET_PIXELS = 32_000_000
 # Activation memory per network token of the largest networks (ViT-G backbone, DPT heads at
-# 256 features) under bf16 autocast, with room for the allocator: measured as about 0.5 MB
-# per token for DA3-LARGE in fp32 on a CPU (bench/budget.py --preset da3-large), of which
-# bf16 keeps about half; the giant's wider backbone adds less than its head.
+# 256 features) under bf16 autocast, with room to spare: DA3-LARGE takes 0.37 to 0.5 MiB per
+# token in fp32 on a CPU (`bench/budget.py --per-token --preset da3-large`); bf16 saves less
+# than half of it, as the heads stay fp32, and the giant's wider backbone and the CUDA
+# allocator take the rest. Not measured on a GPU yet.
 GPU_BYTES_PER_TOKEN = 512 * 1024
 # Host memory per output pixel: the maps at input resolution (depth, confidence, sky as
 # float32, their copies while resizing) and the encoded outputs (bench/budget.py).
