@@ -63,6 +63,7 @@ class GatedService:
         self.seen_keys: list[str | None] = []
         self.stopped = 0  # requests that saw their cancel flag at the gate
         self.discarded: list[dict[str, Any]] = []
+        self.waiting_for_memory = 0  # requests the (absent) model cache holds back
 
     def discard(self, response: dict[str, Any]) -> None:
         self.discarded.append(response)

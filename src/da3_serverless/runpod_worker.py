@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 import runpod
 
 from da3_serverless.api.errors import ServiceError
-from da3_serverless.config import Settings
+from da3_serverless.config import SettingsError, load_settings
 from da3_serverless.inference.cancel import CancelToken
 from da3_serverless.service import Service
 
@@ -78,7 +78,11 @@ async def stop_job(
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    settings = Settings()
+    try:
+        settings = load_settings()
+    except SettingsError as error:  # a worker with impossible settings must not take jobs
+        log.error("%s", error)
+        sys.exit(2)
     service = Service(settings)
     try:
         service.start()

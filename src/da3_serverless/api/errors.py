@@ -14,6 +14,7 @@ STATUS_BY_CODE: dict[str, int] = {
     # (by /cancel, or its client went away) and stopped without a result.
     "cancelled": 499,
     "image_too_large": 413,
+    "request_too_large": 413,
     "unsupported_model": 400,
     "fetch_failed": 502,
     "model_unavailable": 503,

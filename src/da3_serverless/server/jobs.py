@@ -21,7 +21,7 @@ from da3_serverless.api.schema import RunResponse
 from da3_serverless.inference.cancel import Cancelled
 from da3_serverless.server.body import in_runpod_form, read_json, unwrap
 from da3_serverless.server.docs import ERRORS, RUN_ERRORS, RunPodEnvelope, request_body_doc
-from da3_serverless.server.queue import CANCELLED, COMPLETED, FAILED, Job
+from da3_serverless.server.queue import CANCELLED, COMPLETED, FAILED, Job, result_bytes
 
 if TYPE_CHECKING:
     from da3_serverless.server.app import AppState
@@ -71,9 +71,14 @@ def check_request(request: Request, state: AppState, admitted: Admitted) -> str:
     return model_key
 
 
-def start_job(state: AppState, admitted: Admitted, job_id: str | None = None) -> Job:
-    """A job for an admitted request, running in the background as soon as the queue lets it."""
+def start_job(
+    state: AppState, admitted: Admitted, job_id: str | None = None, keep: bool = True
+) -> Job:
+    """A job for an admitted request, running in the background as soon as the queue lets it.
+    `keep`: its result is kept for `/status` (bounded by MAX_JOB_BYTES); a `/runsync` caller
+    waiting for it gets it directly instead."""
     job = state.jobs.new(job_id)
+    job.keep = keep
     job.task = asyncio.create_task(_run_job(state, job, admitted))
     return job
 
@@ -118,7 +123,7 @@ def find_job(request: Request, state: AppState, job_id: str) -> Job:
     check_api_key(key_from_headers(request.headers), state.settings)
     job = state.jobs.get(job_id)
     if job is None:
-        raise ServiceError("not_found", f"no job {job_id!r} (unknown, or older than the TTL)")
+        raise _missing_job(state, job_id)
     return job
 
 
@@ -139,7 +144,7 @@ def add_job_routes(app: FastAPI, state: AppState) -> None:
     async def runsync(request: Request) -> JSONResponse:
         request.state.job_id = uuid.uuid4().hex
         admitted = await admit(request, state)
-        job = start_job(state, admitted, request.state.job_id)
+        job = start_job(state, admitted, request.state.job_id, keep=False)
         await wait_for_job(request, state, job)
         state.jobs.forget(job.id)
         if job.error is not None:
@@ -180,11 +185,26 @@ def add_job_routes(app: FastAPI, state: AppState) -> None:
         return JSONResponse(cancel_job(find_job(request, state, job_id), "POST /cancel"))
 
 
+def _missing_job(state: AppState, job_id: str) -> ServiceError:
+    if not state.jobs.expired(job_id):
+        return ServiceError("not_found", f"no job {job_id[:64]!r} (unknown, or older than the TTL)")
+    settings = state.settings
+    return ServiceError(
+        "not_found",
+        f"job {job_id!r} expired: finished results are kept for JOB_TTL_S "
+        f"({settings.job_ttl_s:g} s) and, all together, up to MAX_JOB_BYTES "
+        f"({settings.max_job_bytes} bytes), the oldest dropped first; poll /status sooner, "
+        "or use /runsync",
+    )
+
+
 async def _run_job(state: AppState, job: Job, admitted: Admitted) -> None:
     def work() -> dict[str, Any]:
-        return state.service.handle(
+        output = state.service.handle(
             admitted.payload, api_key=admitted.header_key, cancel=job.cancel
         )
+        job.size = result_bytes(output)  # here, off the event loop
+        return output
 
     try:
         job.output = await state.scheduler.run(admitted.model_key, work, job)
@@ -204,6 +224,8 @@ async def _run_job(state: AppState, job: Job, admitted: Admitted) -> None:
         job.finished = time.monotonic()
         if job.done:
             state.jobs.tally[job.status] += 1
+        if job.keep:
+            state.jobs.finished(job)
         code = job.error.code if job.error is not None else None
         elapsed = job.finished - job.created
         state.metrics.observe(f"{admitted.path} (job)", job.status, code, elapsed)

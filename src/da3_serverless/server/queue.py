@@ -1,15 +1,17 @@
 """Backpressure and background jobs of the self-hosted server (no HTTP in here).
 
-`Scheduler` lets `concurrency` inferences run per model and at most `max_queue` requests wait;
-past that it refuses with `overloaded` instead of piling work up. `JobStore` keeps jobs in
-memory, bounded in count and age, with RunPod's status names. A `Job` carries its cancel flag:
-cancelled while queued it leaves the queue without running; while running, it stops at its
-next check (docs/ARCHITECTURE.md §7).
+`Scheduler` lets `concurrency` inferences run per model and at most `max_queue` requests wait
+(for a slot, or for a model to fit in memory); past that it refuses with `overloaded` instead of
+piling work up. `JobStore` keeps jobs in memory, bounded in count, age and the bytes of their
+results, with RunPod's status names. A `Job` carries its cancel flag: cancelled while queued it
+leaves the queue without running; while running, it stops at its next check
+(docs/ARCHITECTURE.md §7).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections import Counter, OrderedDict
@@ -31,13 +33,21 @@ CANCELLED = "CANCELLED"
 class Scheduler:
     """Per-model concurrency limit with one bounded waiting room shared by all models.
 
-    `max_queue` counts requests admitted but not yet running (so it must be at least 1).
+    `max_queue` counts requests admitted but not yet running (so it must be at least 1), plus
+    those that `also_waiting` reports (requests waiting for a model to fit in memory).
     """
 
-    def __init__(self, max_queue: int, concurrency: int = 1, retry_after_s: int = 5):
+    def __init__(
+        self,
+        max_queue: int,
+        concurrency: int = 1,
+        retry_after_s: int = 5,
+        also_waiting: Callable[[], int] = lambda: 0,
+    ):
         self.max_queue = max_queue
         self.concurrency = concurrency
         self.retry_after_s = retry_after_s
+        self.also_waiting = also_waiting
         self.waiting = 0
         self.running = 0
         self._slots: dict[str, asyncio.Semaphore] = {}
@@ -47,13 +57,18 @@ class Scheduler:
 
         Every successful `admit()` must be followed by exactly one `run()`.
         """
-        if self.waiting >= self.max_queue:
+        if self.queued >= self.max_queue:
             raise ServiceError(
                 "overloaded",
-                f"the server is busy ({self.waiting} requests waiting, limit {self.max_queue}); "
+                f"the server is busy ({self.queued} requests waiting, limit {self.max_queue}); "
                 f"retry in about {self.retry_after_s} s",
             )
         self.waiting += 1
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting: for a slot here, or for memory (`also_waiting`)."""
+        return self.waiting + self.also_waiting()
 
     async def run(self, model_key: str, fn: Callable[[], T], job: Job | None = None) -> T:
         """Wait for a slot of `model_key`, then run the blocking `fn` in a worker thread.
@@ -113,6 +128,8 @@ class Job:
     output: dict[str, Any] | None = None
     error: ServiceError | None = None
     task: asyncio.Task[None] | None = None
+    size: int = 0  # bytes of the output's JSON, counted against JobStore.max_bytes
+    keep: bool = True  # the result is kept for /status (not when a /runsync caller takes it)
     cancel: CancelToken = field(default_factory=CancelToken)
     stop: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -130,26 +147,65 @@ class Job:
         self.stop.set()
 
 
-class JobStore:
-    """Jobs by id: at most `max_jobs`, finished ones forgotten `ttl_s` seconds after the end."""
+def result_bytes(output: dict[str, Any]) -> int:
+    """The size of a job's output as `/status` sends it (its JSON text)."""
+    return len(json.dumps(output))
 
-    def __init__(self, max_jobs: int, ttl_s: float):
+
+class JobStore:
+    """Jobs by id: at most `max_jobs`, finished ones forgotten `ttl_s` seconds after the end,
+    and finished results together at most `max_bytes` (the oldest finished go first). The ids
+    of forgotten jobs are remembered (as many as `max_jobs`) so `/status` can say they expired.
+    """
+
+    def __init__(self, max_jobs: int, ttl_s: float, max_bytes: int = 200_000_000):
         self.max_jobs = max_jobs
         self.ttl_s = ttl_s
+        self.max_bytes = max_bytes
         self._jobs: OrderedDict[str, Job] = OrderedDict()
+        self._expired: OrderedDict[str, None] = OrderedDict()
         self.tally: Counter[str] = Counter()  # finished jobs by status, since the start
 
     def _prune(self) -> None:
-        # Finished: its task has ended (a cancelled job may still be stopping).
         now = time.monotonic()
-        finished = [j for j in self._jobs.values() if j.done and j.finished is not None]
-        for job_id in [j.id for j in finished if now - j.finished > self.ttl_s]:
-            del self._jobs[job_id]
-        # Over the count limit the oldest finished jobs go first.
-        for job_id in [j.id for j in finished if j.id in self._jobs]:
-            if len(self._jobs) < self.max_jobs:
+        # Finished: its task has ended (a cancelled job may still be stopping).
+        finished = sorted(
+            (j for j in self._jobs.values() if j.done and j.finished is not None),
+            key=lambda j: j.finished,
+        )
+        for job in [j for j in finished if now - j.finished > self.ttl_s]:
+            self._forget(job.id)
+        # Over the count or byte limit the oldest finished jobs go first.
+        finished = [j for j in finished if j.id in self._jobs]
+        stored = sum(j.size for j in finished)
+        for job in finished:
+            if len(self._jobs) < self.max_jobs and stored <= self.max_bytes:
                 break
-            del self._jobs[job_id]
+            stored -= job.size
+            self._forget(job.id)
+
+    def _forget(self, job_id: str) -> None:
+        del self._jobs[job_id]
+        self._expired[job_id] = None
+        while len(self._expired) > self.max_jobs:
+            self._expired.popitem(last=False)
+
+    def finished(self, job: Job) -> None:
+        """Count a finished job's result. One alone over `max_bytes` is replaced by an error
+        (it would push every other result out and still not fit)."""
+        if job.size > self.max_bytes:
+            job.output, job.status, job.size = None, FAILED, 0
+            job.error = ServiceError(
+                "request_too_large",
+                f"the result of job {job.id} is larger than this server keeps for /run jobs "
+                f"(MAX_JOB_BYTES={self.max_bytes}): use /runsync, ask for fewer outputs, or "
+                "set return_base64 to false",
+            )
+        self._prune()
+
+    def expired(self, job_id: str) -> bool:
+        """Whether `job_id` was a job here that has been forgotten (past its TTL or bounds)."""
+        return job_id in self._expired
 
     def new(self, job_id: str | None = None) -> Job:
         """A new job in IN_QUEUE. Unfinished jobs are never dropped (the scheduler bounds them)."""

@@ -49,7 +49,7 @@ PREFIX = "/v2/{endpoint_id}"
 DEFAULT_WAIT_MS, MIN_WAIT_MS, MAX_WAIT_MS = 90_000, 1_000, 300_000
 
 
-async def submit(request: Request, state: AppState) -> Job:
+async def submit(request: Request, state: AppState, keep: bool = True) -> Job:
     """The request as a job: queued, or already FAILED when our checks refuse the input.
     HTTP errors: not RunPod's form (400), the key (401), a full queue (429), shutting down."""
     request.state.envelope = True  # errors in RunPod's form
@@ -69,7 +69,7 @@ async def submit(request: Request, state: AppState) -> Job:
         state.scheduler.admit()
     except ServiceError as err:
         raise ServiceError(err.code, err.message, status=429) from None
-    return start_job(state, admitted)
+    return start_job(state, admitted, keep=keep)
 
 
 def failed_job(state: AppState, err: ServiceError) -> Job:
@@ -85,9 +85,11 @@ def health(state: AppState) -> dict[str, Any]:
     scheduler, tally = state.scheduler, state.jobs.tally
     loaded = state.service.ready and not state.draining
     busy = scheduler.running > 0
+    # Jobs waiting for a model to fit in memory hold a slot but count as queued.
+    in_progress = max(0, scheduler.running - scheduler.also_waiting())
     return {
         "jobs": {"completed": tally[COMPLETED], "failed": tally[FAILED],
-                 "inProgress": scheduler.running, "inQueue": scheduler.waiting, "retried": 0},
+                 "inProgress": in_progress, "inQueue": scheduler.queued, "retried": 0},
         "workers": {"idle": int(loaded and not busy), "running": int(busy),
                     "initializing": int(not state.service.ready and state.start_error is None),
                     "ready": int(loaded), "throttled": 0,
@@ -111,10 +113,12 @@ def add_runpod_routes(app: FastAPI, state: AppState) -> None:
         endpoint_id: str,
         wait: int | None = Query(None, description="milliseconds to wait (1000 to 300000)"),
     ) -> JSONResponse:
-        job = await submit(request, state)
+        job = await submit(request, state, keep=False)
         seconds = min(max(wait or DEFAULT_WAIT_MS, MIN_WAIT_MS), MAX_WAIT_MS) / 1000
         if job.task is None or await wait_for_job(request, state, job, seconds):
             state.jobs.forget(job.id)  # answered: its output is not kept
+        else:
+            job.keep = True  # it outlasted the wait: polled at /status like a /run job
         return JSONResponse(job_body(job))
 
     @app.get(f"{PREFIX}/status/{{job_id}}", summary="RunPod's /status", responses=job_doc)
