@@ -66,6 +66,8 @@ class Settings(BaseSettings):
     # Input limits
     max_image_side: int = Field(default=4096, validation_alias=_env("MAX_IMAGE_SIDE"))
     max_download_bytes: int = Field(default=50_000_000, validation_alias=_env("MAX_DOWNLOAD_BYTES"))
+    # Longest image_base64 (or images[].base64) text; None: `base64_chars_limit`'s default.
+    max_base64_chars: int | None = Field(default=None, validation_alias=_env("MAX_BASE64_CHARS"))
     download_timeout_s: float = Field(default=20.0, validation_alias=_env("DOWNLOAD_TIMEOUT_S"))
     max_views: int = Field(default=16, validation_alias=_env("MAX_VIEWS"))
     # At most the predictor's own ceiling (inference.preprocess.MAX_PROCESS_RES = 2016).
@@ -76,6 +78,7 @@ class Settings(BaseSettings):
 
     # Self-hosted server
     max_body_bytes: int = Field(default=100_000_000, validation_alias=_env("MAX_BODY_BYTES"))
+    body_timeout_s: float = Field(default=60.0, validation_alias=_env("BODY_TIMEOUT_S"))
     max_queue: int = Field(default=16, validation_alias=_env("MAX_QUEUE"))
     model_concurrency: int = Field(default=1, validation_alias=_env("MODEL_CONCURRENCY"))
     max_jobs: int = Field(default=1000, validation_alias=_env("MAX_JOBS"))
@@ -97,6 +100,14 @@ class Settings(BaseSettings):
         if self.runpod_volume.is_dir() and os.access(self.runpod_volume, os.W_OK):
             return self.runpod_volume / "DA3-Serverless"
         return Path("/workspace/DA3-Serverless")
+
+    @property
+    def base64_chars_limit(self) -> int:
+        """MAX_BASE64_CHARS, by default the base64 text of a MAX_DOWNLOAD_BYTES file with room
+        for line breaks (3 %) and a data: URI prefix."""
+        if self.max_base64_chars is not None:
+            return self.max_base64_chars
+        return -(-self.max_download_bytes // 3) * 4 * 103 // 100 + 1024
 
     @property
     def cache_dir(self) -> Path:

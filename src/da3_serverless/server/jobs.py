@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from da3_serverless.api.auth import check_api_key, key_from_headers
 from da3_serverless.api.errors import ServiceError
 from da3_serverless.api.schema import RunResponse
-from da3_serverless.server.body import in_runpod_form, read_json, unwrap
+from da3_serverless.server.body import in_runpod_form, max_json_structure, read_json, unwrap
 from da3_serverless.server.docs import ERRORS, RUN_ERRORS, RunPodEnvelope, request_body_doc
 from da3_serverless.server.queue import COMPLETED, FAILED, IN_PROGRESS, Job
 
@@ -43,7 +43,11 @@ async def admit(request: Request, state: AppState) -> Admitted:
     once); `Service.handle` checks them again the same way."""
     if state.draining:
         raise ServiceError("model_unavailable", "the server is shutting down; retry elsewhere")
-    body = await read_json(request, state.settings.max_body_bytes)
+    settings = state.settings
+    body = await read_json(
+        request, settings.max_body_bytes, settings.body_timeout_s,
+        max_json_structure(settings.max_views),
+    )  # fmt: skip
     request.state.envelope = envelope = in_runpod_form(body)
     payload = unwrap(body)
     header_key = key_from_headers(request.headers)
