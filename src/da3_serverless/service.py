@@ -142,7 +142,10 @@ class Service:
         then the request; raises ServiceError. Auth comes first so an unauthenticated caller
         learns nothing about the request format."""
         body_key = payload.get("api_key") if isinstance(payload, dict) else None
-        check_api_key(body_key if isinstance(body_key, str) else api_key, self.settings)
+        # An empty body key counts as absent; any other body key wins over the headers'.
+        check_api_key(
+            body_key if isinstance(body_key, str) and body_key else api_key, self.settings
+        )
         return parse_request(payload, self.settings)
 
     @property

@@ -37,6 +37,9 @@ MAX_REDIRECTS = 5
 REDIRECT_CODES = frozenset({301, 302, 303, 307, 308})
 USER_AGENT = "da3-serverless (image fetcher)"
 MAX_ADDRESSES_TRIED = 4
+# Decoded bytes per decompress call: zlib builds each call's output twice (blocks, then one
+# bytes object), so small steps keep the peak near the cap instead of twice it.
+DECODE_STEP = 1 << 20
 # Cloud metadata endpoints: denied networks anyway; named so the message says what they are.
 METADATA_ADDRESSES = frozenset(
     ipaddress.ip_address(a)
@@ -142,6 +145,8 @@ def _addresses(url: httpx.URL, settings: Settings, clock: _Clock) -> list[str]:
         future = _DNS_POOL.submit(resolve, host, url.port or (443 if url.scheme == "https" else 80))
         try:
             addresses = future.result(timeout=clock.left(TimeoutError))
+        except TimeoutError:  # an OSError too: the deadline, not a failed lookup
+            raise
         except (OSError, UnicodeError):
             raise ServiceError(
                 "fetch_failed", f"could not resolve the image URL's host {host!r}: check the URL"
@@ -375,7 +380,7 @@ def read_body(response: httpcore.Response, settings: Settings, host: str) -> byt
             if decoder is None:
                 out, chunk = chunk, b""
             else:
-                out = decoder.decompress(chunk, limit - decoded + 1)
+                out = decoder.decompress(chunk, min(limit - decoded + 1, DECODE_STEP))
                 chunk = decoder.unconsumed_tail if not decoder.eof else b""
             decoded += len(out)
             if decoded > limit:

@@ -19,6 +19,7 @@ from da3_serverless.api.schema import RunResponse
 from da3_serverless.server.body import in_runpod_form, max_json_structure, read_json, unwrap
 from da3_serverless.server.docs import ERRORS, RUN_ERRORS, RunPodEnvelope, request_body_doc
 from da3_serverless.server.queue import COMPLETED, FAILED, IN_PROGRESS, Job
+from da3_serverless.service import check_finite
 
 if TYPE_CHECKING:
     from da3_serverless.server.app import AppState
@@ -73,6 +74,7 @@ def add_job_routes(app: FastAPI, state: AppState) -> None:
             lambda: state.service.handle(admitted.payload, api_key=admitted.header_key),
         )
         request.state.log.update(_result_log(result))
+        check_finite(result)  # JSON cannot carry NaN: a clear `internal`, never a broken answer
         if admitted.envelope:
             return JSONResponse({"id": request.state.job_id, "status": COMPLETED, "output": result})
         return JSONResponse(result)
@@ -107,7 +109,9 @@ def add_job_routes(app: FastAPI, state: AppState) -> None:
 async def _run_job(state: AppState, job: Job, admitted: Admitted) -> None:
     def work() -> dict[str, Any]:
         job.status, job.started = IN_PROGRESS, time.monotonic()
-        return state.service.handle(admitted.payload, api_key=admitted.header_key)
+        result = state.service.handle(admitted.payload, api_key=admitted.header_key)
+        check_finite(result)  # else every /status poll would fail to encode
+        return result
 
     try:
         job.output = await state.scheduler.run(admitted.model_key, work)
