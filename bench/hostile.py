@@ -83,7 +83,7 @@ def run(kind: str, cases: list[hc.Case], src: Path, hf_home: Path, ctx: hc.Conte
                     f"{answer.seconds:.2f} | {answer.growth_mb:+.0f} | {left} |",
                     flush=True,
                 )
-            good_case = hc.Case("good", "", hc.good_request, 200, None)
+            good_case = hc.Case("good", "", hc.good_camera_request, 200, None)
             good = hc.measure(good_case, url, pid, ctx, runpod=kind == "runpod")
             print(f"| | a good request afterwards | {kind} | {good.status} | 200 | "
                   f"{good.seconds:.2f} | {good.growth_mb:+.0f} | |", flush=True)  # fmt: skip

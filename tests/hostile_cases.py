@@ -459,7 +459,12 @@ CASES: list[Case] = _cases()
 
 
 def good_request(ctx: Context) -> dict[str, Any]:
-    """A request that must succeed right after any hostile one."""
+    """A request that must succeed right after any hostile one (the cheapest there is)."""
+    return _request(ctx)
+
+
+def good_camera_request(ctx: Context) -> dict[str, Any]:
+    """A good request with cameras and a point cloud."""
     return _request(ctx, outputs=["depth", "pointcloud"], intrinsics=K, extrinsics=_pose())
 
 

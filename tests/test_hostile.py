@@ -659,3 +659,5 @@ def test_every_hostile_case(target, hostile) -> None:
         if problems:
             failures.append(f"{case.name}: {', '.join(problems)}")
     assert not failures, "\n".join(failures)
+    cameras = hc.Case("good, with cameras", "", hc.good_camera_request, 200, None)
+    assert hc.measure(cameras, url, pid, ctx, runpod=kind == "runpod").status == 200
