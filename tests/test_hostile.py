@@ -19,6 +19,7 @@ import ipaddress
 import json
 import math
 import os
+import socket
 import time
 import tracemalloc
 import types
@@ -560,8 +561,8 @@ class NonFiniteService:
     default_model_id = Service.default_model_id
     ready = True
 
-    def __init__(self) -> None:
-        self.settings = Settings(api_key=TEST_API_KEY, model_id=SMALL_REPO)
+    def __init__(self, **settings: object) -> None:
+        self.settings = Settings(api_key=TEST_API_KEY, model_id=SMALL_REPO, **settings)
 
     def start(self) -> None:
         pass
@@ -588,6 +589,19 @@ def test_the_server_never_answers_what_json_cannot_carry() -> None:
         polled = httpx.get(status, headers=headers)
         assert polled.status_code == 200
         assert json.loads(polled.json()["error"])["code"] == "internal"
+
+
+def test_a_body_that_does_not_arrive_in_time_is_408() -> None:
+    service = NonFiniteService(body_timeout_s=0.5)
+    with app_in_thread(create_app(service.settings, service)) as url:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(b"POST /runsync HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                         b"\r\nContent-Length: 1000\r\n\r\n{\"image_url\": ")  # fmt: skip
+            start = time.monotonic()
+            answer = sock.recv(65536).decode()
+        assert answer.startswith("HTTP/1.1 408") and "BODY_TIMEOUT_S" in answer
+        assert time.monotonic() - start < 5
 
 
 # ---- every case against the running servers ------------------------------------------------

@@ -221,7 +221,7 @@ class _DeadlineBackend(httpcore.NetworkBackend):
 def ssl_context() -> ssl.SSLContext:
     """The TLS settings of downloads: httpx's defaults (certificates verified). Tests replace
     this to trust their own certificate."""
-    return httpx.create_ssl_context()
+    return httpx.create_ssl_context(trust_env=False)
 
 
 # ---- downloading ------------------------------------------------------------------------------
@@ -248,7 +248,7 @@ def fetch_url(url: str, settings: Settings) -> bytes:
                 host = current.host
                 addresses = _addresses(current, settings, clock)
                 with ExitStack() as stack:
-                    response = _get(stack, pool, current, addresses, clock)
+                    response = _get(stack, pool, current, addresses)
                     if response.status in REDIRECT_CODES:
                         current = _redirect_target(current, response)
                         continue
@@ -294,11 +294,7 @@ def _parse_url(url: str) -> httpx.URL:
 
 
 def _get(
-    stack: ExitStack,
-    pool: httpcore.ConnectionPool,
-    url: httpx.URL,
-    addresses: list[str],
-    clock: _Clock,
+    stack: ExitStack, pool: httpcore.ConnectionPool, url: httpx.URL, addresses: list[str]
 ) -> httpcore.Response:
     """GET `url` from the first of its checked `addresses` that accepts a connection; the
     response is open until `stack` closes."""
