@@ -66,8 +66,6 @@ class Settings(BaseSettings):
     # Input limits
     max_image_side: int = Field(default=4096, validation_alias=_env("MAX_IMAGE_SIDE"))
     max_download_bytes: int = Field(default=50_000_000, validation_alias=_env("MAX_DOWNLOAD_BYTES"))
-    # Longest image_base64 (or images[].base64) text; None: `base64_chars_limit`'s default.
-    max_base64_chars: int | None = Field(default=None, validation_alias=_env("MAX_BASE64_CHARS"))
     download_timeout_s: float = Field(default=20.0, validation_alias=_env("DOWNLOAD_TIMEOUT_S"))
     max_views: int = Field(default=16, validation_alias=_env("MAX_VIEWS"))
     # At most the predictor's own ceiling (inference.preprocess.MAX_PROCESS_RES = 2016).
@@ -75,10 +73,15 @@ class Settings(BaseSettings):
         default=2016, ge=14, le=2016, validation_alias=_env("MAX_PROCESS_RES")
     )
     allow_private_urls: bool = Field(default=False, validation_alias=_env("DA3_ALLOW_PRIVATE_URLS"))
+    # Longest image_base64 (or images[].base64) text; None: `base64_chars_limit`'s default.
+    max_base64_chars: int | None = Field(
+        default=None, ge=1, validation_alias=_env("MAX_BASE64_CHARS")
+    )
+    # Self-hosted: the time a request body has to arrive.
+    body_timeout_s: float = Field(default=60.0, gt=0, validation_alias=_env("BODY_TIMEOUT_S"))
 
     # Self-hosted server
     max_body_bytes: int = Field(default=100_000_000, validation_alias=_env("MAX_BODY_BYTES"))
-    body_timeout_s: float = Field(default=60.0, validation_alias=_env("BODY_TIMEOUT_S"))
     max_queue: int = Field(default=16, validation_alias=_env("MAX_QUEUE"))
     model_concurrency: int = Field(default=1, validation_alias=_env("MODEL_CONCURRENCY"))
     max_jobs: int = Field(default=1000, validation_alias=_env("MAX_JOBS"))
