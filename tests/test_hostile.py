@@ -560,6 +560,7 @@ class NonFiniteService:
     model_key = Service.model_key
     default_model_id = Service.default_model_id
     ready = True
+    waiting_for_memory = 0
 
     def __init__(self, **settings: object) -> None:
         self.settings = Settings(api_key=TEST_API_KEY, model_id=SMALL_REPO, **settings)
