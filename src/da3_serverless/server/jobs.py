@@ -19,9 +19,10 @@ from da3_serverless.api.auth import check_api_key, key_from_headers
 from da3_serverless.api.errors import ServiceError
 from da3_serverless.api.schema import RunResponse
 from da3_serverless.inference.cancel import Cancelled
-from da3_serverless.server.body import in_runpod_form, read_json, unwrap
+from da3_serverless.server.body import in_runpod_form, max_json_structure, read_json, unwrap
 from da3_serverless.server.docs import ERRORS, RUN_ERRORS, RunPodEnvelope, request_body_doc
 from da3_serverless.server.queue import CANCELLED, COMPLETED, FAILED, Job, result_bytes
+from da3_serverless.service import check_finite
 
 if TYPE_CHECKING:
     from da3_serverless.server.app import AppState
@@ -56,7 +57,11 @@ async def read_request(request: Request, state: AppState) -> Admitted:
     """The body read and unwrapped, and the key from the headers; not checked yet."""
     if state.draining:
         raise ServiceError("model_unavailable", "the server is shutting down; retry elsewhere")
-    body = await read_json(request, state.settings.max_body_bytes)
+    settings = state.settings
+    body = await read_json(
+        request, settings.max_body_bytes, settings.body_timeout_s,
+        max_json_structure(settings.max_views),
+    )  # fmt: skip
     request.state.envelope = envelope = in_runpod_form(body)
     payload = unwrap(body)
     path = getattr(request.scope.get("route"), "path", "?")
@@ -151,7 +156,7 @@ def add_job_routes(app: FastAPI, state: AppState) -> None:
             raise job.error
         result = job.output
         assert result is not None
-        request.state.log.update(_result_log(result))
+        request.state.log.update(_result_log(result))  # finite: checked as the job ended
         if admitted.envelope:
             return JSONResponse({"id": job.id, "status": COMPLETED, "output": result})
         return JSONResponse(result)
@@ -203,6 +208,7 @@ async def _run_job(state: AppState, job: Job, admitted: Admitted) -> None:
         output = state.service.handle(
             admitted.payload, api_key=admitted.header_key, cancel=job.cancel
         )
+        check_finite(output)  # else every /status poll would fail to encode
         job.size = result_bytes(output)  # here, off the event loop
         return output
 
