@@ -112,6 +112,7 @@ def main() -> None:
         settings = Settings(
             model_id=str(snapshot("da3-small")), workspace=Path(workspace), device="cpu",
             allow_unauthenticated=True, warmup=False, max_views=args.views,
+            request_budget_tokens=10**7, request_budget_pixels=10**10,  # well past this request
         )  # fmt: skip
         service = Service(settings)
         service.start()

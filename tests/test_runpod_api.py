@@ -271,6 +271,7 @@ def served(hf_cache, tmp_path_factory):
 
     workdir = tmp_path_factory.mktemp("service")
     env = conftest.service_env.__wrapped__(hf_cache, workdir)
+    env["REQUEST_BUDGET_TOKENS"] = "100000"  # the cancel test's 8 views at process_res 1008
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     with serve_process(env, log) as (url, _):
         yield url, workdir / "workspace"
