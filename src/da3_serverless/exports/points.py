@@ -150,7 +150,7 @@ def _drop(mask: np.ndarray, drop: np.ndarray, name: str, removed: dict[str, int]
 
 def depth_edges(depth: np.ndarray, tolerance: float = EDGE_TOLERANCE) -> np.ndarray:
     """(H, W) bool: pixels whose depth differs from one of their 3x3 neighbours by more than
-    `tolerance` times their own depth (non-finite neighbours never count). Computed from the
+    `tolerance` times their own depth (NaN neighbours never count). Computed from the
     3x3 maximum and minimum (separable, NaN-ignoring), which differ from the pixel by more than
     the tolerance exactly when some neighbour does."""
     depth = np.asarray(depth, dtype=np.float32)
