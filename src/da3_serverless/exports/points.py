@@ -33,7 +33,7 @@ DEFAULT_CONF_PERCENTILE = 40.0
 # The voxel search stops once it keeps at least this share of max_points (or after MAX_STEPS).
 GOOD_ENOUGH = 0.9
 TARGET_SHARE = 0.96  # each step aims a little below max_points
-MAX_STEPS = 8
+MAX_STEPS = 10
 # Voxel keys are three cell indices packed in one int64: at most 2**20 cells per axis.
 MAX_CELLS_PER_AXIS = 2**20
 # Bytes per input pixel while fusing (masks, indices, float64 back-projection, voxel keys),
@@ -238,28 +238,57 @@ def voxel_thin(
     if len(xyz) <= max_points:
         return np.arange(len(xyz)), None
     grid = _Grid(xyz)
-    guess = math.sqrt(area / max_points) if area else grid.first_guess(max_points)
-    size = max(guess, grid.smallest)
-    fits, over = None, None  # smallest size seen that fits, largest that did not
+    size = max(
+        math.sqrt(area / max_points) if area else grid.first_guess(max_points), grid.smallest
+    )
+    target = TARGET_SHARE * max_points
+    fits = over = previous = None  # (size, count): the best sizes that fit, did not, the last
     for _ in range(MAX_STEPS):
         count = _occupied(grid.keys(size))
         if count <= max_points:
-            fits = size if fits is None else min(fits, size)
+            fits = (size, count) if fits is None or size < fits[0] else fits
             if count >= GOOD_ENOUGH * max_points:
                 break
         else:
-            over = size if over is None else max(over, size)
-        # Points on surfaces occupy about (area / size²) voxels: correct by that power law,
-        # aiming a little low, and bisect geometrically when it leaves the bracket found.
-        guess = size * math.sqrt(count / (TARGET_SHARE * max_points))
-        if fits is not None and over is not None and not over < guess < fits:
-            guess = math.sqrt(over * fits)
-        size = max(guess, grid.smallest)
-    while fits is None:  # keeps doubling: a voxel larger than the cloud holds it all
-        size *= 2
-        if _occupied(grid.keys(size)) <= max_points:
-            fits = size
-    return _first_per_voxel(grid.keys(fits)), fits
+            over = (size, count) if over is None or size > over[0] else over
+        measured = (size, count)
+        if fits is not None and over is not None:
+            size = _between(over, fits, target)
+        else:
+            size = max(_extrapolate(previous, measured, target), grid.smallest)
+        previous = measured
+    while fits is None:  # doubling: a voxel larger than the cloud holds it all
+        size = 2 * over[0]
+        count = _occupied(grid.keys(size))
+        if count <= max_points:
+            fits = (size, count)
+        else:
+            over = (size, count)
+    return _first_per_voxel(grid.keys(fits[0])), fits[0]
+
+
+def _extrapolate(previous, current, target: float) -> float:
+    """The next size from the last one: occupied voxels fall as size^-k, with k = 2 for points
+    on surfaces until two steps measure it (smaller while voxels are about as small as the
+    gaps between points)."""
+    size, count = current
+    exponent = 2.0
+    if previous is not None and previous[0] != size and previous[1] != count:
+        measured = math.log(previous[1] / count) / math.log(size / previous[0])
+        exponent = min(max(measured, 0.25), 4.0)
+    return size * (count / target) ** (1 / exponent)
+
+
+def _between(over, fits, target: float) -> float:
+    """A size between a bracket's ends (sizes that give more, and at most, max_points): where
+    the line through both ends in log-log crosses `target`, else their geometric mean."""
+    (small, many), (large, few) = over, fits
+    if many > few and small < large:
+        share = math.log(many / target) / math.log(many / few)
+        guess = small * (large / small) ** share
+        if small < guess < large:
+            return guess
+    return math.sqrt(small * large)
 
 
 class _Grid:
