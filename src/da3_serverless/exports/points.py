@@ -36,10 +36,13 @@ TARGET_SHARE = 0.96  # each step aims a little below max_points
 MAX_STEPS = 10
 # Voxel keys are three cell indices packed in one int64: at most 2**20 cells per axis.
 MAX_CELLS_PER_AXIS = 2**20
-# Bytes per input pixel while fusing (masks, indices, float64 back-projection, voxel keys),
-# and per kept point in the files (PLY 19, GLB 16, COLMAP 83 + text): for memory budgets.
-FUSE_BYTES_PER_PIXEL = 64
-FILE_BYTES_PER_POINT = 300
+# Host memory for request budgets, measured with tracemalloc (2 views of 1208 x 680): fusing
+# peaks at 66 bytes per input pixel (masks, indices, back-projection, voxel keys; less when edge
+# removal drops pixels early); the three files peak at 245 bytes per kept point while written
+# (PLY 19, GLB 16, COLMAP 83 + trimesh's copies) and keep 150, plus their base64 in the
+# response (200).
+FUSE_BYTES_PER_PIXEL = 72
+FILE_BYTES_PER_POINT = 450
 
 
 @dataclass(frozen=True)
@@ -81,9 +84,10 @@ class ScenePoints:
         }
 
 
-def fusion_bytes(pixels: int, max_points: int) -> int:
-    """Peak memory of fusing `pixels` input pixels into at most `max_points` points, with the
-    three scene files: for request budgets."""
+def scene_bytes(pixels: int, max_points: int) -> int:
+    """Host memory of the scene outputs of views holding `pixels` input pixels in all, with at
+    most `max_points` points: fusing, then the three files and their base64 (an upper bound:
+    fusing is done before the files are written). For request budgets."""
     return FUSE_BYTES_PER_PIXEL * pixels + FILE_BYTES_PER_POINT * max_points
 
 
