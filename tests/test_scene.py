@@ -628,3 +628,17 @@ def test_the_client_downloads_outputs_given_as_urls_and_saves_fixed_names(tmp_pa
     assert result.colmap == b"PK zip bytes" and result.scene_ply == b"ply"
     written = sorted(p.name for p in result.save_all(tmp_path / "out", "s"))
     assert written == ["s.colmap.zip", "s.json", "s.scene.ply"]
+
+
+def test_a_scene_with_no_point_left_still_gives_valid_files(tmp_path):
+    prediction, images = synthetic(2)
+    prediction.depth[:] = np.nan
+    points = fuse(prediction, images, SceneOptions())
+    assert len(points) == 0 and points.removed["invalid"] == prediction.depth.size
+    assert len(read_ply(scene_ply(points, "relative"))) == 0
+    cloud, frustums = read_glb(scene_glb(points, prediction))
+    assert cloud is None and len(frustums) == 2
+    data = colmap_zip(points, prediction, images, text=True)
+    for text in (False, True):
+        model = read_colmap(data, tmp_path / str(text), text=text)
+        assert (model.num_points3D(), model.num_images()) == (0, 2)

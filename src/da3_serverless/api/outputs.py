@@ -157,10 +157,12 @@ def _encode_extra(
                 f"depth_mm_png of view {index}: {millimetres.saturated} pixel(s) past 65.535 m "
                 "saturate at 65535 (use depth_npy or depth_exr for their depth)"
             )
-    else:  # pointcloud
+    elif name == "pointcloud":
         extrinsics = None if prediction.extrinsics is None else prediction.extrinsics[index]
         rgb = np.asarray(image.image.convert("RGB"))
         data = encoding.encode_pointcloud_ply(depth, prediction.intrinsics[index], rgb, extrinsics)
+    else:
+        raise ValueError(f"no per-view encoder for output {name!r}")
     return Artifact(index, name, data, *EXTRAS[name], fields=fields)
 
 
@@ -189,13 +191,11 @@ def encode_scene(
     options = scene_options(request)
     points = fuse(prediction, pixels, options)
     fields = {"scene": points.summary()}
-    artifacts = []
-    for name in names:
-        if name == "scene_ply":
-            data = ply.scene_ply(points, prediction.units)
-        elif name == "scene_glb":
-            data = glb.scene_glb(points, prediction)
-        else:
-            data = colmap.colmap_zip(points, prediction, pixels, text=options.colmap_text)
-        artifacts.append(Artifact(None, name, data, *EXTRAS[name], fields=fields))
+    writers = {
+        "scene_ply": lambda: ply.scene_ply(points, prediction.units),
+        "scene_glb": lambda: glb.scene_glb(points, prediction),
+        "colmap": lambda: colmap.colmap_zip(points, prediction, pixels, text=options.colmap_text),
+    }
+    artifacts = [Artifact(None, name, writers[name](), *EXTRAS[name], fields=fields)
+                 for name in names]  # fmt: skip
     return artifacts, points.warnings
