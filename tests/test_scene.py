@@ -642,3 +642,19 @@ def test_a_scene_with_no_point_left_still_gives_valid_files(tmp_path):
     for text in (False, True):
         model = read_colmap(data, tmp_path / str(text), text=text)
         assert (model.num_points3D(), model.num_images()) == (0, 2)
+
+
+def test_the_request_budget_counts_the_scene(hf_cache, tmp_path):
+    """Scene outputs add their host memory to the request's price, refused before decoding."""
+    from da3_serverless.api.budget import HOST_BYTES_PER_PIXEL, estimate_cost
+    from da3_serverless.exports.points import scene_bytes
+
+    sizes = [(1208, 680)] * 2
+    plain = estimate_cost(SMALL_REPO, RES, sizes)
+    scene = estimate_cost(SMALL_REPO, RES, sizes, scene_points=20_000)
+    assert plain.scene_pixels == 0 and scene.pixels == plain.pixels
+    assert scene.scene_pixels * HOST_BYTES_PER_PIXEL >= scene_bytes(plain.pixels, 20_000)
+    service = Service(settings_for(hf_cache, tmp_path / "ws", request_budget_pixels=plain.pixels))
+    with pytest.raises(ServiceError) as error:
+        service.handle(scene_request())
+    assert error.value.code == "request_too_large" and "lower max_points" in error.value.message

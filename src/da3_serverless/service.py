@@ -4,9 +4,10 @@ storage -> response. Transports (RunPod worker, HTTP server, CLI) call `Service.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,17 +15,19 @@ import numpy as np
 import torch
 
 from da3_serverless.api.auth import check_api_key
+from da3_serverless.api.budget import Budget, default_budget, estimate_cost, request_budget
 from da3_serverless.api.errors import ServiceError
-from da3_serverless.api.images import DecodedImage, load_request_images
+from da3_serverless.api.images import DecodedImage, decode_request_images, open_request_images
 from da3_serverless.api.outputs import (
     Artifact,
     encode_outputs,
     encode_scene,
     unavailable_outputs,
     view_skeleton,
+    wants_scene,
 )
 from da3_serverless.api.placement import place_outputs
-from da3_serverless.api.schema import SCENE_OUTPUTS, SCHEMA_VERSION, RunRequest, parse_request
+from da3_serverless.api.schema import SCHEMA_VERSION, RunRequest, parse_request
 from da3_serverless.api.storage import OutputStore
 from da3_serverless.config import Settings
 from da3_serverless.inference.cache import (
@@ -67,6 +70,7 @@ class Service:
         self.store = OutputStore(settings)
         self.locator = WeightLocator.from_settings(settings)
         self.model_cache = model_cache or ModelCache(self._load, self._budget_bytes())
+        self.budget = self._request_budget()
         self._ready = False
 
     # ---- lifecycle -----------------------------------------------------------------------
@@ -77,15 +81,22 @@ class Service:
             log.warning("DA3_API_KEY is not set: every request will be refused (401)")
         elif not self.settings.api_key:
             log.warning("DA3_ALLOW_UNAUTHENTICATED=1: serving without an API key")
+        log.info("request budget: %s", self.budget.describe())
+        log.info("model memory budget: %.1f GiB", self.model_cache.budget_bytes / 1024**3)
         self.store.maybe_prune()
-        predictor = self.model_cache.get(self.default_model_id)
-        if self.settings.warmup:
-            warm_up(predictor)
+        with self.model_cache.use(self.default_model_id) as predictor:
+            if self.settings.warmup:
+                warm_up(predictor)
         self._ready = True
 
     @property
     def ready(self) -> bool:
         return self._ready
+
+    @property
+    def waiting_for_memory(self) -> int:
+        """Requests waiting for a model to fit in memory (they hold a place in a queue)."""
+        return self.model_cache.waiting
 
     def model_table(self) -> list[dict]:
         loaded = set(self.model_cache.loaded())
@@ -123,20 +134,25 @@ class Service:
             if capabilities is not None:
                 _check_outputs(request, capabilities)
         with timer.stage("decode"):
-            images = load_request_images(request, self.settings)
-        with timer.stage("load_model"):
-            predictor = self._predictor(model_id)
-        if capabilities is None:  # a model folder whose preset could not be read up front
-            _check_outputs(request, predictor.capabilities)
-        _check_metric(request, predictor)
-        with timer.stage("inference"):
-            prediction = self._predict(predictor, request, images)
+            opened = open_request_images(request, self.settings)
+            sizes = [(view.width, view.height) for view in opened]
+            scene_points = request.max_points if wants_scene(request) else None
+            self.budget.check(estimate_cost(model_id, request.process_res, sizes, scene_points))
+            images = decode_request_images(opened, self.settings)
+        with ExitStack() as pinned:  # the model stays loaded while this request uses it
+            with timer.stage("load_model"):
+                predictor = self._predictor(model_id, pinned)
+            if capabilities is None:  # a model folder whose preset could not be read up front
+                _check_outputs(request, predictor.capabilities)
+            _check_metric(request, predictor)
+            with timer.stage("inference"):
+                prediction = self._predict(predictor, request, images)
         self.store.maybe_prune()
         saved: list[Path] = []
         try:
             with timer.stage("encode"):
                 artifacts, warnings = encode_outputs(request, prediction, images)
-            if any(name in SCENE_OUTPUTS for name in request.outputs):
+            if wants_scene(request):
                 with timer.stage("scene"):
                     scene, scene_warnings = encode_scene(request, prediction, images)
                 artifacts, warnings = [*artifacts, *scene], [*warnings, *scene_warnings]
@@ -176,9 +192,10 @@ class Service:
             )
         return info.repo_id
 
-    def _predictor(self, model_id: str) -> Predictor:
+    def _predictor(self, model_id: str, pinned: ExitStack) -> Predictor:
+        """The loaded model, pinned in the cache until `pinned` closes."""
         try:
-            return self.model_cache.get(model_id)
+            return pinned.enter_context(self.model_cache.use(model_id))
         except ModelNotFoundError as error:
             raise ServiceError("model_unavailable", str(error)) from None
         except torch.cuda.OutOfMemoryError:
@@ -264,10 +281,23 @@ class Service:
     def _budget_bytes(self) -> int:
         if self.settings.model_memory_budget_gb is not None:
             return int(self.settings.model_memory_budget_gb * 1024**3)
-        device = torch.device(
+        return default_budget_bytes(self._device())
+
+    def _device(self) -> torch.device:
+        return torch.device(
             self.settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
         )
-        return default_budget_bytes(device)
+
+    def _request_budget(self) -> Budget:
+        """REQUEST_BUDGET_TOKENS / _PIXELS, else the device's default (api/budget.py)."""
+        tokens, pixels = self.settings.request_budget_tokens, self.settings.request_budget_pixels
+        return request_budget(tokens, pixels, self._device_budget)
+
+    def _device_budget(self) -> Budget:
+        device = self._device()
+        gpu_free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 0
+        host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return default_budget(device.type, gpu_free, self.model_cache.budget_bytes, host)
 
 
 def _check_metric(request: RunRequest, predictor: Predictor) -> None:
@@ -313,10 +343,5 @@ def warm_up(predictor: Predictor) -> None:
 
 
 def _dtype(name: str | None) -> torch.dtype | None:
-    if name is None:
-        return None
-    dtypes = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-              "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
-    if name.lower() not in dtypes:
-        raise ValueError(f"DA3_DTYPE={name!r}: use one of {', '.join(dtypes)}")
-    return dtypes[name.lower()]
+    """The torch dtype named by DA3_DTYPE (checked and made canonical in config.py)."""
+    return None if name is None else getattr(torch, name)

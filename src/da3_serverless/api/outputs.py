@@ -169,6 +169,11 @@ def _encode_extra(
 # ---- the scene -----------------------------------------------------------------------------
 
 
+def wants_scene(request: RunRequest) -> bool:
+    """Whether the request asks for any scene output."""
+    return any(name in SCENE_OUTPUTS for name in request.outputs)
+
+
 def scene_options(request: RunRequest) -> SceneOptions:
     return SceneOptions(
         conf_percentile=request.conf_percentile,
