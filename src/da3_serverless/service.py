@@ -4,6 +4,7 @@ storage -> response. Transports (RunPod worker, HTTP server, CLI) call `Service.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ import torch
 
 from da3_serverless.api.auth import check_api_key
 from da3_serverless.api.budget import Budget, default_budget, estimate_cost, request_budget
+from da3_serverless.api.cameras import checked_cameras
 from da3_serverless.api.errors import ServiceError
 from da3_serverless.api.images import DecodedImage, decode_request_images, open_request_images
 from da3_serverless.api.outputs import (
@@ -28,7 +30,7 @@ from da3_serverless.api.outputs import (
 )
 from da3_serverless.api.placement import place_outputs
 from da3_serverless.api.schema import SCHEMA_VERSION, RunRequest, parse_request
-from da3_serverless.api.storage import OutputStore
+from da3_serverless.api.storage import OutputStore, Saved
 from da3_serverless.config import Settings
 from da3_serverless.inference.cache import (
     ModelCache,
@@ -139,6 +141,7 @@ class Service:
             scene_points = request.max_points if wants_scene(request) else None
             self.budget.check(estimate_cost(model_id, request.process_res, sizes, scene_points))
             images = decode_request_images(opened, self.settings)
+            request = checked_cameras(request, [(image.width, image.height) for image in images])
         with ExitStack() as pinned:  # the model stays loaded while this request uses it
             with timer.stage("load_model"):
                 predictor = self._predictor(model_id, pinned)
@@ -148,7 +151,7 @@ class Service:
             with timer.stage("inference"):
                 prediction = self._predict(predictor, request, images)
         self.store.maybe_prune()
-        saved: list[Path] = []
+        saved: list[Saved] = []
         try:
             with timer.stage("encode"):
                 artifacts, warnings = encode_outputs(request, prediction, images)
@@ -159,6 +162,7 @@ class Service:
             response = self._respond(
                 request, predictor, prediction, artifacts, timer, saved, warnings
             )
+            check_finite(response)
         except BaseException:
             self.store.discard(saved)
             raise
@@ -171,7 +175,10 @@ class Service:
         then the request; raises ServiceError. Auth comes first so an unauthenticated caller
         learns nothing about the request format."""
         body_key = payload.get("api_key") if isinstance(payload, dict) else None
-        check_api_key(body_key if isinstance(body_key, str) else api_key, self.settings)
+        # An empty body key counts as absent; any other body key wins over the headers'.
+        check_api_key(
+            body_key if isinstance(body_key, str) and body_key else api_key, self.settings
+        )
         return parse_request(payload, self.settings)
 
     @property
@@ -244,7 +251,7 @@ class Service:
         prediction: Prediction,
         artifacts: list[Artifact],
         timer: _Timer,
-        saved: list[Path],
+        saved: list[Saved],
         warnings: list[str],
     ) -> dict:
         views = [view_skeleton(prediction, index) for index in range(len(prediction))]
@@ -345,3 +352,21 @@ def warm_up(predictor: Predictor) -> None:
 def _dtype(name: str | None) -> torch.dtype | None:
     """The torch dtype named by DA3_DTYPE (checked and made canonical in config.py)."""
     return None if name is None else getattr(torch, name)
+
+
+def check_finite(response: object, where: str = "response") -> None:
+    """Raise `ServiceError("internal")` (the place logged) if the response holds NaN or an
+    infinity anywhere: JSON cannot carry them, so such a response could not be sent."""
+    if isinstance(response, float) and not math.isfinite(response):
+        log.error("non-finite number %r at %s of a response", response, where)
+        raise ServiceError(
+            "internal",
+            f"the result held a non-finite number (at {where}); this is a bug, the server log "
+            "has the details",
+        )
+    if isinstance(response, dict):
+        for key, value in response.items():
+            check_finite(value, f"{where}.{key}")
+    elif isinstance(response, list):
+        for index, value in enumerate(response):
+            check_finite(value, f"{where}[{index}]")

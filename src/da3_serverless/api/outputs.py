@@ -102,8 +102,6 @@ def _unavailable(name: str, request: RunRequest, info: ModelInfo) -> str | None:
                 f"common frame: send one view, or use a model with a camera "
                 f"({_models_with('camera')})"
             )
-    if name == "colmap" and any(k[0][1] != 0 for k in request.intrinsics or []):
-        return "a COLMAP PINHOLE camera has no skew: send intrinsics with K[0][1] = 0"
     return None
 
 

@@ -14,10 +14,9 @@ from __future__ import annotations
 import base64
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from da3_serverless.api.outputs import Artifact
-from da3_serverless.api.storage import OutputStore, StorageError
+from da3_serverless.api.storage import OutputStore, Saved, StorageError
 
 BUCKET_SETTINGS = "BUCKET_ENDPOINT_URL, BUCKET_ACCESS_KEY_ID, BUCKET_SECRET_ACCESS_KEY"
 
@@ -59,13 +58,13 @@ def place_outputs(
     *,
     budget: int | None,
     order: Sequence[str],
-    saved: list[Path],
+    saved: list[Saved],
     warnings: list[str],
 ) -> Placed:
     """Place every artifact (inline within `budget` bytes, or None when the request asked for
-    paths; volume; bucket) and return its response fields. Files saved on the volume are
-    appended to `saved` (the caller removes them if the request fails later); problems are
-    appended to `warnings`."""
+    paths; volume; bucket) and return its response fields. Files saved on the volume and
+    objects put in the bucket are appended to `saved` (the caller removes them if the request
+    fails later); problems are appended to `warnings`."""
     inline = fit_inline(artifacts, budget or 0, 0 if view_count > 1 else None, order)
     stored = sorted({a.name for a in artifacts if id(a) not in inline})
     if budget is not None and stored:
@@ -94,7 +93,7 @@ def place_outputs(
 
 
 def _place(
-    artifact: Artifact, inline: bool, store: OutputStore, saved: list[Path], warnings: list[str]
+    artifact: Artifact, inline: bool, store: OutputStore, saved: list[Saved], warnings: list[str]
 ) -> dict:
     """Inline base64 and/or a file on the volume (always for the depth PNG, and for outputs
     that are not inline), or a bucket URL when a bucket is configured."""
@@ -103,7 +102,7 @@ def _place(
         entry["base64"] = base64.b64encode(artifact.data).decode("ascii")
     if not inline and store.has_bucket:
         try:
-            entry["url"] = store.upload(artifact.data, artifact.suffix, artifact.media_type)
+            entry["url"] = store.upload(artifact.data, artifact.suffix, artifact.media_type, saved)
         except StorageError as error:
             warnings.append(f"could not upload {artifact.name} to the bucket: {error}")
     if artifact.name == "depth" or not inline:
