@@ -18,6 +18,7 @@ from da3_serverless.inference.cameras import (
     camera_centers,
     extrinsics_4x4,
     normalise_extrinsics,
+    relative_to_first_view,
     umeyama_scale,
 )
 from da3_serverless.inference.cancel import CancelToken
@@ -256,6 +257,8 @@ class Predictor:
         given = prepared.scene
         if given.extrinsics is not None:
             depth, extrinsics = _align_to_given_poses(depth, extrinsics, given.extrinsics)
+        elif extrinsics is not None:  # world frame: the first view's camera (§7)
+            extrinsics = relative_to_first_view(extrinsics)
         if given.intrinsics is not None:
             intrinsics = given.intrinsics.astype(np.float32)
         elif output.intrinsics is not None:
@@ -264,6 +267,8 @@ class Predictor:
         else:
             intrinsics = None
         metric = prepared.metric and (self.is_metric or prepared.focal_px is not None)
+        # Known poses fix the scale: the depth is in their units, whatever those are.
+        units = "pose_units" if given.extrinsics is not None else "m" if metric else "relative"
         sizes = prepared.sizes
         return Prediction(
             depth=_resize_views(depth, sizes),
@@ -271,8 +276,8 @@ class Predictor:
             sky=_resize_optional(output.sky, sample, sizes),
             intrinsics=intrinsics,
             extrinsics=extrinsics,
-            is_metric=metric,
-            units="m" if metric else "relative",
+            is_metric=units == "m",
+            units=units,
         )
 
     def _metric_depth(self, depth: torch.Tensor, prepared: PreparedInput) -> torch.Tensor:
