@@ -306,7 +306,13 @@ def test_one_json_log_line_per_request_without_secrets(gated, caplog):
     _, url = gated
     caplog.set_level(logging.INFO, logger="da3_serverless.server")
     post(url, {"image_base64": base64.b64encode(b"secret-pixels").decode()})
-    lines = [r for r in caplog.records if r.getMessage() == "request"]
+
+    def request_lines() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if r.getMessage() == "request"]
+
+    eventually(request_lines, 10, "the request's log line")  # written once the answer is sent
+    time.sleep(0.2)  # and no second one
+    lines = request_lines()
     assert len(lines) == 1
     fields = lines[0].fields
     assert fields["path"] == "/runsync" and fields["status"] == 200 and fields["request_id"]

@@ -85,11 +85,14 @@ def health(state: AppState) -> dict[str, Any]:
     scheduler, tally = state.scheduler, state.jobs.tally
     loaded = state.service.ready and not state.draining
     busy = scheduler.running > 0
-    # Jobs waiting for a model to fit in memory hold a slot but count as queued.
-    in_progress = max(0, scheduler.running - scheduler.also_waiting())
+    # Jobs waiting for a model to fit in memory hold a slot but count as queued; a cancelled
+    # job leaves the queue's count as soon as it is cancelled.
+    for_memory = scheduler.also_waiting()
+    in_progress = max(0, scheduler.running - for_memory)
+    in_queue = len(state.jobs.queued()) + for_memory
     return {
         "jobs": {"completed": tally[COMPLETED], "failed": tally[FAILED],
-                 "inProgress": in_progress, "inQueue": scheduler.queued, "retried": 0},
+                 "inProgress": in_progress, "inQueue": in_queue, "retried": 0},
         "workers": {"idle": int(loaded and not busy), "running": int(busy),
                     "initializing": int(not state.service.ready and state.start_error is None),
                     "ready": int(loaded), "throttled": 0,
