@@ -45,6 +45,10 @@ const state = {
 window.__playground = state;
 let viewer = null;
 
+function element(tag, properties) {
+  return Object.assign(document.createElement(tag), properties);
+}
+
 function setStatus(text, isError = false) {
   $("status").textContent = text;
   $("status").classList.toggle("error", isError);
@@ -85,7 +89,7 @@ function can(need, model) {
 
 function buildExtras() {
   for (const [name, label, need] of EXTRAS) {
-    const box = Object.assign(document.createElement("input"), { type: "checkbox", value: name });
+    const box = element("input", { type: "checkbox", value: name });
     box.dataset.need = need || "";
     const row = document.createElement("label");
     row.className = "inline";
@@ -136,8 +140,8 @@ function renderThumbnails() {
     const button = document.createElement("button");
     button.type = "button";
     button.dataset.view = String(index);
-    const image = Object.assign(document.createElement("img"), { src: photo.dataUri, alt: `view ${index}` });
-    const caption = Object.assign(document.createElement("span"), { textContent: `${index}: ${photo.name}` });
+    const image = element("img", { src: photo.dataUri, alt: `view ${index}` });
+    const caption = element("span", { textContent: `${index}: ${photo.name}` });
     button.append(image, caption);
     button.addEventListener("click", () => selectView(index));
     const item = document.createElement("li");
@@ -158,7 +162,8 @@ function buildRequest() {
   const model = currentModel();
   // The response budget fills in the order requested: the scene first (it counts once, a view's
   // outputs once per view), then what the depth view shows, then the per-view downloads.
-  const chosen = [...$("extras").querySelectorAll("input:checked:not(:disabled)")].map((box) => box.value);
+  const boxes = $("extras").querySelectorAll("input:checked:not(:disabled)");
+  const chosen = [...boxes].map((box) => box.value);
   const scene = chosen.filter((name) => name in SCENE_FILES);
   const outputs = ["depth", ...(model.camera ? ["scene_glb"] : []), ...scene, "preview"];
   if (model.confidence) outputs.push("confidence");
@@ -223,8 +228,8 @@ async function show(result) {
   const total = result.timings_ms ? ` in ${Math.round(result.timings_ms.total)} ms` : "";
   const points = result.scene ? `, ${result.scene.points} scene points` : "";
   const warnings = result.warnings && result.warnings.length ? ` (${result.warnings.join("; ")})` : "";
-  setStatus(`${result.model_id}: ${state.views.length} view(s), depth ${result.min_depth.toFixed(2)}–` +
-            `${result.max_depth.toFixed(2)} ${unit}${points}${total}${warnings}`);
+  const range = `${result.min_depth.toFixed(2)}–${result.max_depth.toFixed(2)} ${unit}`;
+  setStatus(`${result.model_id}: ${state.views.length} view(s), depth ${range}${points}${total}${warnings}`);
   await showScene(result);
 }
 
@@ -245,7 +250,7 @@ function selectView(index) {
   setFrame($("depth-frame"), Boolean(preview), hint || "The depth map shows here once estimated");
   for (const radio of document.querySelectorAll("input[name=overlay]")) {
     radio.disabled = radio.value !== "none" && !(view && view[radio.value] && view[radio.value].base64);
-    if (radio.disabled && radio.checked) document.querySelector("input[name=overlay][value=none]").checked = true;
+    if (radio.disabled && radio.checked) $("overlays").querySelector("[value=none]").checked = true;
   }
   showOverlay();
   $("readout").textContent = view ? "hover over the map" : "";
@@ -365,11 +370,13 @@ function outputEntries(result) {
       base64: view.image_base64, path: view.file_path, url: view.file_url,
     });
     for (const [output, suffix] of Object.entries(VIEW_FILES)) {
-      if (output !== "depth" && view[output]) entries.push({ output, view: index, file: `${name}.${suffix}`, ...placed(view[output]) });
+      if (output === "depth" || !view[output]) continue;
+      entries.push({ output, view: index, file: `${name}.${suffix}`, ...placed(view[output]) });
     }
   });
   for (const [output, suffix] of Object.entries(SCENE_FILES)) {
-    if (result[output]) entries.push({ output, view: null, file: `${STEM}.${suffix}`, ...placed(result[output]) });
+    if (!result[output]) continue;
+    entries.push({ output, view: null, file: `${STEM}.${suffix}`, ...placed(result[output]) });
   }
   return entries;
 }
@@ -386,9 +393,9 @@ function renderDownloads(result) {
     item.dataset.view = entry.view === null ? "scene" : String(entry.view);
     item.dataset.file = entry.file;
     const label = entry.view === null ? entry.output : `${entry.output} (view ${entry.view})`;
-    item.append(Object.assign(document.createElement("span"), { className: "name", textContent: label }));
+    item.append(element("span", { className: "name", textContent: label }));
     if (entry.base64) {
-      const button = Object.assign(document.createElement("button"), { type: "button", textContent: `Download ${entry.file}` });
+      const button = element("button", { type: "button", textContent: `Download ${entry.file}` });
       button.title = `${Math.round((entry.base64.length * 3) / 4 / 1024)} KiB`;
       button.addEventListener("click", () => download(entry));
       item.append(button);
@@ -405,18 +412,20 @@ function storedLink(entry) {
   const where = document.createElement("span");
   where.className = "stored";
   if (entry.url && /^https?:\/\//.test(entry.url)) {
-    const link = Object.assign(document.createElement("a"), { href: entry.url, textContent: entry.url, rel: "noopener noreferrer", target: "_blank" });
+    const link = element("a", { href: entry.url, textContent: entry.url, rel: "noopener noreferrer",
+                                 target: "_blank" });
     where.append("stored in the bucket: ", link);
   } else {
-    where.append("stored on the server: ", Object.assign(document.createElement("code"), { textContent: entry.path || "(nowhere)" }));
+    where.append("stored on the server: ", element("code", { textContent: entry.path || "(nowhere)" }));
   }
   return where;
 }
 
 function download(entry) {
-  const blob = new Blob([base64Bytes(entry.base64)], { type: entry.media || "application/octet-stream" });
+  const type = entry.media || "application/octet-stream";
+  const blob = new Blob([base64Bytes(entry.base64)], { type });
   const url = URL.createObjectURL(blob);
-  const link = Object.assign(document.createElement("a"), { href: url, download: entry.file });
+  const link = element("a", { href: url, download: entry.file });
   document.body.append(link);
   link.click();
   link.remove();
@@ -430,7 +439,8 @@ async function showScene(result) {
   if (!glb || !glb.base64) {
     const model = currentModel();
     const hint = glb ? "scene_glb was stored, not sent: see Downloads"
-      : `${model.short_name || "this model"} predicts no camera, so there is no 3D scene: pick a model with a camera`;
+      : `${model.short_name || "this model"} predicts no camera, so there is no 3D scene: ` +
+        "pick a model with a camera";
     setFrame($("cloud"), false, hint);
     return;
   }
@@ -453,7 +463,8 @@ async function showScene(result) {
   const count = points ? points.geometry.attributes.position.count : 0;
   const cameras = objects.filter((object) => object.isLine).map((object) => object.name);
   state.scene = { objects: objects.length, points: count, cameras };
-  Object.assign($("cloud").dataset, { objects: String(objects.length), points: String(count), cameras: String(cameras.length) });
+  const counts = { objects: objects.length, points: count, cameras: cameras.length };
+  for (const [name, value] of Object.entries(counts)) $("cloud").dataset[name] = String(value);
   setFrame($("cloud"), true);
   frameScene(v, points, result);
 }
@@ -470,7 +481,8 @@ function frameScene(v, points, result) {
       axes[0].push(position.getX(i)); axes[1].push(position.getY(i)); axes[2].push(position.getZ(i));
     }
     center.set(...axes.map((values) => values.sort((a, b) => a - b)[values.length >> 1]));
-    const distances = axes[0].map((_, i) => Math.hypot(axes[0][i] - center.x, axes[1][i] - center.y, axes[2][i] - center.z));
+    const distances = axes[0].map((_, i) =>
+      Math.hypot(axes[0][i] - center.x, axes[1][i] - center.y, axes[2][i] - center.z));
     radius = Math.max(distances.sort((a, b) => a - b)[Math.floor(distances.length * 0.95)] || 1, 1e-6);
   }
   const eye = firstCamera(result);
@@ -545,5 +557,7 @@ $("model").addEventListener("change", modelChanged);
 $("metric").addEventListener("change", updateExtras);
 $("controls").addEventListener("submit", run);
 $("depth-frame").addEventListener("mousemove", hover);
-for (const radio of document.querySelectorAll("input[name=overlay]")) radio.addEventListener("change", showOverlay);
+for (const radio of $("overlays").querySelectorAll("input")) {
+  radio.addEventListener("change", showOverlay);
+}
 loadModels().catch((error) => setStatus(`could not load the model list: ${error}`, true));
