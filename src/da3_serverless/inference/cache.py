@@ -13,6 +13,7 @@ import torch
 
 from da3_serverless.inference.catalog import lookup_model
 from da3_serverless.inference.predictor import Predictor
+from da3_serverless.model.checkpoint import loaded_bytes
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +32,11 @@ def canonical_model_id(model_id: str) -> str:
     return info.repo_id if info else model_id
 
 
-def estimated_bytes(model_id: str) -> int:
-    """fp32 weight bytes of a model in the table (0 when unknown, e.g. a local folder)."""
+def estimated_bytes(model_id: str, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes a model of the table will hold once loaded with compute dtype `dtype` (its backbone
+    matrices in `dtype`, the rest fp32; 0 when unknown, e.g. a local folder)."""
     info = lookup_model(model_id)
-    return info.params_m * 1_000_000 * 4 if info else 0
+    return loaded_bytes(info.preset, dtype) if info else 0
 
 
 def default_budget_bytes(device: torch.device) -> int:
@@ -53,9 +55,10 @@ class ModelCache:
     load never blocks requests for models already loaded (or `loaded()`).
     """
 
-    def __init__(self, loader: Loader, budget_bytes: int):
+    def __init__(self, loader: Loader, budget_bytes: int, dtype: torch.dtype = torch.float32):
         self._loader = loader
         self.budget_bytes = budget_bytes
+        self.dtype = dtype  # the loader's compute dtype, for estimates before a load
         self._models: OrderedDict[str, Predictor] = OrderedDict()
         self._lock = threading.Lock()  # guards _models
         self._loading = threading.Lock()  # one load at a time: two would pass the budget
@@ -76,7 +79,7 @@ class ModelCache:
             # Make room before loading (estimate) and again after (actual size), so two models
             # never sit in memory together past the budget.
             with self._lock:
-                self._evict_for(estimated_bytes(key), key)
+                self._evict_for(estimated_bytes(key, self.dtype), key)
             predictor = self._loader(key)
             with self._lock:
                 self._evict_for(model_bytes(predictor), key)
