@@ -203,7 +203,7 @@ def _write_atomically(path: Path, write: Callable[[Path], object]) -> None:
 def _random_value(name: str, shape: torch.Size, gen: torch.Generator) -> torch.Tensor:
     """Seeded stand-in for a trained tensor, scaled so activations stay O(1) through the
     network: depth is finite and varied, sky probabilities fall on both sides of 0.3."""
-    noise = torch.randn(shape, generator=gen)
+    noise = torch.randn(shape, generator=gen, device=gen.device)
     leaf = name.rsplit(".", 1)[-1]
     if leaf == "gamma":  # layer scale: small residual branches
         return 0.1 + 0.01 * noise
@@ -217,15 +217,19 @@ def _random_value(name: str, shape: torch.Size, gen: torch.Generator) -> torch.T
     return noise / fan_in**0.5
 
 
-def write_random_checkpoint(preset: str, folder: str | Path, seed: int = 0) -> Path:
+def write_random_checkpoint(
+    preset: str, folder: str | Path, seed: int = 0, device: torch.device | str = "cpu"
+) -> Path:
     """Write a snapshot folder of ``preset`` whose every tensor is drawn from ``seed`` (the
-    same seed gives the same file). For tests and benchmarks. Returns the folder."""
+    same seed gives the same file). For tests and benchmarks. ``device`` draws the numbers (a
+    GPU draws the giant presets' billions many times faster; another device type gives other
+    values for the same seed). Returns the folder."""
     if preset not in PRESETS:
         raise ValueError(f"unknown DA3 preset {preset!r}; valid presets: {', '.join(PRESETS)}")
     with torch.device("meta"):
         net = build_network(preset)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device).manual_seed(seed)
     for group in _groups(net):
-        group.assign(net, _random_value(group.names[0], group.tensor.shape, gen))
+        group.assign(net, _random_value(group.names[0], group.tensor.shape, gen).cpu())
     _check_materialised(net)
     return save_network(net, preset, folder)
