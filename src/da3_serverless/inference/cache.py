@@ -78,8 +78,9 @@ class ModelCache:
                 return predictor
             # Make room before loading (estimate) and again after (actual size), so two models
             # never sit in memory together past the budget.
+            estimate = estimated_bytes(key, self.dtype)  # builds on the meta device: unlocked
             with self._lock:
-                self._evict_for(estimated_bytes(key, self.dtype), key)
+                self._evict_for(estimate, key)
             predictor = self._loader(key)
             with self._lock:
                 self._evict_for(model_bytes(predictor), key)
