@@ -9,12 +9,16 @@ fp32 weights and with bf16 weights (the backbone's matrices in bf16, the rest fp
 autocast: `Predictor.from_pretrained(..., dtype=torch.bfloat16)`), soh-000.png and soh-010.png
 are predicted as two views of one scene (one view for the single-view presets), and the
 per-pixel depth relative error |bf16 - fp32| / fp32 is reported as p99 and max, with both
-latencies. One predictor is in memory at a time.
+latencies; for models with a sky head also the share of pixels whose sky decision flips (they
+get a filled-in far depth, so their error is a jump, not rounding) and the error elsewhere.
+One predictor is in memory at a time.
 
 Load: for `--load-preset`, each dtype in a fresh process (median of --repeats): seconds in
-`from_pretrained` with the page cache warm, the weights' bytes, and memory above the process's
-RSS after its imports: resident once loaded, peak while loading and peak while predicting
-soh-000.png at process_res 504 (Linux: VmRSS / VmHWM, the peak reset through clear_refs).
+`from_pretrained` with the page cache warm and in the first prediction (soh-000.png at
+process_res 504) after it, the weights' bytes, and memory above the process's after its
+imports, once loaded and after predicting: anonymous and file-backed resident memory (fp32
+tensors on CPU stay mapped from the safetensors file, so they count as file-backed page cache
+until converted) and the peak RSS (Linux: RssAnon, RssFile, VmHWM reset through clear_refs).
 Prints a JSON summary. Random weights: these are the numerics of bf16 on these networks, not
 of the trained checkpoints.
 """
@@ -36,6 +40,7 @@ import torch
 from common import IMAGES, REPO, snapshot
 from da3_serverless.inference.catalog import lookup_model
 from da3_serverless.inference.predictor import Predictor
+from da3_serverless.model.alignment import SKY_THRESHOLD
 from da3_serverless.model.presets import PRESETS
 
 PHOTOS = [IMAGES / "soh-000.png", IMAGES / "soh-010.png"]
@@ -45,24 +50,28 @@ import json, sys, time
 from pathlib import Path
 import torch
 from da3_serverless.inference.predictor import Predictor
-def memory_mib(field):  # VmRSS now, or VmHWM: the peak since the last reset
+def status_mib(field):  # a field of /proc/self/status, in MiB
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
-def reset_peak():
+def memory(stage):
+    return {f"{stage}_anon_mib": status_mib("RssAnon") - base["anon"],
+            f"{stage}_file_mib": status_mib("RssFile") - base["file"],
+            f"{stage}_peak_mib": status_mib("VmHWM") - base["rss"]}
+def reset_peak():  # VmHWM back to the current RSS
     Path("/proc/self/clear_refs").write_text("5")
 reset_peak()
-before = memory_mib("VmRSS")
+base = {"anon": status_mib("RssAnon"), "file": status_mib("RssFile"), "rss": status_mib("VmRSS")}
 start = time.perf_counter()
 predictor = Predictor.from_pretrained(sys.argv[1], device="cpu", dtype=getattr(torch, sys.argv[2]))
-load_s = time.perf_counter() - start
-loaded, load_peak = memory_mib("VmRSS"), memory_mib("VmHWM")
-weights = sum(t.numel() * t.element_size() for t in predictor.network.state_dict().values())
-reset_peak()
+figures = {"load_s": time.perf_counter() - start, **memory("loaded")}
+figures["weights_mib"] = sum(
+    t.numel() * t.element_size() for t in predictor.network.state_dict().values()
+) / 2**20
+start = time.perf_counter()
 predictor.predict(sys.argv[3], process_res=504, focal_length_px=1000.0)
-print(json.dumps({"load_s": load_s, "weights_mib": weights / 2**20,
-                  "rss_loaded_mib": loaded - before, "peak_rss_loading_mib": load_peak - before,
-                  "peak_rss_predicting_mib": memory_mib("VmHWM") - before}))
+figures.update(first_predict_s=time.perf_counter() - start, **memory("predicted"))
+print(json.dumps(figures))
 """
 
 
@@ -82,7 +91,7 @@ def error_of(preset: str, process_res: int) -> dict:
     low, bf16_s = predict(folder, torch.bfloat16, views, process_res)
     gc.collect()
     relative = np.abs(low.depth - exact.depth) / np.abs(exact.depth)
-    return {
+    figures = {
         "preset": preset,
         "views": len(views),
         "depth_rel_error_p99": float(np.percentile(relative, 99)),
@@ -91,11 +100,21 @@ def error_of(preset: str, process_res: int) -> dict:
         "fp32_s": round(fp32_s, 2),
         "bf16_s": round(bf16_s, 2),
     }
+    if exact.sky is not None:
+        # Sky pixels get a filled-in far depth: a pixel whose sky probability crosses the
+        # threshold between fp32 and bf16 jumps, which is a decision flip, not rounding error.
+        agree = (exact.sky >= SKY_THRESHOLD) == (low.sky >= SKY_THRESHOLD)
+        figures["sky_flipped_fraction"] = float(1 - agree.mean())
+        figures["depth_rel_error_p99_sky_agreeing"] = float(np.percentile(relative[agree], 99))
+        figures["depth_rel_error_max_sky_agreeing"] = float(relative[agree].max())
+    return figures
 
 
 def load_figures(preset: str, repeats: int) -> dict:
     folder = snapshot(preset)
-    (folder / "model.safetensors").read_bytes()  # warm the page cache
+    with (folder / "model.safetensors").open("rb") as file:  # warm the page cache
+        while file.read(64 * 2**20):
+            pass
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     figures = {}
     for dtype in ("float32", "bfloat16"):
@@ -111,7 +130,9 @@ def load_figures(preset: str, repeats: int) -> dict:
             key: round(statistics.median(run[key] for run in runs), 2) for key in runs[0]
         }
     figures["bf16_over_fp32"] = {
-        key: round(figures["bfloat16"][key] / figures["float32"][key], 3) for key in runs[0]
+        key: round(figures["bfloat16"][key] / figures["float32"][key], 3)
+        for key in runs[0]
+        if figures["float32"][key] > 0
     }
     return {"preset": preset, "repeats": repeats, **figures}
 

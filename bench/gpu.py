@@ -43,6 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # the reference oracle helper lives with the tests
 
 from da3_serverless.inference.predictor import Predictor  # noqa: E402
+from da3_serverless.model.alignment import SKY_THRESHOLD  # noqa: E402
 from da3_serverless.model.checkpoint import write_random_checkpoint  # noqa: E402
 from reference import load_reference  # noqa: E402
 
@@ -334,11 +335,18 @@ def measure_fp32(plan: Plan, folder: Path, low: Predictor, preset: str, rows: Ro
     )
     rows.add(preset, "predict fp32", shape=shape, views=1, **fields)
     exact = fp32.predict(view, process_res=plan.process_res, focal_length_px=FOCAL_PX)
+    sky = {}
+    if exact.sky is not None:  # a flipped sky decision is a jump to the filled-in far depth
+        agree = (exact.sky >= SKY_THRESHOLD) == (ours.sky >= SKY_THRESHOLD)
+        errors = relative_error(ours.depth[agree], exact.depth[agree])
+        sky = {"sky_flipped_fraction": float(1 - agree.mean())}
+        sky.update({f"{key}_sky_agreeing": value for key, value in errors.items()})
     rows.add(
         preset,
         "bf16 vs fp32",
         shape=shape,
         **relative_error(ours.depth, exact.depth),
+        **sky,
         note="depth relative error of bf16 weights against fp32, at the input size",
     )
 
@@ -447,7 +455,13 @@ def describe(row: dict) -> str:
     if measure.startswith("batching"):
         return f"{_ms(row['seconds'])}; {row['photos_per_s']} photos/s"
     if measure == "bf16 vs fp32":
-        return f"p99 {row['error_p99']:.2%}, max {row['error_max']:.2%}"
+        text = f"p99 {row['error_p99']:.2%}, max {row['error_max']:.2%}"
+        if "sky_flipped_fraction" in row:
+            text += (
+                f" ({row['sky_flipped_fraction']:.3%} of pixels flip sky; elsewhere p99 "
+                f"{row['error_p99_sky_agreeing']:.2%}, max {row['error_max_sky_agreeing']:.2%})"
+            )
+        return text
     if measure == "reference forward":
         text = f"{_ms(row['seconds'])} vs ours {_ms(row['ours_seconds'])}: ours {row['speedup']}x"
         if "ours_vs_reference_error_p99" in row:
