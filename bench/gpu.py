@@ -223,8 +223,14 @@ def load(plan: Plan, folder: Path, preset: str, dtype: torch.dtype, rows: Rows) 
 def batched(predictor: Predictor, photos: list[Image.Image], process_res: int) -> list:
     """The photos as one forward through the network's batch dimension, via the predictor's
     stages: check and prepare each photo, stack, one forward, assemble each entry."""
-    if hasattr(predictor, "predict_batch"):
-        return predictor.predict_batch(photos, process_res=process_res, focal_length_px=FOCAL_PX)
+    if hasattr(predictor, "predict_batch"):  # the batching API, where this tree has it
+        from da3_serverless.inference import predictor as module
+
+        requests = [
+            module.PredictRequest(photo, process_res=process_res, focal_length_px=FOCAL_PX)
+            for photo in photos
+        ]
+        return predictor.predict_batch(requests, max_batch=len(photos))
     with torch.inference_mode():
         prepared = [
             predictor._prepare(
