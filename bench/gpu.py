@@ -271,8 +271,14 @@ def measure_views(
             plan,
             post_load,
         )
-        rows.add(preset, "predict", shape=shape, views=count, **fields)
         prepared = forward_input(predictor, views, plan.process_res)
+        tokens = count * (prepared.batch.shape[-2] // 14) * (prepared.batch.shape[-1] // 14)
+        if fields["peak_bytes"] is not None and post_load is not None:
+            # What the request budget (api/budget.py: GPU_BYTES_PER_TOKEN) prices per token.
+            fields["peak_over_weights_bytes_per_token"] = (
+                fields["peak_bytes"] - post_load
+            ) // tokens
+        rows.add(preset, "predict", shape=shape, views=count, tokens=tokens, **fields)
         with torch.inference_mode():
             seconds, _ = timed(lambda p=prepared: predictor._forward(p), plan)
         forwards[count] = seconds
@@ -480,6 +486,9 @@ def describe(row: dict) -> str:
         )
     if measure == "environment":
         return row["torch"]
+    if "peak_over_weights_bytes_per_token" in row:
+        per_token = row["peak_over_weights_bytes_per_token"] / 1024**2
+        return f"{_ms(row['seconds'])}; {per_token:.2f} MiB per token over the weights"
     return _ms(row["seconds"])
 
 

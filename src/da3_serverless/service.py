@@ -5,21 +5,24 @@ from __future__ import annotations
 
 import base64
 import logging
+import math
+import os
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from da3_serverless.api.auth import check_api_key
+from da3_serverless.api.budget import Budget, default_budget, estimate_cost, request_budget
+from da3_serverless.api.cameras import checked_cameras
 from da3_serverless.api.errors import ServiceError
-from da3_serverless.api.images import DecodedImage, load_request_images
+from da3_serverless.api.images import DecodedImage, decode_request_images, open_request_images
 from da3_serverless.api.outputs import Artifact, encode_outputs, fit_inline, view_skeleton
 from da3_serverless.api.schema import SCHEMA_VERSION, RunRequest, parse_request
-from da3_serverless.api.storage import OutputStore, StorageError
+from da3_serverless.api.storage import OutputStore, Saved, StorageError
 from da3_serverless.config import Settings
 from da3_serverless.inference.cache import (
     ModelCache,
@@ -62,6 +65,7 @@ class Service:
         self.model_cache = model_cache or ModelCache(
             self._load, self._budget_bytes(), self._model_dtype()
         )
+        self.budget = self._request_budget()
         self._ready = False
 
     # ---- lifecycle -----------------------------------------------------------------------
@@ -72,15 +76,22 @@ class Service:
             log.warning("DA3_API_KEY is not set: every request will be refused (401)")
         elif not self.settings.api_key:
             log.warning("DA3_ALLOW_UNAUTHENTICATED=1: serving without an API key")
+        log.info("request budget: %s", self.budget.describe())
+        log.info("model memory budget: %.1f GiB", self.model_cache.budget_bytes / 1024**3)
         self.store.maybe_prune()
-        predictor = self.model_cache.get(self.default_model_id)
-        if self.settings.warmup:
-            warm_up(predictor)
+        with self.model_cache.use(self.default_model_id) as predictor:
+            if self.settings.warmup:
+                warm_up(predictor)
         self._ready = True
 
     @property
     def ready(self) -> bool:
         return self._ready
+
+    @property
+    def waiting_for_memory(self) -> int:
+        """Requests waiting for a model to fit in memory (they hold a place in a queue)."""
+        return self.model_cache.waiting
 
     def model_table(self) -> list[dict]:
         loaded = set(self.model_cache.loaded())
@@ -115,20 +126,26 @@ class Service:
             request = self.authorize(payload, api_key)
             model_id = self.model_key(request)
         with timer.stage("decode"):
-            images = load_request_images(request, self.settings)
-        with timer.stage("load_model"):
-            predictor = self._predictor(model_id)
-        _check_metric(request, predictor)
-        with timer.stage("inference"):
-            prediction = self._predict(predictor, request, images)
+            opened = open_request_images(request, self.settings)
+            sizes = [(view.width, view.height) for view in opened]
+            self.budget.check(estimate_cost(model_id, request.process_res, sizes))
+            images = decode_request_images(opened, self.settings)
+            request = checked_cameras(request, [(image.width, image.height) for image in images])
+        with ExitStack() as pinned:  # the model stays loaded while this request uses it
+            with timer.stage("load_model"):
+                predictor = self._predictor(model_id, pinned)
+            _check_metric(request, predictor)
+            with timer.stage("inference"):
+                prediction = self._predict(predictor, request, images)
         self.store.maybe_prune()
-        saved: list[Path] = []
+        saved: list[Saved] = []
         try:
             with timer.stage("encode"):
                 artifacts, warnings = encode_outputs(request, prediction, images)
             response = self._respond(
                 request, predictor, prediction, artifacts, timer, saved, warnings
             )
+            check_finite(response)
         except BaseException:
             self.store.discard(saved)
             raise
@@ -141,7 +158,10 @@ class Service:
         then the request; raises ServiceError. Auth comes first so an unauthenticated caller
         learns nothing about the request format."""
         body_key = payload.get("api_key") if isinstance(payload, dict) else None
-        check_api_key(body_key if isinstance(body_key, str) else api_key, self.settings)
+        # An empty body key counts as absent; any other body key wins over the headers'.
+        check_api_key(
+            body_key if isinstance(body_key, str) and body_key else api_key, self.settings
+        )
         return parse_request(payload, self.settings)
 
     @property
@@ -162,9 +182,10 @@ class Service:
             )
         return info.repo_id
 
-    def _predictor(self, model_id: str) -> Predictor:
+    def _predictor(self, model_id: str, pinned: ExitStack) -> Predictor:
+        """The loaded model, pinned in the cache until `pinned` closes."""
         try:
-            return self.model_cache.get(model_id)
+            return pinned.enter_context(self.model_cache.use(model_id))
         except ModelNotFoundError as error:
             raise ServiceError("model_unavailable", str(error)) from None
         except torch.cuda.OutOfMemoryError:
@@ -213,7 +234,7 @@ class Service:
         prediction: Prediction,
         artifacts: list[Artifact],
         timer: _Timer,
-        saved: list[Path],
+        saved: list[Saved],
         warnings: list[str],
     ) -> dict:
         views = [view_skeleton(prediction, index) for index in range(len(prediction))]
@@ -253,7 +274,7 @@ class Service:
         return response
 
     def _place(
-        self, artifact: Artifact, inline: bool, saved: list[Path], warnings: list[str]
+        self, artifact: Artifact, inline: bool, saved: list[Saved], warnings: list[str]
     ) -> dict:
         """Inline base64 and/or a file on the volume (always for the depth PNG, and for extras
         that are not inline), or a bucket URL when a bucket is configured."""
@@ -263,7 +284,7 @@ class Service:
         if not inline and self.store.has_bucket:
             try:
                 entry["url"] = self.store.upload(
-                    artifact.data, artifact.suffix, artifact.media_type
+                    artifact.data, artifact.suffix, artifact.media_type, saved
                 )
             except StorageError as error:
                 warnings.append(f"could not upload {artifact.name} to the bucket: {error}")
@@ -297,10 +318,23 @@ class Service:
     def _budget_bytes(self) -> int:
         if self.settings.model_memory_budget_gb is not None:
             return int(self.settings.model_memory_budget_gb * 1024**3)
-        device = torch.device(
+        return default_budget_bytes(self._device())
+
+    def _device(self) -> torch.device:
+        return torch.device(
             self.settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
         )
-        return default_budget_bytes(device)
+
+    def _request_budget(self) -> Budget:
+        """REQUEST_BUDGET_TOKENS / _PIXELS, else the device's default (api/budget.py)."""
+        tokens, pixels = self.settings.request_budget_tokens, self.settings.request_budget_pixels
+        return request_budget(tokens, pixels, self._device_budget)
+
+    def _device_budget(self) -> Budget:
+        device = self._device()
+        gpu_free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 0
+        host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return default_budget(device.type, gpu_free, self.model_cache.budget_bytes, host)
 
 
 def _check_metric(request: RunRequest, predictor: Predictor) -> None:
@@ -324,10 +358,23 @@ def warm_up(predictor: Predictor) -> None:
 
 
 def _dtype(name: str | None) -> torch.dtype | None:
-    if name is None:
-        return None
-    dtypes = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-              "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
-    if name.lower() not in dtypes:
-        raise ValueError(f"DA3_DTYPE={name!r}: use one of {', '.join(dtypes)}")
-    return dtypes[name.lower()]
+    """The torch dtype named by DA3_DTYPE (checked and made canonical in config.py)."""
+    return None if name is None else getattr(torch, name)
+
+
+def check_finite(response: object, where: str = "response") -> None:
+    """Raise `ServiceError("internal")` (the place logged) if the response holds NaN or an
+    infinity anywhere: JSON cannot carry them, so such a response could not be sent."""
+    if isinstance(response, float) and not math.isfinite(response):
+        log.error("non-finite number %r at %s of a response", response, where)
+        raise ServiceError(
+            "internal",
+            f"the result held a non-finite number (at {where}); this is a bug, the server log "
+            "has the details",
+        )
+    if isinstance(response, dict):
+        for key, value in response.items():
+            check_finite(value, f"{where}.{key}")
+    elif isinstance(response, list):
+        for index, value in enumerate(response):
+            check_finite(value, f"{where}[{index}]")

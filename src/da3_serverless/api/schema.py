@@ -30,6 +30,9 @@ OutputName = Literal["depth", "preview", "confidence", "sky_mask", "depth_npy", 
 OUTPUT_NAMES: tuple[str, ...] = OutputName.__args__
 MIN_PROCESS_RES = 14  # one ViT patch
 MAX_REPORTED_PROBLEMS = 10
+MAX_URL_CHARS = 8192
+MAX_MODEL_ID_CHARS = 256
+MAX_MATRIX_SIDE = 4
 Matrix = list[list[FiniteFloat]]
 
 
@@ -225,8 +228,10 @@ def _describe(error: Any) -> str:
 def parse_request(payload: object, settings: Settings | None = None) -> RunRequest:
     """Validate a v1 request object; with `settings`, also `check_limits`.
 
-    Raises `ServiceError("invalid_input")` naming each bad field. Messages never contain the
-    values sent (so never the api_key).
+    Raises `ServiceError("invalid_input")` naming each bad field (`image_too_large` for base64
+    text over `settings.base64_chars_limit`). Sizes are checked first (`check_sizes`), so
+    validation costs about the same for every request. Messages never contain the values sent
+    (so never the api_key).
     """
     if not isinstance(payload, dict):
         raise ServiceError(
@@ -234,6 +239,7 @@ def parse_request(payload: object, settings: Settings | None = None) -> RunReque
             f"the request must be a JSON object with fields such as image_url, got "
             f"{type(payload).__name__}",
         )
+    check_sizes(payload, settings)
     try:
         request = RunRequest.model_validate(payload)
     except ValidationError as exc:
@@ -245,6 +251,79 @@ def parse_request(payload: object, settings: Settings | None = None) -> RunReque
     if settings is not None:
         check_limits(request, settings)
     return request
+
+
+_DEFAULTS = Settings.model_construct()  # the defaults, without reading the environment
+
+
+def check_sizes(payload: dict, settings: Settings | None = None) -> None:
+    """Length checks that cost nothing, before pydantic looks at any value: every list has a
+    cap (`images` by `max_views`, `outputs` by the number of outputs, camera matrices by their
+    shapes), as do the number of fields, URLs, `model_id` and base64 text (by its encoded
+    length, before whitespace is stripped or anything is decoded)."""
+    limits = settings if settings is not None else _DEFAULTS
+    problems = []
+    if len(payload) > 2 * len(_FIELDS):
+        problems.append(
+            f"the request has {len(payload)} fields; valid fields are {', '.join(_FIELDS)}"
+        )
+    views = payload.get("images")
+    views = views if isinstance(views, list) else []
+    if len(views) > limits.max_views:
+        problems.append(
+            f"images has {len(views)} views but this server accepts at most "
+            f"{limits.max_views}: send fewer views per request"
+        )
+        views = []
+    refs = [(f"images[{i}]", ref) for i, ref in enumerate(views) if isinstance(ref, dict)]
+    for where, ref in refs:
+        if len(ref) > 2 * len(_IMAGE_REF_FIELDS):
+            problems.append(f"{where} has {len(ref)} fields: give only 'url' or 'base64'")
+    outputs = payload.get("outputs")
+    if isinstance(outputs, list) and len(outputs) > len(OUTPUT_NAMES):
+        problems.append(
+            f"outputs has {len(outputs)} entries but there are {len(OUTPUT_NAMES)} outputs "
+            f"({', '.join(OUTPUT_NAMES)}): name each at most once"
+        )
+    outer = max(limits.max_views, MAX_MATRIX_SIDE)
+    for name in ("intrinsics", "extrinsics"):
+        if _oversized(payload.get(name), (outer, MAX_MATRIX_SIDE, MAX_MATRIX_SIDE)):
+            problems.append(
+                f"{name} must be one matrix per view (at most {limits.max_views}), each a list "
+                f"of at most {MAX_MATRIX_SIDE} rows of at most {MAX_MATRIX_SIDE} numbers"
+            )
+    texts = [("image_url", payload.get("image_url"), MAX_URL_CHARS)]
+    texts += [(f"{where}.url", ref.get("url"), MAX_URL_CHARS) for where, ref in refs]
+    texts.append(("model_id", payload.get("model_id"), MAX_MODEL_ID_CHARS))
+    for where, text, cap in texts:
+        if isinstance(text, str) and len(text) > cap:
+            problems.append(f"{where} is {len(text)} characters long; at most {cap} are accepted")
+    if problems:
+        raise ServiceError("invalid_input", "invalid request: " + "; ".join(problems))
+    _check_base64_lengths(payload, refs, limits.base64_chars_limit)
+
+
+def _oversized(value: object, caps: tuple[int, ...]) -> bool:
+    """Whether nested lists are longer, at some level, than that level's cap (or nest deeper
+    than there are caps). Visits at most the product of the caps."""
+    if not isinstance(value, list):
+        return False
+    if not caps or len(value) > caps[0]:
+        return True
+    return any(_oversized(item, caps[1:]) for item in value)
+
+
+def _check_base64_lengths(payload: dict, refs: list[tuple[str, dict]], limit: int) -> None:
+    texts = [("image_base64", payload.get("image_base64"))]
+    texts += [(f"{where}.base64", ref.get("base64")) for where, ref in refs]
+    for where, text in texts:
+        if isinstance(text, str) and len(text) > limit:
+            raise ServiceError(
+                "image_too_large",
+                f"{where} is {len(text)} characters of base64; this server accepts at most "
+                f"{limit} (MAX_BASE64_CHARS): send a smaller (e.g. resized or JPEG-compressed) "
+                "image, or pass it by image_url",
+            )
 
 
 # ---- response ----------------------------------------------------------------------------
