@@ -47,7 +47,7 @@ from da3_serverless.api.cameras import (
 )
 from da3_serverless.api.download import fetch_url, refusal_reason
 from da3_serverless.api.errors import ServiceError
-from da3_serverless.api.schema import parse_request
+from da3_serverless.api.schema import OUTPUT_NAMES, parse_request
 from da3_serverless.config import Settings
 from da3_serverless.inference.prediction import Prediction
 from da3_serverless.server import create_app
@@ -267,7 +267,7 @@ def small_request(**fields: object) -> dict:
     ("fields", "fragment"),
     [
         ({"outputs": ["none"] * 1_000_000}, "outputs has 1000000 entries"),
-        ({"outputs": ["depth"] * 7}, "name each at most once"),
+        ({"outputs": ["depth"] * (len(OUTPUT_NAMES) + 1)}, "name each at most once"),
         ({"images": [{"base64": "x"}] * 100_000, "image_base64": None}, "at most 16"),
         ({"intrinsics": [[[1.0] * 3] * 3] * 1000}, "intrinsics must be one matrix per view"),
         ({"intrinsics": [[1.0] * 1_000_000, [1.0] * 3, [0.0, 0.0, 1.0]]}, "at most 4 numbers"),
@@ -278,7 +278,7 @@ def small_request(**fields: object) -> dict:
     ],
     ids=[
         "1M outputs",
-        "7 outputs",
+        "one output too many",
         "100k views",
         "1000 matrices",
         "1M columns",

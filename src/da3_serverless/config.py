@@ -96,6 +96,8 @@ class Settings(BaseSettings):
         default=2016, ge=14, le=2016, validation_alias=_env("MAX_PROCESS_RES")
     )
     allow_private_urls: bool = Field(default=False, validation_alias=_env("DA3_ALLOW_PRIVATE_URLS"))
+    # Most points a request's scene outputs may ask for (`max_points`).
+    max_points: int = Field(default=2_000_000, ge=1, validation_alias=_env("MAX_POINTS"))
     # Longest image_base64 (or images[].base64) text; None: `base64_chars_limit`'s default.
     max_base64_chars: int | None = Field(
         default=None, ge=1, validation_alias=_env("MAX_BASE64_CHARS")

@@ -3,7 +3,6 @@ storage -> response. Transports (RunPod worker, HTTP server, CLI) call `Service.
 
 from __future__ import annotations
 
-import base64
 import logging
 import math
 import os
@@ -11,6 +10,7 @@ import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,19 +20,28 @@ from da3_serverless.api.budget import Budget, default_budget, estimate_cost, req
 from da3_serverless.api.cameras import checked_cameras
 from da3_serverless.api.errors import ServiceError
 from da3_serverless.api.images import DecodedImage, decode_request_images, open_request_images
-from da3_serverless.api.outputs import Artifact, encode_outputs, fit_inline, view_skeleton
+from da3_serverless.api.outputs import (
+    Artifact,
+    encode_outputs,
+    encode_scene,
+    unavailable_outputs,
+    view_skeleton,
+    wants_scene,
+)
+from da3_serverless.api.placement import place_outputs
 from da3_serverless.api.schema import SCHEMA_VERSION, RunRequest, parse_request
-from da3_serverless.api.storage import OutputStore, Saved, StorageError
+from da3_serverless.api.storage import OutputStore, Saved
 from da3_serverless.config import Settings
 from da3_serverless.inference.cache import (
     ModelCache,
     canonical_model_id,
     default_budget_bytes,
 )
-from da3_serverless.inference.catalog import MODELS, lookup_model, valid_model_ids
+from da3_serverless.inference.catalog import MODELS, ModelInfo, lookup_model, valid_model_ids
 from da3_serverless.inference.prediction import Prediction
 from da3_serverless.inference.predictor import Predictor, default_dtype
 from da3_serverless.inference.weights import ModelNotFoundError, WeightLocator
+from da3_serverless.model.checkpoint import CheckpointError, read_preset
 
 log = logging.getLogger(__name__)
 
@@ -125,15 +134,21 @@ class Service:
         with timer.stage("validate"):
             request = self.authorize(payload, api_key)
             model_id = self.model_key(request)
+            capabilities = _capabilities(model_id)
+            if capabilities is not None:
+                _check_outputs(request, capabilities)
         with timer.stage("decode"):
             opened = open_request_images(request, self.settings)
             sizes = [(view.width, view.height) for view in opened]
-            self.budget.check(estimate_cost(model_id, request.process_res, sizes))
+            scene_points = request.max_points if wants_scene(request) else None
+            self.budget.check(estimate_cost(model_id, request.process_res, sizes, scene_points))
             images = decode_request_images(opened, self.settings)
             request = checked_cameras(request, [(image.width, image.height) for image in images])
         with ExitStack() as pinned:  # the model stays loaded while this request uses it
             with timer.stage("load_model"):
                 predictor = self._predictor(model_id, pinned)
+            if capabilities is None:  # a model folder whose preset could not be read up front
+                _check_outputs(request, predictor.capabilities)
             _check_metric(request, predictor)
             with timer.stage("inference"):
                 prediction = self._predict(predictor, request, images)
@@ -142,6 +157,10 @@ class Service:
         try:
             with timer.stage("encode"):
                 artifacts, warnings = encode_outputs(request, prediction, images)
+            if wants_scene(request):
+                with timer.stage("scene"):
+                    scene, scene_warnings = encode_scene(request, prediction, images)
+                artifacts, warnings = [*artifacts, *scene], [*warnings, *scene_warnings]
             response = self._respond(
                 request, predictor, prediction, artifacts, timer, saved, warnings
             )
@@ -238,64 +257,24 @@ class Service:
         warnings: list[str],
     ) -> dict:
         views = [view_skeleton(prediction, index) for index in range(len(prediction))]
-        budget = self.settings.max_response_bytes if request.return_base64 else 0
-        inline = fit_inline(artifacts, budget, repeated_view=0 if len(views) > 1 else None)
-        stored = sorted({a.name for a in artifacts if id(a) not in inline})
-        if request.return_base64 and stored:
-            warnings.append(
-                f"{', '.join(stored)} would pass MAX_RESPONSE_BYTES ({budget} bytes) inline: "
-                "stored and returned as paths/URLs instead of base64"
-            )
         with timer.stage("save"):
-            for artifact in artifacts:
-                entry = self._place(artifact, id(artifact) in inline, saved, warnings)
-                view = views[artifact.view]
-                view.update(artifact.fields)
-                if artifact.name == "depth" and not entry.keys() & {"base64", "path", "url"}:
-                    # Nowhere to store it: the depth map is the answer, so it goes inline.
-                    entry["base64"] = base64.b64encode(artifact.data).decode("ascii")
-                    warnings.append("the depth map could not be stored, so it is inline")
-                if artifact.name == "depth":
-                    view["image_base64"] = entry.get("base64")
-                    view["file_path"] = entry.get("path")
-                    if "url" in entry:
-                        view["file_url"] = entry["url"]
-                else:
-                    view[artifact.name] = entry
-        response = {
+            placed = place_outputs(
+                artifacts, len(views), self.store,
+                budget=self.settings.max_response_bytes if request.return_base64 else None,
+                order=request.outputs, saved=saved, warnings=warnings,
+            )  # fmt: skip
+        for view, fields in zip(views, placed.views, strict=True):
+            view.update(fields)
+        return {
             "schema_version": SCHEMA_VERSION,
             "model_id": predictor.model_id,
             "is_metric": prediction.is_metric,
             "units": prediction.units,
             **views[0],
             "views": views if len(views) > 1 else None,
+            **placed.top,
             "warnings": list(dict.fromkeys(warnings)),
         }
-        return response
-
-    def _place(
-        self, artifact: Artifact, inline: bool, saved: list[Saved], warnings: list[str]
-    ) -> dict:
-        """Inline base64 and/or a file on the volume (always for the depth PNG, and for extras
-        that are not inline), or a bucket URL when a bucket is configured."""
-        entry: dict = {"media_type": artifact.media_type}
-        if inline:
-            entry["base64"] = base64.b64encode(artifact.data).decode("ascii")
-        if not inline and self.store.has_bucket:
-            try:
-                entry["url"] = self.store.upload(
-                    artifact.data, artifact.suffix, artifact.media_type, saved
-                )
-            except StorageError as error:
-                warnings.append(f"could not upload {artifact.name} to the bucket: {error}")
-        if artifact.name == "depth" or not inline:
-            try:
-                path = self.store.save(artifact.data, artifact.suffix)
-                saved.append(path)
-                entry["path"] = str(path)
-            except StorageError as error:
-                warnings.append(f"could not save {artifact.name} on the volume: {error}")
-        return entry
 
     def _load(self, model_id: str) -> Predictor:
         predictor = Predictor.from_pretrained(
@@ -347,6 +326,28 @@ def _check_metric(request: RunRequest, predictor: Predictor) -> None:
             "invalid_input",
             f"{predictor.model_id} gives relative depth only, but output_metric is true: use "
             f"a metric model ({', '.join(metric)}) or set output_metric to false",
+        )
+
+
+def _capabilities(model_id: str) -> ModelInfo | None:
+    """What the model can give, known before loading it: from the model table, or from the
+    preset named in a snapshot folder's config.json; None when neither says."""
+    info = lookup_model(model_id)
+    if info is None and Path(model_id).is_dir():
+        try:
+            info = lookup_model(read_preset(model_id))
+        except CheckpointError:
+            return None
+    return info
+
+
+def _check_outputs(request: RunRequest, capabilities: ModelInfo) -> None:
+    """Outputs the model cannot give are refused (the one rule for every output)."""
+    reasons = unavailable_outputs(request, capabilities)
+    if reasons:
+        raise ServiceError(
+            "invalid_input",
+            "this request asks for outputs the model cannot give: " + "; ".join(reasons),
         )
 
 

@@ -24,10 +24,16 @@ from pydantic import (
 
 from da3_serverless.api.errors import ServiceError
 from da3_serverless.config import Settings
+from da3_serverless.exports.points import DEFAULT_CONF_PERCENTILE, DEFAULT_MAX_POINTS
 
 SCHEMA_VERSION = "1"
-OutputName = Literal["depth", "preview", "confidence", "sky_mask", "depth_npy", "pointcloud"]
+OutputName = Literal[
+    "depth", "preview", "confidence", "sky_mask", "depth_npy", "pointcloud", "confidence_npy",
+    "depth_exr", "depth_mm_png", "scene_ply", "scene_glb", "colmap",
+]  # fmt: skip
 OUTPUT_NAMES: tuple[str, ...] = OutputName.__args__
+# Outputs of the whole scene: at the top level of the response only, never per view.
+SCENE_OUTPUTS: tuple[str, ...] = ("scene_ply", "scene_glb", "colmap")
 MIN_PROCESS_RES = 14  # one ViT patch
 MAX_REPORTED_PROBLEMS = 10
 MAX_URL_CHARS = 8192
@@ -95,6 +101,12 @@ class RunRequest(BaseModel):
     extrinsics: list[Matrix] | None = None
     outputs: list[OutputName] = Field(default_factory=lambda: ["depth"], min_length=1)
     return_base64: bool = True
+    # Scene outputs (scene_ply, scene_glb, colmap); ignored without them.
+    conf_percentile: FiniteFloat = Field(default=DEFAULT_CONF_PERCENTILE, ge=0, le=100)
+    max_points: int = Field(default=DEFAULT_MAX_POINTS, ge=1)
+    keep_sky: bool = False
+    remove_edges: bool = True
+    colmap_text: bool = False
 
     @field_validator("intrinsics", "extrinsics", mode="before")
     @classmethod
@@ -161,14 +173,20 @@ class RunRequest(BaseModel):
 
 
 def check_limits(request: RunRequest, settings: Settings) -> None:
-    """Refuse a request past the server's limits: `process_res` above `settings.max_process_res`
-    or more views than `settings.max_views` (`ServiceError("invalid_input")`)."""
+    """Refuse a request past the server's limits: `process_res` above `settings.max_process_res`,
+    `max_points` above `settings.max_points` or more views than `settings.max_views`
+    (`ServiceError("invalid_input")`)."""
     problems = []
     if request.process_res > settings.max_process_res:
         problems.append(
             f"process_res {request.process_res} is above this server's limit of "
             f"{settings.max_process_res}: use a value from {MIN_PROCESS_RES} to "
             f"{settings.max_process_res} (504 is the model's native resolution)"
+        )
+    if request.max_points > settings.max_points:
+        problems.append(
+            f"max_points {request.max_points} is above this server's limit of "
+            f"{settings.max_points}: ask for at most {settings.max_points} points"
         )
     if request.view_count > settings.max_views:
         problems.append(
@@ -219,7 +237,8 @@ def _describe(error: Any) -> str:
         return f"{where}: {message}" if where else message
     if kind in _TYPE_HINTS:
         return f"{where} {_TYPE_HINTS[kind]}"
-    if kind in ("too_short", "greater_than", "greater_than_equal") and "ctx" in error:
+    bounds = ("too_short", "greater_than", "greater_than_equal", "less_than_equal")
+    if kind in bounds and "ctx" in error:
         # pydantic's own wording, without the offending value (it could be a secret).
         return f"{where}: {error['msg'].lower()}"
     return f"{where}: {error['msg']}" if where else error["msg"]
@@ -360,16 +379,38 @@ class ViewResult(BaseModel):
     sky_mask: OutputFile | None = None
     depth_npy: OutputFile | None = None
     pointcloud: OutputFile | None = None
+    confidence_npy: OutputFile | None = None
+    depth_exr: OutputFile | None = None
+    depth_mm_png: OutputFile | None = None
+    depth_mm_saturated: int | None = Field(
+        default=None, description="pixels of depth_mm_png past 65.535 m, saturated at 65535"
+    )
+
+
+class SceneSummary(BaseModel):
+    """What the scene outputs hold: the point count, the points each filter removed (in order:
+    invalid, sky, edges, confidence, voxel), the confidence threshold and the voxel size (in
+    `units`; null when no thinning was needed)."""
+
+    points: int
+    removed: dict[str, int]
+    confidence_threshold: float | None = None
+    voxel_size: float | None = None
 
 
 class RunResponse(ViewResult):
     """A v1 response: the first view's fields at the top level (so the original single-image
-    contract keeps its names), `views` with one entry per view when there are several."""
+    contract keeps its names), `views` with one entry per view when there are several, and the
+    scene outputs (top level only)."""
 
     schema_version: Literal["1"] = SCHEMA_VERSION
     model_id: str
     is_metric: bool
-    units: Literal["m", "relative"]
+    units: Literal["m", "relative", "pose_units"]
     views: list[ViewResult] | None = None
+    scene_ply: OutputFile | None = None
+    scene_glb: OutputFile | None = None
+    colmap: OutputFile | None = None
+    scene: SceneSummary | None = None
     timings_ms: dict[str, float] = Field(default_factory=dict)
     warnings: list[str] = Field(default_factory=list)

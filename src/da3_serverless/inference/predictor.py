@@ -18,6 +18,7 @@ from da3_serverless.inference.cameras import (
     camera_centers,
     extrinsics_4x4,
     normalise_extrinsics,
+    relative_to_first_view,
     umeyama_scale,
 )
 from da3_serverless.inference.catalog import ModelInfo, lookup_model
@@ -259,6 +260,8 @@ class Predictor:
         given = prepared.scene
         if given.extrinsics is not None:
             depth, extrinsics = _align_to_given_poses(depth, extrinsics, given.extrinsics)
+        elif extrinsics is not None:  # world frame: the first view's camera (§7)
+            extrinsics = relative_to_first_view(extrinsics)
         if given.intrinsics is not None:
             intrinsics = given.intrinsics.astype(np.float32)
         elif output.intrinsics is not None:
@@ -267,6 +270,8 @@ class Predictor:
         else:
             intrinsics = None
         metric = prepared.metric and (self.is_metric or prepared.focal_px is not None)
+        # Known poses fix the scale: the depth is in their units, whatever those are.
+        units = "pose_units" if given.extrinsics is not None else "m" if metric else "relative"
         maps = {"depth": depth}
         for name, batch in (("confidence", output.confidence), ("sky", output.sky)):
             if batch is not None:
@@ -278,8 +283,8 @@ class Predictor:
             sky=resized.get("sky"),
             intrinsics=intrinsics,
             extrinsics=extrinsics,
-            is_metric=metric,
-            units="m" if metric else "relative",
+            is_metric=units == "m",
+            units=units,
         )
 
     def _metric_depth(self, depth: torch.Tensor, prepared: PreparedInput) -> torch.Tensor:
