@@ -8,6 +8,31 @@ import numpy as np
 
 
 @dataclass
+class Gaussians:
+    """3D Gaussians, one per pixel of the network's grid (h, w) per view (not resized: each is a
+    splat of its own pixel), in the world frame and units of the prediction's depth and
+    extrinsics (meters for the nested model, whose Gaussians are scaled like its depth; the
+    given poses' frame and units when poses were given).
+
+    means: (N, h, w, 3) float32 centres.
+    scales: (N, h, w, 3) float32 standard deviations along the Gaussian's axes.
+    rotations: (N, h, w, 4) float32 unit quaternions (w, x, y, z).
+    opacities: (N, h, w) float32 in (0, 1).
+    colors: (N, h, w, 3) float32 RGB of the view-independent (DC) colour, 0.5 + 0.2821 x DC
+        spherical-harmonic coefficient; not clipped to [0, 1]. Higher SH bands are dropped.
+    """
+
+    means: np.ndarray
+    scales: np.ndarray
+    rotations: np.ndarray
+    opacities: np.ndarray
+    colors: np.ndarray
+
+    def __len__(self) -> int:
+        return int(np.prod(self.opacities.shape))
+
+
+@dataclass
 class Prediction:
     """Outputs for N views of one scene, each at its input image's own size (H, W).
 
@@ -16,6 +41,8 @@ class Prediction:
     sky: (N, H, W) float32 sky probability in [0, 1], or None.
     intrinsics: (N, 3, 3) float32 pinhole matrices for the input resolution, or None.
     extrinsics: (N, 3, 4) float32 world-to-camera [R|t], or None.
+    gaussians: 3D Gaussians (`Gaussians`) when asked for (`predict(..., gaussians=True)`), else
+        None.
     """
 
     depth: np.ndarray
@@ -25,6 +52,7 @@ class Prediction:
     extrinsics: np.ndarray | None
     is_metric: bool
     units: str  # "m" or "relative"
+    gaussians: Gaussians | None = None
 
     def __len__(self) -> int:
         return self.depth.shape[0]

@@ -3,10 +3,14 @@
 Tensor names are those of the official release: the network's state-dict keys under the prefix
 ``model.``. The official files were written with safetensors' ``save_model``, which stores each
 set of shared (tied) tensors once, under one of its names; both reading and writing follow that.
+
+The 3D-Gaussian branch (`gs_head.*`; its adapter stores no tensors) is part of a network exactly
+when its checkpoint holds those keys: the loader attaches it then, and loads it strictly too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -18,14 +22,18 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_model
 from torch import nn
 
-from da3_serverless.model.presets import PRESETS, build_network
+from da3_serverless.model.presets import (
+    GAUSSIAN_RELEASES,
+    PRESETS,
+    attach_gaussian_branch,
+    build_network,
+)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 KEY_PREFIX = "model."
-# Checkpoint parts we do not build (the 3D-Gaussian head of the giant releases): their keys are
-# skipped by name.
-IGNORED_MODULES = frozenset({"gs_head", "gs_adapter"})
+# Module names of the 3D-Gaussian branch; keys under them make the loader attach the branch.
+GAUSSIAN_MODULES = frozenset({"gs_head", "gs_adapter"})
 # How many offending keys an error lists before giving a count.
 MAX_LISTED_KEYS = 10
 
@@ -94,8 +102,19 @@ def _check_materialised(net: nn.Module) -> None:
         raise CheckpointError(f"tensors without values after loading: {_listing(left)}")
 
 
-def _is_ignored(key: str) -> bool:
-    return not IGNORED_MODULES.isdisjoint(key.split("."))
+def _is_gaussian(key: str) -> bool:
+    return not GAUSSIAN_MODULES.isdisjoint(key.split("."))
+
+
+def _build(preset: str, keys: set[str]) -> nn.Module:
+    """The preset's network on the meta device, with the 3D-Gaussian branch when `keys` hold it."""
+    with torch.device("meta"):
+        net = build_network(preset)
+        if any(_is_gaussian(key) for key in keys):
+            # A network that cannot take the branch keeps its keys as unexpected ones.
+            with contextlib.suppress(ValueError):
+                attach_gaussian_branch(net)
+    return net
 
 
 def load_network(
@@ -107,22 +126,21 @@ def load_network(
 
     The network is built on the meta device (no random init) and every tensor is read straight
     onto ``device``, floating-point ones cast to ``dtype``. Strict: missing, unexpected or
-    mis-shaped tensors raise CheckpointError naming them; keys of the 3D-Gaussian head are
-    skipped. A tied tensor may be stored under any of its names. Returns (preset, network in
-    eval mode).
+    mis-shaped tensors raise CheckpointError naming them. The 3D-Gaussian branch is built when
+    the file holds its keys. A tied tensor may be stored under any of its names. Returns
+    (preset, network in eval mode).
     """
     folder = Path(folder)
     preset = read_preset(folder)
     path = folder / WEIGHTS_NAME
     if not path.is_file():
         raise CheckpointError(f"{path} is missing")
-    with torch.device("meta"):
-        net = build_network(preset)
 
     missing, wrong_shape, used = [], [], set()
     try:
         with safe_open(str(path), framework="pt", device=str(torch.device(device))) as file:
-            stored = {key for key in file.keys() if not _is_ignored(key)}  # noqa: SIM118
+            stored = set(file.keys())
+            net = _build(preset, stored)
             for group in _groups(net):
                 present = [KEY_PREFIX + n for n in group.names if KEY_PREFIX + n in stored]
                 used.update(present)
@@ -195,15 +213,22 @@ def _random_value(name: str, shape: torch.Size, gen: torch.Generator) -> torch.T
     return noise / fan_in**0.5
 
 
-def write_random_checkpoint(preset: str, folder: str | Path, seed: int = 0) -> Path:
+def write_random_checkpoint(
+    preset: str, folder: str | Path, seed: int = 0, gaussians: bool | None = None
+) -> Path:
     """Write a snapshot folder of ``preset`` whose every tensor is drawn from ``seed`` (the
-    same seed gives the same file). For tests and benchmarks. Returns the folder."""
+    same seed gives the same file). ``gaussians``: include the 3D-Gaussian head (default: as
+    the official release of the preset does). Tensors outside the head get the same values
+    either way. For tests and benchmarks. Returns the folder."""
     if preset not in PRESETS:
         raise ValueError(f"unknown DA3 preset {preset!r}; valid presets: {', '.join(PRESETS)}")
     with torch.device("meta"):
         net = build_network(preset)
+        if preset in GAUSSIAN_RELEASES if gaussians is None else gaussians:
+            attach_gaussian_branch(net)
     gen = torch.Generator().manual_seed(seed)
-    for group in _groups(net):
+    groups = sorted(_groups(net), key=lambda g: _is_gaussian(g.names[0]))  # the head last
+    for group in groups:
         group.assign(net, _random_value(group.names[0], group.tensor.shape, gen))
     _check_materialised(net)
     return save_network(net, preset, folder)

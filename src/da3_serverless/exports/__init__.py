@@ -1,0 +1,1 @@
+"""Scene exports: pure writers from prediction arrays to file bytes."""
