@@ -2,8 +2,9 @@
 
 The head is built as `presets.attach_gaussian_branch` builds it on da3-small (small and fast;
 the release's da3-giant configuration is compared in test_model_parity.py, marked slow) and gets
-the reference's randomised weights through a strict state-dict load; the adapter has no weights. Both run the same small random inputs in fp32; outputs agree to 1e-4 relative. The
-reference rotates spherical harmonics with e3nn (a test requirement); ours does not need it.
+the reference's randomised weights through a strict state-dict load; the adapter has no weights.
+Both run the same small random inputs in fp32; outputs agree to 1e-4 relative. The reference
+rotates spherical harmonics with e3nn (a test requirement); ours does not need it.
 """
 
 from __future__ import annotations
@@ -125,14 +126,14 @@ def test_sh_rotation_matches_reference_and_rotates_the_function() -> None:
     gen = torch.Generator().manual_seed(3)
     rotations = quaternion_to_rotation(torch.randn(64, 4, generator=gen))
     coefficients = torch.randn(64, 3, 9, generator=gen)
-    got = spherical_harmonics.rotate(coefficients, rotations[:, None])
+    got = spherical_harmonics.rotate(coefficients, rotations)  # one rotation per 3 channels
     assert_close(got, rotate_sh(coefficients, rotations[:, None]))
     # f'(d) = f(R^T d) at random directions, degree by degree.
     directions = torch.nn.functional.normalize(torch.randn(64, 50, 3, generator=gen), dim=-1)
     turned = directions @ rotations  # R^T d
     for n in (1, 4, 9):
         c = coefficients[:, 0, :n]
-        rotated = spherical_harmonics.rotate(c, rotations)
+        rotated = spherical_harmonics.rotate(c[:, None], rotations)[:, 0]
         at_d = (spherical_harmonics.basis(directions)[..., :n] * rotated[:, None]).sum(-1)
         at_turned = (spherical_harmonics.basis(turned)[..., :n] * c[:, None]).sum(-1)
         torch.testing.assert_close(at_d, at_turned, rtol=1e-5, atol=1e-5)

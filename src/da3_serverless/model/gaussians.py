@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from da3_serverless.model import spherical_harmonics
-from da3_serverless.model.camera import invert_rigid, quaternion_to_rotation, rotation_to_quaternion
+from da3_serverless.model.camera import invert_rigid, rotation_to_quaternion
 
 # Release configuration of the adapter (da3-giant and the nested model's any-view branch).
 SH_DEGREE = 2
@@ -114,13 +114,12 @@ class GaussianAdapter(nn.Module):
             (2, 3, 4, 3 * self.d_sh, 1), dim=-1
         )
         depth = depth + depth_offset[..., 0]
-        rotation = cam_to_world[..., None, None, :, :3]  # broadcast over pixels
         return GaussianMaps(
             means=_means(cam_to_world, normalised, depth, offset_xy),
             scales=self._scales(scale_logits, normalised, depth),
-            rotations=_world_rotations(quat, rotation),
+            rotations=_world_rotations(quat, cam_to_world[..., :3]),
             opacities=opacities,
-            harmonics=self._harmonics(sh, rotation),
+            harmonics=self._harmonics(sh, cam_to_world[..., :3]),
         )
 
     def _scales(
@@ -133,14 +132,15 @@ class GaussianAdapter(nn.Module):
         footprint = _FOOTPRINT * (torch.linalg.inv(normalised[..., :2, :2]) @ pixel).sum(-1)
         return fraction * depth[..., None] * footprint[..., None, None, None]
 
-    def _harmonics(self, sh: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
-        """Camera-frame SH (B, S, H, W, 3 n), channel-major -> world frame (B, S, H, W, 3, n)."""
+    def _harmonics(self, sh: torch.Tensor, cam_to_world: torch.Tensor) -> torch.Tensor:
+        """Camera-frame SH (B, S, H, W, 3 n), channel-major, and camera-to-world rotations
+        (B, S, 3, 3) -> world frame (B, S, H, W, 3, n)."""
         sh = sh.unflatten(-1, (3, self.d_sh))
         damping = [1.0] + [0.1 * 0.25 ** math.isqrt(k) for k in range(1, self.d_sh)]
         sh = sh * torch.tensor(damping, dtype=sh.dtype, device=sh.device)
         if self.sh_degree == 0:
             return sh
-        return spherical_harmonics.rotate(sh, rotation[..., None, :, :])
+        return _rotate_per_view(sh, cam_to_world)
 
 
 def _means(
@@ -162,25 +162,41 @@ def _means(
     pixel = torch.tensor([1.0 / width, 1.0 / height], dtype=dtype, device=device)
     xy = grid + offset_xy * pixel
     points = torch.cat([xy, torch.ones_like(xy[..., :1])], dim=-1)  # (B, S, H, W, 3)
-    unproject = torch.linalg.inv(normalised)[..., None, None, :, :]
-    rays = (unproject @ points[..., None])[..., 0]
-    rays = rays / rays.norm(dim=-1, keepdim=True)
-    rays = (cam_to_world[..., None, None, :, :3] @ rays[..., None])[..., 0]
+    # Per view: unproject, normalise, turn to the world (one matrix product per view).
+    rays = _per_view(points, torch.linalg.inv(normalised))
+    rays = _per_view(rays / rays.norm(dim=-1, keepdim=True), cam_to_world[..., :3])
     return cam_to_world[..., None, None, :, 3] + rays * depth[..., None]
 
 
-def _world_rotations(quat: torch.Tensor, cam_to_world: torch.Tensor) -> torch.Tensor:
-    """Rotation channels (..., 4) and camera-to-world rotations (..., 3, 3) -> quaternions
-    (..., 4), read as (w, x, y, z).
+def _per_view(vectors: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
+    """(B, S, H, W, 3) vectors times one (B, S, 3, 3) matrix per view -> (B, S, H, W, 3)."""
+    flat = vectors.flatten(-3, -2) @ matrices.mT
+    return flat.unflatten(-2, vectors.shape[-3:-1])
 
-    Follows the reference's conventions exactly: the normalised channels (a, b, c, d) are taken
-    as the quaternion with vector part (d, a, b) and real part c, composed after the camera's
-    rotation, and the result is written in (x, y, z, w) component order with w >= 0; that vector
-    is what the head's training renderer read as (w, x, y, z).
+
+def _rotate_per_view(harmonics: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """(..., H, W, 3, n) SH coefficients turned by one (..., 3, 3) rotation per view."""
+    flat = spherical_harmonics.rotate(harmonics.flatten(-4, -2), rotation)
+    return flat.unflatten(-2, harmonics.shape[-4:-1])
+
+
+def _world_rotations(quat: torch.Tensor, cam_to_world: torch.Tensor) -> torch.Tensor:
+    """Rotation channels (B, S, H, W, 4) and camera-to-world rotations (B, S, 3, 3) ->
+    quaternions (B, S, H, W, 4), read as (w, x, y, z).
+
+    Follows the reference's conventions exactly: the channels (a, b, c, d) are taken as the
+    quaternion with vector part (d, a, b) and real part c, composed after the camera's rotation,
+    and the result is written in (x, y, z, w) component order with w >= 0; that vector is what
+    the head's training renderer read as (w, x, y, z). (The reference goes through rotation
+    matrices; composing quaternions gives the same numbers, per pixel without 3 x 3 products.)
     """
     quat = quat / (quat.norm(dim=-1, keepdim=True) + _QUAT_EPS)
-    camera_frame = quaternion_to_rotation(quat[..., [3, 0, 1, 2]])
-    return rotation_to_quaternion(cam_to_world @ camera_frame)
+    camera_frame = quat[..., [2, 3, 0, 1]]  # (w, x, y, z) = (c, d, a, b)
+    view = rotation_to_quaternion(cam_to_world)[..., [3, 0, 1, 2]]  # (w, x, y, z)
+    world = _quaternion_product(view[..., None, None, :], camera_frame)
+    world = world / world.norm(dim=-1, keepdim=True)
+    xyzw = world[..., [1, 2, 3, 0]]
+    return torch.where(xyzw[..., 3:] < 0, -xyzw, xyzw)
 
 
 def _quaternion_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -214,5 +230,5 @@ def reframe(
     delta_quat = rotation_to_quaternion(delta)[..., [3, 0, 1, 2]]  # (w, x, y, z)
     rotations = _quaternion_product(delta_quat[per_pixel], gaussians.rotations)
     rotations = rotations / rotations.norm(dim=-1, keepdim=True)
-    harmonics = spherical_harmonics.rotate(gaussians.harmonics, delta[:, None, None, None])
+    harmonics = _rotate_per_view(gaussians.harmonics, delta)
     return GaussianMaps(means, gaussians.scales / scale, rotations, gaussians.opacities, harmonics)

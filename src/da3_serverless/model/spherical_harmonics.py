@@ -91,12 +91,13 @@ def rotation_matrix(rotation: torch.Tensor, degree: int) -> torch.Tensor:
 
 
 def rotate(coefficients: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
-    """SH coefficients (..., n) with n = 1, 4 or 9, and rotations (..., 3, 3) broadcastable to
-    their leading dimensions -> coefficients (..., n) of the rotated function f'(d) = f(R^T d),
-    in the coefficients' dtype."""
+    """SH coefficient vectors (..., m, n), n = 1, 4 or 9, and rotations R (..., 3, 3) -> the
+    coefficients (..., m, n) of the rotated functions f'(d) = f(R^T d), in the coefficients'
+    dtype. Each rotation applies to the m vectors beside it (e.g. the colour channels, or every
+    Gaussian of one view), as one matrix product."""
     n = coefficients.shape[-1]
     degree = math.isqrt(n) - 1
     if coefficient_count(degree) != n:
         raise ValueError(f"expected 1, 4 or 9 SH coefficients, got {n}")
     transform = rotation_matrix(rotation, degree).to(coefficients.dtype)
-    return (transform @ coefficients[..., None])[..., 0]
+    return coefficients @ transform.mT
