@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 from da3_serverless.exports.gaussians import gaussians_ply
 from da3_serverless.inference.predictor import Predictor
-from da3_serverless.inference.preprocess import processing_size
+from da3_serverless.inference.preprocess import load_rgb, processing_size, to_network_input
 from da3_serverless.model.camera import quaternion_to_rotation, rotation_to_quaternion
 from da3_serverless.model.checkpoint import CheckpointError, load_network, write_random_checkpoint
 from da3_serverless.model.dpt import DPT
@@ -231,6 +231,19 @@ def test_predictor_returns_gaussians_on_the_network_grid(gs_predictor, small_sna
     assert gaussians.colors.shape == (2, height, width, 3)
     assert gaussians.opacities.shape == (2, height, width)
     assert all(getattr(gaussians, f).dtype == np.float32 for f in ("means", "colors", "scales"))
+    # The network's Gaussians, moved with its cameras into the prediction's world (the first
+    # view's camera frame): each keeps its place in its own view's camera frame.
+    batch = to_network_input([load_rgb(path)[0] for path in PHOTOS], (width, height))
+    with torch.no_grad():
+        out = gs_predictor.network(batch, gaussians=True)
+    np.testing.assert_allclose(prediction.extrinsics[0], np.eye(4)[:3], atol=1e-6)
+    for view in range(2):
+        ours = gaussians.means[view] @ prediction.extrinsics[view, :, :3].T
+        ours += prediction.extrinsics[view, :, 3]
+        network = out.gaussians.means[0, view] @ out.extrinsics[0, view, :, :3].T
+        network += out.extrinsics[0, view, :, 3]
+        np.testing.assert_allclose(ours, network.numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(gaussians.scales, out.gaussians.scales[0].numpy(), rtol=1e-5)
     # A 3DGS PLY of them reads back with one vertex per Gaussian.
     ply = PlyData.read(io.BytesIO(gaussians_ply(gaussians, comments=["units relative"])))
     assert ply["vertex"].count == len(gaussians)

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import runpod
 
 from da3_serverless.api.errors import ServiceError
-from da3_serverless.config import Settings
+from da3_serverless.config import SettingsError, load_settings
 from da3_serverless.service import Service
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,11 @@ def make_handler(service: Service) -> Callable[[dict], dict]:
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    settings = Settings()
+    try:
+        settings = load_settings()
+    except SettingsError as error:  # a worker with impossible settings must not take jobs
+        log.error("%s", error)
+        sys.exit(2)
     service = Service(settings)
     try:
         service.start()

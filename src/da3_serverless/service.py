@@ -3,11 +3,12 @@ storage -> response. Transports (RunPod worker, HTTP server, CLI) call `Service.
 
 from __future__ import annotations
 
-import base64
 import logging
+import math
+import os
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,21 +16,32 @@ import numpy as np
 import torch
 
 from da3_serverless.api.auth import check_api_key
+from da3_serverless.api.budget import Budget, default_budget, estimate_cost, request_budget
+from da3_serverless.api.cameras import checked_cameras
 from da3_serverless.api.errors import ServiceError
-from da3_serverless.api.images import DecodedImage, load_request_images
-from da3_serverless.api.outputs import Artifact, encode_outputs, fit_inline, view_skeleton
+from da3_serverless.api.images import DecodedImage, decode_request_images, open_request_images
+from da3_serverless.api.outputs import (
+    Artifact,
+    encode_outputs,
+    encode_scene,
+    unavailable_outputs,
+    view_skeleton,
+    wants_scene,
+)
+from da3_serverless.api.placement import place_outputs
 from da3_serverless.api.schema import SCHEMA_VERSION, RunRequest, parse_request
-from da3_serverless.api.storage import OutputStore, StorageError
+from da3_serverless.api.storage import OutputStore, Saved
 from da3_serverless.config import Settings
 from da3_serverless.inference.cache import (
     ModelCache,
     canonical_model_id,
     default_budget_bytes,
 )
-from da3_serverless.inference.catalog import MODELS, lookup_model, valid_model_ids
+from da3_serverless.inference.catalog import MODELS, ModelInfo, lookup_model, valid_model_ids
 from da3_serverless.inference.prediction import Prediction
 from da3_serverless.inference.predictor import Predictor
 from da3_serverless.inference.weights import ModelNotFoundError, WeightLocator
+from da3_serverless.model.checkpoint import CheckpointError, read_preset
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +72,7 @@ class Service:
         self.store = OutputStore(settings)
         self.locator = WeightLocator.from_settings(settings)
         self.model_cache = model_cache or ModelCache(self._load, self._budget_bytes())
+        self.budget = self._request_budget()
         self._ready = False
 
     # ---- lifecycle -----------------------------------------------------------------------
@@ -70,15 +83,22 @@ class Service:
             log.warning("DA3_API_KEY is not set: every request will be refused (401)")
         elif not self.settings.api_key:
             log.warning("DA3_ALLOW_UNAUTHENTICATED=1: serving without an API key")
+        log.info("request budget: %s", self.budget.describe())
+        log.info("model memory budget: %.1f GiB", self.model_cache.budget_bytes / 1024**3)
         self.store.maybe_prune()
-        predictor = self.model_cache.get(self.default_model_id)
-        if self.settings.warmup:
-            warm_up(predictor)
+        with self.model_cache.use(self.default_model_id) as predictor:
+            if self.settings.warmup:
+                warm_up(predictor)
         self._ready = True
 
     @property
     def ready(self) -> bool:
         return self._ready
+
+    @property
+    def waiting_for_memory(self) -> int:
+        """Requests waiting for a model to fit in memory (they hold a place in a queue)."""
+        return self.model_cache.waiting
 
     def model_table(self) -> list[dict]:
         loaded = set(self.model_cache.loaded())
@@ -112,21 +132,37 @@ class Service:
         with timer.stage("validate"):
             request = self.authorize(payload, api_key)
             model_id = self.model_key(request)
+            capabilities = _capabilities(model_id)
+            if capabilities is not None:
+                _check_outputs(request, capabilities)
         with timer.stage("decode"):
-            images = load_request_images(request, self.settings)
-        with timer.stage("load_model"):
-            predictor = self._predictor(model_id)
-        _check_metric(request, predictor)
-        with timer.stage("inference"):
-            prediction = self._predict(predictor, request, images)
+            opened = open_request_images(request, self.settings)
+            sizes = [(view.width, view.height) for view in opened]
+            scene_points = request.max_points if wants_scene(request) else None
+            self.budget.check(estimate_cost(model_id, request.process_res, sizes, scene_points))
+            images = decode_request_images(opened, self.settings)
+            request = checked_cameras(request, [(image.width, image.height) for image in images])
+        with ExitStack() as pinned:  # the model stays loaded while this request uses it
+            with timer.stage("load_model"):
+                predictor = self._predictor(model_id, pinned)
+            if capabilities is None:  # a model folder whose preset could not be read up front
+                _check_outputs(request, predictor.capabilities)
+            _check_metric(request, predictor)
+            with timer.stage("inference"):
+                prediction = self._predict(predictor, request, images)
         self.store.maybe_prune()
-        saved: list[Path] = []
+        saved: list[Saved] = []
         try:
             with timer.stage("encode"):
                 artifacts, warnings = encode_outputs(request, prediction, images)
+            if wants_scene(request):
+                with timer.stage("scene"):
+                    scene, scene_warnings = encode_scene(request, prediction, images)
+                artifacts, warnings = [*artifacts, *scene], [*warnings, *scene_warnings]
             response = self._respond(
                 request, predictor, prediction, artifacts, timer, saved, warnings
             )
+            check_finite(response)
         except BaseException:
             self.store.discard(saved)
             raise
@@ -139,7 +175,10 @@ class Service:
         then the request; raises ServiceError. Auth comes first so an unauthenticated caller
         learns nothing about the request format."""
         body_key = payload.get("api_key") if isinstance(payload, dict) else None
-        check_api_key(body_key if isinstance(body_key, str) else api_key, self.settings)
+        # An empty body key counts as absent; any other body key wins over the headers'.
+        check_api_key(
+            body_key if isinstance(body_key, str) and body_key else api_key, self.settings
+        )
         return parse_request(payload, self.settings)
 
     @property
@@ -160,9 +199,10 @@ class Service:
             )
         return info.repo_id
 
-    def _predictor(self, model_id: str) -> Predictor:
+    def _predictor(self, model_id: str, pinned: ExitStack) -> Predictor:
+        """The loaded model, pinned in the cache until `pinned` closes."""
         try:
-            return self.model_cache.get(model_id)
+            return pinned.enter_context(self.model_cache.use(model_id))
         except ModelNotFoundError as error:
             raise ServiceError("model_unavailable", str(error)) from None
         except torch.cuda.OutOfMemoryError:
@@ -211,68 +251,28 @@ class Service:
         prediction: Prediction,
         artifacts: list[Artifact],
         timer: _Timer,
-        saved: list[Path],
+        saved: list[Saved],
         warnings: list[str],
     ) -> dict:
         views = [view_skeleton(prediction, index) for index in range(len(prediction))]
-        budget = self.settings.max_response_bytes if request.return_base64 else 0
-        inline = fit_inline(artifacts, budget, repeated_view=0 if len(views) > 1 else None)
-        stored = sorted({a.name for a in artifacts if id(a) not in inline})
-        if request.return_base64 and stored:
-            warnings.append(
-                f"{', '.join(stored)} would pass MAX_RESPONSE_BYTES ({budget} bytes) inline: "
-                "stored and returned as paths/URLs instead of base64"
-            )
         with timer.stage("save"):
-            for artifact in artifacts:
-                entry = self._place(artifact, id(artifact) in inline, saved, warnings)
-                view = views[artifact.view]
-                view.update(artifact.fields)
-                if artifact.name == "depth" and not entry.keys() & {"base64", "path", "url"}:
-                    # Nowhere to store it: the depth map is the answer, so it goes inline.
-                    entry["base64"] = base64.b64encode(artifact.data).decode("ascii")
-                    warnings.append("the depth map could not be stored, so it is inline")
-                if artifact.name == "depth":
-                    view["image_base64"] = entry.get("base64")
-                    view["file_path"] = entry.get("path")
-                    if "url" in entry:
-                        view["file_url"] = entry["url"]
-                else:
-                    view[artifact.name] = entry
-        response = {
+            placed = place_outputs(
+                artifacts, len(views), self.store,
+                budget=self.settings.max_response_bytes if request.return_base64 else None,
+                order=request.outputs, saved=saved, warnings=warnings,
+            )  # fmt: skip
+        for view, fields in zip(views, placed.views, strict=True):
+            view.update(fields)
+        return {
             "schema_version": SCHEMA_VERSION,
             "model_id": predictor.model_id,
             "is_metric": prediction.is_metric,
             "units": prediction.units,
             **views[0],
             "views": views if len(views) > 1 else None,
+            **placed.top,
             "warnings": list(dict.fromkeys(warnings)),
         }
-        return response
-
-    def _place(
-        self, artifact: Artifact, inline: bool, saved: list[Path], warnings: list[str]
-    ) -> dict:
-        """Inline base64 and/or a file on the volume (always for the depth PNG, and for extras
-        that are not inline), or a bucket URL when a bucket is configured."""
-        entry: dict = {"media_type": artifact.media_type}
-        if inline:
-            entry["base64"] = base64.b64encode(artifact.data).decode("ascii")
-        if not inline and self.store.has_bucket:
-            try:
-                entry["url"] = self.store.upload(
-                    artifact.data, artifact.suffix, artifact.media_type
-                )
-            except StorageError as error:
-                warnings.append(f"could not upload {artifact.name} to the bucket: {error}")
-        if artifact.name == "depth" or not inline:
-            try:
-                path = self.store.save(artifact.data, artifact.suffix)
-                saved.append(path)
-                entry["path"] = str(path)
-            except StorageError as error:
-                warnings.append(f"could not save {artifact.name} on the volume: {error}")
-        return entry
 
     def _load(self, model_id: str) -> Predictor:
         predictor = Predictor.from_pretrained(
@@ -288,10 +288,23 @@ class Service:
     def _budget_bytes(self) -> int:
         if self.settings.model_memory_budget_gb is not None:
             return int(self.settings.model_memory_budget_gb * 1024**3)
-        device = torch.device(
+        return default_budget_bytes(self._device())
+
+    def _device(self) -> torch.device:
+        return torch.device(
             self.settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
         )
-        return default_budget_bytes(device)
+
+    def _request_budget(self) -> Budget:
+        """REQUEST_BUDGET_TOKENS / _PIXELS, else the device's default (api/budget.py)."""
+        tokens, pixels = self.settings.request_budget_tokens, self.settings.request_budget_pixels
+        return request_budget(tokens, pixels, self._device_budget)
+
+    def _device_budget(self) -> Budget:
+        device = self._device()
+        gpu_free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 0
+        host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return default_budget(device.type, gpu_free, self.model_cache.budget_bytes, host)
 
 
 def _check_metric(request: RunRequest, predictor: Predictor) -> None:
@@ -307,6 +320,28 @@ def _check_metric(request: RunRequest, predictor: Predictor) -> None:
         )
 
 
+def _capabilities(model_id: str) -> ModelInfo | None:
+    """What the model can give, known before loading it: from the model table, or from the
+    preset named in a snapshot folder's config.json; None when neither says."""
+    info = lookup_model(model_id)
+    if info is None and Path(model_id).is_dir():
+        try:
+            info = lookup_model(read_preset(model_id))
+        except CheckpointError:
+            return None
+    return info
+
+
+def _check_outputs(request: RunRequest, capabilities: ModelInfo) -> None:
+    """Outputs the model cannot give are refused (the one rule for every output)."""
+    reasons = unavailable_outputs(request, capabilities)
+    if reasons:
+        raise ServiceError(
+            "invalid_input",
+            "this request asks for outputs the model cannot give: " + "; ".join(reasons),
+        )
+
+
 def warm_up(predictor: Predictor) -> None:
     """One small forward pass, so the first request does not pay for lazy initialisation."""
     pixels = np.zeros((280, 280, 3), dtype=np.uint8)
@@ -315,10 +350,23 @@ def warm_up(predictor: Predictor) -> None:
 
 
 def _dtype(name: str | None) -> torch.dtype | None:
-    if name is None:
-        return None
-    dtypes = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-              "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
-    if name.lower() not in dtypes:
-        raise ValueError(f"DA3_DTYPE={name!r}: use one of {', '.join(dtypes)}")
-    return dtypes[name.lower()]
+    """The torch dtype named by DA3_DTYPE (checked and made canonical in config.py)."""
+    return None if name is None else getattr(torch, name)
+
+
+def check_finite(response: object, where: str = "response") -> None:
+    """Raise `ServiceError("internal")` (the place logged) if the response holds NaN or an
+    infinity anywhere: JSON cannot carry them, so such a response could not be sent."""
+    if isinstance(response, float) and not math.isfinite(response):
+        log.error("non-finite number %r at %s of a response", response, where)
+        raise ServiceError(
+            "internal",
+            f"the result held a non-finite number (at {where}); this is a bug, the server log "
+            "has the details",
+        )
+    if isinstance(response, dict):
+        for key, value in response.items():
+            check_finite(value, f"{where}.{key}")
+    elif isinstance(response, list):
+        for index, value in enumerate(response):
+            check_finite(value, f"{where}[{index}]")

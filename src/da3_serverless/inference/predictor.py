@@ -18,6 +18,7 @@ from da3_serverless.inference.cameras import (
     camera_centers,
     extrinsics_4x4,
     normalise_extrinsics,
+    relative_to_first_view,
     umeyama_scale,
 )
 from da3_serverless.inference.catalog import ModelInfo, lookup_model
@@ -266,6 +267,8 @@ class Predictor:
         given = prepared.scene
         if given.extrinsics is not None:
             depth, extrinsics = _align_to_given_poses(depth, extrinsics, given.extrinsics)
+        elif extrinsics is not None:  # world frame: the first view's camera (§7)
+            extrinsics = relative_to_first_view(extrinsics)
         if given.intrinsics is not None:
             intrinsics = given.intrinsics.astype(np.float32)
         elif output.intrinsics is not None:
@@ -274,6 +277,8 @@ class Predictor:
         else:
             intrinsics = None
         metric = prepared.metric and (self.is_metric or prepared.focal_px is not None)
+        # Known poses fix the scale: the depth is in their units, whatever those are.
+        units = "pose_units" if given.extrinsics is not None else "m" if metric else "relative"
         sizes = prepared.sizes
         return Prediction(
             depth=_resize_views(depth, sizes),
@@ -281,9 +286,9 @@ class Predictor:
             sky=_resize_optional(output.sky, sample, sizes),
             intrinsics=intrinsics,
             extrinsics=extrinsics,
-            is_metric=metric,
-            units="m" if metric else "relative",
-            gaussians=_gaussians(output, sample, given.extrinsics),
+            is_metric=units == "m",
+            units=units,
+            gaussians=_gaussians(output, sample, extrinsics, given.extrinsics is not None),
         )
 
     def _metric_depth(self, depth: torch.Tensor, prepared: PreparedInput) -> torch.Tensor:
@@ -370,18 +375,21 @@ def _align_to_given_poses(
     return depth / scale, given[:, :3].astype(np.float32)
 
 
-def _gaussians(output: NetOutput, sample: int, given: np.ndarray | None) -> Gaussians | None:
-    """Batch entry `sample` of the network's Gaussians, as numpy at the network grid. With given
-    poses (N, 4, 4) they move, view by view, into those poses' frame and units, as depth does in
-    `_align_to_given_poses` (same scale)."""
+def _gaussians(
+    output: NetOutput, sample: int, extrinsics: np.ndarray, given: bool
+) -> Gaussians | None:
+    """Batch entry `sample` of the network's Gaussians, as numpy at the network grid, moved view
+    by view from the predicted cameras to the prediction's `extrinsics` (N, 3, 4): the first
+    view's frame, or the `given` poses' frame and units (the scale of `_align_to_given_poses`);
+    the frame and units of the depth."""
     if output.gaussians is None:
         return None
-    maps = output.gaussians.entry(sample)
-    if given is not None:
-        predicted = output.extrinsics[sample].float()
-        scale = umeyama_scale(camera_centers(predicted.cpu().numpy()), camera_centers(given[:, :3]))
-        target = torch.as_tensor(given[:, :3], dtype=torch.float32, device=predicted.device)
-        maps = reframe(maps, predicted, target, scale)
+    predicted = output.extrinsics[sample].float()
+    scale = 1.0
+    if given:
+        scale = umeyama_scale(camera_centers(predicted.cpu().numpy()), camera_centers(extrinsics))
+    target = torch.as_tensor(extrinsics, dtype=torch.float32, device=predicted.device)
+    maps = reframe(output.gaussians.entry(sample), predicted, target, scale)
 
     def array(tensor: torch.Tensor) -> np.ndarray:
         return tensor.float().cpu().numpy()

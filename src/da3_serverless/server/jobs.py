@@ -16,9 +16,10 @@ from fastapi.responses import JSONResponse
 from da3_serverless.api.auth import check_api_key, key_from_headers
 from da3_serverless.api.errors import ServiceError
 from da3_serverless.api.schema import RunResponse
-from da3_serverless.server.body import in_runpod_form, read_json, unwrap
+from da3_serverless.server.body import in_runpod_form, max_json_structure, read_json, unwrap
 from da3_serverless.server.docs import ERRORS, RUN_ERRORS, RunPodEnvelope, request_body_doc
-from da3_serverless.server.queue import COMPLETED, FAILED, IN_PROGRESS, Job
+from da3_serverless.server.queue import COMPLETED, FAILED, IN_PROGRESS, Job, result_bytes
+from da3_serverless.service import check_finite
 
 if TYPE_CHECKING:
     from da3_serverless.server.app import AppState
@@ -43,7 +44,11 @@ async def admit(request: Request, state: AppState) -> Admitted:
     once); `Service.handle` checks them again the same way."""
     if state.draining:
         raise ServiceError("model_unavailable", "the server is shutting down; retry elsewhere")
-    body = await read_json(request, state.settings.max_body_bytes)
+    settings = state.settings
+    body = await read_json(
+        request, settings.max_body_bytes, settings.body_timeout_s,
+        max_json_structure(settings.max_views),
+    )  # fmt: skip
     request.state.envelope = envelope = in_runpod_form(body)
     payload = unwrap(body)
     header_key = key_from_headers(request.headers)
@@ -69,6 +74,7 @@ def add_job_routes(app: FastAPI, state: AppState) -> None:
             lambda: state.service.handle(admitted.payload, api_key=admitted.header_key),
         )
         request.state.log.update(_result_log(result))
+        check_finite(result)  # JSON cannot carry NaN: a clear `internal`, never a broken answer
         if admitted.envelope:
             return JSONResponse({"id": request.state.job_id, "status": COMPLETED, "output": result})
         return JSONResponse(result)
@@ -96,14 +102,30 @@ def add_job_routes(app: FastAPI, state: AppState) -> None:
         check_api_key(key_from_headers(request.headers), state.settings)
         job = state.jobs.get(job_id)
         if job is None:
-            raise ServiceError("not_found", f"no job {job_id!r} (unknown, or older than the TTL)")
+            raise _missing_job(state, job_id)
         return JSONResponse(job_body(job))
+
+
+def _missing_job(state: AppState, job_id: str) -> ServiceError:
+    if not state.jobs.expired(job_id):
+        return ServiceError("not_found", f"no job {job_id[:64]!r} (unknown, or older than the TTL)")
+    settings = state.settings
+    return ServiceError(
+        "not_found",
+        f"job {job_id!r} expired: finished results are kept for JOB_TTL_S "
+        f"({settings.job_ttl_s:g} s) and, all together, up to MAX_JOB_BYTES "
+        f"({settings.max_job_bytes} bytes), the oldest dropped first; poll /status sooner, "
+        "or use /runsync",
+    )
 
 
 async def _run_job(state: AppState, job: Job, admitted: Admitted) -> None:
     def work() -> dict[str, Any]:
         job.status, job.started = IN_PROGRESS, time.monotonic()
-        return state.service.handle(admitted.payload, api_key=admitted.header_key)
+        output = state.service.handle(admitted.payload, api_key=admitted.header_key)
+        check_finite(output)  # else every /status poll would fail to encode
+        job.size = result_bytes(output)  # here, off the event loop
+        return output
 
     try:
         job.output = await state.scheduler.run(admitted.model_key, work)
@@ -116,6 +138,7 @@ async def _run_job(state: AppState, job: Job, admitted: Admitted) -> None:
         job.status = FAILED
     finally:
         job.finished = time.monotonic()
+        state.jobs.finished(job)
         code = job.error.code if job.error is not None else None
         state.metrics.observe("/run (job)", job.status, code, job.finished - job.created)
 
