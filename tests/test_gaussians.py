@@ -18,7 +18,12 @@ from da3_serverless.exports.gaussians import gaussians_ply
 from da3_serverless.inference.predictor import Predictor
 from da3_serverless.inference.preprocess import load_rgb, processing_size, to_network_input
 from da3_serverless.model.camera import quaternion_to_rotation, rotation_to_quaternion
-from da3_serverless.model.checkpoint import CheckpointError, load_network, write_random_checkpoint
+from da3_serverless.model.checkpoint import (
+    CheckpointError,
+    load_network,
+    loaded_bytes,
+    write_random_checkpoint,
+)
 from da3_serverless.model.dpt import DPT
 from da3_serverless.model.gaussians import GaussianAdapter, GaussianMaps, reframe
 from da3_serverless.model.net import DepthAnything3Net, NestedDepthAnything3Net
@@ -104,6 +109,21 @@ def test_only_any_view_networks_take_the_branch():
     # The release configuration: 3072-wide tokens in, 37 raw channels and a density out.
     assert nested.da3.gs_head.projects[0].in_channels == 3072
     assert nested.da3.gs_head.scratch.output_conv2[2].out_channels == 38
+
+
+def test_gaussian_branch_is_held_in_fp32_and_counted(gs_snapshot):
+    _, net = load_network(gs_snapshot, dtype=torch.bfloat16)
+    assert {p.dtype for p in net.gs_head.parameters()} == {torch.float32}
+    assert net.backbone.pretrained.blocks[0].attn.qkv.weight.dtype == torch.bfloat16
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert net(images(), gaussians=True).gaussians.means.dtype == torch.float32
+    # The memory estimate of the releases with the head counts it (35.6 M fp32 parameters).
+    with torch.device("meta"):
+        giant = build_network("da3-giant")
+    tensors = [*giant.parameters(), *giant.buffers()]  # tied tensors once
+    plain = sum(t.numel() * t.element_size() for t in tensors)
+    head = 4 * sum(p.numel() for p in attach_gaussian_branch(giant).gs_head.parameters())
+    assert loaded_bytes("da3-giant") == plain + head
 
 
 def test_gaussians_run_only_when_asked(gs_net, small_snapshot):

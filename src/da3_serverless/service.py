@@ -39,7 +39,7 @@ from da3_serverless.inference.cache import (
 )
 from da3_serverless.inference.catalog import MODELS, ModelInfo, lookup_model, valid_model_ids
 from da3_serverless.inference.prediction import Prediction
-from da3_serverless.inference.predictor import Predictor
+from da3_serverless.inference.predictor import Predictor, default_dtype
 from da3_serverless.inference.weights import ModelNotFoundError, WeightLocator
 from da3_serverless.model.checkpoint import CheckpointError, read_preset
 
@@ -71,7 +71,9 @@ class Service:
         self.settings = settings
         self.store = OutputStore(settings)
         self.locator = WeightLocator.from_settings(settings)
-        self.model_cache = model_cache or ModelCache(self._load, self._budget_bytes())
+        self.model_cache = model_cache or ModelCache(
+            self._load, self._budget_bytes(), self._model_dtype()
+        )
         self.budget = self._request_budget()
         self._ready = False
 
@@ -284,6 +286,13 @@ class Service:
         if self.settings.compile:
             predictor.compile(self.settings.compile_cache_dir)
         return predictor
+
+    def _model_dtype(self) -> torch.dtype:
+        """The compute dtype models load in (DA3_DTYPE, else the device's default)."""
+        device = torch.device(
+            self.settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        )
+        return _dtype(self.settings.dtype) or default_dtype(device)
 
     def _budget_bytes(self) -> int:
         if self.settings.model_memory_budget_gb is not None:
