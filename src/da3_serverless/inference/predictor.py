@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +23,7 @@ from da3_serverless.inference.cameras import (
 )
 from da3_serverless.inference.cancel import CancelToken
 from da3_serverless.inference.catalog import ModelInfo, lookup_model
-from da3_serverless.inference.prediction import Prediction
+from da3_serverless.inference.prediction import Gaussians, Prediction
 from da3_serverless.inference.preprocess import (
     MAX_PROCESS_RES,
     PATCH_SIZE,
@@ -33,7 +33,9 @@ from da3_serverless.inference.preprocess import (
     to_network_input,
 )
 from da3_serverless.model.checkpoint import load_network
+from da3_serverless.model.gaussians import reframe
 from da3_serverless.model.net import NetOutput
+from da3_serverless.model.spherical_harmonics import SH_C0
 
 # DA3METRIC-LARGE predicts depth for a canonical focal length of 300 px.
 CANONICAL_FOCAL_PX = 300.0
@@ -76,6 +78,7 @@ class PreparedInput:
     net_intrinsics: np.ndarray | None
     use_ray_pose: bool
     metric: bool
+    gaussians: bool = False
 
 
 class Predictor:
@@ -143,6 +146,11 @@ class Predictor:
     def predicts_camera(self) -> bool:
         return self.capabilities.camera
 
+    @property
+    def supports_gaussians(self) -> bool:
+        """Whether the loaded network has the 3D-Gaussian head (its checkpoint held it)."""
+        return bool(getattr(self.network, "has_gaussians", False))
+
     def compile(self, cache_dir: Path | None = None) -> None:
         """Opt-in speed: channels-last convolutions and `torch.compile` of the network, on CPU
         and CUDA alike.
@@ -172,6 +180,7 @@ class Predictor:
         focal_length_px: float | Sequence[float] | None = None,
         metric: bool = True,
         exif_focal_length_px: Sequence[float | None] | None = None,
+        gaussians: bool = False,
         cancel: CancelToken | None = None,
     ) -> Prediction:
         """Depth, confidence, sky and cameras for N views of one scene.
@@ -185,6 +194,8 @@ class Predictor:
         exif_focal_length_px: per-view EXIF focal lengths, for images the caller decoded (and
             oriented) itself; by default they are read from the images. DA3METRIC-LARGE takes
             its focal length from focal_length_px, else intrinsics, else EXIF.
+        gaussians: also return 3D Gaussians (`Prediction.gaussians`); only for models whose
+            checkpoint holds the Gaussian head (`supports_gaussians`).
         cancel: a job's `CancelToken`; once cancelled, the forward stops at its next check
             (between the network's blocks) and `Cancelled` is raised.
         Raises ValueError with what to fix for any bad argument.
@@ -195,8 +206,14 @@ class Predictor:
         scene = self._check_arguments(
             images, process_res, use_ray_pose, intrinsics, extrinsics, exif_focal_length_px
         )
-        check = cancel.check if cancel is not None else None
+        if gaussians and not self.supports_gaussians:
+            raise ValueError(
+                f"{self.model_id} has no 3D-Gaussian head: use depth-anything/DA3-GIANT-1.1 or "
+                "depth-anything/DA3NESTED-GIANT-LARGE-1.1, or leave gaussians off"
+            )
         prepared = self._prepare(scene, process_res, focal_length_px, metric, use_ray_pose)
+        prepared = replace(prepared, gaussians=gaussians)
+        check = cancel.check if cancel is not None else None
         output = self._forward(prepared, check)
         if check is not None:
             check()
@@ -292,6 +309,7 @@ class Predictor:
             extrinsics=extrinsics,
             is_metric=units == "m",
             units=units,
+            gaussians=_gaussians(output, sample, extrinsics, given.extrinsics is not None),
         )
 
     def _metric_depth(self, depth: torch.Tensor, prepared: PreparedInput) -> torch.Tensor:
@@ -353,6 +371,7 @@ class Predictor:
                 tensor(prepared.net_extrinsics),
                 tensor(prepared.net_intrinsics),
                 use_ray_pose=prepared.use_ray_pose,
+                gaussians=prepared.gaussians,
                 check=check,
             )
 
@@ -378,6 +397,34 @@ def _align_to_given_poses(
     predicted and the given camera centres) and the given poses as (N, 3, 4) float32."""
     scale = umeyama_scale(camera_centers(predicted), camera_centers(given[:, :3]))
     return depth / scale, given[:, :3].astype(np.float32)
+
+
+def _gaussians(
+    output: NetOutput, sample: int, extrinsics: np.ndarray, given: bool
+) -> Gaussians | None:
+    """Batch entry `sample` of the network's Gaussians, as numpy at the network grid, moved view
+    by view from the predicted cameras to the prediction's `extrinsics` (N, 3, 4): the first
+    view's frame, or the `given` poses' frame and units (the scale of `_align_to_given_poses`);
+    the frame and units of the depth."""
+    if output.gaussians is None:
+        return None
+    predicted = output.extrinsics[sample].float()
+    scale = 1.0
+    if given:
+        scale = umeyama_scale(camera_centers(predicted.cpu().numpy()), camera_centers(extrinsics))
+    target = torch.as_tensor(extrinsics, dtype=torch.float32, device=predicted.device)
+    maps = reframe(output.gaussians.entry(sample), predicted, target, scale)
+
+    def array(tensor: torch.Tensor) -> np.ndarray:
+        return tensor.float().cpu().numpy()
+
+    return Gaussians(
+        means=array(maps.means),
+        scales=array(maps.scales),
+        rotations=array(maps.rotations),
+        opacities=array(maps.opacities),
+        colors=array(0.5 + SH_C0 * maps.harmonics[..., 0]),
+    )
 
 
 def _numpy(tensor: torch.Tensor | None, sample: int) -> np.ndarray | None:
