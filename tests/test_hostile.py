@@ -571,7 +571,7 @@ class NonFiniteService:
     def model_table(self) -> list[dict]:
         return []
 
-    def handle(self, payload: object, api_key: str | None = None) -> dict:
+    def handle(self, payload: object, api_key: str | None = None, cancel: object = None) -> dict:
         return {"schema_version": "1", "width": 2, "height": 1, "min_depth": float("nan")}
 
 

@@ -37,6 +37,7 @@ from da3_serverless.inference.cache import (
     canonical_model_id,
     default_budget_bytes,
 )
+from da3_serverless.inference.cancel import Cancelled, CancelToken
 from da3_serverless.inference.catalog import MODELS, ModelInfo, lookup_model, valid_model_ids
 from da3_serverless.inference.prediction import Prediction
 from da3_serverless.inference.predictor import Predictor, default_dtype
@@ -125,10 +126,24 @@ class Service:
 
     # ---- one request ---------------------------------------------------------------------
 
-    def handle(self, payload: object, api_key: str | None = None) -> dict:
+    def handle(
+        self, payload: object, api_key: str | None = None, cancel: CancelToken | None = None
+    ) -> dict:
         """Serve one v1 request (the RunPod `input` object); `api_key` comes from transport
         headers and is used when the payload has none. Returns the response dict; raises
-        ServiceError. A failed request leaves no file behind."""
+        ServiceError. A failed request leaves no file behind.
+
+        `cancel` is the job's token: once cancelled, the request stops at its next check
+        (between views while decoding, between the network's blocks, before encoding, before
+        saving) and raises `cancelled`, having freed what it held and written nothing. Past
+        the last check (`CancelToken.commit`, before the first file) it completes."""
+        try:
+            return self._serve(payload, api_key, cancel or CancelToken())
+        except Cancelled as stop:
+            reason = str(stop)  # out of the except block: its traceback holds the tensors
+        raise ServiceError("cancelled", f"{reason}: it stopped before it finished, saving nothing")
+
+    def _serve(self, payload: object, api_key: str | None, cancel: CancelToken) -> dict:
         timer = _Timer()
         started = time.perf_counter()
         with timer.stage("validate"):
@@ -138,29 +153,32 @@ class Service:
             if capabilities is not None:
                 _check_outputs(request, capabilities)
         with timer.stage("decode"):
-            opened = open_request_images(request, self.settings)
+            opened = open_request_images(request, self.settings, cancel)
             sizes = [(view.width, view.height) for view in opened]
             scene_points = request.max_points if wants_scene(request) else None
             self.budget.check(estimate_cost(model_id, request.process_res, sizes, scene_points))
-            images = decode_request_images(opened, self.settings)
+            images = decode_request_images(opened, self.settings, cancel)
             request = checked_cameras(request, [(image.width, image.height) for image in images])
         with ExitStack() as pinned:  # the model stays loaded while this request uses it
             with timer.stage("load_model"):
-                predictor = self._predictor(model_id, pinned)
+                predictor = self._predictor(model_id, pinned, cancel)
             if capabilities is None:  # a model folder whose preset could not be read up front
                 _check_outputs(request, predictor.capabilities)
             _check_metric(request, predictor)
             with timer.stage("inference"):
-                prediction = self._predict(predictor, request, images)
+                prediction = self._predict(predictor, request, images, cancel)
         self.store.maybe_prune()
         saved: list[Saved] = []
         try:
+            cancel.check()
             with timer.stage("encode"):
                 artifacts, warnings = encode_outputs(request, prediction, images)
             if wants_scene(request):
+                cancel.check()
                 with timer.stage("scene"):
                     scene, scene_warnings = encode_scene(request, prediction, images)
                 artifacts, warnings = [*artifacts, *scene], [*warnings, *scene_warnings]
+            cancel.commit()  # the last check: files are written from here on
             response = self._respond(
                 request, predictor, prediction, artifacts, timer, saved, warnings
             )
@@ -171,6 +189,14 @@ class Service:
         timer.timings_ms["total"] = round((time.perf_counter() - started) * 1000, 3)
         response["timings_ms"] = timer.timings_ms
         return response
+
+    def discard(self, response: dict) -> None:
+        """Remove the volume files a response names (`file_path`, the extras' `path`): for a
+        result nobody will receive (its job was cancelled past its last check)."""
+        views = [response, *(response.get("views") or [])]  # some outputs are top-level only
+        paths = {view.get("file_path") for view in views}
+        paths |= {v.get("path") for view in views for v in view.values() if isinstance(v, dict)}
+        self.store.discard(path for path in paths if path)
 
     def authorize(self, payload: object, api_key: str | None = None) -> RunRequest:
         """Check the key (the payload's `api_key` wins over `api_key` from transport headers),
@@ -201,10 +227,14 @@ class Service:
             )
         return info.repo_id
 
-    def _predictor(self, model_id: str, pinned: ExitStack) -> Predictor:
-        """The loaded model, pinned in the cache until `pinned` closes."""
+    def _predictor(
+        self, model_id: str, pinned: ExitStack, cancel: CancelToken | None = None
+    ) -> Predictor:
+        """The loaded model, pinned in the cache until `pinned` closes (a cancelled job stops
+        waiting for memory)."""
+        check = cancel.check if cancel is not None else None
         try:
-            return pinned.enter_context(self.model_cache.use(model_id))
+            return pinned.enter_context(self.model_cache.use(model_id, check))
         except ModelNotFoundError as error:
             raise ServiceError("model_unavailable", str(error)) from None
         except torch.cuda.OutOfMemoryError:
@@ -224,6 +254,7 @@ class Service:
         predictor: Predictor,
         request: RunRequest,
         images: list[DecodedImage],
+        cancel: CancelToken | None = None,
     ) -> Prediction:
         try:
             return predictor.predict(
@@ -235,6 +266,7 @@ class Service:
                 focal_length_px=request.focal_length_px,
                 metric=request.output_metric,
                 exif_focal_length_px=[image.focal_length_px for image in images],
+                cancel=cancel,
             )
         except ValueError as error:
             raise ServiceError("invalid_input", str(error)) from None

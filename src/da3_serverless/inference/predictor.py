@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,6 +21,7 @@ from da3_serverless.inference.cameras import (
     relative_to_first_view,
     umeyama_scale,
 )
+from da3_serverless.inference.cancel import CancelToken
 from da3_serverless.inference.catalog import ModelInfo, lookup_model
 from da3_serverless.inference.prediction import Gaussians, Prediction
 from da3_serverless.inference.preprocess import (
@@ -180,6 +181,7 @@ class Predictor:
         metric: bool = True,
         exif_focal_length_px: Sequence[float | None] | None = None,
         gaussians: bool = False,
+        cancel: CancelToken | None = None,
     ) -> Prediction:
         """Depth, confidence, sky and cameras for N views of one scene.
 
@@ -194,6 +196,8 @@ class Predictor:
             its focal length from focal_length_px, else intrinsics, else EXIF.
         gaussians: also return 3D Gaussians (`Prediction.gaussians`); only for models whose
             checkpoint holds the Gaussian head (`supports_gaussians`).
+        cancel: a job's `CancelToken`; once cancelled, the forward stops at its next check
+            (between the network's blocks) and `Cancelled` is raised.
         Raises ValueError with what to fix for any bad argument.
 
         The stages: check the arguments, prepare the network input, forward, then metric
@@ -209,7 +213,10 @@ class Predictor:
             )
         prepared = self._prepare(scene, process_res, focal_length_px, metric, use_ray_pose)
         prepared = replace(prepared, gaussians=gaussians)
-        output = self._forward(prepared)
+        check = cancel.check if cancel is not None else None
+        output = self._forward(prepared, check)
+        if check is not None:
+            check()
         return self._finish(prepared, output, sample=0)
 
     def _check_arguments(
@@ -342,9 +349,11 @@ class Predictor:
             )
         return values
 
-    def _forward(self, prepared: PreparedInput) -> NetOutput:
+    def _forward(
+        self, prepared: PreparedInput, check: Callable[[], None] | None = None
+    ) -> NetOutput:
         """One forward pass of the prepared scene (autocast to `self.dtype` when it is not
-        fp32; the network keeps its heads in fp32 itself)."""
+        fp32; the network keeps its heads in fp32 itself); `check` raises to stop it."""
 
         def tensor(array):
             if array is None:
@@ -363,6 +372,7 @@ class Predictor:
                 tensor(prepared.net_intrinsics),
                 use_ray_pose=prepared.use_ray_pose,
                 gaussians=prepared.gaussians,
+                check=check,
             )
 
 
