@@ -3,6 +3,7 @@ loading path looks for them (a folder, or a Hugging Face cache), and service env
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -62,3 +63,33 @@ def service_env(hf_cache, tmp_path) -> dict[str, str]:
         PYTHONUNBUFFERED="1",
     )
     return env
+
+
+# Bytes longer than this are files: a failed comparison names them by size and digest.
+_FILE_BYTES = 4096
+
+
+def pytest_assertrepr_compare(op: str, left: object, right: object) -> list[str] | None:
+    """A failed `==` of files (bytes, or dicts of them) says which differ, by size and digest,
+    instead of pytest's diff: difflib over megabytes takes hours, and on CI pytest does not
+    truncate it."""
+    if op != "==" or not (_holds_file(left) or _holds_file(right)):
+        return None
+    if isinstance(left, dict) and isinstance(right, dict):
+        lines = [f"{key!r}: {_digest(left.get(key))} != {_digest(right.get(key))}"
+                 for key in sorted({*left, *right}, key=str)
+                 if left.get(key) != right.get(key)]  # fmt: skip
+        return ["dicts of files differ:", *lines]
+    return [f"{_digest(left)} != {_digest(right)}"]
+
+
+def _holds_file(value: object) -> bool:
+    if isinstance(value, dict):
+        return any(_holds_file(item) for item in value.values())
+    return isinstance(value, bytes | bytearray) and len(value) > _FILE_BYTES
+
+
+def _digest(value: object) -> str:
+    if not isinstance(value, bytes | bytearray):
+        return "missing" if value is None else type(value).__name__
+    return f"{len(value)} bytes sha256 {hashlib.sha256(value).hexdigest()[:16]}"

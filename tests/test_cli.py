@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -21,6 +22,7 @@ from PIL import Image
 
 from conftest import SMALL_REPO, TEST_API_KEY
 from da3_serverless.api.encoding import decode_depth_png16
+from da3_serverless.cli import interruptible
 from da3_serverless.client import parse_response
 from da3_serverless.config import Settings
 from da3_serverless.service import Service
@@ -113,6 +115,17 @@ def test_predict_out_writes_the_files_the_service_returns(
         assert png.shape == (mine["height"], mine["width"])
         assert np.nanmax(np.abs(png - exact)) <= step
     check_scene_files(local, metadata["scene"]["points"], tmp_path / "colmap")
+
+
+def test_ctrl_c_stops_the_forward_at_its_next_check():
+    """Ctrl-C during `predict` sets the forward's cancel token (the forward stops at its next
+    check) and surfaces as KeyboardInterrupt; the previous SIGINT handler comes back."""
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt, match="Ctrl-C"), interruptible() as cancel:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert cancel.cancelled
+        cancel.check()  # the network's next stop point
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 def check_scene_files(files: dict[str, bytes], points: int, folder: Path) -> None:

@@ -6,7 +6,11 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +23,7 @@ from da3_serverless.config import Settings, SettingsError, load_settings
 if TYPE_CHECKING:  # the CLI imports torch only for the commands that run a model
     from da3_serverless.api.images import DecodedImage
     from da3_serverless.api.schema import RunRequest
+    from da3_serverless.inference.cancel import CancelToken
     from da3_serverless.inference.prediction import Prediction
     from da3_serverless.inference.predictor import Predictor
 
@@ -46,14 +51,16 @@ def cmd_predict(args: argparse.Namespace, settings: Settings) -> int:
     if request is not None and (reasons := _unavailable(request, predictor)):
         print("error: the model cannot give " + "; ".join(reasons), file=sys.stderr)
         return 2
-    prediction = predictor.predict(
-        [view.image for view in views],
-        process_res=args.process_res,
-        use_ray_pose=args.ray_pose,
-        focal_length_px=args.focal_length_px,
-        metric=not args.relative,
-        exif_focal_length_px=[view.focal_length_px for view in views],
-    )
+    with interruptible() as cancel:
+        prediction = predictor.predict(
+            [view.image for view in views],
+            process_res=args.process_res,
+            use_ray_pose=args.ray_pose,
+            focal_length_px=args.focal_length_px,
+            metric=not args.relative,
+            exif_focal_length_px=[view.focal_length_px for view in views],
+            cancel=cancel,
+        )
     for path, depth in zip(args.images, prediction.depth, strict=True):
         print(
             f"{path}: {depth.shape[1]}x{depth.shape[0]} depth {depth.min():.3f}..{depth.max():.3f}"
@@ -67,6 +74,26 @@ def cmd_predict(args: argparse.Namespace, settings: Settings) -> int:
         written = _write_outputs(args.out, stem, request, predictor, prediction, views)
         print(f"wrote {len(written)} file(s) to {args.out}: {', '.join(p.name for p in written)}")
     return 0
+
+
+@contextmanager
+def interruptible() -> Iterator[CancelToken]:
+    """A cancel token that Ctrl-C sets while the block runs: the forward stops at its next
+    check, as a cancelled job of the service does (and runs the service's exact path, so the
+    files equal the service's to the bit); KeyboardInterrupt is raised as the block ends."""
+    from da3_serverless.inference.cancel import Cancelled, CancelToken
+
+    cancel = CancelToken()
+    if threading.current_thread() is not threading.main_thread():  # signals go to the main one
+        yield cancel
+        return
+    previous = signal.signal(signal.SIGINT, lambda *_: cancel.cancel("interrupted (Ctrl-C)"))
+    try:
+        yield cancel
+    except Cancelled as stopped:
+        raise KeyboardInterrupt(str(stopped)) from None
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _read_view(path: Path, index: int) -> DecodedImage:
