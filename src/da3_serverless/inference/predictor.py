@@ -1,11 +1,15 @@
-"""The user-facing face of the network: images in, metric depth and cameras out."""
+"""The user-facing face of the network: images in, metric depth and cameras out.
+
+`Predictor.predict` serves one scene (N views, one forward); `Predictor.predict_batch` serves
+several unrelated requests, running those that can share a forward as samples of one batch
+(docs/ARCHITECTURE.md §3)."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -61,7 +65,8 @@ class Scene:
 
 @dataclass
 class PreparedInput:
-    """A scene ready for the network: `batch` (1, N, 3, h, w) on the device, each view's input
+    """A scene ready for the network: `batch` (1, N, 3, h, w) on the device (several scenes of
+    one view stack along dim 0 to share a forward: `predict_batch`), each view's input
     `sizes` (W, H), `scales` (N, 2) from input to network pixels, the metric focal lengths in
     input pixels (DA3METRIC-LARGE) and the conditioning cameras in network pixels."""
 
@@ -74,6 +79,20 @@ class PreparedInput:
     net_intrinsics: np.ndarray | None
     use_ray_pose: bool
     metric: bool
+
+
+@dataclass
+class PredictRequest:
+    """One request of `Predictor.predict_batch`: the arguments of `Predictor.predict`."""
+
+    images: ImageInput | Sequence[ImageInput]
+    process_res: int = 504
+    use_ray_pose: bool = False
+    intrinsics: np.ndarray | Sequence | None = None
+    extrinsics: np.ndarray | Sequence | None = None
+    focal_length_px: float | Sequence[float] | None = None
+    metric: bool = True
+    exif_focal_length_px: Sequence[float | None] | None = None
 
 
 class Predictor:
@@ -183,6 +202,56 @@ class Predictor:
         prepared = self._prepare(scene, process_res, focal_length_px, metric, use_ray_pose)
         output = self._forward(prepared)
         return self._finish(prepared, output, sample=0)
+
+    @torch.inference_mode()
+    def predict_batch(
+        self,
+        requests: Sequence[PredictRequest],
+        *,
+        max_batch: int | None = None,
+        return_exceptions: bool = False,
+    ) -> list[Prediction | Exception]:
+        """`predict` for several unrelated requests, one `Prediction` each, in order.
+
+        Requests that can share a forward (one view each, the same network input size and
+        forward flags, no conditioning poses) run as samples of one batch, at most `max_batch`
+        at a time; the others run alone. Each sample is post-processed on its own, so every
+        answer equals what `predict` gives for that request alone (within float rounding).
+        With `return_exceptions`, a request's error (ValueError for bad arguments, or the
+        error of the forward it was in) takes its place in the list; otherwise the first
+        error is raised, bad arguments before any forward runs.
+        """
+        prepared: list[PreparedInput | Exception] = []
+        for request in requests:
+            try:
+                prepared.append(self._prepare_request(request))
+            except ValueError as error:
+                if not return_exceptions:
+                    raise
+                prepared.append(error)
+        results: list[Prediction | Exception] = list(prepared)
+        for group in _batch_groups(prepared, max_batch):
+            try:
+                output = self._forward(_stack([prepared[i] for i in group]))
+                for sample, index in enumerate(group):
+                    results[index] = self._finish(prepared[index], output, sample)
+            except Exception as error:
+                if not return_exceptions:
+                    raise
+                for index in group:
+                    results[index] = error
+        return results
+
+    def _prepare_request(self, request: PredictRequest) -> PreparedInput:
+        """`_check_arguments` and `_prepare` of one `PredictRequest`."""
+        scene = self._check_arguments(
+            request.images, request.process_res, request.use_ray_pose, request.intrinsics,
+            request.extrinsics, request.exif_focal_length_px,
+        )  # fmt: skip
+        return self._prepare(
+            scene, request.process_res, request.focal_length_px, request.metric,
+            request.use_ray_pose,
+        )  # fmt: skip
 
     def _check_arguments(
         self, images, process_res, use_ray_pose, intrinsics, extrinsics, exif_focal_length_px
@@ -326,6 +395,44 @@ class Predictor:
                 tensor(prepared.net_intrinsics),
                 use_ray_pose=prepared.use_ray_pose,
             )
+
+
+def batch_key(prepared: PreparedInput) -> tuple | None:
+    """What must match for prepared inputs to share a forward, or None when one must run
+    alone: one view, no conditioning poses, then the network input shape and the flags the
+    forward takes. (Given intrinsics alone never enter the network, so they batch.)"""
+    if prepared.batch.shape[1] != 1 or prepared.net_extrinsics is not None:
+        return None
+    return (tuple(prepared.batch.shape[2:]), prepared.use_ray_pose)
+
+
+def _batch_groups(
+    prepared: Sequence[PreparedInput | Exception], max_batch: int | None
+) -> list[list[int]]:
+    """Indices of the prepared inputs (errors skipped) in groups that share a forward, each
+    at most `max_batch` long, in request order of their first member."""
+    groups: list[list[int]] = []
+    open_groups: dict[tuple, list[int]] = {}
+    for index, entry in enumerate(prepared):
+        if isinstance(entry, Exception):
+            continue
+        key = batch_key(entry)
+        group = open_groups.get(key) if key is not None else None
+        if group is None or (max_batch is not None and len(group) >= max_batch):
+            group = []
+            groups.append(group)
+            if key is not None:
+                open_groups[key] = group
+        group.append(index)
+    return groups
+
+
+def _stack(group: list[PreparedInput]) -> PreparedInput:
+    """Prepared inputs of one batch group as one: their network inputs along the batch
+    dimension (the rest of the first is what the forward reads: no poses, the flags)."""
+    if len(group) == 1:
+        return group[0]
+    return replace(group[0], batch=torch.cat([entry.batch for entry in group]))
 
 
 def _extrinsics_array(extrinsics, count: int) -> np.ndarray:

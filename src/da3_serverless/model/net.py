@@ -16,7 +16,7 @@ from da3_serverless.model.alignment import align_to_metric, mono_sky_fill
 from da3_serverless.model.camera import camera_from_pose_encoding, invert_rigid
 from da3_serverless.model.dpt import DualDPT
 from da3_serverless.model.rays import pose_from_rays
-from da3_serverless.model.rng import seeded_generator
+from da3_serverless.model.rng import per_sample_generators
 from da3_serverless.model.vit import PATCH_SIZE
 
 
@@ -93,18 +93,18 @@ class DepthAnything3Net(nn.Module):
         intrinsics: torch.Tensor | None = None,
         *,
         use_ray_pose: bool = False,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
     ) -> NetOutput:
         """images (B, N, 3, H, W); extrinsics (B, N, 4, 4) world-to-camera and intrinsics
         (B, N, 3, 3) pixels of known cameras (both or neither); use_ray_pose: cameras from the
-        predicted ray map instead of the camera decoder. ``generator`` drives the random
-        sampling of post-processing (default: a fresh seeded one, so results are repeatable).
+        predicted ray map instead of the camera decoder. Each batch sample is its own scene,
+        post-processed on its own. ``generator``: one per sample for the random sampling of
+        post-processing (default: fresh seeded ones, so results are repeatable).
         """
         check_inputs(images, extrinsics, intrinsics, self.cam_enc is not None)
         height, width = images.shape[-2:]
         device_type = images.device.type
-        if generator is None:
-            generator = seeded_generator(images.device)
+        generator = per_sample_generators(generator, images.shape[0], images.device)
         cam_token = None
         if extrinsics is not None:
             with torch.autocast(device_type, enabled=False):
@@ -150,13 +150,12 @@ class NestedDepthAnything3Net(nn.Module):
         intrinsics: torch.Tensor | None = None,
         *,
         use_ray_pose: bool = False,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
     ) -> NetOutput:
         """Same arguments as DepthAnything3Net.forward; depth in meters."""
-        if generator is None:
-            generator = seeded_generator(images.device)
-        # One generator through both branches and the alignment, in this order, so sampling
-        # follows a single random stream.
+        generator = per_sample_generators(generator, images.shape[0], images.device)
+        # One generator per sample through both branches and the alignment, in this order, so
+        # each sample's sampling follows a single random stream.
         out = self.da3(
             images, extrinsics, intrinsics, use_ray_pose=use_ray_pose, generator=generator
         )

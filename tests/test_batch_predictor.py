@@ -1,0 +1,247 @@
+"""Batching unrelated photos through one forward: each batch sample is post-processed on its
+own (sky fill, metric alignment, ray pose, one seeded generator each), so a photo's answer does
+not depend on its batch-mates, and `Predictor.predict_batch` equals `predict` one by one."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from da3_serverless.inference.prediction import Prediction
+from da3_serverless.inference.predictor import PredictRequest, Predictor
+from da3_serverless.inference.preprocess import load_rgb, processing_size
+from da3_serverless.model.alignment import align_to_metric, mono_sky_fill
+from da3_serverless.model.checkpoint import write_random_checkpoint
+from da3_serverless.model.rays import camera_from_rays
+from da3_serverless.model.rng import per_sample_generators, seeded_generator
+from paths import IMAGES
+
+RES = 126  # every photo below becomes a 126 x 70 network input (9 x 5 patches)
+FIELDS = ("depth", "confidence", "sky", "intrinsics", "extrinsics")
+
+
+# ---- the model's post-processing, per sample ------------------------------------------------
+
+
+def scene(seed: int, far: float, sky_rows: int) -> dict[str, torch.Tensor]:
+    """Nested-model outputs of one 1-view scene of 340 x 300 (over 100000 non-sky pixels, so
+    quantiles are taken on random samples), metric depth `far` times as deep as relative."""
+    gen = torch.Generator().manual_seed(seed)
+    shape = (1, 1, 340, 300)
+    depth = (0.5 * torch.randn(shape, generator=gen)).exp() * 3
+    sky = 0.25 * torch.rand(shape, generator=gen)
+    sky[..., :sky_rows, :] += 0.5
+    intrinsics = torch.tensor([[[[260.0, 0, 150], [0, 260, 170], [0, 0, 1]]]])
+    extrinsics = torch.eye(4)[:3].repeat(1, 1, 1, 1)
+    extrinsics[..., :, 3] = torch.randn(3, generator=gen)
+    return {
+        "depth": depth,
+        "depth_conf": 1 + torch.randn(shape, generator=gen).exp(),
+        "extrinsics": extrinsics,
+        "intrinsics": intrinsics,
+        "metric_depth": depth * far * (300 / 260) * (1 + 0.05 * torch.rand(shape, generator=gen)),
+        "metric_sky": sky,
+    }
+
+
+def batched(*scenes: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {key: torch.cat([s[key] for s in scenes]) for key in scenes[0]}
+
+
+def test_metric_alignment_fits_one_scale_per_sample():
+    near, far, no_sky = scene(1, 0.8, 40), scene(2, 25.0, 60), scene(3, 2.0, 0)
+    together = align_to_metric(**batched(near, far, no_sky))
+    assert together.scale.shape == (3,)
+    for index, alone in enumerate([near, far, no_sky]):
+        single = align_to_metric(**alone)
+        assert torch.equal(together.depth[index], single.depth[0])
+        assert torch.equal(together.depth_conf[index], single.depth_conf[0])
+        assert torch.equal(together.extrinsics[index], single.extrinsics[0])
+        assert together.scale[index] == single.scale_factor
+    assert 0.75 < together.scale[0] < 0.85 and 23 < together.scale[1] < 27
+    # The far scene's sky is capped at 200 m; the near one's is its own 99th percentile.
+    assert together.depth[1, 0, 0, 0] == 200.0 and together.depth[0, 0, 0, 0] < 200.0
+    with pytest.raises(ValueError, match="read `scale`"):
+        _ = together.scale_factor
+
+
+def test_mono_sky_fill_takes_each_samples_own_quantile():
+    one, two, clear = scene(4, 1.0, 50), scene(5, 1.0, 80), scene(6, 1.0, 0)
+    depth = torch.cat([one["depth"], 10 * two["depth"], clear["depth"]])
+    sky = torch.cat([one["metric_sky"], two["metric_sky"], clear["metric_sky"]])
+    together = mono_sky_fill(depth, sky)
+    for index in range(3):
+        alone = mono_sky_fill(depth[index : index + 1], sky[index : index + 1])
+        assert torch.equal(together[index], alone[0])
+    assert torch.equal(together[2], depth[2])  # no sky: left as it is
+    assert together[1, 0, 0, 0] > 5 * together[0, 0, 0, 0]  # 10x deeper scene, its own sky
+    clear_twice = torch.cat([depth[2:]] * 2)
+    assert mono_sky_fill(clear_twice, torch.cat([sky[2:]] * 2)) is clear_twice
+
+
+def test_ray_pose_samples_with_one_generator_per_sample():
+    gen = torch.Generator().manual_seed(7)
+    ray = torch.randn(3, 1, 6, 8, 6, generator=gen)
+    ray[..., 2] = 1 + ray[..., 2].abs()
+    conf = 1 + torch.rand(3, 1, 6, 8, generator=gen)
+    together = camera_from_rays(ray, conf)
+    for index in range(3):
+        alone = camera_from_rays(ray[index : index + 1], conf[index : index + 1])
+        for got, expected in zip(together, alone, strict=True):
+            assert torch.equal(got[index], expected[0])
+    # Its batch-mates do not change a sample's draws: the same ray map twice, twice the answer.
+    twice = camera_from_rays(ray[:1].expand(2, -1, -1, -1, -1), conf[:1].expand(2, -1, -1, -1))
+    assert all(torch.equal(part[0], part[1]) for part in twice)
+
+
+def test_one_generator_per_sample_is_checked():
+    assert len(per_sample_generators(None, 3, "cpu")) == 3
+    single = seeded_generator("cpu")
+    assert per_sample_generators(single, 1, "cpu") == [single]
+    with pytest.raises(ValueError, match="one per sample"):
+        per_sample_generators(single, 2, "cpu")
+
+
+# ---- Predictor.predict_batch against predict, one by one ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> list:
+    """8 different photos from tests/data/images (crops, resizes, a mirror, one stored rotated
+    with an EXIF orientation tag) that all become the same 126 x 70 network input."""
+    folder = tmp_path_factory.mktemp("batch-photos")
+    first = Image.open(IMAGES / "soh-000.png").convert("RGB")
+    second = Image.open(IMAGES / "soh-010.png").convert("RGB")
+    rotated = folder / "rotated.jpg"
+    stored = second.crop((0, 0, 1150, 647)).transpose(Image.Transpose.ROTATE_90)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored turned left: viewers turn it 90 degrees clockwise
+    stored.save(rotated, exif=exif, quality=95)
+    photos = [
+        IMAGES / "soh-000.png",
+        second.resize((1100, 619)),
+        first.resize((604, 340)),
+        np.asarray(second.crop((100, 50, 1100, 613))),
+        first.crop((200, 0, 1208, 567)),
+        second.resize((900, 507)),
+        rotated,
+        first.transpose(Image.Transpose.FLIP_LEFT_RIGHT).resize((800, 450)),
+    ]
+    sizes = {load_rgb(photo)[0].size for photo in photos}
+    assert len(sizes) == 8 and (1150, 647) in sizes  # all different; the rotated one upright
+    assert {processing_size(*size, RES) for size in sizes} == {(RES, 70)}
+    return photos
+
+
+class ForwardLog(torch.nn.Module):
+    """The network, recording the batch size of every forward."""
+
+    def __init__(self, network: torch.nn.Module):
+        super().__init__()
+        self.network = network
+        self.batches: list[int] = []
+
+    def forward(self, images, *args, **kwargs):
+        self.batches.append(images.shape[0])
+        return self.network(images, *args, **kwargs)
+
+
+def assert_same(got: Prediction, expected: Prediction, rtol: float = 1e-5) -> None:
+    """Every output within `rtol` relative, entries near zero relative to their array's
+    largest magnitude (as the parity tests compare)."""
+    assert (got.is_metric, got.units) == (expected.is_metric, expected.units)
+    for name in FIELDS:
+        a, b = getattr(got, name), getattr(expected, name)
+        assert (a is None) == (b is None), name
+        if a is None:
+            continue
+        for view_a, view_b in zip(a, b, strict=True):  # views may differ in size
+            scale = float(np.abs(view_b).max())
+            np.testing.assert_allclose(
+                view_a, view_b, rtol=rtol, atol=rtol * scale, err_msg=name
+            )
+
+
+def batch_against_one_by_one(
+    predictor: Predictor, photos, rtol: float = 1e-5, **kwargs
+) -> None:
+    logged = ForwardLog(predictor.network)
+    predictor.network = logged
+    try:
+        together = predictor.predict_batch(
+            [PredictRequest(photo, process_res=RES, **kwargs) for photo in photos]
+        )
+        assert logged.batches == [8]
+        for photo, got in zip(photos, together, strict=True):
+            expected = predictor.predict(photo, process_res=RES, **kwargs)
+            assert got.depth.shape == expected.depth.shape
+            assert_same(got, expected, rtol)
+        assert logged.batches == [8] + [1] * 8
+    finally:
+        predictor.network = logged.network
+
+
+@pytest.fixture(scope="module")
+def small(small_snapshot) -> Predictor:
+    return Predictor.from_pretrained(small_snapshot, device="cpu")
+
+
+def test_small_batch_of_8_equals_one_by_one(small, photos):
+    batch_against_one_by_one(small, photos)
+
+
+def test_small_batch_of_8_with_ray_pose_equals_one_by_one(small, photos):
+    # Random weights give degenerate ray maps (focal lengths 100:1 apart) whose homography fit
+    # amplifies the batched forward's float rounding (1e-7) to 3e-5 in the cameras; RANSAC
+    # itself draws and fits exactly per sample (test_ray_pose_samples_with_one_generator_...).
+    batch_against_one_by_one(small, photos, rtol=1e-4, use_ray_pose=True)
+
+
+def test_mono_large_batch_of_8_equals_one_by_one(photos, tmp_path_factory):
+    folder = write_random_checkpoint("da3mono-large", tmp_path_factory.mktemp("mono"), seed=2)
+    batch_against_one_by_one(Predictor.from_pretrained(folder, device="cpu"), photos)
+
+
+@pytest.mark.slow
+def test_nested_batch_of_8_equals_one_by_one(photos, tmp_path_factory):
+    folder = write_random_checkpoint(
+        "da3nested-giant-large", tmp_path_factory.mktemp("nested"), seed=3
+    )
+    batch_against_one_by_one(Predictor.from_pretrained(folder, device="cpu"), photos)
+
+
+def test_what_cannot_share_a_forward_runs_alone(small, photos):
+    logged = ForwardLog(small.network)
+    small.network = logged
+    two_views = PredictRequest([photos[0], photos[1]], process_res=RES)
+    posed = PredictRequest(
+        photos[2], process_res=RES, intrinsics=np.diag([600.0, 600.0, 1.0]), extrinsics=np.eye(4)
+    )
+    intrinsics_only = PredictRequest(
+        photos[3], process_res=RES, intrinsics=np.array([[900.0, 0, 500], [0, 900, 280], [0, 0, 1]])
+    )
+    requests = [
+        PredictRequest(photos[0], process_res=RES),
+        two_views,
+        PredictRequest(photos[1], process_res=RES, use_ray_pose=True),  # other flags
+        PredictRequest(photos[4], process_res=2 * RES),  # other network size
+        posed,
+        intrinsics_only,  # never enters the network: batches
+        PredictRequest(photos[5], process_res=RES),
+        PredictRequest(photos[6], process_res=13),  # bad argument: its own error
+        PredictRequest(photos[7], process_res=RES),
+    ]
+    try:
+        results = small.predict_batch(requests, max_batch=3, return_exceptions=True)
+    finally:
+        small.network = logged.network
+    # In order of first members: [0, 5, 6], two views, ray pose, 2x res, poses, [8].
+    assert logged.batches == [3, 1, 1, 1, 1, 1]
+    assert isinstance(results[7], ValueError) and "process_res" in str(results[7])
+    for request, result in zip(requests, results, strict=True):
+        if request.process_res != 13:
+            assert_same(result, small.predict(**vars(request)))
+    with pytest.raises(ValueError, match="process_res"):
+        small.predict_batch(requests)
