@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from da3_serverless.inference.prediction import Prediction
-from da3_serverless.inference.predictor import PredictRequest, Predictor
+from da3_serverless.inference.predictor import Predictor, PredictRequest
 from da3_serverless.inference.preprocess import load_rgb, processing_size
 from da3_serverless.model.alignment import align_to_metric, mono_sky_fill
 from da3_serverless.model.checkpoint import write_random_checkpoint
@@ -159,14 +159,10 @@ def assert_same(got: Prediction, expected: Prediction, rtol: float = 1e-5) -> No
             continue
         for view_a, view_b in zip(a, b, strict=True):  # views may differ in size
             scale = float(np.abs(view_b).max())
-            np.testing.assert_allclose(
-                view_a, view_b, rtol=rtol, atol=rtol * scale, err_msg=name
-            )
+            np.testing.assert_allclose(view_a, view_b, rtol=rtol, atol=rtol * scale, err_msg=name)
 
 
-def batch_against_one_by_one(
-    predictor: Predictor, photos, rtol: float = 1e-5, **kwargs
-) -> None:
+def batch_against_one_by_one(predictor: Predictor, photos, rtol: float = 1e-5, **kwargs) -> None:
     logged = ForwardLog(predictor.network)
     predictor.network = logged
     try:
