@@ -4,11 +4,15 @@ not depend on its batch-mates, and `Predictor.predict_batch` equals `predict` on
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from batch_photos import RES, ROTATED, ROTATED_UPRIGHT_SIZE, write_batch_photos
 from da3_serverless.inference.prediction import Prediction
 from da3_serverless.inference.predictor import Predictor, PredictRequest
 from da3_serverless.inference.preprocess import load_rgb, processing_size
@@ -16,9 +20,7 @@ from da3_serverless.model.alignment import align_to_metric, mono_sky_fill
 from da3_serverless.model.checkpoint import write_random_checkpoint
 from da3_serverless.model.rays import camera_from_rays
 from da3_serverless.model.rng import per_sample_generators, seeded_generator
-from paths import IMAGES
 
-RES = 126  # every photo below becomes a 126 x 70 network input (9 x 5 patches)
 FIELDS = ("depth", "confidence", "sky", "intrinsics", "extrinsics")
 
 
@@ -109,28 +111,15 @@ def test_one_generator_per_sample_is_checked():
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory) -> list:
-    """8 different photos from tests/data/images (crops, resizes, a mirror, one stored rotated
-    with an EXIF orientation tag) that all become the same 126 x 70 network input."""
-    folder = tmp_path_factory.mktemp("batch-photos")
-    first = Image.open(IMAGES / "soh-000.png").convert("RGB")
-    second = Image.open(IMAGES / "soh-010.png").convert("RGB")
-    rotated = folder / "rotated.jpg"
-    stored = second.crop((0, 0, 1150, 647)).transpose(Image.Transpose.ROTATE_90)
-    exif = Image.Exif()
-    exif[0x0112] = 6  # stored turned left: viewers turn it 90 degrees clockwise
-    stored.save(rotated, exif=exif, quality=95)
+    """The 8 batch photos, as paths, PIL images and an array (the rotated one as its file)."""
+    paths = write_batch_photos(tmp_path_factory.mktemp("batch-photos"))
     photos = [
-        IMAGES / "soh-000.png",
-        second.resize((1100, 619)),
-        first.resize((604, 340)),
-        np.asarray(second.crop((100, 50, 1100, 613))),
-        first.crop((200, 0, 1208, 567)),
-        second.resize((900, 507)),
-        rotated,
-        first.transpose(Image.Transpose.FLIP_LEFT_RIGHT).resize((800, 450)),
+        path if index in (0, ROTATED) else Image.open(path).convert("RGB")
+        for index, path in enumerate(paths)
     ]
+    photos[3] = np.asarray(photos[3])
     sizes = {load_rgb(photo)[0].size for photo in photos}
-    assert len(sizes) == 8 and (1150, 647) in sizes  # all different; the rotated one upright
+    assert len(sizes) == 8 and ROTATED_UPRIGHT_SIZE in sizes  # all different; one turned upright
     assert {processing_size(*size, RES) for size in sizes} == {(RES, 70)}
     return photos
 
@@ -148,6 +137,17 @@ class ForwardLog(torch.nn.Module):
         return self.network(images, *args, **kwargs)
 
 
+@contextlib.contextmanager
+def forwards_of(predictor: Predictor) -> Iterator[list[int]]:
+    """The batch sizes of the predictor's forwards while in the block."""
+    logged = ForwardLog(predictor.network)
+    predictor.network = logged
+    try:
+        yield logged.batches
+    finally:
+        predictor.network = logged.network
+
+
 def assert_same(got: Prediction, expected: Prediction, rtol: float = 1e-5) -> None:
     """Every output within `rtol` relative, entries near zero relative to their array's
     largest magnitude (as the parity tests compare)."""
@@ -163,20 +163,16 @@ def assert_same(got: Prediction, expected: Prediction, rtol: float = 1e-5) -> No
 
 
 def batch_against_one_by_one(predictor: Predictor, photos, rtol: float = 1e-5, **kwargs) -> None:
-    logged = ForwardLog(predictor.network)
-    predictor.network = logged
-    try:
+    with forwards_of(predictor) as batches:
         together = predictor.predict_batch(
             [PredictRequest(photo, process_res=RES, **kwargs) for photo in photos]
         )
-        assert logged.batches == [8]
+        assert batches == [8]
         for photo, got in zip(photos, together, strict=True):
             expected = predictor.predict(photo, process_res=RES, **kwargs)
             assert got.depth.shape == expected.depth.shape
             assert_same(got, expected, rtol)
-        assert logged.batches == [8] + [1] * 8
-    finally:
-        predictor.network = logged.network
+        assert batches == [8] + [1] * 8
 
 
 @pytest.fixture(scope="module")
@@ -209,8 +205,6 @@ def test_nested_batch_of_8_equals_one_by_one(photos, tmp_path_factory):
 
 
 def test_what_cannot_share_a_forward_runs_alone(small, photos):
-    logged = ForwardLog(small.network)
-    small.network = logged
     two_views = PredictRequest([photos[0], photos[1]], process_res=RES)
     posed = PredictRequest(
         photos[2], process_res=RES, intrinsics=np.diag([600.0, 600.0, 1.0]), extrinsics=np.eye(4)
@@ -229,15 +223,20 @@ def test_what_cannot_share_a_forward_runs_alone(small, photos):
         PredictRequest(photos[6], process_res=13),  # bad argument: its own error
         PredictRequest(photos[7], process_res=RES),
     ]
-    try:
+    with forwards_of(small) as batches:
         results = small.predict_batch(requests, max_batch=3, return_exceptions=True)
-    finally:
-        small.network = logged.network
     # In order of first members: [0, 5, 6], two views, ray pose, 2x res, poses, [8].
-    assert logged.batches == [3, 1, 1, 1, 1, 1]
+    assert batches == [3, 1, 1, 1, 1, 1]
     assert isinstance(results[7], ValueError) and "process_res" in str(results[7])
     for request, result in zip(requests, results, strict=True):
         if request.process_res != 13:
             assert_same(result, small.predict(**vars(request)))
     with pytest.raises(ValueError, match="process_res"):
         small.predict_batch(requests)
+
+
+def test_a_token_budget_bounds_a_shared_forward(small, photos):
+    requests = [PredictRequest(photo, process_res=RES) for photo in photos[:5]]
+    with forwards_of(small) as batches:
+        small.predict_batch(requests, max_tokens=2 * 9 * 5)  # two 126 x 70 inputs
+    assert batches == [2, 2, 1]

@@ -1,12 +1,15 @@
 """The service, free of any transport: request -> auth -> images -> predictor -> outputs ->
-storage -> response. Transports (RunPod worker, HTTP server, CLI) call `Service.handle`."""
+storage -> response. Transports (RunPod worker, HTTP server, CLI) call `Service.handle`, or
+`Service.handle_batch` for several requests that share forwards (`Service.batch_key` says which
+may)."""
 
 from __future__ import annotations
 
 import base64
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +31,7 @@ from da3_serverless.inference.cache import (
 )
 from da3_serverless.inference.catalog import MODELS, lookup_model, valid_model_ids
 from da3_serverless.inference.prediction import Prediction
-from da3_serverless.inference.predictor import Predictor
+from da3_serverless.inference.predictor import Predictor, PredictRequest
 from da3_serverless.inference.weights import ModelNotFoundError, WeightLocator
 
 log = logging.getLogger(__name__)
@@ -44,8 +47,11 @@ class _Timer:
         try:
             yield
         finally:
-            elapsed = (time.perf_counter() - start) * 1000
-            self.timings_ms[name] = round(self.timings_ms.get(name, 0.0) + elapsed, 3)
+            self.add(name, time.perf_counter() - start)
+
+    def add(self, name: str, seconds: float) -> None:
+        """Count `seconds` towards stage `name` (stages shared by a batch count for each)."""
+        self.timings_ms[name] = round(self.timings_ms.get(name, 0.0) + seconds * 1000, 3)
 
 
 class Service:
@@ -134,6 +140,37 @@ class Service:
         response["timings_ms"] = timer.timings_ms
         return response
 
+    # ---- several requests, forwards shared ----------------------------------------------
+
+    def batch_key(self, request: RunRequest) -> tuple | None:
+        """Requests with the same key may share a forward (`handle_batch`): the model and the
+        flags the forward takes; None for a request that runs alone (several views, or poses
+        to condition on). Images of different network sizes still run apart within a batch."""
+        single = request.images is None or len(request.images) == 1
+        if not single or request.extrinsics is not None:
+            return None
+        return (self.model_key(request), request.process_res, request.use_ray_pose)
+
+    def handle_batch(self, items: Sequence[tuple[object, str | None]]) -> list[dict | Exception]:
+        """Serve several requests, each `(payload, api_key)` as for `handle`, sharing forwards
+        where they can (`Predictor.predict_batch`). Auth, decoding, encoding and placement are
+        per request; one request's failure never fails another. Returns, in order, each
+        response dict or its error: a `ServiceError`, or an unexpected exception the transport
+        logs and answers as `internal`."""
+        with ThreadPoolExecutor(max_workers=_POOL_THREADS) as pool:
+            results: list = list(pool.map(lambda item: _outcome(self._intake, *item), items))
+            by_model: dict[str, list[int]] = {}
+            for index, result in enumerate(results):
+                if isinstance(result, _Intake):
+                    by_model.setdefault(result.model_id, []).append(index)
+            for model_id, indices in by_model.items():
+                intakes = [results[i] for i in indices]
+                outcomes = self._predict_batch(model_id, intakes)
+                done = pool.map(lambda i, o: _outcome(self._complete, i, o), intakes, outcomes)
+                for index, result in zip(indices, done, strict=True):
+                    results[index] = result
+        return results
+
     def authorize(self, payload: object, api_key: str | None = None) -> RunRequest:
         """Check the key (the payload's `api_key` wins over `api_key` from transport headers),
         then the request; raises ServiceError. Auth comes first so an unauthenticated caller
@@ -203,6 +240,86 @@ class Service:
                 "the GPU ran out of memory for this request: lower process_res, send fewer "
                 "views, or retry",
             ) from None
+
+    def _intake(self, payload: object, api_key: str | None) -> _Intake:
+        """`handle`'s stages before the model, for one request of a batch."""
+        intake = _Intake(_Timer(), time.perf_counter())
+        with intake.timer.stage("validate"):
+            intake.request = self.authorize(payload, api_key)
+            intake.model_id = self.model_key(intake.request)
+        with intake.timer.stage("decode"):
+            intake.images = load_request_images(intake.request, self.settings)
+        return intake
+
+    def _predict_batch(
+        self, model_id: str, intakes: list[_Intake]
+    ) -> list[tuple[Predictor, Prediction] | Exception]:
+        """One model's requests through `Predictor.predict_batch`: (predictor, prediction) or
+        the request's error each. Every request's timings get the shared stages."""
+        load_started = time.perf_counter()
+        try:
+            predictor = self._predictor(model_id)
+        except ServiceError as error:
+            return [error] * len(intakes)
+        loading = time.perf_counter() - load_started
+        outcomes: list = [_outcome(_check_metric, i.request, predictor) for i in intakes]
+        ready = [i for i, outcome in enumerate(outcomes) if outcome is None]
+        inference_started = time.perf_counter()
+        # The request budget applies per batch: once api/budget.py is in, its token budget
+        # goes in as max_tokens, so a shared forward costs no more than one request may.
+        predictions = predictor.predict_batch(
+            [_predict_request(intakes[i]) for i in ready],
+            max_batch=self.settings.max_batch,
+            max_tokens=None,
+            return_exceptions=True,
+        )
+        inference = time.perf_counter() - inference_started
+        for index, prediction in zip(ready, predictions, strict=True):
+            outcomes[index] = (
+                self._prediction_error(predictor, prediction)
+                if isinstance(prediction, Exception)
+                else (predictor, prediction)
+            )
+        for intake in intakes:
+            intake.timer.add("load_model", loading)
+            intake.timer.add("inference", inference)
+        return outcomes
+
+    def _prediction_error(self, predictor: Predictor, error: Exception) -> Exception:
+        """A `predict_batch` error as `_predict` maps it: bad arguments are `invalid_input`,
+        GPU memory `out_of_memory` (after freeing the other models); others unchanged."""
+        if isinstance(error, ValueError):
+            return ServiceError("invalid_input", str(error))
+        if isinstance(error, torch.cuda.OutOfMemoryError):
+            self.model_cache.evict_all_except(predictor.model_id)
+            return ServiceError(
+                "out_of_memory",
+                "the GPU ran out of memory for this batch of requests: lower process_res or "
+                "MAX_BATCH, or retry",
+            )
+        return error
+
+    def _complete(self, intake: _Intake, outcome: tuple[Predictor, Prediction] | Exception) -> dict:
+        """`handle`'s stages after the model (encode, respond, save), for one request of a
+        batch; raises its error."""
+        if isinstance(outcome, Exception):
+            raise outcome
+        predictor, prediction = outcome
+        timer, request = intake.timer, intake.request
+        self.store.maybe_prune()
+        saved: list[Path] = []
+        try:
+            with timer.stage("encode"):
+                artifacts, warnings = encode_outputs(request, prediction, intake.images)
+            response = self._respond(
+                request, predictor, prediction, artifacts, timer, saved, warnings
+            )
+        except BaseException:
+            self.store.discard(saved)
+            raise
+        timer.timings_ms["total"] = round((time.perf_counter() - intake.started) * 1000, 3)
+        response["timings_ms"] = timer.timings_ms
+        return response
 
     def _respond(
         self,
@@ -292,6 +409,46 @@ class Service:
             self.settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
         )
         return default_budget_bytes(device)
+
+
+# Threads for the per-request stages of a batch (decoding, encoding): Pillow and zlib release
+# the GIL, so a batch's requests decode and encode side by side.
+_POOL_THREADS = 4
+
+
+@dataclass
+class _Intake:
+    """One request of a batch between its stages: timings so far, the checked request, its
+    model and its decoded views."""
+
+    timer: _Timer
+    started: float
+    request: RunRequest | None = None
+    model_id: str = ""
+    images: list[DecodedImage] = field(default_factory=list)
+
+
+def _outcome(fn, *args):
+    """fn(*args), or the exception it raised (a batch keeps going past one request's error)."""
+    try:
+        return fn(*args)
+    except Exception as error:
+        return error
+
+
+def _predict_request(intake: _Intake) -> PredictRequest:
+    """The `Predictor.predict` arguments of one request, as `Service._predict` passes them."""
+    request, images = intake.request, intake.images
+    return PredictRequest(
+        [image.image for image in images],
+        process_res=request.process_res,
+        use_ray_pose=request.use_ray_pose,
+        intrinsics=request.intrinsics,
+        extrinsics=request.extrinsics,
+        focal_length_px=request.focal_length_px,
+        metric=request.output_metric,
+        exif_focal_length_px=[image.focal_length_px for image in images],
+    )
 
 
 def _check_metric(request: RunRequest, predictor: Predictor) -> None:

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +17,7 @@ from fastapi.responses import JSONResponse
 from da3_serverless.api.auth import check_api_key, key_from_headers
 from da3_serverless.api.errors import ServiceError
 from da3_serverless.api.schema import RunResponse
+from da3_serverless.server.batching import BatchItem
 from da3_serverless.server.body import in_runpod_form, read_json, unwrap
 from da3_serverless.server.docs import ERRORS, RUN_ERRORS, RunPodEnvelope, request_body_doc
 from da3_serverless.server.queue import COMPLETED, FAILED, IN_PROGRESS, Job
@@ -34,6 +36,7 @@ class Admitted:
     envelope: bool  # it came in RunPod's form
     header_key: str | None
     model_key: str
+    batch_key: tuple | None = None  # may share a forward with others of the same key
 
 
 async def admit(request: Request, state: AppState) -> Admitted:
@@ -47,10 +50,25 @@ async def admit(request: Request, state: AppState) -> Admitted:
     request.state.envelope = envelope = in_runpod_form(body)
     payload = unwrap(body)
     header_key = key_from_headers(request.headers)
-    model_key = state.service.model_key(state.service.authorize(payload, header_key))
+    parsed = state.service.authorize(payload, header_key)
+    model_key = state.service.model_key(parsed)
     request.state.log["model"] = model_key
     state.scheduler.admit()
-    return Admitted(payload, envelope, header_key, model_key)
+    return Admitted(payload, envelope, header_key, model_key, state.service.batch_key(parsed))
+
+
+async def execute(state: AppState, admitted: Admitted, on_start: Callable[[int], None]) -> dict:
+    """Run an admitted request: in a batch when it may share a forward and batching is on
+    (`MAX_BATCH` > 1), else alone. `on_start(batch size)` is called as it starts."""
+    if admitted.batch_key is not None and state.batcher is not None:
+        item = BatchItem(admitted.payload, admitted.header_key, on_start)
+        return await state.batcher.submit(admitted.batch_key, admitted.model_key, item)
+
+    def work() -> dict[str, Any]:
+        on_start(1)
+        return state.service.handle(admitted.payload, api_key=admitted.header_key)
+
+    return await state.scheduler.run(admitted.model_key, work)
 
 
 def add_job_routes(app: FastAPI, state: AppState) -> None:
@@ -64,10 +82,8 @@ def add_job_routes(app: FastAPI, state: AppState) -> None:
     async def runsync(request: Request) -> JSONResponse:
         request.state.job_id = uuid.uuid4().hex
         admitted = await admit(request, state)
-        result = await state.scheduler.run(
-            admitted.model_key,
-            lambda: state.service.handle(admitted.payload, api_key=admitted.header_key),
-        )
+        log_fields = request.state.log
+        result = await execute(state, admitted, lambda size: log_fields.update(batch=size))
         request.state.log.update(_result_log(result))
         if admitted.envelope:
             return JSONResponse({"id": request.state.job_id, "status": COMPLETED, "output": result})
@@ -101,12 +117,11 @@ def add_job_routes(app: FastAPI, state: AppState) -> None:
 
 
 async def _run_job(state: AppState, job: Job, admitted: Admitted) -> None:
-    def work() -> dict[str, Any]:
+    def started(size: int) -> None:
         job.status, job.started = IN_PROGRESS, time.monotonic()
-        return state.service.handle(admitted.payload, api_key=admitted.header_key)
 
     try:
-        job.output = await state.scheduler.run(admitted.model_key, work)
+        job.output = await execute(state, admitted, started)
         job.status = COMPLETED
     except ServiceError as err:
         job.error, job.status = err, FAILED

@@ -1,7 +1,8 @@
 """Backpressure and background jobs of the self-hosted server (no HTTP in here).
 
 `Scheduler` lets `concurrency` inferences run per model and at most `max_queue` requests wait;
-past that it refuses with `overloaded` instead of piling work up. `JobStore` keeps `/run` jobs
+past that it refuses with `overloaded` instead of piling work up. A batch of requests
+(`server/batching.py`) is one inference: it holds one slot. `JobStore` keeps `/run` jobs
 in memory, bounded in count and age, with RunPod's status names.
 """
 
@@ -53,7 +54,7 @@ class Scheduler:
 
     async def run(self, model_key: str, fn: Callable[[], T]) -> T:
         """Wait for a slot of `model_key`, then run the blocking `fn` in a worker thread."""
-        slot = self._slots.setdefault(model_key, asyncio.Semaphore(self.concurrency))
+        slot = self.slot(model_key)
         try:
             await slot.acquire()
         finally:
@@ -66,6 +67,15 @@ class Scheduler:
         finally:
             self.running -= 1
             slot.release()
+
+    def slot(self, model_key: str) -> asyncio.Semaphore:
+        """The `concurrency` slots of `model_key`'s inferences (a batch takes one)."""
+        return self._slots.setdefault(model_key, asyncio.Semaphore(self.concurrency))
+
+    def withdraw(self, requests: int = 1) -> None:
+        """Admitted requests leave the waiting room without `run()`: they start as a batch
+        that holds its own slot, or were cancelled before they started."""
+        self.waiting -= requests
 
 
 @dataclass

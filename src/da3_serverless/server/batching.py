@@ -1,0 +1,179 @@
+"""Gathering requests that may share a forward into batches (no HTTP in here).
+
+Requests with the same batch key (`Service.batch_key`: model and forward flags) queue in one
+lane. A lane's dispatcher waits until it holds `max_batch` requests or its oldest one has
+waited `wait_s`, then takes one of the model's `Scheduler` slots and, once it has it, every
+request that queued meanwhile (at most `max_batch`): so under load batches fill while the
+model is busy, and a lone request never waits longer than the window for company. One batch
+holds one slot and runs `Service.handle_batch` in a worker thread. A request cancelled while it
+is gathered leaves its lane at once (and the waiting room); one cancelled after its batch
+started only loses its answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import anyio.to_thread
+
+from da3_serverless.api.errors import ServiceError
+from da3_serverless.server.queue import Scheduler
+
+log = logging.getLogger(__name__)
+
+HandleBatch = Callable[[Sequence[tuple[object, str | None]]], list]
+
+
+@dataclass
+class BatchItem:
+    """One admitted request: its v1 payload, the key from its headers, and `on_start(size)`,
+    called on the event loop when its batch (of `size` requests) starts."""
+
+    payload: object
+    api_key: str | None
+    on_start: Callable[[int], None] | None = None
+
+
+@dataclass
+class _Entry:
+    item: BatchItem
+    future: asyncio.Future
+    arrived: float
+
+
+@dataclass
+class _Lane:
+    """The requests of one batch key waiting for their batch, and the task dispatching them."""
+
+    key: tuple
+    model_key: str
+    entries: deque[_Entry] = field(default_factory=deque)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task | None = None
+
+
+class Batcher:
+    """Runs admitted requests in batches of up to `max_batch`, gathered for at most `wait_s`.
+
+    Every submitted request must have been admitted by `scheduler.admit()`; the batcher takes
+    it out of the waiting room when its batch starts or when it is cancelled before.
+    """
+
+    def __init__(
+        self, scheduler: Scheduler, handle_batch: HandleBatch, max_batch: int, wait_s: float
+    ):
+        self.scheduler = scheduler
+        self.handle_batch = handle_batch
+        self.max_batch = max_batch
+        self.wait_s = wait_s
+        self._lanes: dict[tuple, _Lane] = {}
+        self._running: set[asyncio.Task] = set()
+
+    async def submit(self, key: tuple, model_key: str, item: BatchItem) -> dict:
+        """The response of `item`, run with whatever requests of the same `key` come along;
+        raises its `ServiceError` (or unexpected error)."""
+        loop = asyncio.get_running_loop()
+        lane = self._lanes.get(key)
+        if lane is None:
+            lane = self._lanes[key] = _Lane(key, model_key)
+        entry = _Entry(item, loop.create_future(), loop.time())
+        lane.entries.append(entry)
+        lane.changed.set()
+        if lane.task is None:
+            lane.task = asyncio.create_task(self._dispatch(lane))
+        try:
+            return await entry.future
+        except asyncio.CancelledError:
+            if entry in lane.entries:  # still gathered: leave without holding the batch up
+                lane.entries.remove(entry)
+                self.scheduler.withdraw()
+                lane.changed.set()
+            raise
+
+    async def _dispatch(self, lane: _Lane) -> None:
+        """Form and start the lane's batches until it is empty, then close the lane."""
+        try:
+            while lane.entries:
+                await self._gathered(lane)
+                if not lane.entries:
+                    break
+                slot = self.scheduler.slot(lane.model_key)
+                await slot.acquire()
+                count = min(self.max_batch, len(lane.entries))
+                batch = [lane.entries.popleft() for _ in range(count)]
+                if not batch:
+                    slot.release()
+                    continue
+                self.scheduler.withdraw(len(batch))
+                task = asyncio.create_task(self._run(lane.model_key, batch, slot))
+                self._running.add(task)
+                task.add_done_callback(self._running.discard)
+        except asyncio.CancelledError:
+            self._fail_waiting(lane)
+            raise
+        finally:
+            if self._lanes.get(lane.key) is lane:
+                del self._lanes[lane.key]
+
+    async def _gathered(self, lane: _Lane) -> None:
+        """Until the lane holds a full batch or its oldest request has waited the window."""
+        loop = asyncio.get_running_loop()
+        while lane.entries and len(lane.entries) < self.max_batch:
+            remaining = lane.entries[0].arrived + self.wait_s - loop.time()
+            if remaining <= 0:
+                return
+            lane.changed.clear()
+            try:
+                await asyncio.wait_for(lane.changed.wait(), remaining)
+            except TimeoutError:
+                return
+
+    async def _run(self, model_key: str, batch: list[_Entry], slot: asyncio.Semaphore) -> None:
+        """One batch in a worker thread, holding one slot; each answer to its request."""
+        loop = asyncio.get_running_loop()
+        live = [entry for entry in batch if not entry.future.done()]
+        waited_ms = round((loop.time() - min(e.arrived for e in batch)) * 1000, 1)
+        log.info(
+            "batch formed",
+            extra={"fields": {"model": model_key, "batch": len(live), "waited_ms": waited_ms}},
+        )
+        for entry in live:
+            if entry.item.on_start is not None:
+                entry.item.on_start(len(live))
+        self.scheduler.running += 1
+        try:
+            items = [(entry.item.payload, entry.item.api_key) for entry in live]
+            # Not abandoned on cancel: the model stays busy until the thread is done.
+            results = await anyio.to_thread.run_sync(self.handle_batch, items) if live else []
+        except BaseException as error:
+            for entry in live:
+                _settle(entry.future, error)
+            raise
+        finally:
+            self.scheduler.running -= 1
+            slot.release()
+        for entry, result in zip(live, results, strict=True):
+            _settle(entry.future, result)
+
+    def _fail_waiting(self, lane: _Lane) -> None:
+        """The dispatcher stopped (the server is going down): its gathered requests fail."""
+        error = ServiceError("model_unavailable", "the server is shutting down; retry elsewhere")
+        while lane.entries:
+            _settle(lane.entries.popleft().future, error)
+            self.scheduler.withdraw()
+
+
+def _settle(future: asyncio.Future, result: object) -> None:
+    """Give `future` its result or error, unless its request was cancelled meanwhile."""
+    if future.done():
+        return
+    if isinstance(result, Exception):
+        future.set_exception(result)
+    elif isinstance(result, BaseException):  # the batch itself was cancelled
+        future.cancel()
+    else:
+        future.set_result(result)
