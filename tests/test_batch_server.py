@@ -5,20 +5,16 @@ gatherer itself runs in process on the real service (random-weight da3-small).""
 from __future__ import annotations
 
 import asyncio
-import base64
 import concurrent.futures
-import io
 import json
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 import pytest
-from PIL import Image
 
-from batch_photos import RES, write_batch_photos
+from batch_photos import assert_same_answer, base64_photos, payload
 from conftest import SMALL_REPO, TEST_API_KEY
 from da3_serverless.config import Settings
 from da3_serverless.server.batching import Batcher, BatchItem
@@ -27,47 +23,12 @@ from da3_serverless.service import Service
 from servers import serve_process
 
 HEADERS = {"X-API-Key": TEST_API_KEY}
-VOLATILE = ("timings_ms", "file_path", "file_url", "image_base64", "depth_npy")
-NUMBERS = ("min_depth", "max_depth", "intrinsics", "extrinsics")
 
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory) -> list[str]:
     """The 8 batch photos as base64 (one with an EXIF rotation)."""
-    paths = write_batch_photos(tmp_path_factory.mktemp("batch-photos"))
-    return [base64.b64encode(path.read_bytes()).decode() for path in paths]
-
-
-def payload(photo: str) -> dict[str, Any]:
-    return {"image_base64": photo, "process_res": RES, "outputs": ["depth", "depth_npy"]}
-
-
-def depth_of(response: dict[str, Any]) -> np.ndarray:
-    return np.load(io.BytesIO(base64.b64decode(response["depth_npy"]["base64"])))
-
-
-def png16_of(response: dict[str, Any]) -> np.ndarray:
-    image = Image.open(io.BytesIO(base64.b64decode(response["image_base64"])))
-    return np.asarray(image).astype(np.int64)
-
-
-def assert_same_answer(got: dict[str, Any], expected: dict[str, Any]) -> None:
-    """The same response but for timings and file names; numbers within 1e-5 relative (the
-    16-bit PNG within one step)."""
-    depth, expected_depth = depth_of(got), depth_of(expected)
-    scale = float(np.abs(expected_depth).max())
-    np.testing.assert_allclose(depth, expected_depth, rtol=1e-5, atol=1e-5 * scale)
-    assert np.abs(png16_of(got) - png16_of(expected)).max() <= 1
-    for key in ("min_depth", "max_depth"):
-        assert got[key] == pytest.approx(expected[key], rel=1e-5)
-    for key in ("intrinsics", "extrinsics"):
-        assert (got[key] is None) == (expected[key] is None)
-        if got[key] is not None:
-            np.testing.assert_allclose(got[key], expected[key], rtol=1e-5, atol=1e-5)
-    skip = (*VOLATILE, *NUMBERS)
-    assert {k: v for k, v in got.items() if k not in skip} == {
-        k: v for k, v in expected.items() if k not in skip
-    }
+    return base64_photos(tmp_path_factory.mktemp("batch-photos"))
 
 
 def batch_sizes(log_path: Path) -> list[int]:

@@ -3,6 +3,11 @@
 RunPod's own flags work: `--rp_serve_api --rp_api_port N` (local test API), `--test_input`
 (or `test_input.json` in the working directory). The model named by MODEL_ID is loaded and
 warmed before the first job.
+
+The handler is async and the worker takes up to `MAX_BATCH` jobs at once (RunPod's
+`concurrency_modifier`): jobs that may share a forward are gathered into batches as on the
+self-hosted server (`server/batching.py`), the others run alone; forwards take the model's one
+slot in turn (`server/queue.py`), each in a worker thread.
 """
 
 from __future__ import annotations
@@ -10,27 +15,47 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import runpod
 
 from da3_serverless.api.errors import ServiceError
 from da3_serverless.config import Settings
+from da3_serverless.server.batching import Batcher, BatchItem
+from da3_serverless.server.queue import Scheduler
 from da3_serverless.service import Service
 
 log = logging.getLogger(__name__)
 
 
-def make_handler(service: Service) -> Callable[[dict], dict]:
+def make_handler(service: Service) -> Callable[[dict], Awaitable[dict]]:
     """A RunPod handler: job `{"id", "input"}` -> the v1 response, or `{"error": "<JSON>"}`.
 
     RunPod models a job's `error` as a string, so our error object travels as JSON text (the
-    client parses it back); RunPod then marks the job FAILED.
+    client parses it back); RunPod then marks the job FAILED. Concurrent jobs batch where they
+    can (`MAX_BATCH`, `BATCH_WAIT_MS`); the key and format are checked before a job waits.
     """
+    settings = service.settings
+    # RunPod bounds the jobs in flight (concurrency_modifier); its local test API does not.
+    waiting_room = max(settings.max_queue, jobs_at_once(settings))
+    scheduler = Scheduler(max_queue=waiting_room, concurrency=settings.model_concurrency)
+    batcher = None
+    if settings.max_batch > 1:
+        wait_s = settings.batch_wait_ms / 1000
+        batcher = Batcher(scheduler, service.handle_batch, settings.max_batch, wait_s)
 
-    def handler(job: dict) -> dict:
+    async def serve(payload: Any) -> dict:
+        request = service.authorize(payload)
+        model_key, batch_key = service.model_key(request), service.batch_key(request)
+        scheduler.admit()
+        if batch_key is not None and batcher is not None:
+            return await batcher.submit(batch_key, model_key, BatchItem(payload, None))
+        return await scheduler.run(model_key, lambda: service.handle(payload))
+
+    async def handler(job: dict) -> dict:
         try:
-            return service.handle(job.get("input"))
+            return await serve(job.get("input"))
         except ServiceError as error:
             return {"error": error.to_json()}
         except Exception:
@@ -39,6 +64,20 @@ def make_handler(service: Service) -> Callable[[dict], dict]:
             return {"error": internal.to_json()}
 
     return handler
+
+
+def jobs_at_once(settings: Settings) -> int:
+    """How many jobs the worker takes at once: `MAX_BATCH` (1 without batching). The request
+    budget (api/budget.py) bounds it too once it lands: at most as many requests as one
+    batch may hold within the budget."""
+    return settings.max_batch
+
+
+def worker_config(service: Service) -> dict[str, Any]:
+    """The configuration `runpod.serverless.start` takes: the handler and how many jobs the
+    worker takes at once."""
+    at_once = jobs_at_once(service.settings)
+    return {"handler": make_handler(service), "concurrency_modifier": lambda current: at_once}
 
 
 def main() -> None:
@@ -52,7 +91,7 @@ def main() -> None:
         sys.exit(1)
     if settings.ready_file is not None:
         settings.ready_file.write_text(time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    runpod.serverless.start({"handler": make_handler(service)})
+    runpod.serverless.start(worker_config(service))
 
 
 if __name__ == "__main__":
