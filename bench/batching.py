@@ -1,6 +1,7 @@
 """Batching unrelated photos: what one shared forward buys, on this machine.
 
     .venv/bin/python bench/batching.py [--preset da3-small] [--process-res 504] [--rounds 3]
+                                       [--runs 3] [--skip-server]
 
 Eight different photos of one network size (tests/batch_photos.py: crops, resizes, one with an
 EXIF rotation), random-weight snapshot of `--preset`, fp32 on the CPU (CUDA when there is one):
@@ -135,6 +136,7 @@ def main() -> None:
     parser.add_argument("--process-res", type=int, default=504)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--skip-server", action="store_true", help="only part 1, the forwards")
     args = parser.parse_args()
     from batch_photos import write_batch_photos  # in tests/, on the path once common is in
 
@@ -150,13 +152,14 @@ def main() -> None:
             "forwards": forwards(predictor, photos, args.process_res, args.runs),
         }
         del predictor
-        on = server_throughput(folder, photos, args.process_res, args.rounds, max_batch=8)
-        off = server_throughput(folder, photos, args.process_res, args.rounds, max_batch=1)
-    summary["server_8_clients"] = {
-        "batching_on": on,
-        "batching_off": off,
-        "speedup": round(on["photos_per_second"] / off["photos_per_second"], 3),
-    }
+        if not args.skip_server:
+            on = server_throughput(folder, photos, args.process_res, args.rounds, max_batch=8)
+            off = server_throughput(folder, photos, args.process_res, args.rounds, max_batch=1)
+            summary["server_8_clients"] = {
+                "batching_on": on,
+                "batching_off": off,
+                "speedup": round(on["photos_per_second"] / off["photos_per_second"], 3),
+            }
     print(json.dumps(summary, indent=2))
 
 

@@ -240,3 +240,33 @@ def test_a_token_budget_bounds_a_shared_forward(small, photos):
     with forwards_of(small) as batches:
         small.predict_batch(requests, max_tokens=2 * 9 * 5)  # two 126 x 70 inputs
     assert batches == [2, 2, 1]
+
+
+class OutOfMemoryPastOne(torch.nn.Module):
+    """The network, running out of GPU memory for batches of more than `fits` samples (as a
+    GPU does past its memory); injected, since CPUs raise no such error."""
+
+    def __init__(self, network: torch.nn.Module, fits: int):
+        super().__init__()
+        self.network, self.fits = network, fits
+
+    def forward(self, images, *args, **kwargs):
+        if images.shape[0] > self.fits:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected by the test)")
+        return self.network(images, *args, **kwargs)
+
+
+def test_a_batch_out_of_gpu_memory_runs_again_one_by_one(small, photos):
+    requests = [PredictRequest(photo, process_res=RES) for photo in photos[:3]]
+    expected = [small.predict(photo, process_res=RES) for photo in photos[:3]]
+    network = small.network
+    small.network = OutOfMemoryPastOne(network, fits=1)
+    try:
+        recovered = small.predict_batch(requests)
+        small.network.fits = 0  # not even one fits: each request gets the error
+        failed = small.predict_batch(requests, return_exceptions=True)
+    finally:
+        small.network = network
+    for got, alone in zip(recovered, expected, strict=True):
+        assert_same(got, alone, rtol=0)
+    assert all(isinstance(error, torch.cuda.OutOfMemoryError) for error in failed)

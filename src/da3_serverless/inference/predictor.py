@@ -217,11 +217,12 @@ class Predictor:
         Requests that can share a forward (one view each, the same network input size and
         forward flags, no conditioning poses) run as samples of one batch, at most `max_batch`
         samples and `max_tokens` network tokens (views x h/14 x w/14, summed) at a time; the
-        others run alone. Each sample is post-processed on its own, so every
-        answer equals what `predict` gives for that request alone (within float rounding).
-        With `return_exceptions`, a request's error (ValueError for bad arguments, or the
-        error of the forward it was in) takes its place in the list; otherwise the first
-        error is raised, bad arguments before any forward runs.
+        others run alone. Each sample is post-processed on its own, so every answer equals
+        what `predict` gives for that request alone (within float rounding). A batch that
+        runs out of GPU memory runs again one by one. With `return_exceptions`, a request's
+        error (ValueError for bad arguments, or the error of the forward it was in) takes its
+        place in the list; otherwise the first error is raised, bad arguments before any
+        forward runs.
         """
         prepared: list[PreparedInput | Exception] = []
         for request in requests:
@@ -234,15 +235,35 @@ class Predictor:
         results: list[Prediction | Exception] = list(prepared)
         for group in _batch_groups(prepared, max_batch, max_tokens):
             try:
-                output = self._forward(_stack([prepared[i] for i in group]))
-                for sample, index in enumerate(group):
-                    results[index] = self._finish(prepared[index], output, sample)
+                predictions = self._predict_group([prepared[i] for i in group])
             except Exception as error:
-                if not return_exceptions:
-                    raise
-                for index in group:
-                    results[index] = error
+                predictions = [error] * len(group)
+            for index, prediction in zip(group, predictions, strict=True):
+                if isinstance(prediction, Exception) and not return_exceptions:
+                    raise prediction
+                results[index] = prediction
         return results
+
+    def _predict_group(self, group: list[PreparedInput]) -> list[Prediction | Exception]:
+        """One forward of a batch group, each sample finished on its own. A group that runs
+        out of GPU memory together runs again one by one (each may fit alone); then a sample
+        that does not fit alone gets its own error."""
+        try:
+            output = self._forward(_stack(group))
+        except torch.cuda.OutOfMemoryError:
+            if len(group) == 1:
+                raise
+            output = None  # out of the except block: its traceback holds the batch's memory
+        if output is not None:
+            return [self._finish(entry, output, sample) for sample, entry in enumerate(group)]
+        torch.cuda.empty_cache()
+        alone: list[Prediction | Exception] = []
+        for entry in group:
+            try:
+                alone.extend(self._predict_group([entry]))
+            except torch.cuda.OutOfMemoryError as error:
+                alone.append(error)
+        return alone
 
     def _prepare_request(self, request: PredictRequest) -> PreparedInput:
         """`_check_arguments` and `_prepare` of one `PredictRequest`."""
