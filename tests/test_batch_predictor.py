@@ -191,6 +191,7 @@ def test_small_batch_of_8_with_ray_pose_equals_one_by_one(small, photos):
     batch_against_one_by_one(small, photos, rtol=1e-4, use_ray_pose=True)
 
 
+@pytest.mark.slow  # a 1.4 GB random checkpoint to write and load
 def test_mono_large_batch_of_8_equals_one_by_one(photos, tmp_path_factory):
     folder = write_random_checkpoint("da3mono-large", tmp_path_factory.mktemp("mono"), seed=2)
     batch_against_one_by_one(Predictor.from_pretrained(folder, device="cpu"), photos)
