@@ -15,10 +15,15 @@ FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 
 # Ubuntu 24.04's python3 is 3.12; the base image's tag already pins the distribution release.
 # tini as PID 1 forwards SIGTERM to the worker (a Python PID 1 would ignore it) and reaps.
+# The user `da3` (10001) runs the self-hosted server: bootstrap.sh drops to it with setpriv
+# (util-linux) for SERVE_MODE=http. The RunPod worker stays root (network volumes are root-owned).
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 tini ca-certificates \
-    && rm -rf /var/lib/apt/lists/*
+    && rm -rf /var/lib/apt/lists/* \
+    && groupadd --system --gid 10001 da3 \
+    && useradd --system --uid 10001 --gid da3 --home-dir /nonexistent --no-create-home \
+        --shell /usr/sbin/nologin da3
 
 # Bytecode is compiled at build time, so that cold starts do not pay for it.
 ARG UV_COMPILE_BYTECODE=1 \

@@ -16,6 +16,9 @@
 #   WARMUP         0/false/no/off/n/f: the worker skips its warmup forward pass (pydantic's
 #                  booleans; checked here so a typo fails before anything starts).
 #   SERVE_MODE     runpod (default) or http; PORT: the HTTP port (default 8000).
+#   DA3_RUN_AS     uid:gid the HTTP server runs as when bootstrap starts as root (default
+#                  10001:10001, the image's `da3` user): the workspace is handed to it first.
+#                  The RunPod worker keeps root: RunPod's network volumes are root-owned.
 # Set by the image, not by users:
 #   DA3_BAKED_MODEL_ID, DA3_BAKED_HF_HOME   the model baked in at build time (MODEL_ID build arg).
 #   DA3_READY_FILE   written by the worker once its model is loaded and warm;
@@ -96,6 +99,16 @@ fi
 
 # --- hand over ------------------------------------------------------------------------------------
 if [[ "$serve_mode" == http ]]; then
-    exec "${cli[@]}" serve --host 0.0.0.0 --port "${PORT:-8000}" "$@"
+    # A server facing the network needs no root: drop to an unprivileged user, who owns the
+    # workspace (outputs, downloads, compile cache). Baked weights stay root-owned and readable.
+    drop=()
+    if [[ "$(id -u)" == 0 ]]; then
+        run_as="${DA3_RUN_AS:-10001:10001}"
+        [[ "$run_as" =~ ^[0-9]+:[0-9]+$ ]] || die "DA3_RUN_AS must be uid:gid, not '$run_as'"
+        chown -R "$run_as" "$workspace" || die "cannot hand $workspace to $run_as"
+        drop=(setpriv --reuid="${run_as%:*}" --regid="${run_as#*:}" --clear-groups)
+        log "the server runs as uid:gid $run_as"
+    fi
+    exec "${drop[@]}" "${cli[@]}" serve --host 0.0.0.0 --port "${PORT:-8000}" "$@"
 fi
 exec "${worker[@]}" "$@"

@@ -236,13 +236,6 @@ def test_what_cannot_share_a_forward_runs_alone(small, photos):
         small.predict_batch(requests)
 
 
-def test_a_token_budget_bounds_a_shared_forward(small, photos):
-    requests = [PredictRequest(photo, process_res=RES) for photo in photos[:5]]
-    with forwards_of(small) as batches:
-        small.predict_batch(requests, max_tokens=2 * 9 * 5)  # two 126 x 70 inputs
-    assert batches == [2, 2, 1]
-
-
 class OutOfMemoryPastOne(torch.nn.Module):
     """The network, running out of GPU memory for batches of more than `fits` samples (as a
     GPU does past its memory); injected, since CPUs raise no such error."""

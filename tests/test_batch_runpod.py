@@ -15,7 +15,7 @@ from runpod.serverless.modules import rp_job, rp_scale
 from batch_photos import assert_same_answer, base64_photos, payload
 from conftest import SMALL_REPO, TEST_API_KEY
 from da3_serverless.config import Settings
-from da3_serverless.runpod_worker import worker_config
+from da3_serverless.runpod_worker import jobs_at_once, worker_config
 from da3_serverless.service import Service
 
 
@@ -25,7 +25,7 @@ def service(hf_cache, tmp_path_factory) -> Service:
     settings = Settings(
         model_id=SMALL_REPO, hf_home=hf_cache, hf_hub_offline=True, workspace=workspace,
         api_key=TEST_API_KEY, device="cpu", runpod_volume=workspace / "no-volume",
-        warmup=False, max_batch=8, batch_wait_ms=500,
+        warmup=False, max_batch=8, batch_wait_ms=500, request_budget_tokens=16 * 1296,
     )  # fmt: skip
     service = Service(settings)
     service.start()
@@ -78,3 +78,14 @@ def test_the_worker_takes_8_jobs_at_once_and_batches_them(service, tmp_path, cap
     for index, photo in enumerate(photos):
         alone = service.handle({**payload(photo), "api_key": TEST_API_KEY})
         assert_same_answer(results[f"job-{index}"]["output"], alone)
+
+
+def test_the_request_budget_bounds_the_jobs_taken_at_once(hf_cache, tmp_path):
+    def at_once(**settings) -> int:
+        return jobs_at_once(Service(Settings(hf_home=hf_cache, workspace=tmp_path, **settings)))
+
+    square_504 = (504 // 14) ** 2  # tokens of one square view at the native 504 px
+    assert at_once(max_batch=8, request_budget_tokens=100 * square_504) == 8
+    assert at_once(max_batch=8, request_budget_tokens=3 * square_504) == 3
+    assert at_once(max_batch=8, request_budget_tokens=square_504 // 2) == 1
+    assert at_once(max_batch=1) == 1

@@ -181,3 +181,30 @@ def test_a_request_cancelled_while_gathered_leaves_its_batch(service, photos):
     assert recorder.calls == [2] and scheduler.waiting == 0
     alone = service.handle({**payload(photos[2]), "api_key": TEST_API_KEY})
     assert_same_answer(answers[0], alone)
+
+
+def test_the_request_budget_applies_per_batch(hf_cache, tmp_path, photos):
+    """Two 126 x 70 photos (45 tokens each) fit the budget together, three do not: a batch of
+    three runs as two forwards, and each request is still answered."""
+    settings = Settings(
+        model_id=SMALL_REPO, hf_home=hf_cache, hf_hub_offline=True, workspace=tmp_path,
+        api_key=TEST_API_KEY, device="cpu", runpod_volume=tmp_path / "no-volume",
+        warmup=False, request_budget_tokens=2 * 45,
+    )  # fmt: skip
+    service = Service(settings)
+    service.start()
+    predictor = service.model_cache.get(SMALL_REPO)
+    network, batches = predictor.network, []
+
+    def logged(images, *args, **kwargs):
+        batches.append(images.shape[0])
+        return network(images, *args, **kwargs)
+
+    predictor.network = logged
+    try:
+        items = [({**payload(photo), "api_key": TEST_API_KEY}, None) for photo in photos[:3]]
+        answers = service.handle_batch(items)
+    finally:
+        predictor.network = network
+    assert batches == [2, 1]
+    assert all(isinstance(answer, dict) and answer["image_base64"] for answer in answers)

@@ -33,7 +33,7 @@ STUB = """#!/usr/bin/env bash
 # Test stand-in: records how it was called, then fails if asked to.
 set -euo pipefail
 {
-    echo "CALL $(basename "$0") $$"
+    echo "CALL $(basename "$0") $$ $(id -u)"
     for arg in "$@"; do echo "ARG $arg"; done
     for name in RECORDED; do echo "ENV $name=${!name-<unset>}"; done
 } >>"$STUB_LOG"
@@ -48,6 +48,7 @@ fi
 class Call:
     command: str
     pid: int
+    uid: int
     args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
 
@@ -94,8 +95,8 @@ class Sandbox:
         for line in self.log.read_text().splitlines():
             kind, _, rest = line.partition(" ")
             if kind == "CALL":
-                command, pid = rest.split(" ")
-                calls.append(Call(command, int(pid)))
+                command, pid, uid = rest.split(" ")
+                calls.append(Call(command, int(pid), int(uid)))
             elif kind == "ARG":
                 calls[-1].args.append(rest)
             elif kind == "ENV":
@@ -111,6 +112,8 @@ def sandbox() -> Iterator[Sandbox]:
     try:
         root.chmod(0o777)
         (root / "bin").mkdir(mode=0o755)
+        (root / "calls.log").touch(mode=0o666)  # the server stub may run as nobody
+        (root / "calls.log").chmod(0o666)
         for name in ("da3-serverless", "worker"):
             stub = root / "bin" / name
             stub.write_text(STUB)
@@ -299,12 +302,39 @@ def test_unwritable_workspace_fails_loudly(sandbox: Sandbox) -> None:
 
 
 def test_http_mode_execs_the_server_on_all_interfaces(sandbox: Sandbox) -> None:
-    result, pid = run_script("bootstrap.sh", sandbox.env(SERVE_MODE="http", PORT="8123"), "--x")
+    env = sandbox.env(SERVE_MODE="http", PORT="8123", DA3_RUN_AS="65534:65534")
+    result, pid = run_script("bootstrap.sh", env, "--x")
     assert result.returncode == 0, result.stderr
     server = sandbox.calls()[-1]
     assert server.command == "da3-serverless"
     assert server.args == ["serve", "--host", "0.0.0.0", "--port", "8123", "--x"]
     assert server.pid == pid
+
+
+def test_http_server_drops_root_and_owns_the_workspace(sandbox: Sandbox) -> None:
+    """As root, the server runs as DA3_RUN_AS (the image's da3 user by default) and the
+    workspace is its own; the RunPod worker keeps root (RunPod's volumes are root-owned)."""
+    if os.geteuid() != 0:
+        pytest.skip("dropping privileges needs a test run as root")
+    sandbox.volume.mkdir()
+    env = sandbox.env(SERVE_MODE="http", DA3_RUN_AS="65534:65534")
+    result, pid = run_script("bootstrap.sh", env)
+    assert result.returncode == 0, result.stderr
+    prune, prefetch, server = sandbox.calls()
+    assert (prune.uid, prefetch.uid) == (0, 0)  # before the drop: they may need root
+    assert (server.command, server.uid, server.pid) == ("da3-serverless", 65534, pid)
+    workspace = sandbox.volume / "DA3-Serverless"
+    for folder in (workspace, workspace / "cache", workspace / "output_images"):
+        assert (folder.stat().st_uid, folder.stat().st_gid) == (65534, 65534), folder
+
+    sandbox.log.write_text("")
+    result, _ = run_script("bootstrap.sh", sandbox.env(DA3_RUN_AS="65534:65534"))
+    assert result.returncode == 0, result.stderr
+    assert [(c.command, c.uid) for c in sandbox.calls()][-1] == ("worker", 0)
+
+    result, _ = run_script("bootstrap.sh", sandbox.env(SERVE_MODE="http", DA3_RUN_AS="nobody"))
+    assert result.returncode == 1
+    assert "DA3_RUN_AS must be uid:gid, not 'nobody'" in result.stderr
 
 
 def test_prefetch_passes_its_arguments_on(sandbox: Sandbox) -> None:

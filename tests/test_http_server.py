@@ -61,6 +61,7 @@ class GatedService:
         self.entered = threading.Semaphore(0)
         self.ready = True
         self.seen_keys: list[str | None] = []
+        self.waiting_for_memory = 0  # requests the (absent) model cache holds back
 
     def start(self) -> None:
         self.ready = True

@@ -147,3 +147,11 @@ def test_dockerignore_admits_exactly_what_the_build_reads() -> None:
 def test_copied_scripts_exist(script: str) -> None:
     assert f"scripts/{script}" in DOCKERFILE.read_text()
     assert (REPO / "scripts" / script).is_file()
+
+
+def test_the_server_user_exists_in_the_image() -> None:
+    """bootstrap.sh drops the HTTP server to 10001:10001 by default: the image creates it."""
+    runs = " ".join(rest for kw, rest in instructions() if kw == "RUN")
+    assert "groupadd --system --gid 10001 da3" in runs
+    assert "useradd --system --uid 10001 --gid da3" in runs
+    assert '"${DA3_RUN_AS:-10001:10001}"' in (REPO / "scripts" / "bootstrap.sh").read_text()

@@ -13,7 +13,7 @@ import numpy as np
 from tqdm import tqdm
 
 from da3_serverless.client import Client, DA3Error, DepthResult
-from da3_serverless.config import Settings
+from da3_serverless.config import Settings, SettingsError, load_settings
 
 
 def cmd_predict(args: argparse.Namespace, settings: Settings) -> int:
@@ -230,7 +230,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     args = build_parser().parse_args(argv)
     try:
-        return args.run(args, Settings())
+        settings = load_settings()
+    except SettingsError as error:  # checked before any command starts
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    try:
+        return args.run(args, settings)
     except (ValueError, LookupError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -6,13 +6,19 @@ Everything else receives a `Settings` object (or the values it needs) as an argu
 from __future__ import annotations
 
 import os
+import re
 from functools import cached_property
 from pathlib import Path
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL_ID = "depth-anything/DA3NESTED-GIANT-LARGE-1.1"
+# DA3_DTYPE: every accepted spelling -> the torch dtype's name.
+DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16",
+               "bf16": "bfloat16", "float16": "float16", "fp16": "float16"}  # fmt: skip
+DEVICE_PATTERN = re.compile(r"(cpu|cuda|mps|xpu)(:\d+)?")
+RANGE_ERRORS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal")
 
 
 def _env(*names: str) -> AliasChoices:
@@ -37,7 +43,14 @@ class Settings(BaseSettings):
     dtype: str | None = Field(default=None, validation_alias=_env("DA3_DTYPE"))
     compile: bool = Field(default=False, validation_alias=_env("DA3_COMPILE"))
     model_memory_budget_gb: float | None = Field(
-        default=None, validation_alias=_env("MODEL_MEMORY_BUDGET_GB")
+        default=None, gt=0, validation_alias=_env("MODEL_MEMORY_BUDGET_GB")
+    )
+    # What one request may cost (api/budget.py); None: a default for the device, set at start.
+    request_budget_tokens: int | None = Field(
+        default=None, ge=1, validation_alias=_env("REQUEST_BUDGET_TOKENS")
+    )
+    request_budget_pixels: int | None = Field(
+        default=None, ge=1, validation_alias=_env("REQUEST_BUDGET_PIXELS")
     )
     warmup: bool = Field(default=True, validation_alias=_env("WARMUP"))
     # Written by the worker once its model is loaded and warm (the image's HEALTHCHECK reads it).
@@ -51,8 +64,12 @@ class Settings(BaseSettings):
     runpod_volume: Path = Field(
         default=Path("/runpod-volume"), validation_alias=_env("RUNPOD_VOLUME")
     )
-    output_retention_days: float = Field(default=14, validation_alias=_env("OUTPUT_RETENTION_DAYS"))
-    max_response_bytes: int = Field(default=15_000_000, validation_alias=_env("MAX_RESPONSE_BYTES"))
+    output_retention_days: float = Field(
+        default=14, gt=0, validation_alias=_env("OUTPUT_RETENTION_DAYS")
+    )
+    max_response_bytes: int = Field(
+        default=15_000_000, ge=0, validation_alias=_env("MAX_RESPONSE_BYTES")
+    )
     bucket_endpoint_url: str | None = Field(
         default=None, validation_alias=_env("BUCKET_ENDPOINT_URL")
     )
@@ -64,10 +81,16 @@ class Settings(BaseSettings):
     )
 
     # Input limits
-    max_image_side: int = Field(default=4096, validation_alias=_env("MAX_IMAGE_SIDE"))
-    max_download_bytes: int = Field(default=50_000_000, validation_alias=_env("MAX_DOWNLOAD_BYTES"))
-    download_timeout_s: float = Field(default=20.0, validation_alias=_env("DOWNLOAD_TIMEOUT_S"))
-    max_views: int = Field(default=16, validation_alias=_env("MAX_VIEWS"))
+    max_image_side: int = Field(
+        default=4096, ge=1, le=65_535, validation_alias=_env("MAX_IMAGE_SIDE")
+    )
+    max_download_bytes: int = Field(
+        default=50_000_000, ge=1, validation_alias=_env("MAX_DOWNLOAD_BYTES")
+    )
+    download_timeout_s: float = Field(
+        default=20.0, gt=0, validation_alias=_env("DOWNLOAD_TIMEOUT_S")
+    )
+    max_views: int = Field(default=16, ge=1, validation_alias=_env("MAX_VIEWS"))
     # At most the predictor's own ceiling (inference.preprocess.MAX_PROCESS_RES = 2016).
     max_process_res: int = Field(
         default=2016, ge=14, le=2016, validation_alias=_env("MAX_PROCESS_RES")
@@ -75,21 +98,48 @@ class Settings(BaseSettings):
     allow_private_urls: bool = Field(default=False, validation_alias=_env("DA3_ALLOW_PRIVATE_URLS"))
 
     # Self-hosted server
-    max_body_bytes: int = Field(default=100_000_000, validation_alias=_env("MAX_BODY_BYTES"))
-    max_queue: int = Field(default=16, validation_alias=_env("MAX_QUEUE"))
-    model_concurrency: int = Field(default=1, validation_alias=_env("MODEL_CONCURRENCY"))
+    max_body_bytes: int = Field(default=100_000_000, ge=1, validation_alias=_env("MAX_BODY_BYTES"))
+    max_queue: int = Field(default=16, ge=1, validation_alias=_env("MAX_QUEUE"))
+    model_concurrency: int = Field(default=1, ge=1, validation_alias=_env("MODEL_CONCURRENCY"))
     # Batching (self-hosted and RunPod): single-photo requests gathered into one forward.
-    max_batch: int = Field(default=8, ge=1, validation_alias=_env("MAX_BATCH"))
-    batch_wait_ms: float = Field(default=10.0, ge=0, validation_alias=_env("BATCH_WAIT_MS"))
-    max_jobs: int = Field(default=1000, validation_alias=_env("MAX_JOBS"))
-    job_ttl_s: float = Field(default=3600.0, validation_alias=_env("JOB_TTL_S"))
-    shutdown_grace_s: float = Field(default=60.0, validation_alias=_env("SHUTDOWN_GRACE_S"))
+    max_batch: int = Field(default=8, ge=1, le=256, validation_alias=_env("MAX_BATCH"))
+    batch_wait_ms: float = Field(
+        default=10.0, ge=0, le=10_000, validation_alias=_env("BATCH_WAIT_MS")
+    )
+    max_jobs: int = Field(default=1000, ge=1, validation_alias=_env("MAX_JOBS"))
+    job_ttl_s: float = Field(default=3600.0, gt=0, validation_alias=_env("JOB_TTL_S"))
+    # Finished /run results held in memory, in bytes of their JSON; the oldest go first.
+    max_job_bytes: int = Field(default=200_000_000, ge=1, validation_alias=_env("MAX_JOB_BYTES"))
+    shutdown_grace_s: float = Field(default=60.0, ge=0, validation_alias=_env("SHUTDOWN_GRACE_S"))
+    # Concurrent HTTP requests before our 503 (uvicorn's own limit is a higher backstop).
+    max_connections: int = Field(default=64, ge=1, validation_alias=_env("MAX_CONNECTIONS"))
+    keep_alive_s: float = Field(default=5.0, gt=0, le=300, validation_alias=_env("KEEP_ALIVE_S"))
+    # Largest incomplete HTTP event (request line + headers) uvicorn buffers.
+    max_header_bytes: int = Field(
+        default=16_384, ge=1024, le=1_048_576, validation_alias=_env("MAX_HEADER_BYTES")
+    )
 
     # Client (`da3-serverless request`)
     endpoint: str | None = Field(default=None, validation_alias=_env("DA3_ENDPOINT"))
     runpod_api_key: str | None = Field(
         default=None, validation_alias=_env("RUNPOD_API_KEY"), repr=False
     )
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, name: str | None) -> str | None:
+        if name is not None and not DEVICE_PATTERN.fullmatch(name):
+            raise ValueError("use cpu, cuda, cuda:N, mps or xpu")
+        return name
+
+    @field_validator("dtype")
+    @classmethod
+    def _known_dtype(cls, name: str | None) -> str | None:
+        if name is None:
+            return None
+        if name.lower() not in DTYPE_NAMES:
+            raise ValueError(f"use one of {', '.join(DTYPE_NAMES)}")
+        return DTYPE_NAMES[name.lower()]
 
     @cached_property
     def workspace_dir(self) -> Path:
@@ -117,3 +167,52 @@ class Settings(BaseSettings):
     @property
     def compile_cache_dir(self) -> Path:
         return self.workspace_dir / "compile-cache"
+
+
+class SettingsError(ValueError):
+    """Settings that cannot work; the message names each variable and its allowed values."""
+
+
+def load_settings(**overrides: object) -> Settings:
+    """`Settings()` from the environment (and `overrides`, by field name), checked: a value
+    out of range raises `SettingsError` naming the variable, the value and what is allowed, so
+    the worker, the server and the CLI stop before they start broken."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as error:
+        raise SettingsError(settings_problems(error)) from None
+
+
+def settings_problems(error: ValidationError) -> str:
+    """One line per bad setting: `NAME=value: what is wrong; allowed: range`."""
+    lines = []
+    for problem in error.errors(include_url=False):
+        name = str(problem["loc"][0]) if problem["loc"] else "?"
+        field = Settings.model_fields.get(name)
+        if field is None:  # an environment variable: find its field
+            field = next(
+                (f for f in Settings.model_fields.values() if name in f.validation_alias.choices),
+                None,
+            )
+        elif isinstance(field.validation_alias, AliasChoices):
+            name = str(field.validation_alias.choices[0])
+        reason = problem["msg"].removeprefix("Value error, ")
+        if problem["type"] in RANGE_ERRORS:
+            reason = "out of range"
+        allowed = _allowed(field) if field is not None else ""
+        line = f"{name}={problem.get('input')!r}: {reason}"
+        lines.append(f"{line}; allowed: {allowed}" if allowed else line)
+    return "invalid settings (fix these environment variables):\n  " + "\n  ".join(lines)
+
+
+def _allowed(field) -> str:
+    """The field's range as text (`>= 1`, `14 to 2016`, `> 0`), from its Field constraints."""
+    bounds = {}
+    for item in field.metadata:
+        for attribute in ("ge", "gt", "le", "lt"):
+            if getattr(item, attribute, None) is not None:
+                bounds[attribute] = getattr(item, attribute)
+    if "ge" in bounds and "le" in bounds:
+        return f"{bounds['ge']} to {bounds['le']}"
+    words = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+    return ", ".join(f"{words[key]} {value}" for key, value in bounds.items())

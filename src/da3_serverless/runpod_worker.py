@@ -5,9 +5,9 @@ RunPod's own flags work: `--rp_serve_api --rp_api_port N` (local test API), `--t
 warmed before the first job.
 
 The handler is async and the worker takes up to `MAX_BATCH` jobs at once (RunPod's
-`concurrency_modifier`): jobs that may share a forward are gathered into batches as on the
-self-hosted server (`server/batching.py`), the others run alone; forwards take the model's one
-slot in turn (`server/queue.py`), each in a worker thread.
+`concurrency_modifier`, bounded by the request budget): jobs that may share a forward are
+gathered into batches as on the self-hosted server (`server/batching.py`), the others run
+alone; forwards take the model's slot in turn (`server/queue.py`), each in a worker thread.
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ from typing import Any
 
 import runpod
 
+from da3_serverless.api.budget import MIN_BUDGET_TOKENS
 from da3_serverless.api.errors import ServiceError
-from da3_serverless.config import Settings
+from da3_serverless.config import SettingsError, load_settings
 from da3_serverless.server.batching import Batcher, BatchItem
 from da3_serverless.server.queue import Scheduler
 from da3_serverless.service import Service
@@ -38,7 +39,7 @@ def make_handler(service: Service) -> Callable[[dict], Awaitable[dict]]:
     """
     settings = service.settings
     # RunPod bounds the jobs in flight (concurrency_modifier); its local test API does not.
-    waiting_room = max(settings.max_queue, jobs_at_once(settings))
+    waiting_room = max(settings.max_queue, jobs_at_once(service))
     scheduler = Scheduler(max_queue=waiting_room, concurrency=settings.model_concurrency)
     batcher = None
     if settings.max_batch > 1:
@@ -66,23 +67,28 @@ def make_handler(service: Service) -> Callable[[dict], Awaitable[dict]]:
     return handler
 
 
-def jobs_at_once(settings: Settings) -> int:
-    """How many jobs the worker takes at once: `MAX_BATCH` (1 without batching). The request
-    budget (api/budget.py) bounds it too once it lands: at most as many requests as one
-    batch may hold within the budget."""
-    return settings.max_batch
+def jobs_at_once(service: Service) -> int:
+    """How many jobs the worker takes at once: `MAX_BATCH` (1 without batching), and no more
+    than the request budget holds square views at the native 504 px (`MIN_BUDGET_TOKENS`
+    each), so that the jobs it holds can mostly run as one batch."""
+    within_budget = service.budget.tokens // MIN_BUDGET_TOKENS
+    return max(1, min(service.settings.max_batch, within_budget))
 
 
 def worker_config(service: Service) -> dict[str, Any]:
     """The configuration `runpod.serverless.start` takes: the handler and how many jobs the
     worker takes at once."""
-    at_once = jobs_at_once(service.settings)
+    at_once = jobs_at_once(service)
     return {"handler": make_handler(service), "concurrency_modifier": lambda current: at_once}
 
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    settings = Settings()
+    try:
+        settings = load_settings()
+    except SettingsError as error:  # a worker with impossible settings must not take jobs
+        log.error("%s", error)
+        sys.exit(2)
     service = Service(settings)
     try:
         service.start()

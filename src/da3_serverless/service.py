@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import base64
 import logging
+import os
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,8 +19,15 @@ import numpy as np
 import torch
 
 from da3_serverless.api.auth import check_api_key
+from da3_serverless.api.budget import (
+    Budget,
+    RequestCost,
+    default_budget,
+    estimate_cost,
+    request_budget,
+)
 from da3_serverless.api.errors import ServiceError
-from da3_serverless.api.images import DecodedImage, load_request_images
+from da3_serverless.api.images import DecodedImage, decode_request_images, open_request_images
 from da3_serverless.api.outputs import Artifact, encode_outputs, fit_inline, view_skeleton
 from da3_serverless.api.schema import SCHEMA_VERSION, RunRequest, parse_request
 from da3_serverless.api.storage import OutputStore, StorageError
@@ -66,6 +74,7 @@ class Service:
         self.store = OutputStore(settings)
         self.locator = WeightLocator.from_settings(settings)
         self.model_cache = model_cache or ModelCache(self._load, self._budget_bytes())
+        self.budget = self._request_budget()
         self._ready = False
 
     # ---- lifecycle -----------------------------------------------------------------------
@@ -76,15 +85,22 @@ class Service:
             log.warning("DA3_API_KEY is not set: every request will be refused (401)")
         elif not self.settings.api_key:
             log.warning("DA3_ALLOW_UNAUTHENTICATED=1: serving without an API key")
+        log.info("request budget: %s", self.budget.describe())
+        log.info("model memory budget: %.1f GiB", self.model_cache.budget_bytes / 1024**3)
         self.store.maybe_prune()
-        predictor = self.model_cache.get(self.default_model_id)
-        if self.settings.warmup:
-            warm_up(predictor)
+        with self.model_cache.use(self.default_model_id) as predictor:
+            if self.settings.warmup:
+                warm_up(predictor)
         self._ready = True
 
     @property
     def ready(self) -> bool:
         return self._ready
+
+    @property
+    def waiting_for_memory(self) -> int:
+        """Requests waiting for a model to fit in memory (they hold a place in a queue)."""
+        return self.model_cache.waiting
 
     def model_table(self) -> list[dict]:
         loaded = set(self.model_cache.loaded())
@@ -119,12 +135,16 @@ class Service:
             request = self.authorize(payload, api_key)
             model_id = self.model_key(request)
         with timer.stage("decode"):
-            images = load_request_images(request, self.settings)
-        with timer.stage("load_model"):
-            predictor = self._predictor(model_id)
-        _check_metric(request, predictor)
-        with timer.stage("inference"):
-            prediction = self._predict(predictor, request, images)
+            opened = open_request_images(request, self.settings)
+            sizes = [(view.width, view.height) for view in opened]
+            self.budget.check(estimate_cost(model_id, request.process_res, sizes))
+            images = decode_request_images(opened, self.settings)
+        with ExitStack() as pinned:  # the model stays loaded while this request uses it
+            with timer.stage("load_model"):
+                predictor = self._predictor(model_id, pinned)
+            _check_metric(request, predictor)
+            with timer.stage("inference"):
+                prediction = self._predict(predictor, request, images)
         self.store.maybe_prune()
         saved: list[Path] = []
         try:
@@ -159,17 +179,38 @@ class Service:
         logs and answers as `internal`."""
         with ThreadPoolExecutor(max_workers=_POOL_THREADS) as pool:
             results: list = list(pool.map(lambda item: _outcome(self._intake, *item), items))
-            by_model: dict[str, list[int]] = {}
-            for index, result in enumerate(results):
-                if isinstance(result, _Intake):
-                    by_model.setdefault(result.model_id, []).append(index)
-            for model_id, indices in by_model.items():
+            for indices in self._rounds(results):
                 intakes = [results[i] for i in indices]
-                outcomes = self._predict_batch(model_id, intakes)
+                outcomes = self._predict_batch(intakes[0].model_id, intakes)
                 done = pool.map(lambda i, o: _outcome(self._complete, i, o), intakes, outcomes)
                 for index, result in zip(indices, done, strict=True):
                     results[index] = result
         return results
+
+    def _rounds(self, intakes: list) -> list[list[int]]:
+        """Indices of the admitted requests (the `_Intake`s among `intakes`) in rounds that
+        run one after another, in request order: one model each, at most `MAX_BATCH`
+        requests, and within the request budget together (it applies per batch)."""
+        rounds: list[list[int]] = []
+        open_rounds: dict[str, list[int]] = {}
+        for index, intake in enumerate(intakes):
+            if not isinstance(intake, _Intake):
+                continue
+            current = open_rounds.get(intake.model_id)
+            costs = [intakes[i].cost for i in current or []] + [intake.cost]
+            if current is None or not self._fits(costs):
+                current = open_rounds[intake.model_id] = []
+                rounds.append(current)
+            current.append(index)
+        return rounds
+
+    def _fits(self, costs: list[RequestCost]) -> bool:
+        """Whether requests of these costs may run as one batch."""
+        return (
+            len(costs) <= self.settings.max_batch
+            and sum(cost.tokens for cost in costs) <= self.budget.tokens
+            and sum(cost.pixels for cost in costs) <= self.budget.pixels
+        )
 
     def authorize(self, payload: object, api_key: str | None = None) -> RunRequest:
         """Check the key (the payload's `api_key` wins over `api_key` from transport headers),
@@ -197,9 +238,10 @@ class Service:
             )
         return info.repo_id
 
-    def _predictor(self, model_id: str) -> Predictor:
+    def _predictor(self, model_id: str, pinned: ExitStack) -> Predictor:
+        """The loaded model, pinned in the cache until `pinned` closes."""
         try:
-            return self.model_cache.get(model_id)
+            return pinned.enter_context(self.model_cache.use(model_id))
         except ModelNotFoundError as error:
             raise ServiceError("model_unavailable", str(error)) from None
         except torch.cuda.OutOfMemoryError:
@@ -248,32 +290,33 @@ class Service:
             intake.request = self.authorize(payload, api_key)
             intake.model_id = self.model_key(intake.request)
         with intake.timer.stage("decode"):
-            intake.images = load_request_images(intake.request, self.settings)
+            opened = open_request_images(intake.request, self.settings)
+            sizes = [(view.width, view.height) for view in opened]
+            intake.cost = estimate_cost(intake.model_id, intake.request.process_res, sizes)
+            self.budget.check(intake.cost)
+            intake.images = decode_request_images(opened, self.settings)
         return intake
 
     def _predict_batch(
         self, model_id: str, intakes: list[_Intake]
     ) -> list[tuple[Predictor, Prediction] | Exception]:
-        """One model's requests through `Predictor.predict_batch`: (predictor, prediction) or
-        the request's error each. Every request's timings get the shared stages."""
-        load_started = time.perf_counter()
-        try:
-            predictor = self._predictor(model_id)
-        except ServiceError as error:
-            return [error] * len(intakes)
-        loading = time.perf_counter() - load_started
-        outcomes: list = [_outcome(_check_metric, i.request, predictor) for i in intakes]
-        ready = [i for i, outcome in enumerate(outcomes) if outcome is None]
-        inference_started = time.perf_counter()
-        # The request budget applies per batch: once api/budget.py is in, its token budget
-        # goes in as max_tokens, so a shared forward costs no more than one request may.
-        predictions = predictor.predict_batch(
-            [_predict_request(intakes[i]) for i in ready],
-            max_batch=self.settings.max_batch,
-            max_tokens=None,
-            return_exceptions=True,
-        )
-        inference = time.perf_counter() - inference_started
+        """One round of one model's requests through `Predictor.predict_batch`, the model
+        pinned meanwhile: (predictor, prediction) or the request's error each. Every
+        request's timings get the shared stages."""
+        with ExitStack() as pinned:  # the model stays loaded while the round uses it
+            load_started = time.perf_counter()
+            try:
+                predictor = self._predictor(model_id, pinned)
+            except ServiceError as error:
+                return [error] * len(intakes)
+            loading = time.perf_counter() - load_started
+            outcomes: list = [_outcome(_check_metric, i.request, predictor) for i in intakes]
+            ready = [i for i, outcome in enumerate(outcomes) if outcome is None]
+            inference_started = time.perf_counter()
+            predictions = predictor.predict_batch(
+                [_predict_request(intakes[i]) for i in ready], return_exceptions=True
+            )
+            inference = time.perf_counter() - inference_started
         for index, prediction in zip(ready, predictions, strict=True):
             outcomes[index] = (
                 self._prediction_error(predictor, prediction)
@@ -405,10 +448,23 @@ class Service:
     def _budget_bytes(self) -> int:
         if self.settings.model_memory_budget_gb is not None:
             return int(self.settings.model_memory_budget_gb * 1024**3)
-        device = torch.device(
+        return default_budget_bytes(self._device())
+
+    def _device(self) -> torch.device:
+        return torch.device(
             self.settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
         )
-        return default_budget_bytes(device)
+
+    def _request_budget(self) -> Budget:
+        """REQUEST_BUDGET_TOKENS / _PIXELS, else the device's default (api/budget.py)."""
+        tokens, pixels = self.settings.request_budget_tokens, self.settings.request_budget_pixels
+        return request_budget(tokens, pixels, self._device_budget)
+
+    def _device_budget(self) -> Budget:
+        device = self._device()
+        gpu_free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 0
+        host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return default_budget(device.type, gpu_free, self.model_cache.budget_bytes, host)
 
 
 # Threads for the per-request stages of a batch (decoding, encoding): Pillow and zlib release
@@ -419,12 +475,13 @@ _POOL_THREADS = 4
 @dataclass
 class _Intake:
     """One request of a batch between its stages: timings so far, the checked request, its
-    model and its decoded views."""
+    model, its cost (priced from the image headers) and its decoded views."""
 
     timer: _Timer
     started: float
     request: RunRequest | None = None
     model_id: str = ""
+    cost: RequestCost | None = None
     images: list[DecodedImage] = field(default_factory=list)
 
 
@@ -472,10 +529,5 @@ def warm_up(predictor: Predictor) -> None:
 
 
 def _dtype(name: str | None) -> torch.dtype | None:
-    if name is None:
-        return None
-    dtypes = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-              "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
-    if name.lower() not in dtypes:
-        raise ValueError(f"DA3_DTYPE={name!r}: use one of {', '.join(dtypes)}")
-    return dtypes[name.lower()]
+    """The torch dtype named by DA3_DTYPE (checked and made canonical in config.py)."""
+    return None if name is None else getattr(torch, name)

@@ -11,6 +11,7 @@ STATUS_BY_CODE: dict[str, int] = {
     "unauthorized": 401,
     "not_found": 404,
     "image_too_large": 413,
+    "request_too_large": 413,
     "unsupported_model": 400,
     "fetch_failed": 502,
     "model_unavailable": 503,

@@ -56,6 +56,17 @@ class DecodedImage:
     source: str
 
 
+@dataclass(frozen=True)
+class OpenedImage:
+    """One view whose header is read and checked, its pixels not decoded yet: `image` is
+    Pillow's lazy image, `width` x `height` its stored size (before EXIF orientation)."""
+
+    image: Image.Image
+    width: int
+    height: int
+    source: str
+
+
 # ---- decoding ---------------------------------------------------------------------------------
 
 
@@ -90,12 +101,16 @@ def decode_base64(text: str) -> bytes:
 
 
 def decode_image(data: bytes, settings: Settings, source: str = "image") -> DecodedImage:
-    """Decode untrusted image bytes into an RGB `DecodedImage`.
+    """Decode untrusted image bytes into an RGB `DecodedImage`: `open_image`, then
+    `decode_opened`. Raises `ServiceError` only (MemoryError aside)."""
+    return decode_opened(open_image(data, settings, source), settings)
 
-    The size is checked from the header before any pixel is decoded: a side above
-    `settings.max_image_side`, or a decompression bomb, raises `ServiceError("image_too_large")`.
-    Unknown formats and damaged files raise `ServiceError("invalid_input")`. Animations give their
-    first frame. Raises nothing else (MemoryError aside).
+
+def open_image(data: bytes, settings: Settings, source: str = "image") -> OpenedImage:
+    """Read untrusted image bytes up to the header and check the size, decoding no pixel.
+
+    A side above `settings.max_image_side`, or a decompression bomb, raises
+    `ServiceError("image_too_large")`; unknown formats raise `ServiceError("invalid_input")`.
     """
     try:
         image = Image.open(BytesIO(data), formats=FORMATS)  # lazy: reads the header only
@@ -113,6 +128,16 @@ def decode_image(data: bytes, settings: Settings, source: str = "image") -> Deco
         raise _too_large(source, (width, height), settings)
     if width < 1 or height < 1:
         raise ServiceError("invalid_input", f"{source} has no pixels ({width}x{height})")
+    return OpenedImage(image, width, height, source)
+
+
+def decode_opened(opened: OpenedImage, settings: Settings) -> DecodedImage:
+    """The pixels of an opened image, as an RGB `DecodedImage` (EXIF orientation applied).
+
+    Damaged files raise `ServiceError("invalid_input")`, a decompression bomb
+    `ServiceError("image_too_large")`. Animations give their first frame.
+    """
+    image, source = opened.image, opened.source
     try:
         image.load()  # first frame of an animation
         rgb, focal = upright_rgb(image)
@@ -297,17 +322,29 @@ def _timed_out(host: str, settings: Settings) -> ServiceError:
 # ---- the request's views ------------------------------------------------------------------
 
 
-def _load_one(source: str, url: str | None, data_b64: str | None, settings: Settings):
+def _open_one(source: str, url: str | None, data_b64: str | None, settings: Settings):
     try:
         data = fetch_url(url, settings) if url is not None else decode_base64(data_b64 or "")
     except ServiceError as exc:
         raise ServiceError(exc.code, f"{source}: {exc.message}") from None
-    return decode_image(data, settings, source)
+    return open_image(data, settings, source)
 
 
 def load_request_images(request: RunRequest, settings: Settings) -> list[DecodedImage]:
-    """The request's views, decoded, in order (at most `settings.max_views`; URLs are fetched
-    concurrently). Raises the first view's `ServiceError`, its message prefixed by the field."""
+    """The request's views, decoded, in order: `open_request_images`, then
+    `decode_request_images` (the service checks its budget between the two)."""
+    return decode_request_images(open_request_images(request, settings), settings)
+
+
+def decode_request_images(opened: list[OpenedImage], settings: Settings) -> list[DecodedImage]:
+    """The pixels of opened views, in order; raises the first view's `ServiceError`."""
+    return [decode_opened(view, settings) for view in opened]
+
+
+def open_request_images(request: RunRequest, settings: Settings) -> list[OpenedImage]:
+    """The request's views with their bytes in hand and headers read, sizes checked, pixels
+    not decoded, in order (at most `settings.max_views`; URLs are fetched concurrently).
+    Raises the first view's `ServiceError`, its message prefixed by the field."""
     check_limits(request, settings)
     if request.images is not None:
         views = [(f"images[{i}]", ref.url, ref.base64) for i, ref in enumerate(request.images)]
@@ -316,7 +353,7 @@ def load_request_images(request: RunRequest, settings: Settings) -> list[Decoded
     else:
         views = [("image_base64", None, request.image_base64)]
     if len(views) == 1:
-        return [_load_one(*views[0], settings)]
+        return [_open_one(*views[0], settings)]
     with ThreadPoolExecutor(max_workers=min(8, len(views))) as pool:
-        futures = [pool.submit(_load_one, *view, settings) for view in views]
+        futures = [pool.submit(_open_one, *view, settings) for view in views]
         return [future.result() for future in futures]

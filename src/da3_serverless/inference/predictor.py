@@ -209,20 +209,18 @@ class Predictor:
         requests: Sequence[PredictRequest],
         *,
         max_batch: int | None = None,
-        max_tokens: int | None = None,
         return_exceptions: bool = False,
     ) -> list[Prediction | Exception]:
         """`predict` for several unrelated requests, one `Prediction` each, in order.
 
         Requests that can share a forward (one view each, the same network input size and
         forward flags, no conditioning poses) run as samples of one batch, at most `max_batch`
-        samples and `max_tokens` network tokens (views x h/14 x w/14, summed) at a time; the
-        others run alone. Each sample is post-processed on its own, so every answer equals
-        what `predict` gives for that request alone (within float rounding). A batch that
-        runs out of GPU memory runs again one by one. With `return_exceptions`, a request's
-        error (ValueError for bad arguments, or the error of the forward it was in) takes its
-        place in the list; otherwise the first error is raised, bad arguments before any
-        forward runs.
+        at a time; the others run alone. Each sample is post-processed on its own, so every
+        answer equals what `predict` gives for that request alone (within float rounding). A
+        batch that runs out of GPU memory runs again one by one. With `return_exceptions`, a
+        request's error (ValueError for bad arguments, or the error of the forward it was in)
+        takes its place in the list; otherwise the first error is raised, bad arguments before
+        any forward runs.
         """
         prepared: list[PreparedInput | Exception] = []
         for request in requests:
@@ -233,7 +231,7 @@ class Predictor:
                     raise
                 prepared.append(error)
         results: list[Prediction | Exception] = list(prepared)
-        for group in _batch_groups(prepared, max_batch, max_tokens):
+        for group in _batch_groups(prepared, max_batch):
             try:
                 predictions = self._predict_group([prepared[i] for i in group])
             except Exception as error:
@@ -429,18 +427,11 @@ def batch_key(prepared: PreparedInput) -> tuple | None:
     return (tuple(prepared.batch.shape[2:]), prepared.use_ray_pose)
 
 
-def _tokens(prepared: PreparedInput) -> int:
-    """Network tokens of a prepared input: views x (h / 14) x (w / 14)."""
-    views, _, height, width = prepared.batch.shape[1:]
-    return views * (height // PATCH_SIZE) * (width // PATCH_SIZE)
-
-
 def _batch_groups(
-    prepared: Sequence[PreparedInput | Exception], max_batch: int | None, max_tokens: int | None
+    prepared: Sequence[PreparedInput | Exception], max_batch: int | None
 ) -> list[list[int]]:
     """Indices of the prepared inputs (errors skipped) in groups that share a forward, each at
-    most `max_batch` long and `max_tokens` tokens (a lone input may pass it), in request order
-    of their first member."""
+    most `max_batch` long, in request order of their first member."""
     groups: list[list[int]] = []
     open_groups: dict[tuple, list[int]] = {}
     for index, entry in enumerate(prepared):
@@ -448,11 +439,7 @@ def _batch_groups(
             continue
         key = batch_key(entry)
         group = open_groups.get(key) if key is not None else None
-        full = group is not None and (
-            (max_batch is not None and len(group) >= max_batch)
-            or (max_tokens is not None and (len(group) + 1) * _tokens(entry) > max_tokens)
-        )
-        if group is None or full:
+        if group is None or (max_batch is not None and len(group) >= max_batch):
             group = []
             groups.append(group)
             if key is not None:

@@ -10,17 +10,19 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 import uvicorn
 from fastapi import FastAPI
 
 from da3_serverless import __version__
+from da3_serverless.api.errors import ServiceError
 from da3_serverless.config import Settings
 from da3_serverless.server.batching import Batcher
 from da3_serverless.server.errors import RETRY_AFTER_S, add_error_handlers
 from da3_serverless.server.jobs import add_job_routes
 from da3_serverless.server.logs import log_json_lines
 from da3_serverless.server.metrics import Metrics
-from da3_serverless.server.middleware import RequestLog
+from da3_serverless.server.middleware import ConnectionLimit, RequestLog
 from da3_serverless.server.operations import add_operation_routes
 from da3_serverless.server.pages import add_page_routes
 from da3_serverless.server.queue import JobStore, Scheduler
@@ -32,8 +34,9 @@ log = logging.getLogger(__name__)
 @dataclass
 class AppState:
     """What the routes share: settings, the service, the queue, the jobs and the metrics;
-    `draining` once a stop signal arrived, `start_error` when the default model failed;
-    `batcher` gathers requests into batches (None with `MAX_BATCH=1`)."""
+    `draining` once a stop signal arrived, `start_error` the error code when the default model
+    failed (the reason itself goes to the log only); `batcher` gathers requests into batches
+    (None with `MAX_BATCH=1`)."""
 
     settings: Settings
     service: Service
@@ -46,13 +49,16 @@ class AppState:
 
     @classmethod
     def build(cls, settings: Settings, service: Service) -> AppState:
-        scheduler = Scheduler(settings.max_queue, settings.model_concurrency, RETRY_AFTER_S)
+        scheduler = Scheduler(
+            settings.max_queue, settings.model_concurrency, RETRY_AFTER_S,
+            also_waiting=lambda: service.waiting_for_memory,
+        )  # fmt: skip
         metrics = Metrics(
-            waiting=lambda: scheduler.waiting,
+            waiting=lambda: scheduler.queued,
             running=lambda: scheduler.running,
             ready=lambda: float(service.ready),
         )
-        jobs = JobStore(settings.max_jobs, settings.job_ttl_s)
+        jobs = JobStore(settings.max_jobs, settings.job_ttl_s, settings.max_job_bytes)
         batcher = None
         if settings.max_batch > 1:
             wait_s = settings.batch_wait_ms / 1000
@@ -69,9 +75,28 @@ class AppState:
         try:
             self.service.start()
         except Exception as exc:
-            self.start_error = f"{type(exc).__name__}: {exc}"
+            self.start_error = _error_code(exc)
             model = self.settings.model_id
             log.exception("model load failed", extra={"fields": {"model": model}})
+
+    @property
+    def phase(self) -> str:
+        """`loading`, `ready`, `draining` or `failed`: what /ready tells anyone who asks."""
+        if self.draining:
+            return "draining"
+        if self.start_error is not None:
+            return "failed"
+        return "ready" if self.service.ready else "loading"
+
+
+def _error_code(exc: Exception) -> str:
+    """The error code of a failed start: a ServiceError's own, `out_of_memory`, or
+    `model_unavailable` for anything else (the weights are missing, damaged, ...)."""
+    if isinstance(exc, ServiceError):
+        return exc.code
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return "out_of_memory"
+    return "model_unavailable"
 
 
 def create_app(settings: Settings, service: Service | None = None) -> FastAPI:
@@ -91,6 +116,8 @@ def create_app(settings: Settings, service: Service | None = None) -> FastAPI:
     )
     app.state.server = state
     app.state.drain = state.drain
+    # The last added runs first: every request is logged, a refused one too.
+    app.add_middleware(ConnectionLimit, limit=settings.max_connections, retry_after_s=RETRY_AFTER_S)
     app.add_middleware(RequestLog, metrics=state.metrics)
     add_error_handlers(app)
     add_job_routes(app, state)
@@ -124,11 +151,20 @@ class _Server(uvicorn.Server):
 
 
 def serve(settings: Settings, host: str, port: int) -> None:
-    """Run the server until SIGINT/SIGTERM, then drain and exit (`da3-serverless serve`)."""
+    """Run the server until SIGINT/SIGTERM, then drain and exit (`da3-serverless serve`).
+
+    Limits: MAX_CONNECTIONS requests at once (ConnectionLimit, our 503; uvicorn's plain-text
+    limit at twice that as a backstop), idle keep-alive connections closed after KEEP_ALIVE_S,
+    an unfinished request line + headers refused past MAX_HEADER_BYTES (h11, whose limit this
+    is: httptools has none). Slow clients that trickle their headers are not timed out here:
+    put a reverse proxy in front (docs/DEPLOY.md)."""
     log_json_lines()
     app = create_app(settings)
     config = uvicorn.Config(
         app, host=host, port=port, log_config=None, access_log=False,
         timeout_graceful_shutdown=int(settings.shutdown_grace_s),
+        timeout_keep_alive=settings.keep_alive_s,
+        http="h11", h11_max_incomplete_event_size=settings.max_header_bytes,
+        limit_concurrency=2 * settings.max_connections,
     )  # fmt: skip
     _Server(config, app.state.server).run()

@@ -38,8 +38,12 @@ class RunPodRequest(BaseModel):
 
 
 class Ready(BaseModel):
+    """`state`: loading, ready, draining or failed; `error`: the error code of a failed start;
+    `model_id`: the default model when it is in the model table."""
+
     ready: bool
-    model_id: str
+    state: str
+    model_id: str | None = None
     error: str | None = None
 
 

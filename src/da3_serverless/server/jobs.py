@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import anyio.to_thread
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
@@ -20,7 +21,7 @@ from da3_serverless.api.schema import RunResponse
 from da3_serverless.server.batching import BatchItem
 from da3_serverless.server.body import in_runpod_form, read_json, unwrap
 from da3_serverless.server.docs import ERRORS, RUN_ERRORS, RunPodEnvelope, request_body_doc
-from da3_serverless.server.queue import COMPLETED, FAILED, IN_PROGRESS, Job
+from da3_serverless.server.queue import COMPLETED, FAILED, IN_PROGRESS, Job, result_bytes
 
 if TYPE_CHECKING:
     from da3_serverless.server.app import AppState
@@ -112,8 +113,21 @@ def add_job_routes(app: FastAPI, state: AppState) -> None:
         check_api_key(key_from_headers(request.headers), state.settings)
         job = state.jobs.get(job_id)
         if job is None:
-            raise ServiceError("not_found", f"no job {job_id!r} (unknown, or older than the TTL)")
+            raise _missing_job(state, job_id)
         return JSONResponse(job_body(job))
+
+
+def _missing_job(state: AppState, job_id: str) -> ServiceError:
+    if not state.jobs.expired(job_id):
+        return ServiceError("not_found", f"no job {job_id[:64]!r} (unknown, or older than the TTL)")
+    settings = state.settings
+    return ServiceError(
+        "not_found",
+        f"job {job_id!r} expired: finished results are kept for JOB_TTL_S "
+        f"({settings.job_ttl_s:g} s) and, all together, up to MAX_JOB_BYTES "
+        f"({settings.max_job_bytes} bytes), the oldest dropped first; poll /status sooner, "
+        "or use /runsync",
+    )
 
 
 async def _run_job(state: AppState, job: Job, admitted: Admitted) -> None:
@@ -121,8 +135,9 @@ async def _run_job(state: AppState, job: Job, admitted: Admitted) -> None:
         job.status, job.started = IN_PROGRESS, time.monotonic()
 
     try:
-        job.output = await execute(state, admitted, started)
-        job.status = COMPLETED
+        output = await execute(state, admitted, started)
+        job.size = await anyio.to_thread.run_sync(result_bytes, output)  # off the event loop
+        job.output, job.status = output, COMPLETED
     except ServiceError as err:
         job.error, job.status = err, FAILED
     except Exception:
@@ -131,6 +146,7 @@ async def _run_job(state: AppState, job: Job, admitted: Admitted) -> None:
         job.status = FAILED
     finally:
         job.finished = time.monotonic()
+        state.jobs.finished(job)
         code = job.error.code if job.error is not None else None
         state.metrics.observe("/run (job)", job.status, code, job.finished - job.created)
 

@@ -1,4 +1,4 @@
-"""Request log and metrics as a pure ASGI middleware.
+"""Request log and metrics, and the limit on requests at once, as pure ASGI middleware.
 
 Pure ASGI rather than Starlette's `BaseHTTPMiddleware`, which runs the app in a task of its own
 and hides the client's disconnect from it: the routes below must see a client that gives up.
@@ -12,13 +12,17 @@ import uuid
 from collections.abc import Mapping
 
 from starlette.datastructures import Headers, MutableHeaders
+from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from da3_serverless.api.errors import ServiceError
 from da3_serverless.server.metrics import Metrics
 
 log = logging.getLogger(__name__)
 # Paths polled by machines: counted in the metrics, not logged.
 QUIET_PATHS = ("/metrics", "/health", "/static")
+# Cheap probes an orchestrator must reach on a busy server: not counted by ConnectionLimit.
+PROBE_PATHS = ("/health", "/ready", "/metrics")
 
 
 def request_id(headers: Mapping[str, str]) -> str:
@@ -68,3 +72,40 @@ class RequestLog:
                     "path": path, "status": status, "duration_ms": round(elapsed * 1000, 1),
                     **fields}  # fmt: skip
             log.info("request", extra={"fields": line})
+
+
+class ConnectionLimit:
+    """At most `limit` HTTP requests at once (MAX_CONNECTIONS; bodies still uploading count);
+    past it the answer is 503 `overloaded` in our error shape with a Retry-After, at once.
+    Probes (PROBE_PATHS) are not counted. uvicorn's own `limit_concurrency`, set higher, stays
+    as a backstop for what an ASGI app cannot see (idle connections); it answers plain text.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int, retry_after_s: int):
+        self.app = app
+        self.limit = limit
+        self.retry_after_s = retry_after_s
+        self.active = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in PROBE_PATHS:
+            await self.app(scope, receive, send)
+            return
+        if self.active >= self.limit:
+            await self._refuse(scope, receive, send)
+            return
+        self.active += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.active -= 1
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        error = ServiceError(
+            "overloaded",
+            f"the server is handling {self.active} requests, its limit (MAX_CONNECTIONS); "
+            f"retry in about {self.retry_after_s} s",
+        )
+        scope.get("state", {}).get("log", {})["code"] = error.code
+        headers = {"Retry-After": str(self.retry_after_s)}
+        await JSONResponse(error.to_dict(), error.status, headers)(scope, receive, send)
