@@ -304,7 +304,13 @@ def test_one_json_log_line_per_request_without_secrets(gated, caplog):
     _, url = gated
     caplog.set_level(logging.INFO, logger="da3_serverless.server")
     post(url, {"image_base64": base64.b64encode(b"secret-pixels").decode()})
-    lines = [r for r in caplog.records if r.getMessage() == "request"]
+
+    def request_lines() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if r.getMessage() == "request"]
+
+    # The line is written once the response is sent, so it may come just after the answer.
+    eventually(request_lines, timeout_s=10, what="the request's log line")
+    lines = request_lines()
     assert len(lines) == 1
     fields = lines[0].fields
     assert fields["path"] == "/runsync" and fields["status"] == 200 and fields["request_id"]
