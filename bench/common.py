@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-IMAGES = REPO.parent / "shared" / "data" / "images"
+IMAGES = REPO / "tests" / "data" / "images"
 SNAPSHOTS = REPO / "artifacts" / "bench-snapshots"
 sys.path.insert(0, str(REPO / "tests"))  # the reference oracle helper lives with the tests
 

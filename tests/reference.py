@@ -88,8 +88,11 @@ def reference_wrapper(preset: str) -> nn.Module:
 GAUSSIAN_HEAD_MODULES = {"gs_head", "gs_adapter"}
 
 
-def load_reference(preset: str, folder: str | Path) -> nn.Module:
-    """The reference wrapper with the weights of ``folder/model.safetensors``.
+def load_reference(
+    preset: str, folder: str | Path, device: str | torch.device = "cpu"
+) -> nn.Module:
+    """The reference wrapper with the weights of ``folder/model.safetensors``, on ``device``
+    (built there, so a GPU does the random init the weights then replace).
 
     Tensors are copied in one at a time (no second copy of a multi-GB state dict). Strict like
     safetensors' ``load_model``: every stored key must exist, and every parameter must be stored
@@ -98,11 +101,14 @@ def load_reference(preset: str, folder: str | Path) -> nn.Module:
     """
     from safetensors import safe_open
 
-    wrapper = reference_wrapper(preset)
+    with torch.device(device):
+        wrapper = reference_wrapper(preset).to(device)  # .to: anything built on a fixed device
     state = wrapper.state_dict(keep_vars=True)
     filled = set()
     with (
-        safe_open(str(Path(folder) / "model.safetensors"), framework="pt") as file,
+        safe_open(
+            str(Path(folder) / "model.safetensors"), framework="pt", device=str(device)
+        ) as file,
         torch.no_grad(),
     ):
         for key in file.keys():  # noqa: SIM118

@@ -17,6 +17,7 @@ import httpx
 import uvicorn
 
 START_TIMEOUT_S = 300  # a cold model load on a busy 2-core machine
+SRC = Path(__file__).resolve().parents[1] / "src"
 
 
 def eventually(condition: Callable[[], object], timeout_s: float = 60, what: str = "") -> None:
@@ -60,12 +61,12 @@ def serve_command(*args: str) -> list[str]:
 
 @contextlib.contextmanager
 def serve_process(
-    env: dict[str, str], log_path: Path, *args: str
+    env: dict[str, str], log_path: Path, *args: str, src: Path = SRC
 ) -> Iterator[tuple[str, subprocess.Popen]]:
     """`da3-serverless serve` on a free port until /ready says 200; yields (URL, process).
-    The process's output goes to `log_path` (shown when it fails to start)."""
+    The process's output goes to `log_path` (shown when it fails to start); `src` is the code
+    it runs (this checkout's by default)."""
     port = free_port()
-    src = Path(__file__).resolve().parents[1] / "src"
     env = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(src), env.get("PYTHONPATH")]))}
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
@@ -107,8 +108,16 @@ def wait_ready(
 def runpod_local_api(env: dict[str, str], log_path: Path) -> Iterator[str]:
     """RunPod's local test API (`python -m da3_serverless.runpod_worker --rp_serve_api`) on a
     free port, once it answers (its docs page is at `/`); yields the base URL."""
+    with runpod_local_process(env, log_path) as (url, _):
+        yield url
+
+
+@contextlib.contextmanager
+def runpod_local_process(
+    env: dict[str, str], log_path: Path, src: Path = SRC
+) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`runpod_local_api`, yielding (URL, process); `src` is the code it runs."""
     port = free_port()
-    src = Path(__file__).resolve().parents[1] / "src"
     env = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(src), env.get("PYTHONPATH")]))}
     command = [sys.executable, "-m", "da3_serverless.runpod_worker", "--rp_serve_api",
                "--rp_api_port", str(port), "--rp_api_host", "127.0.0.1"]  # fmt: skip
@@ -117,7 +126,7 @@ def runpod_local_api(env: dict[str, str], log_path: Path) -> Iterator[str]:
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url, process, log_path, path="/")
-        yield url
+        yield url, process
     finally:
         process.terminate()
         try:

@@ -66,7 +66,10 @@ def test_random_checkpoint_is_determined_by_the_seed(tmp_path, snapshot):
 def test_loads_onto_the_requested_dtype_with_ties_kept(snapshot):
     preset, net = load_network(snapshot, device="cpu", dtype=torch.bfloat16)
     assert preset == PRESET and not net.training
-    assert {p.dtype for p in net.parameters()} == {torch.bfloat16}
+    # The compute dtype holds the backbone's matrices; the heads and the rest stay fp32.
+    assert {p.dtype for p in net.parameters()} == {torch.bfloat16, torch.float32}
+    assert net.backbone.pretrained.blocks[0].attn.qkv.weight.dtype == torch.bfloat16
+    assert {p.dtype for p in net.head.parameters()} == {torch.float32}
     assert not any(p.requires_grad for p in net.parameters())
     aux = net.head.scratch.output_conv2_aux
     assert all(branch[2].weight is aux[0][2].weight for branch in aux)

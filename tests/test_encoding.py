@@ -240,13 +240,14 @@ def test_pointcloud_camera_frame() -> None:
     depth[3, 4], depth[5, 6], depth[7, 8] = np.nan, 0.0, -1.0
     vertices = read_ply(encode_pointcloud_ply(depth, K, rgb))
     assert len(vertices) == depth.size - 3  # invalid depths skipped
-    # pixel (u=10, v=2): x = (u - cx) / fx * d, y = (v - cy) / fy * d, z = d
+    # pixel (column 10, row 2) has its centre at (u, v) = (10.5, 2.5):
+    # x = (u - cx) / fx * d, y = (v - cy) / fy * d, z = d
     d = depth[2, 10]
     index = 2 * 32 + 10 - 0  # row-major order, no skipped pixel before it
     point = vertices[index]
     np.testing.assert_allclose(
         [point["x"], point["y"], point["z"]],
-        [(10 - 15.5) / 40 * d, (2 - 11) / 42 * d, d],
+        [(10.5 - 15.5) / 40 * d, (2.5 - 11) / 42 * d, d],
         rtol=1e-6,
     )
     assert (point["r"], point["g"], point["b"]) == tuple(rgb[2, 10])
@@ -264,9 +265,12 @@ def test_pointcloud_world_frame_matches_the_reference() -> None:
     vertices = read_ply(encode_pointcloud_ply(depth, K, rgb, w2c))
     ours = np.stack([vertices["x"], vertices["y"], vertices["z"]], axis=1)
     c2w = np.linalg.inv(np.concatenate([w2c, [[0, 0, 0, 1]]]))
+    # The reference back-projects integer pixel coordinates; ours use pixel centres (j + 0.5,
+    # i + 0.5), which is the reference with the principal point moved by half a pixel.
+    shifted = K - np.array([[0, 0, 0.5], [0, 0, 0.5], [0, 0, 0]])
     expected = geometry.unproject_depth(
         torch.from_numpy(depth.astype(np.float64))[None, None, ..., None],
-        torch.from_numpy(K)[None, None],
+        torch.from_numpy(shifted)[None, None],
         torch.from_numpy(c2w)[None, None],
     )[0, 0].reshape(-1, 3)
     np.testing.assert_allclose(ours, expected.numpy(), rtol=1e-5, atol=1e-5)

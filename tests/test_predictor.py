@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from da3_serverless.inference.cameras import relative_to_first_view
 from da3_serverless.inference.predictor import Predictor
 from da3_serverless.inference.preprocess import MAX_PROCESS_RES, load_rgb, processing_size
 from da3_serverless.inference.preprocess import to_network_input as network_input
@@ -58,9 +59,10 @@ def test_predict_matches_reference_at_input_resolution(small, small_reference):
         rtol=1e-4,
         atol=1e-5,
     )
-    np.testing.assert_allclose(
-        prediction.extrinsics, expected["extrinsics"][0, :, :3].numpy(), rtol=1e-4, atol=1e-5
-    )
+    # The same cameras, expressed in the first view's camera frame (our world frame).
+    reference_poses = relative_to_first_view(expected["extrinsics"][0, :, :3].double().numpy())
+    np.testing.assert_allclose(prediction.extrinsics, reference_poses, rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(prediction.extrinsics[0], np.eye(4)[:3])
     # Intrinsics come back in pixels of the input image.
     net_width, net_height = processing_size(width, height, RES)
     intrinsics = expected["intrinsics"][0].numpy().astype(np.float64)
@@ -91,9 +93,8 @@ def test_ray_pose_is_repeatable_and_matches_reference(small, small_reference):
     np.testing.assert_array_equal(first.extrinsics, second.extrinsics)
     torch.manual_seed(0)  # the reference samples from the global generator
     expected = reference_outputs(small_reference, PHOTOS, use_ray_pose=True)
-    np.testing.assert_allclose(
-        first.extrinsics, expected["extrinsics"][0, :, :3].numpy(), rtol=1e-4, atol=1e-4
-    )
+    reference_poses = relative_to_first_view(expected["extrinsics"][0, :, :3].double().numpy())
+    np.testing.assert_allclose(first.extrinsics, reference_poses, rtol=1e-4, atol=1e-4)
 
 
 def test_pose_conditioned_input_returns_the_given_cameras(small):
@@ -106,6 +107,8 @@ def test_pose_conditioned_input_returns_the_given_cameras(small):
     np.testing.assert_allclose(prediction.extrinsics, extrinsics)
     np.testing.assert_allclose(prediction.intrinsics, np.stack([intrinsics] * 2))
     assert np.isfinite(prediction.depth).all() and (prediction.depth > 0).all()
+    # The depth is in the poses' units, which the service cannot know to be meters.
+    assert prediction.units == "pose_units" and not prediction.is_metric
 
 
 def test_normalised_extrinsics_match_the_reference(small_reference):

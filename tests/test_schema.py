@@ -111,6 +111,14 @@ def test_image_ref_needs_exactly_one_of_url_or_base64() -> None:
         ("outputs", "depth", "outputs must be a list"),
         ("model_id", 3, "model_id must be a string"),
         ("images", {"url": "u"}, "images must be a list"),
+        ("conf_percentile", 101, "conf_percentile: input should be less than or equal to 100"),
+        ("conf_percentile", -1, "conf_percentile: input should be greater than or equal to 0"),
+        ("conf_percentile", "40", "conf_percentile must be a number"),
+        ("max_points", 0, "max_points: input should be greater than or equal to 1"),
+        ("max_points", 1000.0, "max_points must be a whole number"),
+        ("keep_sky", 1, "keep_sky must be true or false"),
+        ("remove_edges", "true", "remove_edges must be true or false"),
+        ("colmap_text", None, "colmap_text must be true or false"),
     ],
 )
 def test_strict_types_and_bounds(field: str, value: object, expected: str) -> None:
@@ -175,6 +183,10 @@ def test_limits_from_settings() -> None:
     assert ok.process_res == 1008
     message = invalid({"image_url": "u", "process_res": 1022}, settings)
     assert "process_res 1022 is above this server's limit of 1008" in message
+    assert parse_request({"image_url": "u", "max_points": 2_000_000}, settings).max_points
+    few = Settings(max_points=1000)
+    message = invalid({"image_url": "u", "max_points": 1001}, few)
+    assert "max_points 1001 is above this server's limit of 1000" in message
     three = {"images": [{"url": "u"}] * 3}
     assert "at most 2" in invalid(three, settings)
     # without settings only the static bounds apply; check_limits can run later
@@ -191,6 +203,12 @@ def test_output_names_match_the_schema() -> None:
         "sky_mask",
         "depth_npy",
         "pointcloud",
+        "confidence_npy",
+        "depth_exr",
+        "depth_mm_png",
+        "scene_ply",
+        "scene_glb",
+        "colmap",
     }
     assert RunRequest.model_fields["outputs"].default_factory() == ["depth"]
 

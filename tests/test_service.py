@@ -50,8 +50,14 @@ def outputs_of(service: Service) -> list:
     return sorted(service.settings.output_dir.iterdir())
 
 
+# What the random DA3-SMALL cannot give (no sky, relative depth), and the big or slow ones.
+CANNOT = ("sky_mask", "depth_mm_png")
+SKIPPED = ("pointcloud", "scene_ply", "scene_glb", "colmap")
+
+
 def test_every_output_decodes_and_the_response_fits_its_schema(service):
-    body = service.handle(request(outputs=[n for n in OUTPUT_NAMES if n != "pointcloud"]))
+    outputs = [n for n in OUTPUT_NAMES if n not in CANNOT + SKIPPED]
+    body = service.handle(request(outputs=outputs))
     RunResponse.model_validate(body)
     assert body["model_id"] == SMALL_REPO and body["units"] == "relative"
     assert not body["is_metric"] and body["views"] is None
@@ -61,9 +67,20 @@ def test_every_output_decodes_and_the_response_fits_its_schema(service):
     assert confidence.size == (1208, 680)
     depth = np.load(io.BytesIO(base64.b64decode(body["depth_npy"]["base64"])))
     assert depth.shape == (680, 1208) and depth.dtype == np.float32
-    assert "sky_mask is not available from this model" in " ".join(body["warnings"])
-    assert "sky_mask" not in body
+    confidence = np.load(io.BytesIO(base64.b64decode(body["confidence_npy"]["base64"])))
+    assert confidence.shape == (680, 1208) and confidence.dtype == np.float32
+    assert body["depth_exr"]["media_type"] == "image/x-exr"
     assert set(body["timings_ms"]) >= {"decode", "inference", "encode", "save", "total"}
+
+
+@pytest.mark.parametrize("output", CANNOT)
+def test_an_output_the_model_cannot_give_is_refused_before_decoding(service, output):
+    """The one rule for every output: refused up front, so even a broken image is not looked
+    at, and the message says what to do instead."""
+    with pytest.raises(ServiceError) as error:
+        service.handle(request(image_base64="not an image", outputs=["depth", output]))
+    assert error.value.code == "invalid_input"
+    assert f"{output}: " in error.value.message and "DA3-SMALL" in error.value.message
 
 
 def test_several_views_answer_per_view(service):
@@ -244,7 +261,8 @@ def test_a_corrupt_snapshot_is_model_unavailable(hf_cache, tmp_path, small_snaps
 
 def test_multi_view_responses_count_the_repeated_first_view(service):
     """The top level repeats view 0, so its payloads count twice against the budget."""
-    from da3_serverless.api.outputs import Artifact, fit_inline
+    from da3_serverless.api.outputs import Artifact
+    from da3_serverless.api.placement import fit_inline
 
     artifacts = [Artifact(view, "depth", b"x" * 3000, ".png", "image/png") for view in (0, 1)]
     assert len(fit_inline(artifacts, budget=8000)) == 2

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from da3_serverless.client import Client, DA3Error, DepthResult
+from da3_serverless.client import Client, DA3Error
 from da3_serverless.config import Settings, SettingsError, load_settings
 
 
@@ -138,15 +137,6 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-_EXTRA_SUFFIX = {
-    "preview": "preview.png",
-    "confidence": "confidence.png",
-    "sky_mask": "sky.png",
-    "depth_npy": "depth.npy",
-    "pointcloud": "ply",
-}
-
-
 def _request_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("images", nargs="+", help="image files or http(s) URLs")
     parser.add_argument("--endpoint", help="server URL or https://api.runpod.ai/v2/<id> "
@@ -156,22 +146,65 @@ def _request_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("."), help="output folder")
     parser.add_argument("--model", dest="model_id", help="model id or short name")
     parser.add_argument("--process-res", type=int, help="processing resolution (longest side)")
-    parser.add_argument("--outputs", help="comma-separated: depth,preview,confidence,sky_mask,"
-                        "depth_npy,pointcloud (default: depth,preview)")  # fmt: skip
+    parser.add_argument("--outputs", help="comma-separated output names, e.g. depth,preview,"
+                        "depth_npy,pointcloud,depth_exr (default: depth,preview)")  # fmt: skip
     parser.add_argument("--relative", action="store_true", help="output_metric=false")
     parser.add_argument("--focal-length-px", type=float, help="focal length in input pixels")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per image")
+    parser.add_argument(
+        "--scene",
+        action="store_true",
+        help="the images are views of one "
+        "scene: one request, and the scene files (scene_ply, scene_glb, colmap)",
+    )
+    parser.add_argument("--max-points", type=int, help="scene: most points (default 200000)")
+    parser.add_argument("--conf-percentile", type=float, help="scene: drop points below this "
+                        "confidence percentile (default 40)")  # fmt: skip
 
 
 def cmd_request(args: argparse.Namespace, settings: Settings) -> int:
     """`da3-serverless request`: for each image write `<stem>.depth.png` (16-bit), the extras
-    (`<stem>.preview.png`, ...) and `<stem>.json` (the response without base64). Returns 0 when
-    every image succeeded, else 1."""
+    (`<stem>.preview.png`, ...) and `<stem>.json` (the response without base64); with `--scene`
+    one request for all images as views of one scene, written as `scene.*`. Returns 0 when
+    every request succeeded, else 1."""
     endpoint = args.endpoint or settings.endpoint
     if not endpoint:
         print("error: give --endpoint or set DA3_ENDPOINT", file=sys.stderr)
         return 2
-    options: dict[str, Any] = {"outputs": (args.outputs or "depth,preview").split(",")}
+    options = _request_options(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    client = Client(
+        endpoint,
+        api_key=args.api_key or settings.api_key,
+        runpod_api_key=args.runpod_api_key or settings.runpod_api_key,
+        timeout=args.timeout,
+    )
+    jobs = [("scene", list(args.images))] if args.scene else [
+        (Path(str(image).split("?")[0]).stem or "image", image) for image in args.images
+    ]  # fmt: skip
+    failed = 0
+    with client, tqdm(jobs, unit="request", disable=len(jobs) < 2) as bar:
+        for stem, images in bar:
+            try:
+                result = client.depth(images, **options)
+                missing = client.download_outputs(result)
+            except (DA3Error, OSError) as exc:
+                failed += 1
+                tqdm.write(f"{stem}: {exc}", file=sys.stderr)
+                continue
+            result.save_all(args.out, stem)
+            if missing:
+                tqdm.write(f"{stem}: {', '.join(missing)} stayed on the server (see "
+                           f"{stem}.json for their paths)", file=sys.stderr)  # fmt: skip
+    return 1 if failed else 0
+
+
+def _request_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The request fields the `request` command's flags ask for."""
+    outputs = (args.outputs or "depth,preview").split(",")
+    if args.scene:
+        outputs += ["scene_ply", "scene_glb", "colmap"]
+    options: dict[str, Any] = {"outputs": list(dict.fromkeys(outputs))}
     if args.model_id:
         options["model_id"] = args.model_id
     if args.process_res:
@@ -180,50 +213,11 @@ def cmd_request(args: argparse.Namespace, settings: Settings) -> int:
         options["output_metric"] = False
     if args.focal_length_px:
         options["focal_length_px"] = args.focal_length_px
-    args.out.mkdir(parents=True, exist_ok=True)
-    failed = 0
-    client = Client(
-        endpoint,
-        api_key=args.api_key or settings.api_key,
-        runpod_api_key=args.runpod_api_key or settings.runpod_api_key,
-        timeout=args.timeout,
-    )
-    with client, tqdm(args.images, unit="image", disable=len(args.images) < 2) as bar:
-        for image in bar:
-            stem = Path(str(image).split("?")[0]).stem or "image"
-            try:
-                result = client.depth(image, **options)
-            except (DA3Error, OSError) as exc:
-                failed += 1
-                tqdm.write(f"{image}: {exc}", file=sys.stderr)
-                continue
-            _write_result(result, args.out, stem)
-    return 1 if failed else 0
-
-
-def _write_result(result: DepthResult, out: Path, stem: str) -> None:
-    views = result.views or [result]
-    for index, view in enumerate(views):
-        name = stem if len(views) == 1 else f"{stem}.view{index}"
-        if view.depth_png is not None:
-            (out / f"{name}.depth.png").write_bytes(view.depth_png)
-        for extra, data in view.outputs.items():
-            if extra in _EXTRA_SUFFIX:  # never a file name chosen by the server
-                (out / f"{name}.{_EXTRA_SUFFIX[extra]}").write_bytes(data)
-    (out / f"{stem}.json").write_text(json.dumps(_without_base64(result.raw), indent=2))
-
-
-def _without_base64(value: Any) -> Any:
-    """The response with every inline payload replaced by its size, for the metadata file."""
-    if isinstance(value, dict):
-        return {
-            k: (f"<{len(v)} base64 chars>" if k in ("base64", "image_base64") and v else
-                _without_base64(v))
-            for k, v in value.items()
-        }  # fmt: skip
-    if isinstance(value, list):
-        return [_without_base64(v) for v in value]
-    return value
+    if args.max_points is not None:
+        options["max_points"] = args.max_points
+    if args.conf_percentile is not None:
+        options["conf_percentile"] = args.conf_percentile
+    return options
 
 
 def main(argv: list[str] | None = None) -> int:

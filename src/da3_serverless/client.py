@@ -26,6 +26,21 @@ from PIL import Image
 from da3_serverless.api.encoding import decode_depth_png16
 
 ImageInput = str | Path | bytes | Image.Image
+# Output name -> the fixed file suffix `DepthResult.save_all` writes it under (never a name the
+# server chose). Per view: "<stem>.<suffix>" (one view) or "<stem>.view<i>.<suffix>"; the scene
+# outputs (top level only): "<stem>.<suffix>".
+VIEW_FILES = {
+    "depth": "depth.png",
+    "preview": "preview.png",
+    "confidence": "confidence.png",
+    "sky_mask": "sky.png",
+    "depth_npy": "depth.npy",
+    "pointcloud": "ply",
+    "confidence_npy": "confidence.npy",
+    "depth_exr": "depth.exr",
+    "depth_mm_png": "depth_mm.png",
+}
+SCENE_FILES = {"scene_ply": "scene.ply", "scene_glb": "glb", "colmap": "colmap.zip"}
 # Worth retrying: the server is busy or out of memory for now (a missing model is not).
 TRANSIENT_CODES = ("overloaded", "out_of_memory")
 PENDING = ("IN_QUEUE", "IN_PROGRESS")
@@ -42,12 +57,20 @@ class DA3Error(Exception):
         self.message = message
 
 
+def _output(name: str) -> property:
+    return property(
+        lambda self: self.outputs.get(name),
+        doc=f"The `{name}` file's bytes; None when not requested or not inline.",
+    )
+
+
 @dataclass
 class DepthResult:
     """One view's result. `depth` is (H, W) float32 in `units` (meters when `is_metric`),
     decoded from `depth_npy` when requested (exact) else from the 16-bit PNG; None when the
-    server returned paths instead of base64. `outputs` holds each inline extra's bytes
-    (`preview` PNG, `depth_npy`, `pointcloud` PLY, ...)."""
+    server returned paths instead of base64. `outputs` holds each inline output's bytes by name
+    (`preview` PNG, `depth_npy`, `pointcloud` PLY, ...; the top-level result also holds the
+    scene outputs `scene_ply`, `scene_glb`, `colmap`), also readable as attributes."""
 
     depth: np.ndarray | None
     width: int
@@ -64,12 +87,64 @@ class DepthResult:
     model_id: str = ""
     views: list[DepthResult] = field(default_factory=list)
 
+    preview = _output("preview")
+    confidence = _output("confidence")
+    sky_mask = _output("sky_mask")
+    depth_npy = _output("depth_npy")
+    pointcloud = _output("pointcloud")
+    confidence_npy = _output("confidence_npy")
+    depth_exr = _output("depth_exr")
+    depth_mm_png = _output("depth_mm_png")
+    scene_ply = _output("scene_ply")
+    scene_glb = _output("scene_glb")
+    colmap = _output("colmap")
+
     @property
-    def preview(self) -> bytes | None:
-        return self.outputs.get("preview")
+    def scene(self) -> dict[str, Any] | None:
+        """The response's scene summary (points, what each filter removed), or None."""
+        return self.raw.get("scene")
 
     def preview_image(self) -> Image.Image | None:
         return None if self.preview is None else Image.open(io.BytesIO(self.preview))
+
+    def save_all(self, folder: str | Path, stem: str = "da3") -> list[Path]:
+        """Write every inline output into `folder` under fixed names (VIEW_FILES and SCENE_FILES
+        suffixes after `stem`), and `<stem>.json`, the response without its base64 payloads.
+        Outputs the server returned only as a path or URL are not written (the JSON names
+        them; `Client.download_outputs` fetches URLs first). Returns the paths written."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        files: dict[str, bytes] = {}
+        views = self.views or [self]
+        for index, view in enumerate(views):
+            name = stem if len(views) == 1 else f"{stem}.view{index}"
+            if view.depth_png is not None:
+                files[f"{name}.{VIEW_FILES['depth']}"] = view.depth_png
+            for output, data in view.outputs.items():
+                if output in VIEW_FILES:
+                    files[f"{name}.{VIEW_FILES[output]}"] = data
+        for output, suffix in SCENE_FILES.items():
+            if output in self.outputs:
+                files[f"{stem}.{suffix}"] = self.outputs[output]
+        files[f"{stem}.json"] = json.dumps(without_base64(self.raw), indent=2).encode()
+        written = []
+        for file_name, data in files.items():
+            (folder / file_name).write_bytes(data)
+            written.append(folder / file_name)
+        return written
+
+
+def without_base64(value: Any) -> Any:
+    """The response with every inline payload replaced by its size, for the metadata file."""
+    if isinstance(value, dict):
+        return {
+            k: (f"<{len(v)} base64 chars>" if k in ("base64", "image_base64") and v else
+                without_base64(v))
+            for k, v in value.items()
+        }  # fmt: skip
+    if isinstance(value, list):
+        return [without_base64(v) for v in value]
+    return value
 
 
 def parse_response(response: dict[str, Any]) -> DepthResult:
@@ -161,7 +236,8 @@ class Client:
         """Depth for one image (path, URL, bytes, PIL) or a list of views of one scene.
 
         `options` are v1 request fields: model_id, process_res, outputs, output_metric,
-        use_ray_pose, focal_length_px, intrinsics, extrinsics, return_base64."""
+        use_ray_pose, focal_length_px, intrinsics, extrinsics, return_base64, and the scene
+        options conf_percentile, max_points, keep_sky, remove_edges, colmap_text."""
         if isinstance(image, (list, tuple)):
             payload: dict[str, Any] = {"images": [image_fields(i) for i in image]}
         else:
@@ -169,6 +245,31 @@ class Client:
             key = "image_url" if "url" in source else "image_base64"
             payload = {key: next(iter(source.values()))}
         return parse_response(self.run({**payload, **options}))
+
+    def download_outputs(self, result: DepthResult) -> list[str]:
+        """Fetch the outputs the server returned only as a bucket URL into `result.outputs` (and
+        each view's); returns the names of those that remain without bytes (volume paths,
+        failed downloads)."""
+        missing = []
+        for target in [result, *result.views]:
+            for name, entry in target.raw.items():
+                if not isinstance(entry, dict) or "media_type" not in entry:
+                    continue
+                if name in target.outputs:
+                    continue
+                url = entry.get("url")
+                if not (isinstance(url, str) and url.startswith(("https://", "http://"))):
+                    missing.append(name)
+                    continue
+                try:
+                    # Without this client's headers: the bucket must not see the keys.
+                    response = httpx.get(url, timeout=self.timeout)
+                    response.raise_for_status()
+                except httpx.HTTPError:
+                    missing.append(name)
+                    continue
+                target.outputs[name] = response.content
+        return sorted(set(missing))
 
     def models(self) -> list[dict[str, Any]]:
         """The model table (self-hosted server only: `GET /models`)."""

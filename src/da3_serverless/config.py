@@ -96,6 +96,14 @@ class Settings(BaseSettings):
         default=2016, ge=14, le=2016, validation_alias=_env("MAX_PROCESS_RES")
     )
     allow_private_urls: bool = Field(default=False, validation_alias=_env("DA3_ALLOW_PRIVATE_URLS"))
+    # Most points a request's scene outputs may ask for (`max_points`).
+    max_points: int = Field(default=2_000_000, ge=1, validation_alias=_env("MAX_POINTS"))
+    # Longest image_base64 (or images[].base64) text; None: `base64_chars_limit`'s default.
+    max_base64_chars: int | None = Field(
+        default=None, ge=1, validation_alias=_env("MAX_BASE64_CHARS")
+    )
+    # Self-hosted: the time a request body has to arrive.
+    body_timeout_s: float = Field(default=60.0, gt=0, validation_alias=_env("BODY_TIMEOUT_S"))
 
     # Self-hosted server
     max_body_bytes: int = Field(default=100_000_000, ge=1, validation_alias=_env("MAX_BODY_BYTES"))
@@ -150,6 +158,14 @@ class Settings(BaseSettings):
         if self.runpod_volume.is_dir() and os.access(self.runpod_volume, os.W_OK):
             return self.runpod_volume / "DA3-Serverless"
         return Path("/workspace/DA3-Serverless")
+
+    @property
+    def base64_chars_limit(self) -> int:
+        """MAX_BASE64_CHARS, by default the base64 text of a MAX_DOWNLOAD_BYTES file with room
+        for line breaks (3 %) and a data: URI prefix."""
+        if self.max_base64_chars is not None:
+            return self.max_base64_chars
+        return -(-self.max_download_bytes // 3) * 4 * 103 // 100 + 1024
 
     @property
     def cache_dir(self) -> Path:

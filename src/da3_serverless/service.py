@@ -5,8 +5,8 @@ may)."""
 
 from __future__ import annotations
 
-import base64
 import logging
+import math
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -26,21 +26,31 @@ from da3_serverless.api.budget import (
     estimate_cost,
     request_budget,
 )
+from da3_serverless.api.cameras import checked_cameras
 from da3_serverless.api.errors import ServiceError
 from da3_serverless.api.images import DecodedImage, decode_request_images, open_request_images
-from da3_serverless.api.outputs import Artifact, encode_outputs, fit_inline, view_skeleton
+from da3_serverless.api.outputs import (
+    Artifact,
+    encode_outputs,
+    encode_scene,
+    unavailable_outputs,
+    view_skeleton,
+    wants_scene,
+)
+from da3_serverless.api.placement import place_outputs
 from da3_serverless.api.schema import SCHEMA_VERSION, RunRequest, parse_request
-from da3_serverless.api.storage import OutputStore, StorageError
+from da3_serverless.api.storage import OutputStore, Saved
 from da3_serverless.config import Settings
 from da3_serverless.inference.cache import (
     ModelCache,
     canonical_model_id,
     default_budget_bytes,
 )
-from da3_serverless.inference.catalog import MODELS, lookup_model, valid_model_ids
+from da3_serverless.inference.catalog import MODELS, ModelInfo, lookup_model, valid_model_ids
 from da3_serverless.inference.prediction import Prediction
-from da3_serverless.inference.predictor import Predictor, PredictRequest
+from da3_serverless.inference.predictor import Predictor, PredictRequest, default_dtype
 from da3_serverless.inference.weights import ModelNotFoundError, WeightLocator
+from da3_serverless.model.checkpoint import CheckpointError, read_preset
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +83,9 @@ class Service:
         self.settings = settings
         self.store = OutputStore(settings)
         self.locator = WeightLocator.from_settings(settings)
-        self.model_cache = model_cache or ModelCache(self._load, self._budget_bytes())
+        self.model_cache = model_cache or ModelCache(
+            self._load, self._budget_bytes(), self._model_dtype()
+        )
         self.budget = self._request_budget()
         self._ready = False
 
@@ -129,34 +141,67 @@ class Service:
         """Serve one v1 request (the RunPod `input` object); `api_key` comes from transport
         headers and is used when the payload has none. Returns the response dict; raises
         ServiceError. A failed request leaves no file behind."""
-        timer = _Timer()
-        started = time.perf_counter()
-        with timer.stage("validate"):
+        intake = self._intake(payload, api_key)
+        with ExitStack() as pinned:  # the model stays loaded while this request uses it
+            with intake.timer.stage("load_model"):
+                predictor = self._predictor(intake.model_id, pinned)
+            self._check_model(intake, predictor)
+            with intake.timer.stage("inference"):
+                prediction = self._predict(predictor, intake.request, intake.images)
+        return self._complete(intake, (predictor, prediction))
+
+    def _intake(self, payload: object, api_key: str | None) -> _Intake:
+        """The stages before the model: auth and the request, the outputs the model can give,
+        the images' headers, the budget, the pixels and the camera numbers."""
+        intake = _Intake(_Timer(), time.perf_counter())
+        with intake.timer.stage("validate"):
             request = self.authorize(payload, api_key)
-            model_id = self.model_key(request)
-        with timer.stage("decode"):
+            intake.model_id = self.model_key(request)
+            intake.capabilities = _capabilities(intake.model_id)
+            if intake.capabilities is not None:
+                _check_outputs(request, intake.capabilities)
+        with intake.timer.stage("decode"):
             opened = open_request_images(request, self.settings)
             sizes = [(view.width, view.height) for view in opened]
-            self.budget.check(estimate_cost(model_id, request.process_res, sizes))
-            images = decode_request_images(opened, self.settings)
-        with ExitStack() as pinned:  # the model stays loaded while this request uses it
-            with timer.stage("load_model"):
-                predictor = self._predictor(model_id, pinned)
-            _check_metric(request, predictor)
-            with timer.stage("inference"):
-                prediction = self._predict(predictor, request, images)
+            scene_points = request.max_points if wants_scene(request) else None
+            intake.cost = estimate_cost(intake.model_id, request.process_res, sizes, scene_points)
+            self.budget.check(intake.cost)
+            intake.images = decode_request_images(opened, self.settings)
+            sizes = [(image.width, image.height) for image in intake.images]
+            intake.request = checked_cameras(request, sizes)
+        return intake
+
+    def _check_model(self, intake: _Intake, predictor: Predictor) -> None:
+        """What needs the loaded model: its outputs (when its preset was not known up front)
+        and whether it can give meters."""
+        if intake.capabilities is None:  # a model folder whose preset could not be read
+            _check_outputs(intake.request, predictor.capabilities)
+        _check_metric(intake.request, predictor)
+
+    def _complete(self, intake: _Intake, outcome: tuple[Predictor, Prediction] | Exception) -> dict:
+        """The stages after the model (encode, scene, respond, save); raises the request's
+        error when `outcome` is one. A failed request leaves no file behind."""
+        if isinstance(outcome, Exception):
+            raise outcome
+        predictor, prediction = outcome
+        timer, request, images = intake.timer, intake.request, intake.images
         self.store.maybe_prune()
-        saved: list[Path] = []
+        saved: list[Saved] = []
         try:
             with timer.stage("encode"):
                 artifacts, warnings = encode_outputs(request, prediction, images)
+            if wants_scene(request):
+                with timer.stage("scene"):
+                    scene, scene_warnings = encode_scene(request, prediction, images)
+                artifacts, warnings = [*artifacts, *scene], [*warnings, *scene_warnings]
             response = self._respond(
                 request, predictor, prediction, artifacts, timer, saved, warnings
             )
+            check_finite(response)
         except BaseException:
             self.store.discard(saved)
             raise
-        timer.timings_ms["total"] = round((time.perf_counter() - started) * 1000, 3)
+        timer.timings_ms["total"] = round((time.perf_counter() - intake.started) * 1000, 3)
         response["timings_ms"] = timer.timings_ms
         return response
 
@@ -209,7 +254,7 @@ class Service:
         return (
             len(costs) <= self.settings.max_batch
             and sum(cost.tokens for cost in costs) <= self.budget.tokens
-            and sum(cost.pixels for cost in costs) <= self.budget.pixels
+            and sum(cost.pixels + cost.scene_pixels for cost in costs) <= self.budget.pixels
         )
 
     def authorize(self, payload: object, api_key: str | None = None) -> RunRequest:
@@ -217,7 +262,10 @@ class Service:
         then the request; raises ServiceError. Auth comes first so an unauthenticated caller
         learns nothing about the request format."""
         body_key = payload.get("api_key") if isinstance(payload, dict) else None
-        check_api_key(body_key if isinstance(body_key, str) else api_key, self.settings)
+        # An empty body key counts as absent; any other body key wins over the headers'.
+        check_api_key(
+            body_key if isinstance(body_key, str) and body_key else api_key, self.settings
+        )
         return parse_request(payload, self.settings)
 
     @property
@@ -283,20 +331,6 @@ class Service:
                 "views, or retry",
             ) from None
 
-    def _intake(self, payload: object, api_key: str | None) -> _Intake:
-        """`handle`'s stages before the model, for one request of a batch."""
-        intake = _Intake(_Timer(), time.perf_counter())
-        with intake.timer.stage("validate"):
-            intake.request = self.authorize(payload, api_key)
-            intake.model_id = self.model_key(intake.request)
-        with intake.timer.stage("decode"):
-            opened = open_request_images(intake.request, self.settings)
-            sizes = [(view.width, view.height) for view in opened]
-            intake.cost = estimate_cost(intake.model_id, intake.request.process_res, sizes)
-            self.budget.check(intake.cost)
-            intake.images = decode_request_images(opened, self.settings)
-        return intake
-
     def _predict_batch(
         self, model_id: str, intakes: list[_Intake]
     ) -> list[tuple[Predictor, Prediction] | Exception]:
@@ -310,7 +344,7 @@ class Service:
             except ServiceError as error:
                 return [error] * len(intakes)
             loading = time.perf_counter() - load_started
-            outcomes: list = [_outcome(_check_metric, i.request, predictor) for i in intakes]
+            outcomes: list = [_outcome(self._check_model, i, predictor) for i in intakes]
             ready = [i for i, outcome in enumerate(outcomes) if outcome is None]
             inference_started = time.perf_counter()
             predictions = predictor.predict_batch(
@@ -342,28 +376,6 @@ class Service:
             )
         return error
 
-    def _complete(self, intake: _Intake, outcome: tuple[Predictor, Prediction] | Exception) -> dict:
-        """`handle`'s stages after the model (encode, respond, save), for one request of a
-        batch; raises its error."""
-        if isinstance(outcome, Exception):
-            raise outcome
-        predictor, prediction = outcome
-        timer, request = intake.timer, intake.request
-        self.store.maybe_prune()
-        saved: list[Path] = []
-        try:
-            with timer.stage("encode"):
-                artifacts, warnings = encode_outputs(request, prediction, intake.images)
-            response = self._respond(
-                request, predictor, prediction, artifacts, timer, saved, warnings
-            )
-        except BaseException:
-            self.store.discard(saved)
-            raise
-        timer.timings_ms["total"] = round((time.perf_counter() - intake.started) * 1000, 3)
-        response["timings_ms"] = timer.timings_ms
-        return response
-
     def _respond(
         self,
         request: RunRequest,
@@ -371,68 +383,28 @@ class Service:
         prediction: Prediction,
         artifacts: list[Artifact],
         timer: _Timer,
-        saved: list[Path],
+        saved: list[Saved],
         warnings: list[str],
     ) -> dict:
         views = [view_skeleton(prediction, index) for index in range(len(prediction))]
-        budget = self.settings.max_response_bytes if request.return_base64 else 0
-        inline = fit_inline(artifacts, budget, repeated_view=0 if len(views) > 1 else None)
-        stored = sorted({a.name for a in artifacts if id(a) not in inline})
-        if request.return_base64 and stored:
-            warnings.append(
-                f"{', '.join(stored)} would pass MAX_RESPONSE_BYTES ({budget} bytes) inline: "
-                "stored and returned as paths/URLs instead of base64"
-            )
         with timer.stage("save"):
-            for artifact in artifacts:
-                entry = self._place(artifact, id(artifact) in inline, saved, warnings)
-                view = views[artifact.view]
-                view.update(artifact.fields)
-                if artifact.name == "depth" and not entry.keys() & {"base64", "path", "url"}:
-                    # Nowhere to store it: the depth map is the answer, so it goes inline.
-                    entry["base64"] = base64.b64encode(artifact.data).decode("ascii")
-                    warnings.append("the depth map could not be stored, so it is inline")
-                if artifact.name == "depth":
-                    view["image_base64"] = entry.get("base64")
-                    view["file_path"] = entry.get("path")
-                    if "url" in entry:
-                        view["file_url"] = entry["url"]
-                else:
-                    view[artifact.name] = entry
-        response = {
+            placed = place_outputs(
+                artifacts, len(views), self.store,
+                budget=self.settings.max_response_bytes if request.return_base64 else None,
+                order=request.outputs, saved=saved, warnings=warnings,
+            )  # fmt: skip
+        for view, fields in zip(views, placed.views, strict=True):
+            view.update(fields)
+        return {
             "schema_version": SCHEMA_VERSION,
             "model_id": predictor.model_id,
             "is_metric": prediction.is_metric,
             "units": prediction.units,
             **views[0],
             "views": views if len(views) > 1 else None,
+            **placed.top,
             "warnings": list(dict.fromkeys(warnings)),
         }
-        return response
-
-    def _place(
-        self, artifact: Artifact, inline: bool, saved: list[Path], warnings: list[str]
-    ) -> dict:
-        """Inline base64 and/or a file on the volume (always for the depth PNG, and for extras
-        that are not inline), or a bucket URL when a bucket is configured."""
-        entry: dict = {"media_type": artifact.media_type}
-        if inline:
-            entry["base64"] = base64.b64encode(artifact.data).decode("ascii")
-        if not inline and self.store.has_bucket:
-            try:
-                entry["url"] = self.store.upload(
-                    artifact.data, artifact.suffix, artifact.media_type
-                )
-            except StorageError as error:
-                warnings.append(f"could not upload {artifact.name} to the bucket: {error}")
-        if artifact.name == "depth" or not inline:
-            try:
-                path = self.store.save(artifact.data, artifact.suffix)
-                saved.append(path)
-                entry["path"] = str(path)
-            except StorageError as error:
-                warnings.append(f"could not save {artifact.name} on the volume: {error}")
-        return entry
 
     def _load(self, model_id: str) -> Predictor:
         predictor = Predictor.from_pretrained(
@@ -444,6 +416,13 @@ class Service:
         if self.settings.compile:
             predictor.compile(self.settings.compile_cache_dir)
         return predictor
+
+    def _model_dtype(self) -> torch.dtype:
+        """The compute dtype models load in (DA3_DTYPE, else the device's default)."""
+        device = torch.device(
+            self.settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        )
+        return _dtype(self.settings.dtype) or default_dtype(device)
 
     def _budget_bytes(self) -> int:
         if self.settings.model_memory_budget_gb is not None:
@@ -474,13 +453,15 @@ _POOL_THREADS = 4
 
 @dataclass
 class _Intake:
-    """One request of a batch between its stages: timings so far, the checked request, its
-    model, its cost (priced from the image headers) and its decoded views."""
+    """One request between its stages: timings so far, the checked request, its model and
+    what it can give (None when unknown before loading), its cost (priced from the image
+    headers) and its decoded views."""
 
     timer: _Timer
     started: float
     request: RunRequest | None = None
     model_id: str = ""
+    capabilities: ModelInfo | None = None
     cost: RequestCost | None = None
     images: list[DecodedImage] = field(default_factory=list)
 
@@ -521,6 +502,28 @@ def _check_metric(request: RunRequest, predictor: Predictor) -> None:
         )
 
 
+def _capabilities(model_id: str) -> ModelInfo | None:
+    """What the model can give, known before loading it: from the model table, or from the
+    preset named in a snapshot folder's config.json; None when neither says."""
+    info = lookup_model(model_id)
+    if info is None and Path(model_id).is_dir():
+        try:
+            info = lookup_model(read_preset(model_id))
+        except CheckpointError:
+            return None
+    return info
+
+
+def _check_outputs(request: RunRequest, capabilities: ModelInfo) -> None:
+    """Outputs the model cannot give are refused (the one rule for every output)."""
+    reasons = unavailable_outputs(request, capabilities)
+    if reasons:
+        raise ServiceError(
+            "invalid_input",
+            "this request asks for outputs the model cannot give: " + "; ".join(reasons),
+        )
+
+
 def warm_up(predictor: Predictor) -> None:
     """One small forward pass, so the first request does not pay for lazy initialisation."""
     pixels = np.zeros((280, 280, 3), dtype=np.uint8)
@@ -531,3 +534,21 @@ def warm_up(predictor: Predictor) -> None:
 def _dtype(name: str | None) -> torch.dtype | None:
     """The torch dtype named by DA3_DTYPE (checked and made canonical in config.py)."""
     return None if name is None else getattr(torch, name)
+
+
+def check_finite(response: object, where: str = "response") -> None:
+    """Raise `ServiceError("internal")` (the place logged) if the response holds NaN or an
+    infinity anywhere: JSON cannot carry them, so such a response could not be sent."""
+    if isinstance(response, float) and not math.isfinite(response):
+        log.error("non-finite number %r at %s of a response", response, where)
+        raise ServiceError(
+            "internal",
+            f"the result held a non-finite number (at {where}); this is a bug, the server log "
+            "has the details",
+        )
+    if isinstance(response, dict):
+        for key, value in response.items():
+            check_finite(value, f"{where}.{key}")
+    elif isinstance(response, list):
+        for index, value in enumerate(response):
+            check_finite(value, f"{where}[{index}]")

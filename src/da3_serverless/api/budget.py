@@ -2,9 +2,10 @@
 
 `estimate_cost` is the one place that prices a request (docs/ARCHITECTURE.md §4): from the
 views' sizes in their image headers and the request's `process_res` it counts the network
-tokens and the output pixels. Later features extend `RequestCost` with their own named parts
-(scene exports add theirs; batching prices each batch). `Budget.check` refuses a request over
-budget with `request_too_large` (413) before any pixel is decoded or a model is loaded.
+tokens and the output pixels, and the scene outputs' host memory in output pixels' worth. Later
+features extend `RequestCost` with their own named parts (batching prices each batch).
+`Budget.check` refuses a request over budget with `request_too_large` (413) before any pixel is
+decoded or a model is loaded.
 
 Default budgets depend on the device, chosen once at start (`default_budget`):
 - CPU: `CPU_BUDGET_TOKENS` and `CPU_BUDGET_PIXELS`, fixed and low: on a CPU time is the limit
@@ -18,10 +19,12 @@ Default budgets depend on the device, chosen once at start (`default_budget`):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from da3_serverless.api.errors import ServiceError
+from da3_serverless.exports.points import scene_bytes
 from da3_serverless.inference.preprocess import PATCH_SIZE, processing_size
 
 # A CPU worker: about 11 views of a 16:9 photo or 6 square views at process_res 504, or one
@@ -44,7 +47,9 @@ MIN_BUDGET_TOKENS = (504 // PATCH_SIZE) ** 2  # one square view at the native 50
 class RequestCost:
     """A request's price: `views`, the network input `grid` (W', H') every view is resized to,
     `tokens` = views x (H'/14) x (W'/14) through the network, `pixels` = the output maps at
-    input resolution (the sum of W x H over the views)."""
+    input resolution (the sum of W x H over the views), `scene_pixels` = the scene outputs'
+    host memory (fusing every pixel, then up to `max_points` points in three files) as that
+    many output pixels' worth (HOST_BYTES_PER_PIXEL each); 0 without scene outputs."""
 
     model_id: str
     process_res: int
@@ -52,6 +57,7 @@ class RequestCost:
     grid: tuple[int, int]
     tokens: int
     pixels: int
+    scene_pixels: int = 0
 
 
 @dataclass(frozen=True)
@@ -83,18 +89,34 @@ class Budget:
                 f"size), over this server's budget of {self.pixels}: send smaller images "
                 "or fewer views"
             )
+        elif cost.pixels + cost.scene_pixels > self.pixels:
+            problems.append(
+                f"the images hold {cost.pixels} pixels in all and their scene outputs need the "
+                f"memory of {cost.scene_pixels} more, over this server's budget of "
+                f"{self.pixels}: lower max_points, send smaller images or fewer views, or "
+                "leave out scene_ply, scene_glb and colmap"
+            )
         if problems:
             raise ServiceError("request_too_large", "; ".join(problems))
 
 
-def estimate_cost(model_id: str, process_res: int, sizes: Sequence[tuple[int, int]]) -> RequestCost:
+def estimate_cost(
+    model_id: str,
+    process_res: int,
+    sizes: Sequence[tuple[int, int]],
+    scene_points: int | None = None,
+) -> RequestCost:
     """The cost of running `model_id` on views of `sizes` ((W, H) from the image headers, in
-    request order) at `process_res`. Every view is resized to the first view's grid (as the
-    predictor does); EXIF rotation swaps W and H and changes neither count."""
+    request order) at `process_res`, with scene outputs of at most `scene_points` points (None:
+    no scene output). Every view is resized to the first view's grid (as the predictor does);
+    EXIF rotation swaps W and H and changes neither count."""
     width, height = processing_size(*sizes[0], process_res)
     tokens = len(sizes) * (width // PATCH_SIZE) * (height // PATCH_SIZE)
     pixels = sum(w * h for w, h in sizes)
-    return RequestCost(model_id, process_res, len(sizes), (width, height), tokens, pixels)
+    scene = 0
+    if scene_points is not None:
+        scene = math.ceil(scene_bytes(pixels, scene_points) / HOST_BYTES_PER_PIXEL)
+    return RequestCost(model_id, process_res, len(sizes), (width, height), tokens, pixels, scene)
 
 
 def default_budget(

@@ -234,8 +234,9 @@ def encode_pointcloud_ply(
 ) -> bytes:
     """A binary little-endian PLY of coloured 3D points back-projected from a depth map.
 
-    depth (H,W) with z-depth, intrinsics (3,3) in pixels, rgb (H,W,3) uint8. Pixel (u,v) (column,
-    row, integer indices) at depth d gives x_cam = d * K^-1 [u, v, 1]. With extrinsics (3,4)
+    depth (H,W) with z-depth, intrinsics (3,3) in pixels, rgb (H,W,3) uint8. The pixel in column j,
+    row i has its centre at (u, v) = (j + 0.5, i + 0.5) (the convention of DA3's principal point
+    and of COLMAP) and at depth d gives x_cam = d * K^-1 [u, v, 1]. With extrinsics (3,4)
     world-to-camera [R|t], points are written in world coordinates x_world = R^T (x_cam - t),
     else in camera coordinates. Pixels with non-finite or non-positive depth are skipped. Every
     `stride`-th row and column is used; `max_points` raises the stride until the grid holds at
@@ -248,7 +249,7 @@ def encode_pointcloud_ply(
         stride = max(stride, math.ceil(math.sqrt(height * width / max(max_points, 1))))
     d = np.asarray(depth[::stride, ::stride], dtype=np.float32)
     colors = np.asarray(rgb[::stride, ::stride], dtype=np.uint8)
-    v, u = np.mgrid[0:height:stride, 0:width:stride].astype(np.float32)
+    v, u = np.mgrid[0:height:stride, 0:width:stride].astype(np.float32) + np.float32(0.5)
     valid = np.isfinite(d) & (d > 0)
     d, u, v, colors = d[valid], u[valid], v[valid], colors[valid]
     # One affine map from d * [u, v, 1] to the output frame: x = M p + offset.

@@ -1,25 +1,22 @@
-"""Getting the request's images: base64 and URL sources, safe downloads, careful decoding.
+"""Getting the request's images: base64 and URL sources, careful decoding.
 
 Everything here treats its input as hostile (docs/ARCHITECTURE.md §5): sizes are checked from
-the header before pixels are decoded, only a fixed set of formats is parsed, URLs may only reach
-public addresses.
+the header before pixels are decoded, only a fixed set of formats is parsed; downloads (public
+addresses only, one deadline, bounded bytes) are `api/download.py`'s.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import ipaddress
-import socket
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from io import BytesIO
 
-import httpx
 import pillow_heif
 from PIL import Image
 
+from da3_serverless.api.download import fetch_url
 from da3_serverless.api.errors import ServiceError
 from da3_serverless.api.schema import RunRequest, check_limits
 from da3_serverless.config import Settings
@@ -35,13 +32,6 @@ FORMATS = tuple(
     f for f in ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF", "HEIF", "AVIF") if f in Image.OPEN
 )
 FORMATS_TEXT = "JPEG, PNG, WebP, BMP, TIFF, GIF, HEIC/HEIF or AVIF"
-MAX_REDIRECTS = 5
-USER_AGENT = "da3-serverless (image fetcher)"
-# Cloud metadata endpoints. They are non-global addresses anyway; listed so the intent is explicit.
-METADATA_ADDRESSES = frozenset(
-    ipaddress.ip_address(a) for a in ("169.254.169.254", "169.254.170.2", "fd00:ec2::254")
-)
-NAT64_PREFIX = ipaddress.ip_network("64:ff9b::/96")
 
 
 @dataclass(frozen=True)
@@ -161,161 +151,6 @@ def _too_large(source: str, size: tuple[int, int] | None, settings: Settings) ->
         "image_too_large",
         f"{source} is {what}; this server accepts at most {limit}x{limit}: resize the image "
         f"so its longest side is at most {limit} px",
-    )
-
-
-# ---- downloading ------------------------------------------------------------------------------
-
-
-def refusal_reason(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
-    """Why a download may not connect to `ip` (None if it may): only global unicast addresses
-    are allowed; IPv6 forms that embed an IPv4 address are judged by that address too."""
-    if ip in METADATA_ADDRESSES:
-        return "a cloud metadata address"
-    if ip.is_multicast:
-        return "a multicast address"
-    if not ip.is_global:
-        kind = "loopback" if ip.is_loopback else "link-local" if ip.is_link_local else "private"
-        return f"a {kind} or reserved address"
-    if isinstance(ip, ipaddress.IPv6Address):
-        embedded = ip.ipv4_mapped or ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
-        if embedded is None and ip in NAT64_PREFIX:
-            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
-        if embedded is not None:
-            return refusal_reason(embedded)
-    return None
-
-
-def resolve(host: str, port: int) -> list[str]:
-    """All addresses `host` resolves to (TCP). Tests replace this to simulate DNS."""
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    return list(dict.fromkeys(str(info[4][0]) for info in infos))
-
-
-def _checked_address(url: httpx.URL) -> str:
-    """Resolve the URL's host and return the address to connect to, after checking every
-    address it resolves to (a host with one private address among public ones is refused)."""
-    host = url.raw_host.decode("ascii")
-    try:
-        addresses = resolve(host, url.port or (443 if url.scheme == "https" else 80))
-    except (OSError, UnicodeError):
-        raise ServiceError(
-            "fetch_failed", f"could not resolve the image URL's host {host!r}: check the URL"
-        ) from None
-    for address in addresses:
-        reason = refusal_reason(ipaddress.ip_address(address.split("%")[0]))
-        if reason:
-            raise ServiceError(
-                "invalid_input",
-                f"the image URL's host {host!r} resolves to {reason}; downloads may only reach "
-                "public internet addresses (private, loopback, link-local and metadata addresses "
-                "are refused): use a publicly reachable URL or send the image as image_base64",
-            )
-    if not addresses:
-        raise ServiceError("fetch_failed", f"the image URL's host {host!r} has no address")
-    return addresses[0]
-
-
-def _parse_url(url: str) -> httpx.URL:
-    try:
-        parsed = httpx.URL(url)
-    except (httpx.InvalidURL, TypeError, ValueError):
-        parsed = None
-    if parsed is None or parsed.scheme not in ("http", "https") or not parsed.raw_host:
-        raise ServiceError(
-            "invalid_input",
-            "the image URL must be an absolute http:// or https:// URL "
-            "(other schemes such as file:// or ftp:// are refused)",
-        )
-    return parsed
-
-
-def fetch_url(url: str, settings: Settings) -> bytes:
-    """Download an image over http(s) with size (`settings.max_download_bytes`) and time
-    (`settings.download_timeout_s`, for the whole download) caps.
-
-    Unless `settings.allow_private_urls`, every hop (redirects are followed here, at most 5) is
-    resolved and checked with `refusal_reason`, and the connection goes to the checked address
-    itself: the request is sent to that IP with the original Host header and TLS server name,
-    so a DNS answer that changes between check and connect (DNS rebinding) cannot redirect it.
-    Errors: invalid_input (bad scheme, refused address), fetch_failed (network, HTTP status,
-    timeout), image_too_large (size cap). Messages name the host only, never the full URL (it may
-    carry tokens). DNS lookups themselves are not bounded by the time cap.
-    """
-    current = _parse_url(url)
-    deadline = time.monotonic() + settings.download_timeout_s
-    with httpx.Client(trust_env=False, follow_redirects=False) as client:
-        for _ in range(MAX_REDIRECTS + 1):
-            host = current.host
-            if settings.allow_private_urls:
-                request = client.build_request("GET", current)
-            else:
-                address = _checked_address(current)
-                request = client.build_request(
-                    "GET",
-                    current.copy_with(host=address),
-                    headers={"Host": current.netloc.decode("ascii")},
-                    extensions={"sni_hostname": current.raw_host.decode("ascii")},
-                )
-            request.headers["User-Agent"] = USER_AGENT
-            remaining = deadline - time.monotonic()
-            request.extensions["timeout"] = httpx.Timeout(max(remaining, 0.001)).as_dict()
-            try:
-                response = client.send(request, stream=True)
-                try:
-                    if response.is_redirect:
-                        current = _parse_url(str(current.join(response.headers["location"])))
-                        continue
-                    if response.status_code != 200:
-                        raise ServiceError(
-                            "fetch_failed",
-                            f"the image URL's server ({host}) answered HTTP "
-                            f"{response.status_code} {response.reason_phrase}: check that the "
-                            "URL is public and points to an image",
-                        )
-                    return _read_capped(response, settings, deadline, host)
-                finally:
-                    response.close()
-            except httpx.TimeoutException:
-                raise _timed_out(host, settings) from None
-            except httpx.HTTPError as exc:
-                raise ServiceError(
-                    "fetch_failed",
-                    f"could not download the image from {host} ({type(exc).__name__}): check "
-                    "that the URL is reachable from the internet",
-                ) from None
-    raise ServiceError(
-        "fetch_failed",
-        f"the image URL redirected more than {MAX_REDIRECTS} times: give the final URL",
-    )
-
-
-def _read_capped(response: httpx.Response, settings: Settings, deadline: float, host: str) -> bytes:
-    limit = settings.max_download_bytes
-    too_large = ServiceError(
-        "image_too_large",
-        f"the image at {host} is larger than this server's download limit of {limit} bytes: "
-        "send a smaller (e.g. resized or JPEG-compressed) image",
-    )
-    declared = response.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise too_large
-    chunks, total = [], 0
-    for chunk in response.iter_bytes():  # as the bytes arrive, so the checks below run often
-        total += len(chunk)
-        if total > limit:
-            raise too_large
-        if time.monotonic() > deadline:
-            raise _timed_out(host, settings)
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _timed_out(host: str, settings: Settings) -> ServiceError:
-    return ServiceError(
-        "fetch_failed",
-        f"downloading the image from {host} took longer than {settings.download_timeout_s:g} s: "
-        "use a faster host or send the image as image_base64",
     )
 
 

@@ -24,12 +24,21 @@ from pydantic import (
 
 from da3_serverless.api.errors import ServiceError
 from da3_serverless.config import Settings
+from da3_serverless.exports.points import DEFAULT_CONF_PERCENTILE, DEFAULT_MAX_POINTS
 
 SCHEMA_VERSION = "1"
-OutputName = Literal["depth", "preview", "confidence", "sky_mask", "depth_npy", "pointcloud"]
+OutputName = Literal[
+    "depth", "preview", "confidence", "sky_mask", "depth_npy", "pointcloud", "confidence_npy",
+    "depth_exr", "depth_mm_png", "scene_ply", "scene_glb", "colmap",
+]  # fmt: skip
 OUTPUT_NAMES: tuple[str, ...] = OutputName.__args__
+# Outputs of the whole scene: at the top level of the response only, never per view.
+SCENE_OUTPUTS: tuple[str, ...] = ("scene_ply", "scene_glb", "colmap")
 MIN_PROCESS_RES = 14  # one ViT patch
 MAX_REPORTED_PROBLEMS = 10
+MAX_URL_CHARS = 8192
+MAX_MODEL_ID_CHARS = 256
+MAX_MATRIX_SIDE = 4
 Matrix = list[list[FiniteFloat]]
 
 
@@ -92,6 +101,12 @@ class RunRequest(BaseModel):
     extrinsics: list[Matrix] | None = None
     outputs: list[OutputName] = Field(default_factory=lambda: ["depth"], min_length=1)
     return_base64: bool = True
+    # Scene outputs (scene_ply, scene_glb, colmap); ignored without them.
+    conf_percentile: FiniteFloat = Field(default=DEFAULT_CONF_PERCENTILE, ge=0, le=100)
+    max_points: int = Field(default=DEFAULT_MAX_POINTS, ge=1)
+    keep_sky: bool = False
+    remove_edges: bool = True
+    colmap_text: bool = False
 
     @field_validator("intrinsics", "extrinsics", mode="before")
     @classmethod
@@ -158,14 +173,20 @@ class RunRequest(BaseModel):
 
 
 def check_limits(request: RunRequest, settings: Settings) -> None:
-    """Refuse a request past the server's limits: `process_res` above `settings.max_process_res`
-    or more views than `settings.max_views` (`ServiceError("invalid_input")`)."""
+    """Refuse a request past the server's limits: `process_res` above `settings.max_process_res`,
+    `max_points` above `settings.max_points` or more views than `settings.max_views`
+    (`ServiceError("invalid_input")`)."""
     problems = []
     if request.process_res > settings.max_process_res:
         problems.append(
             f"process_res {request.process_res} is above this server's limit of "
             f"{settings.max_process_res}: use a value from {MIN_PROCESS_RES} to "
             f"{settings.max_process_res} (504 is the model's native resolution)"
+        )
+    if request.max_points > settings.max_points:
+        problems.append(
+            f"max_points {request.max_points} is above this server's limit of "
+            f"{settings.max_points}: ask for at most {settings.max_points} points"
         )
     if request.view_count > settings.max_views:
         problems.append(
@@ -216,7 +237,8 @@ def _describe(error: Any) -> str:
         return f"{where}: {message}" if where else message
     if kind in _TYPE_HINTS:
         return f"{where} {_TYPE_HINTS[kind]}"
-    if kind in ("too_short", "greater_than", "greater_than_equal") and "ctx" in error:
+    bounds = ("too_short", "greater_than", "greater_than_equal", "less_than_equal")
+    if kind in bounds and "ctx" in error:
         # pydantic's own wording, without the offending value (it could be a secret).
         return f"{where}: {error['msg'].lower()}"
     return f"{where}: {error['msg']}" if where else error["msg"]
@@ -225,8 +247,10 @@ def _describe(error: Any) -> str:
 def parse_request(payload: object, settings: Settings | None = None) -> RunRequest:
     """Validate a v1 request object; with `settings`, also `check_limits`.
 
-    Raises `ServiceError("invalid_input")` naming each bad field. Messages never contain the
-    values sent (so never the api_key).
+    Raises `ServiceError("invalid_input")` naming each bad field (`image_too_large` for base64
+    text over `settings.base64_chars_limit`). Sizes are checked first (`check_sizes`), so
+    validation costs about the same for every request. Messages never contain the values sent
+    (so never the api_key).
     """
     if not isinstance(payload, dict):
         raise ServiceError(
@@ -234,6 +258,7 @@ def parse_request(payload: object, settings: Settings | None = None) -> RunReque
             f"the request must be a JSON object with fields such as image_url, got "
             f"{type(payload).__name__}",
         )
+    check_sizes(payload, settings)
     try:
         request = RunRequest.model_validate(payload)
     except ValidationError as exc:
@@ -245,6 +270,79 @@ def parse_request(payload: object, settings: Settings | None = None) -> RunReque
     if settings is not None:
         check_limits(request, settings)
     return request
+
+
+_DEFAULTS = Settings.model_construct()  # the defaults, without reading the environment
+
+
+def check_sizes(payload: dict, settings: Settings | None = None) -> None:
+    """Length checks that cost nothing, before pydantic looks at any value: every list has a
+    cap (`images` by `max_views`, `outputs` by the number of outputs, camera matrices by their
+    shapes), as do the number of fields, URLs, `model_id` and base64 text (by its encoded
+    length, before whitespace is stripped or anything is decoded)."""
+    limits = settings if settings is not None else _DEFAULTS
+    problems = []
+    if len(payload) > 2 * len(_FIELDS):
+        problems.append(
+            f"the request has {len(payload)} fields; valid fields are {', '.join(_FIELDS)}"
+        )
+    views = payload.get("images")
+    views = views if isinstance(views, list) else []
+    if len(views) > limits.max_views:
+        problems.append(
+            f"images has {len(views)} views but this server accepts at most "
+            f"{limits.max_views}: send fewer views per request"
+        )
+        views = []
+    refs = [(f"images[{i}]", ref) for i, ref in enumerate(views) if isinstance(ref, dict)]
+    for where, ref in refs:
+        if len(ref) > 2 * len(_IMAGE_REF_FIELDS):
+            problems.append(f"{where} has {len(ref)} fields: give only 'url' or 'base64'")
+    outputs = payload.get("outputs")
+    if isinstance(outputs, list) and len(outputs) > len(OUTPUT_NAMES):
+        problems.append(
+            f"outputs has {len(outputs)} entries but there are {len(OUTPUT_NAMES)} outputs "
+            f"({', '.join(OUTPUT_NAMES)}): name each at most once"
+        )
+    outer = max(limits.max_views, MAX_MATRIX_SIDE)
+    for name in ("intrinsics", "extrinsics"):
+        if _oversized(payload.get(name), (outer, MAX_MATRIX_SIDE, MAX_MATRIX_SIDE)):
+            problems.append(
+                f"{name} must be one matrix per view (at most {limits.max_views}), each a list "
+                f"of at most {MAX_MATRIX_SIDE} rows of at most {MAX_MATRIX_SIDE} numbers"
+            )
+    texts = [("image_url", payload.get("image_url"), MAX_URL_CHARS)]
+    texts += [(f"{where}.url", ref.get("url"), MAX_URL_CHARS) for where, ref in refs]
+    texts.append(("model_id", payload.get("model_id"), MAX_MODEL_ID_CHARS))
+    for where, text, cap in texts:
+        if isinstance(text, str) and len(text) > cap:
+            problems.append(f"{where} is {len(text)} characters long; at most {cap} are accepted")
+    if problems:
+        raise ServiceError("invalid_input", "invalid request: " + "; ".join(problems))
+    _check_base64_lengths(payload, refs, limits.base64_chars_limit)
+
+
+def _oversized(value: object, caps: tuple[int, ...]) -> bool:
+    """Whether nested lists are longer, at some level, than that level's cap (or nest deeper
+    than there are caps). Visits at most the product of the caps."""
+    if not isinstance(value, list):
+        return False
+    if not caps or len(value) > caps[0]:
+        return True
+    return any(_oversized(item, caps[1:]) for item in value)
+
+
+def _check_base64_lengths(payload: dict, refs: list[tuple[str, dict]], limit: int) -> None:
+    texts = [("image_base64", payload.get("image_base64"))]
+    texts += [(f"{where}.base64", ref.get("base64")) for where, ref in refs]
+    for where, text in texts:
+        if isinstance(text, str) and len(text) > limit:
+            raise ServiceError(
+                "image_too_large",
+                f"{where} is {len(text)} characters of base64; this server accepts at most "
+                f"{limit} (MAX_BASE64_CHARS): send a smaller (e.g. resized or JPEG-compressed) "
+                "image, or pass it by image_url",
+            )
 
 
 # ---- response ----------------------------------------------------------------------------
@@ -281,16 +379,38 @@ class ViewResult(BaseModel):
     sky_mask: OutputFile | None = None
     depth_npy: OutputFile | None = None
     pointcloud: OutputFile | None = None
+    confidence_npy: OutputFile | None = None
+    depth_exr: OutputFile | None = None
+    depth_mm_png: OutputFile | None = None
+    depth_mm_saturated: int | None = Field(
+        default=None, description="pixels of depth_mm_png past 65.535 m, saturated at 65535"
+    )
+
+
+class SceneSummary(BaseModel):
+    """What the scene outputs hold: the point count, the points each filter removed (in order:
+    invalid, sky, edges, confidence, voxel), the confidence threshold and the voxel size (in
+    `units`; null when no thinning was needed)."""
+
+    points: int
+    removed: dict[str, int]
+    confidence_threshold: float | None = None
+    voxel_size: float | None = None
 
 
 class RunResponse(ViewResult):
     """A v1 response: the first view's fields at the top level (so the original single-image
-    contract keeps its names), `views` with one entry per view when there are several."""
+    contract keeps its names), `views` with one entry per view when there are several, and the
+    scene outputs (top level only)."""
 
     schema_version: Literal["1"] = SCHEMA_VERSION
     model_id: str
     is_metric: bool
-    units: Literal["m", "relative"]
+    units: Literal["m", "relative", "pose_units"]
     views: list[ViewResult] | None = None
+    scene_ply: OutputFile | None = None
+    scene_glb: OutputFile | None = None
+    colmap: OutputFile | None = None
+    scene: SceneSummary | None = None
     timings_ms: dict[str, float] = Field(default_factory=dict)
     warnings: list[str] = Field(default_factory=list)

@@ -8,6 +8,7 @@ comes back. Files are only ever written, removed or pruned directly inside `outp
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import stat
@@ -16,11 +17,14 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from da3_serverless.config import Settings
+
+log = logging.getLogger(__name__)
 
 PRUNE_INTERVAL_S = 3600.0
 PRESIGNED_URL_TTL_S = 7 * 24 * 3600  # the longest S3 allows, as RunPod's own upload helper uses
@@ -29,6 +33,16 @@ _SUFFIX = re.compile(r"\.[A-Za-z0-9]{1,16}(\.[A-Za-z0-9]{1,16})?")
 
 class StorageError(Exception):
     """Saving or uploading an output failed; the message says where and why (never a secret)."""
+
+
+@dataclass(frozen=True)
+class BucketObject:
+    """An output this store put in the bucket, by its key (what `discard` removes)."""
+
+    key: str
+
+
+Saved = Path | BucketObject  # what a request saved: a file on the volume or a bucket object
 
 
 def _check_suffix(suffix: str) -> None:
@@ -87,10 +101,14 @@ class OutputStore:
         except OSError:
             return False
 
-    def discard(self, paths: Iterable[Path | str]) -> None:
-        """Remove the files of a failed request; paths outside the root and missing files are
-        ignored."""
-        for path in map(Path, paths):
+    def discard(self, saved: Iterable[Path | str | BucketObject]) -> None:
+        """Remove what a failed request saved: its files (paths outside the root and missing
+        files are ignored) and its bucket objects (failures are logged, never raised)."""
+        for item in saved:
+            if isinstance(item, BucketObject):
+                self._delete_object(item.key)
+                continue
+            path = Path(item)
             if self._inside(path):
                 with contextlib.suppress(OSError):
                     os.unlink(path)
@@ -140,9 +158,10 @@ class OutputStore:
         s = self._settings
         return bool(s.bucket_endpoint_url and s.bucket_access_key_id and s.bucket_secret_access_key)
 
-    def upload(self, data: bytes, suffix: str, media_type: str) -> str:
+    def upload(self, data: bytes, suffix: str, media_type: str, saved: list | None = None) -> str:
         """Put `data` in the bucket as `<YYYY-MM-DD>/<uuid4 hex><suffix>` and return a
-        presigned GET URL valid for 7 days. Raises `StorageError`."""
+        presigned GET URL valid for 7 days; the object is appended to `saved` (as a
+        `BucketObject`) once it is in the bucket. Raises `StorageError`."""
         _check_suffix(suffix)
         if not self.has_bucket:
             raise StorageError(
@@ -156,6 +175,8 @@ class OutputStore:
         try:
             client, bucket = self._bucket()  # a malformed endpoint fails here, as ValueError
             client.put_object(Bucket=bucket, Key=key, Body=data, ContentType=media_type)
+            if saved is not None:
+                saved.append(BucketObject(key))
             return client.generate_presigned_url(
                 "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=PRESIGNED_URL_TTL_S
             )
@@ -165,6 +186,15 @@ class OutputStore:
                 f"could not upload an output to bucket {bucket!r} at {host}: "
                 f"{type(exc).__name__} (check BUCKET_ENDPOINT_URL and the bucket's credentials)"
             ) from None
+
+    def _delete_object(self, key: str) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            client, bucket = self._bucket()
+            client.delete_object(Bucket=bucket, Key=key)
+        except (BotoCoreError, ClientError, ValueError, StorageError) as exc:
+            log.warning("could not remove bucket object %s: %s", key, type(exc).__name__)
 
     def _bucket(self) -> tuple[Any, str]:
         """The S3 client (made once; boto3 is imported only when uploads are used) and bucket."""

@@ -15,6 +15,7 @@ import torch
 
 from da3_serverless.inference.catalog import lookup_model
 from da3_serverless.inference.predictor import Predictor
+from da3_serverless.model.checkpoint import loaded_bytes
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +34,11 @@ def canonical_model_id(model_id: str) -> str:
     return info.repo_id if info else model_id
 
 
-def estimated_bytes(model_id: str) -> int:
-    """fp32 weight bytes of a model in the table (0 when unknown, e.g. a local folder)."""
+def estimated_bytes(model_id: str, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes a model of the table will hold once loaded with compute dtype `dtype` (its backbone
+    matrices in `dtype`, the rest fp32; 0 when unknown, e.g. a local folder)."""
     info = lookup_model(model_id)
-    return info.params_m * 1_000_000 * 4 if info else 0
+    return loaded_bytes(info.preset, dtype) if info else 0
 
 
 def default_budget_bytes(device: torch.device) -> int:
@@ -61,9 +63,10 @@ class ModelCache:
     one entry.
     """
 
-    def __init__(self, loader: Loader, budget_bytes: int):
+    def __init__(self, loader: Loader, budget_bytes: int, dtype: torch.dtype = torch.float32):
         self._loader = loader
         self.budget_bytes = budget_bytes
+        self.dtype = dtype  # the loader's compute dtype, for estimates before a load
         self._models: OrderedDict[str, Predictor] = OrderedDict()
         self._users: Counter[str] = Counter()  # requests using each model now
         self._changed = threading.Condition()  # guards everything above; notified on change
@@ -101,9 +104,10 @@ class ModelCache:
 
     def _acquire(self, key: str) -> Predictor:
         """Pin `key`, loading it when it is not loaded; waits while it does not fit."""
+        estimate = estimated_bytes(key, self.dtype)  # builds on the meta device: unlocked
         with self._changed:
             while key not in self._models:
-                if self._loading is None and self._fits(estimated_bytes(key)):
+                if self._loading is None and self._fits(estimate):
                     break
                 self.waiting += 1
                 try:
@@ -114,7 +118,7 @@ class ModelCache:
                 self._models.move_to_end(key)
                 self._users[key] += 1
                 return self._models[key]
-            self._evict_idle_for(estimated_bytes(key), key)
+            self._evict_idle_for(estimate, key)
             self._loading = key
         return self._load(key)
 

@@ -51,6 +51,16 @@ def normalise_extrinsics(extrinsics: np.ndarray) -> np.ndarray:
     return relative
 
 
+def relative_to_first_view(extrinsics: np.ndarray) -> np.ndarray:
+    """(N, 3, 4) world-to-camera -> the same cameras with the first view's camera frame as the
+    world frame (view 0 becomes exactly [I | 0]); a rigid change of frame, so the depth maps and
+    the cameras' relative poses stay as they were. (N, 3, 4) float32."""
+    full = extrinsics_4x4(np.asarray(extrinsics, dtype=np.float64))
+    relative = full @ np.linalg.inv(full[0])
+    relative[0] = np.eye(4)
+    return relative[:, :3].astype(np.float32)
+
+
 def camera_centers(extrinsics: np.ndarray) -> np.ndarray:
     """(N, 3 or 4, 4) world-to-camera -> (N, 3) camera centres in world coordinates."""
     rotation, translation = extrinsics[:, :3, :3], extrinsics[:, :3, 3]

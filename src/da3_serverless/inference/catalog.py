@@ -23,7 +23,7 @@ class ModelInfo:
     confidence: bool
     sky: bool
     params_m: int  # parameters, millions
-    gpu_memory_gb: float  # rough VRAM for one 504 px view in bf16, weights included
+    gpu_memory_gb: float  # estimated VRAM for one 504 px view in bf16, weights included
 
     @property
     def short_name(self) -> str:

@@ -22,6 +22,7 @@ from da3_serverless.inference.cameras import (
     camera_centers,
     extrinsics_4x4,
     normalise_extrinsics,
+    relative_to_first_view,
     umeyama_scale,
 )
 from da3_serverless.inference.catalog import ModelInfo, lookup_model
@@ -130,17 +131,22 @@ class Predictor:
         """Load from a snapshot folder or an HF repo id / short name.
 
         `locator` is a `weights.WeightLocator`; by default one built from the environment's
-        settings. `dtype` is the compute dtype (bf16 autocast on CUDA when supported, else fp32);
-        weights stay in fp32.
+        settings (a snapshot folder needs none, so loading from a folder never imports the
+        settings). `dtype` is the compute dtype (default: bf16 on CUDA when supported, else
+        fp32); the backbone's matrices are converted to it once, here, and the modules that
+        need fp32 stay fp32 (`model/precision.py`).
         """
-        from da3_serverless.inference.weights import WeightLocator
+        from da3_serverless.inference.weights import WeightLocator, is_snapshot
 
         device = torch.device(device) if device is not None else default_device()
-        locator = locator or WeightLocator.from_settings()
-        folder = locator.resolve(str(repo_id_or_path))
-        preset, network = load_network(folder, device=device)
-        info = lookup_model(str(repo_id_or_path))
-        model_id = info.repo_id if info else str(repo_id_or_path)
+        dtype = dtype or default_dtype(device)
+        name = str(repo_id_or_path)
+        info = lookup_model(name)
+        folder = Path(name).expanduser()
+        if locator is not None or info is not None or not is_snapshot(folder):
+            folder = (locator or WeightLocator.from_settings()).resolve(name)
+        preset, network = load_network(folder, device=device, dtype=dtype)
+        model_id = info.repo_id if info else name
         return cls(network, preset, model_id=model_id, device=device, dtype=dtype)
 
     @property
@@ -156,16 +162,21 @@ class Predictor:
         return self.capabilities.camera
 
     def compile(self, cache_dir: Path | None = None) -> None:
-        """Opt-in speed: channels-last convolutions and `torch.compile` of the network.
+        """Opt-in speed: channels-last convolutions and `torch.compile` of the network, on CPU
+        and CUDA alike.
 
-        The inductor cache goes to `cache_dir` so a restarted worker reuses compiled kernels.
-        Outputs stay within 1e-4 of the eager path.
+        The inductor cache (and on CUDA its Triton kernels, kept under it) goes to `cache_dir`
+        so a restarted worker reuses compiled kernels. No CUDA graphs: post-processing has
+        data-dependent steps (sky quantiles, ray-pose sampling) that would break them. Outputs
+        stay within 1e-4 of the eager path in fp32.
         """
         if cache_dir is not None:
             cache_dir.mkdir(parents=True, exist_ok=True)
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir)
         self.network = self.network.to(memory_format=torch.channels_last)
-        self.network = torch.compile(self.network, dynamic=False)
+        self.network = torch.compile(
+            self.network, dynamic=False, options={"triton.cudagraphs": False}
+        )
 
     @torch.inference_mode()
     def predict(
@@ -333,12 +344,14 @@ class Predictor:
 
     def _finish(self, prepared: PreparedInput, output: NetOutput, sample: int) -> Prediction:
         """Entry `sample` of the network output's batch -> the `Prediction` of `prepared`, at
-        each input's own size."""
+        each input's own size. The maps are resized on the device and copied back at once."""
         depth = self._metric_depth(output.depth[sample].float(), prepared)
         extrinsics = _numpy(output.extrinsics, sample)
         given = prepared.scene
         if given.extrinsics is not None:
             depth, extrinsics = _align_to_given_poses(depth, extrinsics, given.extrinsics)
+        elif extrinsics is not None:  # world frame: the first view's camera (§7)
+            extrinsics = relative_to_first_view(extrinsics)
         if given.intrinsics is not None:
             intrinsics = given.intrinsics.astype(np.float32)
         elif output.intrinsics is not None:
@@ -347,15 +360,21 @@ class Predictor:
         else:
             intrinsics = None
         metric = prepared.metric and (self.is_metric or prepared.focal_px is not None)
-        sizes = prepared.sizes
+        # Known poses fix the scale: the depth is in their units, whatever those are.
+        units = "pose_units" if given.extrinsics is not None else "m" if metric else "relative"
+        maps = {"depth": depth}
+        for name, batch in (("confidence", output.confidence), ("sky", output.sky)):
+            if batch is not None:
+                maps[name] = batch[sample]
+        resized = _resize_to_host(maps, prepared.sizes)
         return Prediction(
-            depth=_resize_views(depth, sizes),
-            confidence=_resize_optional(output.confidence, sample, sizes),
-            sky=_resize_optional(output.sky, sample, sizes),
+            depth=resized["depth"],
+            confidence=resized.get("confidence"),
+            sky=resized.get("sky"),
             intrinsics=intrinsics,
             extrinsics=extrinsics,
-            is_metric=metric,
-            units="m" if metric else "relative",
+            is_metric=units == "m",
+            units=units,
         )
 
     def _metric_depth(self, depth: torch.Tensor, prepared: PreparedInput) -> torch.Tensor:
@@ -484,25 +503,39 @@ def _numpy(tensor: torch.Tensor | None, sample: int) -> np.ndarray | None:
     return None if tensor is None else tensor[sample].float().cpu().numpy()
 
 
-def _resize_optional(
-    maps: torch.Tensor | None, sample: int, sizes: list[tuple[int, int]]
-) -> np.ndarray | None:
-    """`_resize_views` of batch entry `sample` of an optional (B, N, h, w) output."""
-    return None if maps is None else _resize_views(maps[sample].float(), sizes)
+def _resize_to_host(
+    maps: dict[str, torch.Tensor], sizes: list[tuple[int, int]]
+) -> dict[str, np.ndarray]:
+    """Named (N, h, w) network-resolution maps -> (N, H, W) float32 numpy arrays at each view's
+    input size (W, H), bilinear; an object array of per-view maps when views differ in size.
 
-
-def _resize_views(maps: torch.Tensor, sizes: list[tuple[int, int]]) -> np.ndarray:
-    """(N, h, w) network-resolution maps -> (N, H, W) float32 at the first view's size, or a
-    list-shaped object array when views differ in size; bilinear."""
-    resized = []
-    for view_map, (width, height) in zip(maps, sizes, strict=True):
-        if view_map.shape != (height, width):
-            view_map = F.interpolate(
-                view_map[None, None], size=(height, width), mode="bilinear", align_corners=False
-            )[0, 0]
-        resized.append(view_map.cpu().numpy().astype(np.float32, copy=False))
-    if len({r.shape for r in resized}) == 1:
-        return np.stack(resized)
-    holder = np.empty(len(resized), dtype=object)
-    holder[:] = resized
-    return holder
+    Resizing runs on the maps' device, one call per distinct size, and everything comes back
+    to the host in a single copy: no per-view round trips, no device memory kept afterwards.
+    """
+    names = list(maps)
+    stacked = torch.stack([maps[name].float() for name in names])  # (K, N, h, w)
+    by_size: dict[tuple[int, int], list[int]] = {}
+    for view, size in enumerate(sizes):
+        by_size.setdefault(size, []).append(view)
+    flat = []
+    for (width, height), views in by_size.items():
+        part = stacked[:, views]  # views as channels: one interpolate call per size
+        if part.shape[-2:] != (height, width):
+            part = F.interpolate(part, size=(height, width), mode="bilinear", align_corners=False)
+        flat.append(part.reshape(-1))
+    host = torch.cat(flat).cpu().numpy()  # the one copy to the host
+    blocks, offset = [], 0
+    for (width, height), views in by_size.items():
+        count = len(names) * len(views) * height * width
+        blocks.append(host[offset : offset + count].reshape(len(names), len(views), height, width))
+        offset += count
+    if len(blocks) == 1:  # every view at one size: (N, H, W) per map, no further copy
+        return {name: blocks[0][k] for k, name in enumerate(names)}
+    resized = {}
+    for k, name in enumerate(names):
+        holder = np.empty(len(sizes), dtype=object)
+        for block, views in zip(blocks, by_size.values(), strict=True):
+            for index, view in enumerate(views):
+                holder[view] = block[k, index]
+        resized[name] = holder
+    return resized

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from da3_serverless.config import Settings
 from da3_serverless.inference.catalog import lookup_model
+
+if TYPE_CHECKING:  # only `from_settings` needs the settings (and pydantic)
+    from da3_serverless.config import Settings
 
 SNAPSHOT_FILES = ("config.json", "model.safetensors")
 RUNPOD_HUB_CACHE = Path("/runpod-volume/huggingface-cache/hub")
@@ -38,6 +41,8 @@ class WeightLocator:
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None) -> WeightLocator:
+        from da3_serverless.config import Settings
+
         settings = settings or Settings()
         return cls(
             hf_cache=settings.cache_dir / "hub",

@@ -11,6 +11,7 @@ import json
 import os
 import tempfile
 from collections.abc import Callable
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -18,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_model
 from torch import nn
 
+from da3_serverless.model.precision import low_precision_names, storage_dtype
 from da3_serverless.model.presets import PRESETS, build_network
 
 CONFIG_NAME = "config.json"
@@ -106,10 +108,11 @@ def load_network(
     """Build the network of ``folder``'s config and fill it from ``folder/model.safetensors``.
 
     The network is built on the meta device (no random init) and every tensor is read straight
-    onto ``device``, floating-point ones cast to ``dtype``. Strict: missing, unexpected or
-    mis-shaped tensors raise CheckpointError naming them; keys of the 3D-Gaussian head are
-    skipped. A tied tensor may be stored under any of its names. Returns (preset, network in
-    eval mode).
+    onto ``device`` and converted once: ``dtype`` is the compute dtype, which the backbone's
+    matrices are held in; every other floating-point tensor is held in fp32
+    (``model/precision.py`` says which and why). Strict: missing, unexpected or mis-shaped
+    tensors raise CheckpointError naming them; keys of the 3D-Gaussian head are skipped. A tied
+    tensor may be stored under any of its names. Returns (preset, network in eval mode).
     """
     folder = Path(folder)
     preset = read_preset(folder)
@@ -118,6 +121,7 @@ def load_network(
         raise CheckpointError(f"{path} is missing")
     with torch.device("meta"):
         net = build_network(preset)
+    low_precision = low_precision_names(net)
 
     missing, wrong_shape, used = [], [], set()
     try:
@@ -134,7 +138,9 @@ def load_network(
                     shapes = f"{tuple(value.shape)} instead of {tuple(group.tensor.shape)}"
                     wrong_shape.append(f"{present[0]} {shapes}")
                     continue
-                group.assign(net, value.to(dtype) if value.is_floating_point() else value)
+                if value.is_floating_point():
+                    value = value.to(storage_dtype(group.names, low_precision, dtype))
+                group.assign(net, value)
     except SafetensorError as error:  # a truncated or corrupt file
         raise CheckpointError(f"{path} cannot be read as safetensors: {error}") from None
     problems = [
@@ -150,6 +156,22 @@ def load_network(
         raise CheckpointError(f"{path} does not fit {preset}: " + "; ".join(problems))
     _check_materialised(net)
     return preset, net.eval()
+
+
+@lru_cache(maxsize=32)
+def loaded_bytes(preset: str, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes the tensors of ``preset`` take once loaded by ``load_network`` with compute dtype
+    ``dtype`` (tied tensors once), counted on the meta device: no weights read."""
+    with torch.device("meta"):
+        net = build_network(preset)
+    low_precision = low_precision_names(net)
+    total = 0
+    for group in _groups(net):
+        held = group.tensor.dtype
+        if group.tensor.is_floating_point():
+            held = storage_dtype(group.names, low_precision, dtype)
+        total += group.tensor.numel() * held.itemsize
+    return total
 
 
 def save_network(net: nn.Module, preset: str, folder: str | Path) -> Path:
@@ -181,7 +203,7 @@ def _write_atomically(path: Path, write: Callable[[Path], object]) -> None:
 def _random_value(name: str, shape: torch.Size, gen: torch.Generator) -> torch.Tensor:
     """Seeded stand-in for a trained tensor, scaled so activations stay O(1) through the
     network: depth is finite and varied, sky probabilities fall on both sides of 0.3."""
-    noise = torch.randn(shape, generator=gen)
+    noise = torch.randn(shape, generator=gen, device=gen.device)
     leaf = name.rsplit(".", 1)[-1]
     if leaf == "gamma":  # layer scale: small residual branches
         return 0.1 + 0.01 * noise
@@ -195,15 +217,19 @@ def _random_value(name: str, shape: torch.Size, gen: torch.Generator) -> torch.T
     return noise / fan_in**0.5
 
 
-def write_random_checkpoint(preset: str, folder: str | Path, seed: int = 0) -> Path:
+def write_random_checkpoint(
+    preset: str, folder: str | Path, seed: int = 0, device: torch.device | str = "cpu"
+) -> Path:
     """Write a snapshot folder of ``preset`` whose every tensor is drawn from ``seed`` (the
-    same seed gives the same file). For tests and benchmarks. Returns the folder."""
+    same seed gives the same file). For tests and benchmarks. ``device`` draws the numbers (a
+    GPU draws the giant presets' billions many times faster; another device type gives other
+    values for the same seed). Returns the folder."""
     if preset not in PRESETS:
         raise ValueError(f"unknown DA3 preset {preset!r}; valid presets: {', '.join(PRESETS)}")
     with torch.device("meta"):
         net = build_network(preset)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device).manual_seed(seed)
     for group in _groups(net):
-        group.assign(net, _random_value(group.names[0], group.tensor.shape, gen))
+        group.assign(net, _random_value(group.names[0], group.tensor.shape, gen).cpu())
     _check_materialised(net)
     return save_network(net, preset, folder)

@@ -19,9 +19,10 @@ from da3_serverless.api.auth import check_api_key, key_from_headers
 from da3_serverless.api.errors import ServiceError
 from da3_serverless.api.schema import RunResponse
 from da3_serverless.server.batching import BatchItem
-from da3_serverless.server.body import in_runpod_form, read_json, unwrap
+from da3_serverless.server.body import in_runpod_form, max_json_structure, read_json, unwrap
 from da3_serverless.server.docs import ERRORS, RUN_ERRORS, RunPodEnvelope, request_body_doc
 from da3_serverless.server.queue import COMPLETED, FAILED, IN_PROGRESS, Job, result_bytes
+from da3_serverless.service import check_finite
 
 if TYPE_CHECKING:
     from da3_serverless.server.app import AppState
@@ -47,7 +48,11 @@ async def admit(request: Request, state: AppState) -> Admitted:
     once); `Service.handle` checks them again the same way."""
     if state.draining:
         raise ServiceError("model_unavailable", "the server is shutting down; retry elsewhere")
-    body = await read_json(request, state.settings.max_body_bytes)
+    settings = state.settings
+    body = await read_json(
+        request, settings.max_body_bytes, settings.body_timeout_s,
+        max_json_structure(settings.max_views),
+    )  # fmt: skip
     request.state.envelope = envelope = in_runpod_form(body)
     payload = unwrap(body)
     header_key = key_from_headers(request.headers)
@@ -86,6 +91,7 @@ def add_job_routes(app: FastAPI, state: AppState) -> None:
         log_fields = request.state.log
         result = await execute(state, admitted, lambda size: log_fields.update(batch=size))
         request.state.log.update(_result_log(result))
+        check_finite(result)  # JSON cannot carry NaN: a clear `internal`, never a broken answer
         if admitted.envelope:
             return JSONResponse({"id": request.state.job_id, "status": COMPLETED, "output": result})
         return JSONResponse(result)
@@ -136,7 +142,7 @@ async def _run_job(state: AppState, job: Job, admitted: Admitted) -> None:
 
     try:
         output = await execute(state, admitted, started)
-        job.size = await anyio.to_thread.run_sync(result_bytes, output)  # off the event loop
+        job.size = await anyio.to_thread.run_sync(_checked_size, output)  # off the event loop
         job.output, job.status = output, COMPLETED
     except ServiceError as err:
         job.error, job.status = err, FAILED
@@ -149,6 +155,13 @@ async def _run_job(state: AppState, job: Job, admitted: Admitted) -> None:
         state.jobs.finished(job)
         code = job.error.code if job.error is not None else None
         state.metrics.observe("/run (job)", job.status, code, job.finished - job.created)
+
+
+def _checked_size(output: dict[str, Any]) -> int:
+    """The output's size in bytes of JSON, once it is known to be JSON at all (no NaN: else
+    every /status poll would fail to encode it)."""
+    check_finite(output)
+    return result_bytes(output)
 
 
 def job_body(job: Job) -> dict[str, Any]:

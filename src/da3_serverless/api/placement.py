@@ -1,0 +1,115 @@
+"""Where each encoded output goes: inline base64, a file on the volume, a bucket URL
+(docs/ARCHITECTURE.md §7, decision 3).
+
+Under the response budget (`MAX_RESPONSE_BYTES`, 0 when the request asked for paths) the depth
+PNGs go inline first, then the extras in the order requested; a multi-view response repeats
+view 0 at the top level, so its payloads count twice, while the scene outputs (top level only)
+count once. What does not fit is saved on the volume and uploaded to the bucket when one is
+configured. The depth PNG is always saved on the volume too, and goes inline regardless when it
+cannot be stored anywhere: it is the answer.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from da3_serverless.api.outputs import Artifact
+from da3_serverless.api.storage import OutputStore, Saved, StorageError
+
+BUCKET_SETTINGS = "BUCKET_ENDPOINT_URL, BUCKET_ACCESS_KEY_ID, BUCKET_SECRET_ACCESS_KEY"
+
+
+@dataclass
+class Placed:
+    """Response fields of the placed outputs: one dict per view, and the top-level-only ones."""
+
+    views: list[dict]
+    top: dict = field(default_factory=dict)
+
+
+def fit_inline(
+    artifacts: Sequence[Artifact],
+    budget: int,
+    repeated_view: int | None = None,
+    order: Sequence[str] = (),
+) -> set[int]:
+    """ids of the artifacts that go inline as base64 within `budget` bytes: the depth maps
+    first, then the extras in `order` (the request's outputs; else as given); whatever does not
+    fit is stored. `repeated_view`'s artifacts count twice: a multi-view response repeats view 0
+    at the top."""
+    rank = {name: position for position, name in enumerate(order)}
+    inline = set()
+    for artifact in sorted(artifacts, key=lambda a: (a.name != "depth", rank.get(a.name, 0))):
+        size = 4 * ((len(artifact.data) + 2) // 3)
+        if artifact.view is not None and artifact.view == repeated_view:
+            size *= 2
+        if size <= budget:
+            inline.add(id(artifact))
+            budget -= size
+    return inline
+
+
+def place_outputs(
+    artifacts: Sequence[Artifact],
+    view_count: int,
+    store: OutputStore,
+    *,
+    budget: int | None,
+    order: Sequence[str],
+    saved: list[Saved],
+    warnings: list[str],
+) -> Placed:
+    """Place every artifact (inline within `budget` bytes, or None when the request asked for
+    paths; volume; bucket) and return its response fields. Files saved on the volume and
+    objects put in the bucket are appended to `saved` (the caller removes them if the request
+    fails later); problems are appended to `warnings`."""
+    inline = fit_inline(artifacts, budget or 0, 0 if view_count > 1 else None, order)
+    stored = sorted({a.name for a in artifacts if id(a) not in inline})
+    if budget is not None and stored:
+        where = "" if store.has_bucket else f"; set {BUCKET_SETTINGS} to get URLs to them"
+        warnings.append(
+            f"{', '.join(stored)} would pass MAX_RESPONSE_BYTES ({budget} bytes) inline: "
+            f"stored and returned as paths/URLs instead of base64{where}"
+        )
+    placed = Placed([{} for _ in range(view_count)])
+    for artifact in artifacts:
+        entry = _place(artifact, id(artifact) in inline, store, saved, warnings)
+        target = placed.top if artifact.view is None else placed.views[artifact.view]
+        target.update(artifact.fields)
+        if artifact.name != "depth":
+            target[artifact.name] = entry
+            continue
+        if not entry.keys() & {"base64", "path", "url"}:
+            # Nowhere to store it: the depth map is the answer, so it goes inline.
+            entry["base64"] = base64.b64encode(artifact.data).decode("ascii")
+            warnings.append("the depth map could not be stored, so it is inline")
+        target["image_base64"] = entry.get("base64")
+        target["file_path"] = entry.get("path")
+        if "url" in entry:
+            target["file_url"] = entry["url"]
+    return placed
+
+
+def _place(
+    artifact: Artifact, inline: bool, store: OutputStore, saved: list[Saved], warnings: list[str]
+) -> dict:
+    """Inline base64 and/or a file on the volume (always for the depth PNG, and for outputs
+    that are not inline), or a bucket URL when a bucket is configured."""
+    entry: dict = {"media_type": artifact.media_type}
+    if inline:
+        entry["base64"] = base64.b64encode(artifact.data).decode("ascii")
+    if not inline and store.has_bucket:
+        try:
+            entry["url"] = store.upload(artifact.data, artifact.suffix, artifact.media_type, saved)
+        except StorageError as error:
+            warnings.append(f"could not upload {artifact.name} to the bucket: {error}")
+    if artifact.name == "depth" or not inline:
+        try:
+            path = store.save(artifact.data, artifact.suffix)
+            saved.append(path)
+            entry["path"] = str(path)
+        except StorageError as error:
+            warnings.append(f"could not save {artifact.name} on the volume: {error}")
+    return entry
