@@ -97,7 +97,7 @@ def load_reference(
     Tensors are copied in one at a time (no second copy of a multi-GB state dict). Strict like
     safetensors' ``load_model``: every stored key must exist, and every parameter must be stored
     under its own name or one it shares memory with; except for the 3D-Gaussian head of the
-    giant presets, which our networks do not have and the depth forward never runs.
+    giant presets when the snapshot was written without it (the depth forward never runs it).
     """
     from safetensors import safe_open
 

@@ -18,8 +18,11 @@ from da3_serverless.inference.predictor import Predictor, PredictRequest
 from da3_serverless.inference.preprocess import load_rgb, processing_size
 from da3_serverless.model.alignment import align_to_metric, mono_sky_fill
 from da3_serverless.model.checkpoint import write_random_checkpoint
+from da3_serverless.model.dpt import DPT
+from da3_serverless.model.net import DepthAnything3Net, NestedDepthAnything3Net
 from da3_serverless.model.rays import camera_from_rays
 from da3_serverless.model.rng import per_sample_generators, seeded_generator
+from da3_serverless.model.vit import DinoV2
 
 FIELDS = ("depth", "confidence", "sky", "intrinsics", "extrinsics")
 
@@ -131,6 +134,10 @@ class ForwardLog(torch.nn.Module):
         super().__init__()
         self.network = network
         self.batches: list[int] = []
+
+    @property
+    def has_gaussians(self) -> bool:
+        return getattr(self.network, "has_gaussians", False)
 
     def forward(self, images, *args, **kwargs):
         self.batches.append(images.shape[0])
@@ -264,3 +271,51 @@ def test_a_batch_out_of_gpu_memory_runs_again_one_by_one(small, photos):
     for got, alone in zip(recovered, expected, strict=True):
         assert_same(got, alone, rtol=0)
     assert all(isinstance(error, torch.cuda.OutOfMemoryError) for error in failed)
+
+
+# ---- with the 3D-Gaussian branch: a forward flag, and the nested model's per-sample scale ----
+
+
+@pytest.fixture(scope="module")
+def gs_small(tmp_path_factory) -> Predictor:
+    folder = tmp_path_factory.mktemp("da3-small-gs")
+    return Predictor.from_pretrained(
+        write_random_checkpoint("da3-small", folder, seed=0, gaussians=True), device="cpu"
+    )
+
+
+def test_gaussians_batch_apart_from_depth_only_and_equal_one_by_one(gs_small, photos):
+    requests = [PredictRequest(photo, process_res=RES, gaussians=True) for photo in photos[:3]]
+    requests.append(PredictRequest(photos[3], process_res=RES))  # another forward flag
+    with forwards_of(gs_small) as batches:
+        together = gs_small.predict_batch(requests)
+    assert batches == [3, 1]
+    for request, got in zip(requests, together, strict=True):
+        expected = gs_small.predict(**vars(request))
+        assert_same(got, expected)
+        assert (got.gaussians is None) == (not request.gaussians)
+        for name in ("means", "scales", "rotations", "opacities", "colors") * request.gaussians:
+            want = getattr(expected.gaussians, name)
+            np.testing.assert_allclose(
+                getattr(got.gaussians, name), want, rtol=1e-5, atol=1e-5 * np.abs(want).max()
+            )
+
+
+def test_nested_gaussians_take_their_own_samples_scale(gs_small):
+    with torch.random.fork_rng():  # a tiny metric branch, randomly initialised
+        torch.manual_seed(0)
+        backbone = DinoV2("vits", [5, 7, 9, 11], cat_token=False)
+        head = DPT(384, features=64, out_channels=[48, 96, 192, 384])
+        metric = DepthAnything3Net(backbone, head).eval()
+    nested = NestedDepthAnything3Net(gs_small.network, metric)
+    images = torch.randn(3, 1, 3, 42, 56, generator=torch.Generator().manual_seed(4))
+    images *= torch.tensor([1.0, 3.0, 0.3])[:, None, None, None, None]
+    with torch.inference_mode():
+        together = nested(images, gaussians=True)
+        alone = [nested(images[i : i + 1], gaussians=True) for i in range(3)]
+    for index, single in enumerate(alone):
+        for name in ("means", "scales"):
+            torch.testing.assert_close(
+                getattr(together.gaussians, name)[index], getattr(single.gaussians, name)[0]
+            )
+        torch.testing.assert_close(together.depth[index], single.depth[0])

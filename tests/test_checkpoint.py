@@ -1,5 +1,6 @@
-"""Snapshot folders: loading (strict, tied tensors, skipped 3D-Gaussian keys), writing, and
-interchange with the reference implementation's own files, on the da3-small network."""
+"""Snapshot folders: loading (strict, tied tensors, 3D-Gaussian keys loaded strictly too), writing,
+and interchange with the reference implementation's own files, on the da3-small network.
+(The 3D-Gaussian branch itself: tests/test_gaussians.py.)"""
 
 from __future__ import annotations
 
@@ -90,12 +91,16 @@ def test_tied_tensor_may_be_stored_under_any_of_its_names(tmp_path, snapshot):
     torch.testing.assert_close(got.extrinsics, expected.extrinsics)
 
 
-def test_gaussian_head_keys_are_skipped(tmp_path, snapshot):
+def test_gaussian_head_keys_are_not_skipped(tmp_path, snapshot):
     tensors = read_tensors(snapshot)
     tensors["model.gs_head.scratch.output_conv2.0.weight"] = torch.zeros(2, 2)
     tensors["model.gs_adapter.sh_mask"] = torch.ones(3)
-    _, net = load_network(write_snapshot(tmp_path / "gs", tensors))
-    assert not any("gs_" in name for name in net.state_dict())
+    with pytest.raises(CheckpointError) as err:
+        load_network(write_snapshot(tmp_path / "gs", tensors))
+    message = str(err.value)
+    assert "missing keys" in message and "model.gs_head.images_merger.0.weight" in message
+    assert "unexpected keys (1: model.gs_adapter.sh_mask)" in message
+    assert "model.gs_head.scratch.output_conv2.0.weight (2, 2) instead of" in message
 
 
 def test_missing_and_unexpected_keys_are_named(tmp_path, snapshot):

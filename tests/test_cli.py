@@ -2,15 +2,37 @@
 
 from __future__ import annotations
 
+import base64
+import io
+import json
 import os
 import subprocess
 import sys
 import time
+import zipfile
+from pathlib import Path
 
 import numpy as np
+import plyfile
+import pycolmap
+import pytest
+import trimesh
+from PIL import Image
 
-from conftest import SMALL_REPO
+from conftest import SMALL_REPO, TEST_API_KEY
+from da3_serverless.api.encoding import decode_depth_png16
+from da3_serverless.client import parse_response
+from da3_serverless.config import Settings
+from da3_serverless.service import Service
 from paths import IMAGES
+
+# `predict --out`: every kind of file, per view and for the scene.
+SCENE_RUN = {
+    "outputs": ["depth", "preview", "confidence", "depth_npy", "depth_exr", "confidence_npy",
+                "scene_ply", "scene_glb", "colmap"],
+    "process_res": 140, "max_points": 5000, "conf_percentile": 20.0, "remove_edges": False,
+    "colmap_text": True,
+}  # fmt: skip
 
 
 def cli(env: dict[str, str], *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -40,6 +62,88 @@ def test_predict_bad_input_exits_2_with_the_reason(service_env, tmp_path, small_
                str(small_snapshot), "-o", str(tmp_path / "x.npz"))  # fmt: skip
     assert done.returncode == 2
     assert "cannot read" in done.stderr and "Traceback" not in done.stderr
+
+
+def three_views(folder: Path) -> list[Path]:
+    """The two test photos and a crop of the second as JPEG (views of different sizes)."""
+    crop = folder / "crop.jpg"
+    with Image.open(IMAGES / "soh-010.png") as image:
+        image.convert("RGB").crop((200, 100, 1000, 580)).save(crop, quality=92)
+    return [IMAGES / "soh-000.png", IMAGES / "soh-010.png", crop]
+
+
+@pytest.mark.slow
+def test_predict_out_writes_the_files_the_service_returns(
+    service_env, tmp_path, small_snapshot, hf_cache
+):
+    """`predict --out` without a server: the same bytes as the service's response for the same
+    request, under the client's save_all names, read back by plyfile, trimesh and pycolmap."""
+    views = three_views(tmp_path)
+    out = tmp_path / "scene"
+    done = cli(service_env, "predict", *map(str, views), "--model", str(small_snapshot),
+               "--out", str(out), "--outputs", ",".join(SCENE_RUN["outputs"]),
+               "--process-res", "140", "--max-points", "5000", "--conf-percentile", "20",
+               "--no-remove-edges", "--colmap-text")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert f"to {out}" in done.stdout
+    local = {path.name: path.read_bytes() for path in out.iterdir()}
+    assert not [name for name in local if name.startswith(".")]  # no partial file left
+
+    service = Service(Settings(
+        model_id=SMALL_REPO, hf_home=hf_cache, hf_hub_offline=True, workspace=tmp_path / "ws",
+        api_key=TEST_API_KEY, device="cpu", runpod_volume=tmp_path / "no-volume",
+        max_response_bytes=10**9,
+    ))  # fmt: skip
+    images = [{"base64": base64.b64encode(path.read_bytes()).decode()} for path in views]
+    response = service.handle({"api_key": TEST_API_KEY, "images": images, **SCENE_RUN})
+    written = parse_response(response).save_all(tmp_path / "client", "scene")
+    served = {path.name: path.read_bytes() for path in written if path.suffix != ".json"}
+    assert len(served) == 3 * 6 + 3
+    assert {name: data for name, data in local.items() if name != "scene.json"} == served
+
+    metadata = json.loads(local["scene.json"])
+    assert metadata["scene"] == response["scene"] and metadata["units"] == response["units"]
+    assert metadata["scene"]["removed"]["edges"] == 0
+    for mine, theirs in zip(metadata["views"], response["views"], strict=True):
+        assert mine["intrinsics"] == theirs["intrinsics"]
+        assert mine["files"]["depth"] in local
+        png = decode_depth_png16(local[mine["files"]["depth"]])
+        exact = np.load(io.BytesIO(local[mine["files"]["depth_npy"]]))
+        step = (mine["max_depth"] - mine["min_depth"]) / 65535
+        assert png.shape == (mine["height"], mine["width"])
+        assert np.nanmax(np.abs(png - exact)) <= step
+    check_scene_files(local, metadata["scene"]["points"], tmp_path / "colmap")
+
+
+def check_scene_files(files: dict[str, bytes], points: int, folder: Path) -> None:
+    """The scene files open in plyfile, trimesh and pycolmap with `points` points."""
+    assert 0 < points <= 5000
+    vertex = plyfile.PlyData.read(io.BytesIO(files["scene.scene.ply"]))["vertex"]
+    assert vertex.count == points
+    glb = trimesh.load(io.BytesIO(files["scene.glb"]), file_type="glb")
+    assert sorted(glb.geometry) == ["camera_000", "camera_001", "camera_002", "points"]
+    assert len(glb.geometry["points"].vertices) == points
+    with zipfile.ZipFile(io.BytesIO(files["scene.colmap.zip"])) as archive:
+        assert "sparse/0/points3D.txt" in archive.namelist()  # --colmap-text
+        archive.extractall(folder)
+    reconstruction = pycolmap.Reconstruction()
+    reconstruction.read_binary(str(folder / "sparse" / "0"))
+    assert reconstruction.num_images() == 3 and reconstruction.num_points3D() == points
+
+
+def test_predict_refuses_outputs_the_model_cannot_give(service_env, tmp_path, small_snapshot):
+    """The service's one rule: da3-small predicts no sky; nothing is written."""
+    out = tmp_path / "out"
+    done = cli(service_env, "predict", str(IMAGES / "soh-000.png"), "--model",
+               str(small_snapshot), "--out", str(out), "--outputs", "depth,sky_mask")  # fmt: skip
+    assert done.returncode == 2
+    assert "sky_mask" in done.stderr and "predicts no sky" in done.stderr
+    assert "Traceback" not in done.stderr and not out.exists()
+    done = cli(service_env, "predict", str(IMAGES / "soh-000.png"), "--out", str(out),
+               "--outputs", "depth,scene_pyl")  # fmt: skip
+    assert done.returncode == 2 and "must be one of" in done.stderr
+    done = cli(service_env, "predict", str(IMAGES / "soh-000.png"))
+    assert done.returncode == 2 and "-o OUT.npz, --out DIR" in done.stderr
 
 
 def test_warmup_succeeds_and_fails_loudly(service_env):

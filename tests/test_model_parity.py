@@ -3,7 +3,10 @@
 Per preset, one seeded random checkpoint (write_random_checkpoint) is loaded by our
 load_network and, through safetensors' load_model, by the reference wrapper; both run the same
 inputs (the reference through its network's own forward, not its autocast wrapper). Depth,
-confidence, sky, extrinsics and intrinsics must agree to 1e-4 relative.
+confidence, sky, extrinsics and intrinsics must agree to 1e-4 relative; so must the 3D Gaussians
+of the giant presets, whose snapshots hold the Gaussian head, in every case without known
+cameras (reference: `infer_gs=True`); the nested model's after the metric scale that ours
+applies and the reference does not.
 
 To keep memory low (the giant networks hold ~4.5 GB of fp32 weights), all cases of a preset
 run on our network first, which is then freed before the reference is built.
@@ -48,6 +51,7 @@ PRESET_CASES = {
 }
 SLOW_PRESETS = {"da3-giant", "da3nested-giant-large"}
 FIELDS = ("depth", "confidence", "sky", "extrinsics", "intrinsics")
+GAUSSIAN_FIELDS = ("means", "scales", "rotations", "opacities", "harmonics")
 
 
 def case_inputs(views: int, cameras: bool, size: tuple[int, int] = SIZE) -> dict[str, torch.Tensor]:
@@ -81,13 +85,16 @@ def preset_outputs(request, tmp_path_factory) -> dict[str, tuple[NetOutput, dict
     folder = write_random_checkpoint(preset, tmp_path_factory.mktemp(preset), seed=0)
     nested = preset.startswith("da3nested")
 
-    ours = {}
+    ours, gaussians = {}, {}
     _, net = load_network(folder)
     with torch.no_grad():
         for case in PRESET_CASES[preset]:
             views, ray_pose, cameras, size = CASES[case]
             inputs = case_inputs(views, cameras, size)
-            ours[case] = net(**inputs, use_ray_pose=ray_pose)
+            # With known cameras the reference rescales its Gaussians by a pose fit of its own
+            # (a trajectory library we do not install); ours follow the depth instead.
+            gaussians[case] = net.has_gaussians and not cameras
+            ours[case] = net(**inputs, use_ray_pose=ray_pose, gaussians=gaussians[case])
     del net
     free_memory()
 
@@ -99,7 +106,9 @@ def preset_outputs(request, tmp_path_factory) -> dict[str, tuple[NetOutput, dict
             inputs = case_inputs(views, cameras, size)
             images = inputs.pop("images")
             torch.manual_seed(RNG_SEED)  # the reference's ray pose samples the global RNG
-            out = reference_forward(wrapper, images, **inputs, use_ray_pose=ray_pose)
+            out = reference_forward(
+                wrapper, images, **inputs, use_ray_pose=ray_pose, infer_gs=gaussians[case]
+            )
             sky = out.get("sky")
             if nested:  # the reference drops the metric branch's sky; ours returns it
                 sky = wrapper.model.da3_metric(images).sky
@@ -110,11 +119,24 @@ def preset_outputs(request, tmp_path_factory) -> dict[str, tuple[NetOutput, dict
                 "extrinsics": out.get("extrinsics"),
                 "intrinsics": out.get("intrinsics"),
                 "is_metric": nested,
+                "gaussians": reference_gaussians(out, nested),
             }
     del wrapper
     shutil.rmtree(folder)  # several GB for the giant presets
     free_memory()
     return {case: (ours[case], theirs[case]) for case in ours}
+
+
+def reference_gaussians(out, nested: bool) -> dict[str, torch.Tensor] | None:
+    """The reference's Gaussians as (B, N * H * W, ...) fields; the nested model's scaled to
+    meters like its depth (ours do that, the reference leaves them in the any-view scale)."""
+    if out.get("gaussians") is None:
+        return None
+    fields = {field: getattr(out.gaussians, field) for field in GAUSSIAN_FIELDS}
+    if nested:
+        fields["means"] = fields["means"] * out.scale_factor
+        fields["scales"] = fields["scales"] * out.scale_factor
+    return fields
 
 
 def _params():
@@ -137,6 +159,12 @@ def test_matches_reference(preset_outputs, case):
         scale = max(expected.abs().max().item(), 1.0)
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5 * scale, msg=field)
     assert ours.is_metric == ref["is_metric"]
+    assert (ours.gaussians is None) == (ref["gaussians"] is None)
+    for field, expected in (ref["gaussians"] or {}).items():
+        got = getattr(ours.gaussians, field).flatten(1, 3)
+        assert torch.isfinite(got).all(), field
+        scale = max(expected.abs().max().item(), 1.0)
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5 * scale, msg=field)
     assert (ours.depth > 0).all()
     if ours.sky is not None:  # the random weights give both sky and non-sky pixels
         assert (ours.sky >= SKY_THRESHOLD).sum() > 10

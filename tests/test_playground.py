@@ -1,6 +1,11 @@
 """The browser playground in a real browser: Debian's chromium driven by Playwright against
 `da3-serverless serve` with a random-weight da3-small.
 
+Three photos go in as views of one scene (the two test photos and a crop of one, as JPEG); the
+page must load the returned scene GLB with three.js (points and one frustum per view), show
+each view's depth under the cursor, overlay the confidence, and offer every returned output as
+a download whose bytes are exactly what the API returns for the same request.
+
 Needs a Chromium: Debian's (`apt-get install -y chromium`, which the Makefile runs) or the
 Chrome/Chromium a CI image already has. Without one the test skips locally and fails under
 CI=true. Never `playwright install`: it downloads browsers.
@@ -8,14 +13,18 @@ CI=true. Never `playwright install`: it downloads browsers.
 
 from __future__ import annotations
 
+import base64
 import os
+import re
 import shutil
 from pathlib import Path
 
 import httpx
 import pytest
+from PIL import Image
 
 from conftest import TEST_API_KEY
+from da3_serverless.client import parse_response
 from paths import IMAGES, REPO
 from servers import serve_process
 
@@ -31,8 +40,11 @@ CHROMIUM_ARGS = [
     "--use-angle=swiftshader", "--enable-unsafe-swiftshader",
 ]  # fmt: skip
 ARTIFACTS = REPO / "artifacts"  # git-ignored; CI can upload it
+# The optional downloads the test asks for (every file format the page can offer).
+EXTRAS = ("depth_npy", "depth_exr", "confidence_npy", "pointcloud", "scene_ply", "colmap")
+READOUT = re.compile(r"view (\d+) \((\d+), (\d+)\) (-?[\d.]+) rel\.")
 
-# Fraction of the point-cloud canvas that is not the background colour.
+# Fraction of the scene canvas that is not the background colour.
 PAINTED_FRACTION_JS = """() => {
   const source = document.querySelector('#cloud canvas');
   const canvas = document.createElement('canvas');
@@ -46,6 +58,7 @@ PAINTED_FRACTION_JS = """() => {
   }
   return painted / (pixels.length / 4);
 }"""
+HINT_JS = "(id) => getComputedStyle(document.getElementById(id), '::before').content"
 
 
 @pytest.fixture(scope="module")
@@ -54,60 +67,64 @@ def server(hf_cache, tmp_path_factory):
 
     env = conftest.service_env.__wrapped__(hf_cache, tmp_path_factory.mktemp("playground"))
     del env["MODEL_ID"]  # the model comes from --model (a short name) instead
+    # Room for every output of the test's request inline but the views' point clouds (about
+    # 57 MB of base64 before them): every file format is a download button, and the point
+    # clouds show how a stored output is shown.
+    env["MAX_RESPONSE_BYTES"] = "60000000"
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     with serve_process(env, log, "--model", "da3-small") as (url, _):
         yield url
 
 
-@pytest.mark.slow
-def test_playground_end_to_end(server, tmp_path):
+def three_photos(folder: Path) -> list[Path]:
+    """The two test photos and a third view made from the second: a crop, saved as JPEG (so
+    the views have different sizes and formats)."""
+    crop = folder / "soh-010-crop.jpg"
+    with Image.open(IMAGES / "soh-010.png") as image:
+        image.convert("RGB").crop((200, 100, 1000, 580)).save(crop, quality=92)
+    return [IMAGES / "soh-000.png", IMAGES / "soh-010.png", crop]
+
+
+def chromium_or_skip() -> Path:
     if CHROMIUM is None:
         message = "no chromium on PATH: apt-get install -y chromium"
         if os.environ.get("CI") == "true":
             pytest.fail(message)
         pytest.skip(message)
+    return CHROMIUM
+
+
+@pytest.mark.slow
+def test_playground_end_to_end(server, tmp_path):
+    chromium = chromium_or_skip()
     from playwright.sync_api import sync_playwright
 
-    page_source = httpx.get(f"{server}/").text + httpx.get(f"{server}/static/app.js").text
-    assert TEST_API_KEY not in page_source
+    html, script = (httpx.get(f"{server}{path}").text for path in ("/", "/static/app.js"))
+    assert TEST_API_KEY not in html + script
+    # Nothing from a CDN: the page and its modules load from this server only.
+    assert not re.search(r'(src|href)="(?!/|data:)', html)
+    assert set(re.findall(r'from "([^"]+)"', script)) <= {
+        "three", "three/addons/controls/OrbitControls.js", "three/addons/loaders/GLTFLoader.js"
+    }  # fmt: skip
+    photos = three_photos(tmp_path)
     errors: list[str] = []
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        browser = playwright.chromium.launch(executable_path=str(chromium), args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1280, "height": 1100})
+            page = browser.new_page(viewport={"width": 1280, "height": 1400})
             page.on("pageerror", lambda error: errors.append(str(error)))
             page.goto(server)
-            page.wait_for_selector(
-                "#model option[value='depth-anything/DA3-SMALL']", state="attached"
-            )
-            assert page.input_value("#model") == "depth-anything/DA3-SMALL"  # the default
-            assert "Apache-2.0" in page.text_content("#license")
-            page.fill("#api-key", TEST_API_KEY)
-            page.fill("#process-res", "140")
-            page.set_input_files("#file", str(IMAGES / "soh-000.png"))
-            page.wait_for_function("document.getElementById('input').naturalWidth > 0")
+            check_empty_page(page)
+            fill_form(page, photos)
             page.click("#run")
             page.wait_for_selector("body[data-state=done], body[data-state=error]", timeout=300_000)
             assert page.get_attribute("body", "data-state") == "done", page.text_content("#status")
-            page.wait_for_function("document.getElementById('depth').naturalWidth === 1208")
-            assert int(page.get_attribute("#cloud", "data-points")) > 50_000
-            page.wait_for_function(f"({PAINTED_FRACTION_JS})() > 0.05", timeout=60_000)
-
-            box = page.locator("#depth").bounding_box()
-            readouts = []
-            for fx, fy in ((0.1, 0.1), (0.5, 0.6), (0.9, 0.9)):
-                page.mouse.move(box["x"] + fx * box["width"], box["y"] + fy * box["height"])
-                readouts.append(page.text_content("#readout"))
-            assert len(set(readouts)) == 3 and all("rel." in r for r in readouts), readouts
-
-            cloud = page.locator("#cloud canvas").bounding_box()
-            before = page.locator("#cloud canvas").screenshot()
-            page.mouse.move(cloud["x"] + 200, cloud["y"] + 200)
-            page.mouse.down()
-            page.mouse.move(cloud["x"] + 400, cloud["y"] + 250, steps=10)
-            page.mouse.up()
-            page.wait_for_timeout(300)  # let the animation loop draw the rotated view
-            assert page.locator("#cloud canvas").screenshot() != before  # it rotates
+            request, shown = page.evaluate("[__playground.request, __playground.response]")
+            direct = api_response(server, request)
+            check_scene(page, shown)
+            check_depth_views(page, direct)
+            check_downloads(page, shown, direct, tmp_path)
+            check_orbit(page)
 
             shot = tmp_path / "playground.png"
             page.screenshot(path=str(shot), full_page=True)
@@ -119,3 +136,145 @@ def test_playground_end_to_end(server, tmp_path):
         finally:
             browser.close()
     assert errors == []
+
+
+def check_empty_page(page) -> None:
+    """Before any photo: the model table is loaded, and every empty box shows its hint, not
+    a broken image."""
+    page.wait_for_selector("#model option[value='depth-anything/DA3-SMALL']", state="attached")
+    assert page.input_value("#model") == "depth-anything/DA3-SMALL"  # the default
+    assert "Apache-2.0" in page.text_content("#license")
+    for frame in ("input-frame", "depth-frame", "cloud", "views", "downloads"):
+        assert page.evaluate(HINT_JS, frame) not in ("none", "normal", '""'), frame
+    assert not page.locator("#input").is_visible() and not page.locator("#depth").is_visible()
+    # da3-small gives relative depth and no sky: no millimetres, no sky overlay.
+    assert page.locator("#extras input[value=depth_mm_png]").is_disabled()
+    assert page.locator("input[name=overlay][value=sky_mask]").is_disabled()
+
+
+def fill_form(page, photos: list[Path]) -> None:
+    page.fill("#api-key", TEST_API_KEY)
+    page.fill("#process-res", "140")
+    page.fill("#max-points", "30000")
+    for name in EXTRAS:
+        page.check(f"#extras input[value={name}]")
+    page.set_input_files("#file", [str(photo) for photo in photos])
+    page.wait_for_selector("#views button[data-view='2']")
+    page.wait_for_function("document.getElementById('input').naturalWidth === 1208")
+    assert page.evaluate(HINT_JS, "views") in ("none", "normal")  # filled: no hint any more
+
+
+def api_response(server: str, request: dict) -> dict:
+    """The same request, sent straight to the API."""
+    response = httpx.post(
+        f"{server}/runsync", json=request, headers={"X-API-Key": TEST_API_KEY}, timeout=300
+    )
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def check_scene(page, response: dict) -> None:
+    """three.js loaded the GLB: one point cloud with every scene point, one frustum per view."""
+    scene = page.evaluate("__playground.scene")
+    assert scene["objects"] == 4, scene
+    assert scene["cameras"] == ["camera_000", "camera_001", "camera_002"]
+    assert scene["points"] == response["scene"]["points"] > 1000
+    assert page.get_attribute("#cloud", "data-cameras") == "3"
+    page.wait_for_function(f"({PAINTED_FRACTION_JS})() > 0.05", timeout=60_000)
+
+
+def check_depth_views(page, direct: dict) -> None:
+    """Each view's depth under the cursor is the API's (within the 16-bit PNG's step), in the
+    response's units; the confidence overlay is the API's confidence PNG."""
+    result = parse_response(direct)
+    for index, view in enumerate(result.views):
+        page.click(f"#views button[data-view='{index}']")
+        page.wait_for_function(
+            f"document.getElementById('depth').naturalWidth === {view.width}"
+        )  # fmt: skip
+        box = page.locator("#depth").bounding_box()
+        readouts: list[str] = []
+        for fx, fy in ((0.1, 0.1), (0.5, 0.6), (0.9, 0.9)):
+            page.mouse.move(box["x"] + fx * box["width"], box["y"] + fy * box["height"])
+            page.wait_for_function(
+                "([prefix, previous]) => { const text = document.getElementById('readout')"
+                ".textContent; return text.startsWith(prefix) && text !== previous; }",
+                arg=[f"view {index} (", readouts[-1] if readouts else ""],
+            )
+            text = page.text_content("#readout")
+            shown, x, y, value = READOUT.fullmatch(text).groups()
+            assert int(shown) == index
+            expected = view.depth[int(y), int(x)]
+            step = (view.max_depth - view.min_depth) / 65535
+            assert abs(float(value) - expected) <= step + 1e-3, (text, expected)
+            readouts.append(text)
+        assert len(set(readouts)) == 3, readouts
+        page.check("input[name=overlay][value=confidence]")
+        overlay = page.get_attribute("#overlay", "src")
+        assert page.locator("#overlay").is_visible()
+        assert overlay == f"data:image/png;base64,{view.raw['confidence']['base64']}"
+        page.check("input[name=overlay][value=none]")
+        assert not page.locator("#overlay").is_visible()
+
+
+def check_downloads(page, shown: dict, direct: dict, tmp_path: Path) -> None:
+    """One entry per returned output. An inline one downloads exactly the bytes the API
+    returned, under the name the Python client's save_all gives it; a stored one shows its
+    path, a file with the same bytes as the direct call's."""
+    saved = parse_response(direct).save_all(tmp_path / "client", "da3")
+    client_files = {path.name: path.read_bytes() for path in saved if path.suffix != ".json"}
+    expected = returned_outputs(direct)
+    entries = page.locator("#downloads li")
+    listed, stored, downloaded = set(), set(), {}
+    for i in range(entries.count()):
+        entry = entries.nth(i)
+        output, view = entry.get_attribute("data-output"), entry.get_attribute("data-view")
+        listed.add((output, view))
+        placed = expected[(output, view)]
+        if "base64" in placed:
+            with page.expect_download() as info:
+                entry.locator("button").click()
+            download = info.value
+            assert download.suggested_filename == entry.get_attribute("data-file")
+            downloaded[download.suggested_filename] = Path(download.path()).read_bytes()
+            assert downloaded[download.suggested_filename] == base64.b64decode(placed["base64"])
+        else:
+            stored.add(output)
+            assert "stored on the server" in entry.text_content()
+            shown_path = Path(entry.locator("code").text_content())
+            assert shown_path.read_bytes() == Path(placed["path"]).read_bytes()
+    assert listed == set(expected)
+    assert downloaded == client_files
+    # Every format comes as a button; the views' point clouds pass MAX_RESPONSE_BYTES.
+    formats = {name.rsplit(".", 1)[-1] for name in downloaded}
+    assert {"png", "npy", "exr", "ply", "glb", "zip"} <= formats, formats
+    assert stored == {"pointcloud"}
+    assert shown["scene"] == direct["scene"]
+
+
+def returned_outputs(response: dict) -> dict[tuple[str, str], dict]:
+    """(output, view) -> its placement ({"base64"} or {"path"}), for every returned output."""
+    outputs = {}
+    for index, view in enumerate(response["views"]):
+        depth = view["image_base64"]
+        outputs[("depth", str(index))] = {"base64": depth} if depth else {"path": view["file_path"]}
+        for name, entry in view.items():
+            if isinstance(entry, dict) and "media_type" in entry:
+                outputs[(name, str(index))] = entry
+    for name in ("scene_ply", "scene_glb", "colmap"):
+        if response.get(name):
+            outputs[(name, "scene")] = response[name]
+    return outputs
+
+
+def check_orbit(page) -> None:
+    cloud = page.locator("#cloud canvas")
+    cloud.scroll_into_view_if_needed()
+    box = cloud.bounding_box()
+    before = cloud.screenshot()
+    page.mouse.move(box["x"] + 200, box["y"] + 200)
+    page.mouse.down()
+    page.mouse.move(box["x"] + 400, box["y"] + 250, steps=10)
+    page.mouse.up()
+    page.wait_for_timeout(300)  # let the animation loop draw the rotated view
+    assert cloud.screenshot() != before  # it orbits

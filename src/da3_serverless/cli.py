@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from tqdm import tqdm
@@ -14,21 +16,102 @@ from tqdm import tqdm
 from da3_serverless.client import Client, DA3Error
 from da3_serverless.config import Settings, SettingsError, load_settings
 
+if TYPE_CHECKING:  # the CLI imports torch only for the commands that run a model
+    from da3_serverless.api.images import DecodedImage
+    from da3_serverless.api.schema import RunRequest
+    from da3_serverless.inference.prediction import Prediction
+    from da3_serverless.inference.predictor import Predictor
+
 
 def cmd_predict(args: argparse.Namespace, settings: Settings) -> int:
+    """`da3-serverless predict`: the model in this process. `-o OUT.npz` writes the arrays;
+    `--out DIR` writes the requested outputs as files, encoded as the service encodes them and
+    named as the client's `save_all` names them."""
+    from da3_serverless.api.errors import ServiceError
     from da3_serverless.inference.predictor import Predictor
     from da3_serverless.inference.weights import WeightLocator
 
+    if args.output is None and args.out is None:
+        print("error: give -o OUT.npz, --out DIR, or both", file=sys.stderr)
+        return 2
+    try:
+        request = _predict_request(args, settings) if args.out is not None else None
+    except ServiceError as error:
+        print(f"error: {error.message}", file=sys.stderr)
+        return 2
+    views = [_read_view(path, index) for index, path in enumerate(args.images)]
     predictor = Predictor.from_pretrained(
         args.model or settings.model_id, locator=WeightLocator.from_settings(settings)
     )
+    if request is not None and (reasons := _unavailable(request, predictor)):
+        print("error: the model cannot give " + "; ".join(reasons), file=sys.stderr)
+        return 2
     prediction = predictor.predict(
-        [str(path) for path in args.images],
+        [view.image for view in views],
         process_res=args.process_res,
         use_ray_pose=args.ray_pose,
         focal_length_px=args.focal_length_px,
         metric=not args.relative,
+        exif_focal_length_px=[view.focal_length_px for view in views],
     )
+    for path, depth in zip(args.images, prediction.depth, strict=True):
+        print(
+            f"{path}: {depth.shape[1]}x{depth.shape[0]} depth {depth.min():.3f}..{depth.max():.3f}"
+            f" {prediction.units} ({predictor.model_id})"
+        )
+    if args.output is not None:
+        _write_npz(args.output, prediction)
+        print(f"wrote {args.output}")
+    if request is not None:
+        stem = args.stem or (args.images[0].stem if len(args.images) == 1 else "scene")
+        written = _write_outputs(args.out, stem, request, predictor, prediction, views)
+        print(f"wrote {len(written)} file(s) to {args.out}: {', '.join(p.name for p in written)}")
+    return 0
+
+
+def _read_view(path: Path, index: int) -> DecodedImage:
+    """One local photo, upright RGB with its EXIF focal length, as the service decodes a view
+    (the library's reader: a local file is trusted, so no size limit); ValueError naming it."""
+    from da3_serverless.api.images import DecodedImage
+    from da3_serverless.inference.preprocess import load_rgb
+
+    rgb, focal = load_rgb(path, index)
+    return DecodedImage(rgb, focal, rgb.width, rgb.height, str(path))
+
+
+def _predict_request(args: argparse.Namespace, settings: Settings) -> RunRequest:
+    """The v1 request the service would get for `predict`'s options (validated the same way,
+    within the same limits); its `images` only count the views, whose pixels come from the
+    files."""
+    from da3_serverless.api.schema import parse_request
+
+    payload: dict[str, Any] = {
+        "images": [{"base64": ""} for _ in args.images],
+        "outputs": list(dict.fromkeys((args.outputs or "depth,preview").split(","))),
+        "process_res": args.process_res,
+        "use_ray_pose": args.ray_pose,
+        "output_metric": not args.relative,
+        "keep_sky": args.keep_sky,
+        "remove_edges": not args.no_remove_edges,
+        "colmap_text": args.colmap_text,
+    }
+    if args.focal_length_px is not None:
+        payload["focal_length_px"] = args.focal_length_px
+    if args.conf_percentile is not None:
+        payload["conf_percentile"] = args.conf_percentile
+    if args.max_points is not None:
+        payload["max_points"] = args.max_points
+    return parse_request(payload, settings)
+
+
+def _unavailable(request: RunRequest, predictor: Predictor) -> list[str]:
+    """The service's one rule for outputs a model cannot give (`unavailable_outputs`)."""
+    from da3_serverless.api.outputs import unavailable_outputs
+
+    return unavailable_outputs(request, predictor.capabilities)
+
+
+def _write_npz(path: Path, prediction: Prediction) -> None:
     arrays = {
         name: value
         for name in ("depth", "confidence", "sky", "intrinsics", "extrinsics")
@@ -40,15 +123,55 @@ def cmd_predict(args: argparse.Namespace, settings: Settings) -> int:
             for name, value in arrays.items()
             for index, view in enumerate(value)
         }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(args.output, **arrays, units=prediction.units)
-    for path, depth in zip(args.images, prediction.depth, strict=True):
-        print(
-            f"{path}: {depth.shape[1]}x{depth.shape[0]} depth {depth.min():.3f}..{depth.max():.3f}"
-            f" {prediction.units} ({predictor.model_id})"
-        )
-    print(f"wrote {args.output}")
-    return 0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, **arrays, units=prediction.units)
+
+
+def _write_outputs(
+    folder: Path,
+    stem: str,
+    request: RunRequest,
+    predictor: Predictor,
+    prediction: Prediction,
+    views: list[DecodedImage],
+) -> list[Path]:
+    """Encode the request's outputs as the service does (`api/outputs.py`: every view's depth
+    PNG, the extras, the scene files) and write them under the client's `save_all` names, with
+    `<stem>.json` (cameras, depth ranges, the scene summary, warnings). Each file is written
+    whole (a temporary name, then renamed)."""
+    from da3_serverless.api.outputs import encode_outputs, encode_scene, view_skeleton
+    from da3_serverless.client import output_file_name
+
+    artifacts, warnings = encode_outputs(request, prediction, views)
+    scene, scene_warnings = encode_scene(request, prediction, views)
+    for warning in [*warnings, *scene_warnings]:
+        print(f"warning: {warning}", file=sys.stderr)
+    skeletons = [view_skeleton(prediction, index) for index in range(len(prediction))]
+    top: dict[str, Any] = {}
+    files = {}
+    for artifact in [*artifacts, *scene]:
+        fields = top if artifact.view is None else skeletons[artifact.view]
+        fields.update(artifact.fields)
+        name = output_file_name(stem, artifact.name, artifact.view, len(skeletons))
+        fields.setdefault("files", {})[artifact.name] = name
+        files[name] = artifact.data
+    metadata = {
+        "model_id": predictor.model_id,
+        "is_metric": prediction.is_metric,
+        "units": prediction.units,
+        "views": skeletons,
+        **top,
+        "warnings": [*warnings, *scene_warnings],
+    }
+    files[f"{stem}.json"] = json.dumps(metadata, indent=2).encode()
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, data in files.items():
+        partial = folder / f".{name}.partial"
+        partial.write_bytes(data)
+        os.replace(partial, folder / name)
+        written.append(folder / name)
+    return written
 
 
 def cmd_warmup(args: argparse.Namespace, settings: Settings) -> int:
@@ -94,14 +217,32 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="da3-serverless", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    predict = commands.add_parser("predict", help="depth for local images, written to .npz")
+    predict = commands.add_parser(
+        "predict", help="depth (and any output) for local images, without a server"
+    )
     predict.add_argument("images", nargs="+", type=Path, help="views of one scene")
     predict.add_argument("--model", help="HF repo id, short name or snapshot folder")
     predict.add_argument("--process-res", type=int, default=504)
     predict.add_argument("--ray-pose", action="store_true", help="camera pose from rays")
     predict.add_argument("--focal-length-px", type=float, help="for DA3METRIC-LARGE")
     predict.add_argument("--relative", action="store_true", help="relative depth is enough")
-    predict.add_argument("-o", "--output", type=Path, required=True, help="OUT.npz")
+    predict.add_argument("-o", "--output", type=Path, help="OUT.npz: the arrays")
+    predict.add_argument("--out", type=Path, help="folder for the output files (as `request`)")
+    predict.add_argument(
+        "--outputs",
+        help="with --out: comma-separated output names, e.g. "
+        "depth,preview,scene_ply,scene_glb,colmap (default: depth,preview)",
+    )
+    predict.add_argument("--stem", help="file name stem (default: the image's name, or 'scene' "
+                         "for several)")  # fmt: skip
+    predict.add_argument("--max-points", type=int, help="scene: most points (default 200000)")
+    predict.add_argument("--conf-percentile", type=float, help="scene: drop points below this "
+                         "confidence percentile (default 40)")  # fmt: skip
+    predict.add_argument("--keep-sky", action="store_true", help="scene: keep sky pixels")
+    predict.add_argument("--no-remove-edges", action="store_true",
+                         help="scene: keep pixels at depth edges")  # fmt: skip
+    predict.add_argument("--colmap-text", action="store_true",
+                         help="colmap: add the .txt files to the zip")  # fmt: skip
     predict.set_defaults(run=cmd_predict)
 
     warmup = commands.add_parser("warmup", help="load the model and run one forward pass")

@@ -117,21 +117,30 @@ class DepthResult:
         files: dict[str, bytes] = {}
         views = self.views or [self]
         for index, view in enumerate(views):
-            name = stem if len(views) == 1 else f"{stem}.view{index}"
             if view.depth_png is not None:
-                files[f"{name}.{VIEW_FILES['depth']}"] = view.depth_png
+                files[output_file_name(stem, "depth", index, len(views))] = view.depth_png
             for output, data in view.outputs.items():
                 if output in VIEW_FILES:
-                    files[f"{name}.{VIEW_FILES[output]}"] = data
-        for output, suffix in SCENE_FILES.items():
+                    files[output_file_name(stem, output, index, len(views))] = data
+        for output in SCENE_FILES:
             if output in self.outputs:
-                files[f"{stem}.{suffix}"] = self.outputs[output]
+                files[output_file_name(stem, output, None, len(views))] = self.outputs[output]
         files[f"{stem}.json"] = json.dumps(without_base64(self.raw), indent=2).encode()
         written = []
         for file_name, data in files.items():
             (folder / file_name).write_bytes(data)
             written.append(folder / file_name)
         return written
+
+
+def output_file_name(stem: str, output: str, view: int | None, view_count: int) -> str:
+    """The fixed file name of an output (never one the server chose): `<stem>.<suffix>` for
+    one view's outputs and the scene's (`view` None), `<stem>.view<i>.<suffix>` for view i of
+    several. `save_all` and `da3-serverless predict --out` both name files so."""
+    if view is None:
+        return f"{stem}.{SCENE_FILES[output]}"
+    name = stem if view_count == 1 else f"{stem}.view{view}"
+    return f"{name}.{VIEW_FILES[output]}"
 
 
 def without_base64(value: Any) -> Any:

@@ -1,2 +1,3 @@
 """Files made from a prediction, one module per format (scene point clouds, GLB, COLMAP, float
-maps): pure functions of the prediction, the upright input pixels and the request's options."""
+maps, 3DGS PLY): pure functions of the prediction, the upright input pixels and the request's
+options."""

@@ -8,6 +8,31 @@ import numpy as np
 
 
 @dataclass
+class Gaussians:
+    """3D Gaussians, one per pixel of the network's grid (h, w) per view (not resized: each is a
+    splat of its own pixel), in the world frame and units of the prediction's depth and
+    extrinsics (meters for the nested model, whose Gaussians are scaled like its depth; the
+    given poses' frame and units when poses were given).
+
+    means: (N, h, w, 3) float32 centres.
+    scales: (N, h, w, 3) float32 standard deviations along the Gaussian's axes.
+    rotations: (N, h, w, 4) float32 unit quaternions (w, x, y, z).
+    opacities: (N, h, w) float32 in (0, 1).
+    colors: (N, h, w, 3) float32 RGB of the view-independent (DC) colour, 0.5 + 0.2821 x DC
+        spherical-harmonic coefficient; not clipped to [0, 1]. Higher SH bands are dropped.
+    """
+
+    means: np.ndarray
+    scales: np.ndarray
+    rotations: np.ndarray
+    opacities: np.ndarray
+    colors: np.ndarray
+
+    def __len__(self) -> int:
+        return int(np.prod(self.opacities.shape))
+
+
+@dataclass
 class Prediction:
     """Outputs for N views of one scene, each at its input image's own size (H, W).
 
@@ -18,6 +43,8 @@ class Prediction:
     intrinsics: (N, 3, 3) float32 pinhole matrices for the input resolution, or None.
     extrinsics: (N, 3, 4) float32 world-to-camera [R|t], or None. The world frame is the first
         view's camera (OpenCV: x right, y down, z forward), or the given extrinsics' frame.
+    gaussians: 3D Gaussians (`Gaussians`) when asked for (`predict(..., gaussians=True)`), else
+        None.
     Pixel (row i, column j) has its centre at (j + 0.5, i + 0.5) in the intrinsics' coordinates.
     """
 
@@ -28,6 +55,7 @@ class Prediction:
     extrinsics: np.ndarray | None
     is_metric: bool
     units: str  # "m", "relative" or "pose_units"
+    gaussians: Gaussians | None = None
 
     def __len__(self) -> int:
         return self.depth.shape[0]

@@ -26,7 +26,7 @@ from da3_serverless.inference.cameras import (
     umeyama_scale,
 )
 from da3_serverless.inference.catalog import ModelInfo, lookup_model
-from da3_serverless.inference.prediction import Prediction
+from da3_serverless.inference.prediction import Gaussians, Prediction
 from da3_serverless.inference.preprocess import (
     MAX_PROCESS_RES,
     PATCH_SIZE,
@@ -36,7 +36,9 @@ from da3_serverless.inference.preprocess import (
     to_network_input,
 )
 from da3_serverless.model.checkpoint import load_network
+from da3_serverless.model.gaussians import reframe
 from da3_serverless.model.net import NetOutput
+from da3_serverless.model.spherical_harmonics import SH_C0
 
 # DA3METRIC-LARGE predicts depth for a canonical focal length of 300 px.
 CANONICAL_FOCAL_PX = 300.0
@@ -80,6 +82,7 @@ class PreparedInput:
     net_intrinsics: np.ndarray | None
     use_ray_pose: bool
     metric: bool
+    gaussians: bool = False
 
 
 @dataclass
@@ -94,6 +97,7 @@ class PredictRequest:
     focal_length_px: float | Sequence[float] | None = None
     metric: bool = True
     exif_focal_length_px: Sequence[float | None] | None = None
+    gaussians: bool = False
 
 
 class Predictor:
@@ -161,6 +165,11 @@ class Predictor:
     def predicts_camera(self) -> bool:
         return self.capabilities.camera
 
+    @property
+    def supports_gaussians(self) -> bool:
+        """Whether the loaded network has the 3D-Gaussian head (its checkpoint held it)."""
+        return bool(getattr(self.network, "has_gaussians", False))
+
     def compile(self, cache_dir: Path | None = None) -> None:
         """Opt-in speed: channels-last convolutions and `torch.compile` of the network, on CPU
         and CUDA alike.
@@ -190,6 +199,7 @@ class Predictor:
         focal_length_px: float | Sequence[float] | None = None,
         metric: bool = True,
         exif_focal_length_px: Sequence[float | None] | None = None,
+        gaussians: bool = False,
     ) -> Prediction:
         """Depth, confidence, sky and cameras for N views of one scene.
 
@@ -202,6 +212,8 @@ class Predictor:
         exif_focal_length_px: per-view EXIF focal lengths, for images the caller decoded (and
             oriented) itself; by default they are read from the images. DA3METRIC-LARGE takes
             its focal length from focal_length_px, else intrinsics, else EXIF.
+        gaussians: also return 3D Gaussians (`Prediction.gaussians`); only for models whose
+            checkpoint holds the Gaussian head (`supports_gaussians`).
         Raises ValueError with what to fix for any bad argument.
 
         The stages: check the arguments, prepare the network input, forward, then metric
@@ -210,9 +222,19 @@ class Predictor:
         scene = self._check_arguments(
             images, process_res, use_ray_pose, intrinsics, extrinsics, exif_focal_length_px
         )
+        self._check_gaussians(gaussians)
         prepared = self._prepare(scene, process_res, focal_length_px, metric, use_ray_pose)
+        prepared = replace(prepared, gaussians=gaussians)
         output = self._forward(prepared)
         return self._finish(prepared, output, sample=0)
+
+    def _check_gaussians(self, gaussians: bool) -> None:
+        """Gaussians only from a network that has the 3D-Gaussian branch."""
+        if gaussians and not self.supports_gaussians:
+            raise ValueError(
+                f"{self.model_id} has no 3D-Gaussian head: use depth-anything/DA3-GIANT-1.1 or "
+                "depth-anything/DA3NESTED-GIANT-LARGE-1.1, or leave gaussians off"
+            )
 
     @torch.inference_mode()
     def predict_batch(
@@ -275,15 +297,17 @@ class Predictor:
         return alone
 
     def _prepare_request(self, request: PredictRequest) -> PreparedInput:
-        """`_check_arguments` and `_prepare` of one `PredictRequest`."""
+        """`_check_arguments` and `_prepare` of one `PredictRequest`, as `predict` does."""
         scene = self._check_arguments(
             request.images, request.process_res, request.use_ray_pose, request.intrinsics,
             request.extrinsics, request.exif_focal_length_px,
         )  # fmt: skip
-        return self._prepare(
+        self._check_gaussians(request.gaussians)
+        prepared = self._prepare(
             scene, request.process_res, request.focal_length_px, request.metric,
             request.use_ray_pose,
         )  # fmt: skip
+        return replace(prepared, gaussians=request.gaussians)
 
     def _check_arguments(
         self, images, process_res, use_ray_pose, intrinsics, extrinsics, exif_focal_length_px
@@ -375,6 +399,7 @@ class Predictor:
             extrinsics=extrinsics,
             is_metric=units == "m",
             units=units,
+            gaussians=_gaussians(output, sample, extrinsics, given.extrinsics is not None),
         )
 
     def _metric_depth(self, depth: torch.Tensor, prepared: PreparedInput) -> torch.Tensor:
@@ -434,16 +459,18 @@ class Predictor:
                 tensor(prepared.net_extrinsics),
                 tensor(prepared.net_intrinsics),
                 use_ray_pose=prepared.use_ray_pose,
+                gaussians=prepared.gaussians,
             )
 
 
 def batch_key(prepared: PreparedInput) -> tuple | None:
     """What must match for prepared inputs to share a forward, or None when one must run
     alone: one view, no conditioning poses, then the network input shape and the flags the
-    forward takes. (Given intrinsics alone never enter the network, so they batch.)"""
+    forward takes (`use_ray_pose`, `gaussians`). (Given intrinsics alone never enter the
+    network, so they batch.)"""
     if prepared.batch.shape[1] != 1 or prepared.net_extrinsics is not None:
         return None
-    return (tuple(prepared.batch.shape[2:]), prepared.use_ray_pose)
+    return (tuple(prepared.batch.shape[2:]), prepared.use_ray_pose, prepared.gaussians)
 
 
 def _batch_groups(
@@ -496,6 +523,34 @@ def _align_to_given_poses(
     predicted and the given camera centres) and the given poses as (N, 3, 4) float32."""
     scale = umeyama_scale(camera_centers(predicted), camera_centers(given[:, :3]))
     return depth / scale, given[:, :3].astype(np.float32)
+
+
+def _gaussians(
+    output: NetOutput, sample: int, extrinsics: np.ndarray, given: bool
+) -> Gaussians | None:
+    """Batch entry `sample` of the network's Gaussians, as numpy at the network grid, moved view
+    by view from the predicted cameras to the prediction's `extrinsics` (N, 3, 4): the first
+    view's frame, or the `given` poses' frame and units (the scale of `_align_to_given_poses`);
+    the frame and units of the depth."""
+    if output.gaussians is None:
+        return None
+    predicted = output.extrinsics[sample].float()
+    scale = 1.0
+    if given:
+        scale = umeyama_scale(camera_centers(predicted.cpu().numpy()), camera_centers(extrinsics))
+    target = torch.as_tensor(extrinsics, dtype=torch.float32, device=predicted.device)
+    maps = reframe(output.gaussians.entry(sample), predicted, target, scale)
+
+    def array(tensor: torch.Tensor) -> np.ndarray:
+        return tensor.float().cpu().numpy()
+
+    return Gaussians(
+        means=array(maps.means),
+        scales=array(maps.scales),
+        rotations=array(maps.rotations),
+        opacities=array(maps.opacities),
+        colors=array(0.5 + SH_C0 * maps.harmonics[..., 0]),
+    )
 
 
 def _numpy(tensor: torch.Tensor | None, sample: int) -> np.ndarray | None:

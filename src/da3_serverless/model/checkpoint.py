@@ -3,10 +3,14 @@
 Tensor names are those of the official release: the network's state-dict keys under the prefix
 ``model.``. The official files were written with safetensors' ``save_model``, which stores each
 set of shared (tied) tensors once, under one of its names; both reading and writing follow that.
+
+The 3D-Gaussian branch (`gs_head.*`; its adapter stores no tensors) is part of a network exactly
+when its checkpoint holds those keys: the loader attaches it then, and loads it strictly too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -20,14 +24,18 @@ from safetensors.torch import save_model
 from torch import nn
 
 from da3_serverless.model.precision import low_precision_names, storage_dtype
-from da3_serverless.model.presets import PRESETS, build_network
+from da3_serverless.model.presets import (
+    GAUSSIAN_RELEASES,
+    PRESETS,
+    attach_gaussian_branch,
+    build_network,
+)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 KEY_PREFIX = "model."
-# Checkpoint parts we do not build (the 3D-Gaussian head of the giant releases): their keys are
-# skipped by name.
-IGNORED_MODULES = frozenset({"gs_head", "gs_adapter"})
+# Module names of the 3D-Gaussian branch; keys under them make the loader attach the branch.
+GAUSSIAN_MODULES = frozenset({"gs_head", "gs_adapter"})
 # How many offending keys an error lists before giving a count.
 MAX_LISTED_KEYS = 10
 
@@ -96,8 +104,19 @@ def _check_materialised(net: nn.Module) -> None:
         raise CheckpointError(f"tensors without values after loading: {_listing(left)}")
 
 
-def _is_ignored(key: str) -> bool:
-    return not IGNORED_MODULES.isdisjoint(key.split("."))
+def _is_gaussian(key: str) -> bool:
+    return not GAUSSIAN_MODULES.isdisjoint(key.split("."))
+
+
+def _build(preset: str, keys: set[str]) -> nn.Module:
+    """The preset's network on the meta device, with the 3D-Gaussian branch when `keys` hold it."""
+    with torch.device("meta"):
+        net = build_network(preset)
+        if any(_is_gaussian(key) for key in keys):
+            # A network that cannot take the branch keeps its keys as unexpected ones.
+            with contextlib.suppress(ValueError):
+                attach_gaussian_branch(net)
+    return net
 
 
 def load_network(
@@ -111,22 +130,22 @@ def load_network(
     onto ``device`` and converted once: ``dtype`` is the compute dtype, which the backbone's
     matrices are held in; every other floating-point tensor is held in fp32
     (``model/precision.py`` says which and why). Strict: missing, unexpected or mis-shaped
-    tensors raise CheckpointError naming them; keys of the 3D-Gaussian head are skipped. A tied
-    tensor may be stored under any of its names. Returns (preset, network in eval mode).
+    tensors raise CheckpointError naming them. The 3D-Gaussian branch is built when the file
+    holds its keys. A tied tensor may be stored under any of its names. Returns (preset,
+    network in eval mode).
     """
     folder = Path(folder)
     preset = read_preset(folder)
     path = folder / WEIGHTS_NAME
     if not path.is_file():
         raise CheckpointError(f"{path} is missing")
-    with torch.device("meta"):
-        net = build_network(preset)
-    low_precision = low_precision_names(net)
 
     missing, wrong_shape, used = [], [], set()
     try:
         with safe_open(str(path), framework="pt", device=str(torch.device(device))) as file:
-            stored = {key for key in file.keys() if not _is_ignored(key)}  # noqa: SIM118
+            stored = set(file.keys())
+            net = _build(preset, stored)
+            low_precision = low_precision_names(net)
             for group in _groups(net):
                 present = [KEY_PREFIX + n for n in group.names if KEY_PREFIX + n in stored]
                 used.update(present)
@@ -161,9 +180,12 @@ def load_network(
 @lru_cache(maxsize=32)
 def loaded_bytes(preset: str, dtype: torch.dtype = torch.float32) -> int:
     """Bytes the tensors of ``preset`` take once loaded by ``load_network`` with compute dtype
-    ``dtype`` (tied tensors once), counted on the meta device: no weights read."""
+    ``dtype`` (tied tensors once), counted on the meta device: no weights read. The presets
+    whose official snapshots hold the 3D-Gaussian head are counted with it."""
     with torch.device("meta"):
         net = build_network(preset)
+        if preset in GAUSSIAN_RELEASES:
+            attach_gaussian_branch(net)
     low_precision = low_precision_names(net)
     total = 0
     for group in _groups(net):
@@ -218,18 +240,27 @@ def _random_value(name: str, shape: torch.Size, gen: torch.Generator) -> torch.T
 
 
 def write_random_checkpoint(
-    preset: str, folder: str | Path, seed: int = 0, device: torch.device | str = "cpu"
+    preset: str,
+    folder: str | Path,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    gaussians: bool | None = None,
 ) -> Path:
     """Write a snapshot folder of ``preset`` whose every tensor is drawn from ``seed`` (the
     same seed gives the same file). For tests and benchmarks. ``device`` draws the numbers (a
     GPU draws the giant presets' billions many times faster; another device type gives other
-    values for the same seed). Returns the folder."""
+    values for the same seed). ``gaussians``: include the 3D-Gaussian head (default: as the
+    official release of the preset does); tensors outside the head get the same values either
+    way. Returns the folder."""
     if preset not in PRESETS:
         raise ValueError(f"unknown DA3 preset {preset!r}; valid presets: {', '.join(PRESETS)}")
     with torch.device("meta"):
         net = build_network(preset)
+        if preset in GAUSSIAN_RELEASES if gaussians is None else gaussians:
+            attach_gaussian_branch(net)
     gen = torch.Generator(device).manual_seed(seed)
-    for group in _groups(net):
+    groups = sorted(_groups(net), key=lambda g: _is_gaussian(g.names[0]))  # the head last
+    for group in groups:
         group.assign(net, _random_value(group.names[0], group.tensor.shape, gen).cpu())
     _check_materialised(net)
     return save_network(net, preset, folder)

@@ -2,7 +2,9 @@
 
 Both take ImageNet-normalised views ``images`` (B, N, 3, H, W), H and W multiples of 14, and
 return a ``NetOutput``. Under ``torch.autocast`` only the backbone runs in low precision; the
-camera encoder, heads, camera decoding and post-processing run in fp32.
+camera encoder, heads, camera decoding and post-processing run in fp32. With ``gaussians=True``
+a network that has the 3D-Gaussian branch (``gs_head`` + ``gs_adapter``, attached when the
+checkpoint holds it) also returns one Gaussian per pixel per view.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from torch import nn
 from da3_serverless.model.alignment import align_to_metric, mono_sky_fill
 from da3_serverless.model.camera import camera_from_pose_encoding, invert_rigid
 from da3_serverless.model.dpt import DualDPT
+from da3_serverless.model.gaussians import GaussianMaps
 from da3_serverless.model.rays import pose_from_rays
 from da3_serverless.model.rng import per_sample_generators
 from da3_serverless.model.vit import PATCH_SIZE
@@ -26,7 +29,8 @@ class NetOutput:
 
     depth (B, N, H, W); confidence (B, N, H, W) or None; sky probability (B, N, H, W) or None;
     extrinsics (B, N, 3, 4) world-to-camera or None; intrinsics (B, N, 3, 3) in pixels or None;
-    is_metric: depth is in meters.
+    is_metric: depth is in meters; gaussians: (B, N, H, W, ...) 3D Gaussians in the frame and
+    units of depth and extrinsics, when asked for.
     """
 
     depth: torch.Tensor
@@ -35,6 +39,7 @@ class NetOutput:
     extrinsics: torch.Tensor | None = None
     intrinsics: torch.Tensor | None = None
     is_metric: bool = False
+    gaussians: GaussianMaps | None = None
 
 
 def check_inputs(
@@ -70,7 +75,9 @@ def check_inputs(
 class DepthAnything3Net(nn.Module):
     """Backbone + dense head, with optional camera decoder/encoder (any-view models).
 
-    Submodule names (backbone, head, cam_dec, cam_enc) are those of the checkpoints.
+    Submodule names (backbone, head, cam_dec, cam_enc, gs_head, gs_adapter) are those of the
+    checkpoints. The 3D-Gaussian branch is attached after construction
+    (`presets.attach_gaussian_branch`), only when a checkpoint holds it.
     """
 
     def __init__(
@@ -85,6 +92,13 @@ class DepthAnything3Net(nn.Module):
         self.head = head
         self.cam_dec = cam_dec
         self.cam_enc = cam_enc
+        self.gs_head = None
+        self.gs_adapter = None
+
+    @property
+    def has_gaussians(self) -> bool:
+        """Whether the network has the 3D-Gaussian branch."""
+        return self.gs_head is not None
 
     def forward(
         self,
@@ -94,14 +108,21 @@ class DepthAnything3Net(nn.Module):
         *,
         use_ray_pose: bool = False,
         generator: torch.Generator | list[torch.Generator] | None = None,
+        gaussians: bool = False,
     ) -> NetOutput:
         """images (B, N, 3, H, W); extrinsics (B, N, 4, 4) world-to-camera and intrinsics
         (B, N, 3, 3) pixels of known cameras (both or neither); use_ray_pose: cameras from the
         predicted ray map instead of the camera decoder. Each batch sample is its own scene,
         post-processed on its own. ``generator``: one per sample for the random sampling of
         post-processing (default: fresh seeded ones, so results are repeatable).
+        gaussians: also run the 3D-Gaussian branch (built on the predicted depth and cameras).
         """
         check_inputs(images, extrinsics, intrinsics, self.cam_enc is not None)
+        if gaussians and not self.has_gaussians:
+            raise ValueError(
+                "this network has no 3D-Gaussian head (its checkpoint holds no gs_head weights): "
+                "use DA3-GIANT or DA3NESTED-GIANT-LARGE, or leave gaussians off"
+            )
         height, width = images.shape[-2:]
         device_type = images.device.type
         generator = per_sample_generators(generator, images.shape[0], images.device)
@@ -124,10 +145,21 @@ class DepthAnything3Net(nn.Module):
                 encoding = self.cam_dec(feats[-1][1])
                 cam_to_world, out.intrinsics = camera_from_pose_encoding(encoding, (height, width))
                 out.extrinsics = invert_rigid(cam_to_world)
+            if gaussians:
+                out.gaussians = self._gaussians(feats, images, out)
             if "sky" in head:
                 out.sky = head["sky"]
                 out.depth = mono_sky_fill(out.depth, out.sky, generator)
         return out
+
+    def _gaussians(self, feats: list, images: torch.Tensor, out: NetOutput) -> GaussianMaps:
+        """The Gaussian head on the backbone features and input images, placed in the world by
+        the adapter with the predicted depth (before any sky fill) and cameras."""
+        height, width = images.shape[-2:]
+        raw = self.gs_head(feats, height, width, patch_start_idx=0, images=images)
+        return self.gs_adapter(
+            out.extrinsics, out.intrinsics, out.depth, raw["raw_gs_conf"], raw["raw_gs"]
+        )
 
 
 class NestedDepthAnything3Net(nn.Module):
@@ -136,12 +168,20 @@ class NestedDepthAnything3Net(nn.Module):
     The any-view depth and camera translations are scaled by a least-squares fit to the metric
     depth (converted with the any-view intrinsics) on confident non-sky pixels; sky pixels get
     the far end of the scene and confidence 1. ``sky`` is the metric network's.
+
+    Gaussians (from the any-view branch) are scaled by the same factor as depth and camera
+    translations, so they overlay the metric scene; the reference leaves them unscaled.
     """
 
     def __init__(self, da3: DepthAnything3Net, da3_metric: DepthAnything3Net) -> None:
         super().__init__()
         self.da3 = da3
         self.da3_metric = da3_metric
+
+    @property
+    def has_gaussians(self) -> bool:
+        """Whether the any-view branch has the 3D-Gaussian branch."""
+        return self.da3.has_gaussians
 
     def forward(
         self,
@@ -151,13 +191,19 @@ class NestedDepthAnything3Net(nn.Module):
         *,
         use_ray_pose: bool = False,
         generator: torch.Generator | list[torch.Generator] | None = None,
+        gaussians: bool = False,
     ) -> NetOutput:
         """Same arguments as DepthAnything3Net.forward; depth in meters."""
         generator = per_sample_generators(generator, images.shape[0], images.device)
         # One generator per sample through both branches and the alignment, in this order, so
         # each sample's sampling follows a single random stream.
         out = self.da3(
-            images, extrinsics, intrinsics, use_ray_pose=use_ray_pose, generator=generator
+            images,
+            extrinsics,
+            intrinsics,
+            use_ray_pose=use_ray_pose,
+            generator=generator,
+            gaussians=gaussians,
         )
         metric = self.da3_metric(images, generator=generator)
         with torch.autocast(images.device.type, enabled=False):
@@ -170,6 +216,9 @@ class NestedDepthAnything3Net(nn.Module):
                 metric.sky,
                 generator=generator,
             )
+        gaussians_m = None
+        if out.gaussians is not None:  # each sample's Gaussians by its own scale
+            gaussians_m = out.gaussians.scaled(aligned.scale.view(-1, 1, 1, 1, 1))
         return NetOutput(
             depth=aligned.depth,
             confidence=aligned.depth_conf,
@@ -177,4 +226,5 @@ class NestedDepthAnything3Net(nn.Module):
             extrinsics=aligned.extrinsics,
             intrinsics=out.intrinsics,
             is_metric=True,
+            gaussians=gaussians_m,
         )

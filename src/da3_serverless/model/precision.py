@@ -13,6 +13,8 @@ forward) and halves their memory. Everything else stays fp32:
   - ``cam_dec``: the pose encoding (translation, quaternion, field of view) decides every
     camera; a rounded quaternion or field of view moves the whole point cloud.
   - ``cam_enc``: given cameras enter as a pose encoding; rounding them changes the conditioning.
+  - ``gs_head``, the 3D-Gaussian head of networks whose checkpoint holds it (so not in the
+    tuple): its outputs become positions, sizes and colours through the depth and cameras.
   They compute in fp32 (as in the reference), so holding them in bf16 would only add a cast
   back on every forward. They hold 9 % (metric-large) to 36 % (small) of the parameters, the
   camera encoder's transformer most of it: with bf16 weights a network takes 55-69 % of its

@@ -2,6 +2,8 @@
 
 ``build_network(preset)`` returns the network in eval mode (fp32, on the current default
 device: CPU, or ``meta`` under ``with torch.device("meta")`` when weights come from a file).
+The 3D-Gaussian branch is not part of any preset: `attach_gaussian_branch` adds it to an any-view
+network (the loader does so when a checkpoint holds its weights).
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from torch import nn
 
 from da3_serverless.model.camera import CameraDec, CameraEnc
 from da3_serverless.model.dpt import DPT, DualDPT
+from da3_serverless.model.gaussian_head import GaussianHead
+from da3_serverless.model.gaussians import GaussianAdapter
 from da3_serverless.model.net import DepthAnything3Net, NestedDepthAnything3Net
 from da3_serverless.model.vit import DinoV2
 
@@ -70,7 +74,7 @@ def da3_large() -> DepthAnything3Net:
 
 
 def da3_giant() -> DepthAnything3Net:
-    # The release also has a 3D-Gaussian head; it is not built (checkpoint keys are skipped).
+    # The release also has a 3D-Gaussian head: see attach_gaussian_branch.
     return _anyview(
         vit="vitg", dim=1536, out_layers=[19, 27, 33, 39], alt_start=13,
         features=256, out_channels=[256, 512, 1024, 1024],
@@ -98,6 +102,35 @@ PRESETS: dict[str, Callable[[], nn.Module]] = {
     "da3metric-large": da3metric_large,
     "da3nested-giant-large": da3nested_giant_large,
 }
+
+
+# Presets whose official snapshots hold the 3D-Gaussian head (for writing look-alike test
+# snapshots; loading decides from the checkpoint's keys, not from this list).
+GAUSSIAN_RELEASES = frozenset({"da3-giant", "da3nested-giant-large"})
+
+
+def attach_gaussian_branch(net: nn.Module) -> DepthAnything3Net:
+    """Add the 3D-Gaussian head and adapter (release configuration) to an any-view network, or
+    to the any-view branch of a nested one; returns the network that got them.
+
+    The head mirrors the depth head's pyramid (input width, features, channels per level); its
+    output is the adapter's raw channels plus a density. ValueError for networks without
+    predicted cameras (the Gaussians are placed with them).
+    """
+    target = net.da3 if isinstance(net, NestedDepthAnything3Net) else net
+    if not isinstance(target, DepthAnything3Net) or not isinstance(target.head, DualDPT):
+        raise ValueError("only any-view networks (with a camera decoder) take a 3D-Gaussian head")
+    depth_head = target.head
+    adapter = GaussianAdapter()
+    target.gs_adapter = adapter
+    target.gs_head = GaussianHead(
+        depth_head.projects[0].in_channels,
+        output_dim=adapter.d_in + 1,
+        features=depth_head.scratch.layer1_rn.out_channels,
+        out_channels=[project.out_channels for project in depth_head.projects],
+    )
+    target.gs_head.eval()
+    return target
 
 
 def build_network(preset: str) -> nn.Module:
