@@ -66,6 +66,7 @@ def test_configured_key_still_required_when_unauthenticated_is_allowed() -> None
         ({"Authorization": "Bearer abc", "X-API-Key": "other"}, "abc"),
         ({"Authorization": "Basic dXNlcjpwYXNz", "X-API-Key": "abc"}, "abc"),
         ({"Authorization": "Bearer "}, None),
+        ({"Authorization": "abc"}, "abc"),  # bare, as RunPod takes its key too
         ({"Content-Type": "application/json"}, None),
         ({}, None),
     ],

@@ -16,9 +16,11 @@ import pytest
 
 from batch_photos import assert_same_answer, base64_photos, payload
 from conftest import SMALL_REPO, TEST_API_KEY
+from da3_serverless.api.errors import ServiceError
 from da3_serverless.config import Settings
+from da3_serverless.inference.cancel import Cancelled, CancelToken
 from da3_serverless.server.batching import Batcher, BatchItem
-from da3_serverless.server.queue import Scheduler
+from da3_serverless.server.queue import Job, Scheduler
 from da3_serverless.service import Service
 from servers import serve_process
 
@@ -125,7 +127,7 @@ class Recorder:
         def on_start(size: int) -> None:
             self.started[name] = (loop.time(), size)
 
-        item = BatchItem({**payload(photo), "api_key": TEST_API_KEY}, None, on_start)
+        item = BatchItem({**payload(photo), "api_key": TEST_API_KEY}, None, on_start=on_start)
         key = self.service.batch_key(self.service.authorize(item.payload))
         return asyncio.create_task(batcher.submit(key, SMALL_REPO, item))
 
@@ -202,9 +204,83 @@ def test_the_request_budget_applies_per_batch(hf_cache, tmp_path, photos):
 
     predictor.network = logged
     try:
-        items = [({**payload(photo), "api_key": TEST_API_KEY}, None) for photo in photos[:3]]
+        items = [({**payload(photo), "api_key": TEST_API_KEY}, None, None) for photo in photos[:3]]
         answers = service.handle_batch(items)
     finally:
         predictor.network = network
     assert batches == [2, 1]
     assert all(isinstance(answer, dict) and answer["image_base64"] for answer in answers)
+
+
+def test_a_job_cancelled_while_gathered_leaves_without_running(service, photos):
+    async def scenario() -> tuple[Recorder, Scheduler, Job]:
+        recorder = Recorder(service)
+        scheduler = Scheduler(max_queue=8)
+        batcher = Batcher(scheduler, recorder.handle_batch, 8, wait_s=600)
+        job = Job(id="gathered")
+        scheduler.admit()
+        item = BatchItem({**payload(photos[0]), "api_key": TEST_API_KEY}, None, job)
+        key = service.batch_key(service.authorize(item.payload))
+        waiting = asyncio.create_task(batcher.submit(key, SMALL_REPO, item))
+        await asyncio.sleep(0.05)
+        job.request_cancel("cancelled by the test")
+        with pytest.raises(Cancelled, match="cancelled by the test"):
+            await asyncio.wait_for(waiting, timeout=60)  # at once, not after the window
+        return recorder, scheduler, job
+
+    recorder, scheduler, job = asyncio.run(scenario())
+    assert recorder.calls == [] and scheduler.waiting == 0 and job.status == "CANCELLED"
+
+
+def cancelling_at_block(service: Service, block: int, tokens: list[CancelToken]):
+    """A hook that cancels `tokens` when the network reaches backbone block `block`."""
+    network = service.model_cache.get(SMALL_REPO).network
+
+    def cancel(module, args) -> None:
+        for token in tokens:
+            token.cancel("cancelled by the test")
+
+    return network.backbone.pretrained.blocks[block].register_forward_pre_hook(cancel)
+
+
+def test_a_request_cancelled_in_a_running_batch_stops_alone(service, photos):
+    tokens = [CancelToken() for _ in range(3)]
+    items = [
+        ({**payload(photo), "api_key": TEST_API_KEY}, None, token)
+        for photo, token in zip(photos[:3], tokens, strict=True)
+    ]
+    before = set(service.settings.output_dir.glob("*"))
+    hook = cancelling_at_block(service, 2, tokens[1:2])
+    try:
+        answers = service.handle_batch(items)
+    finally:
+        hook.remove()
+    assert isinstance(answers[1], ServiceError) and answers[1].code == "cancelled"
+    written = set(service.settings.output_dir.glob("*")) - before
+    # The depth PNGs of the two that finished, nothing of the cancelled one.
+    assert written == {Path(answers[index]["file_path"]) for index in (0, 2)}
+    for index in (0, 2):
+        alone = service.handle({**payload(photos[index]), "api_key": TEST_API_KEY})
+        assert_same_answer(answers[index], alone)
+        service.discard(alone)
+
+
+def test_a_batch_whose_requests_are_all_cancelled_stops_its_forward(service, photos):
+    tokens = [CancelToken() for _ in range(2)]
+    items = [
+        ({**payload(photo), "api_key": TEST_API_KEY}, None, token)
+        for photo, token in zip(photos[:2], tokens, strict=True)
+    ]
+    network = service.model_cache.get(SMALL_REPO).network
+    head_ran: list[bool] = []
+    hooks = [
+        cancelling_at_block(service, 2, tokens),
+        network.head.register_forward_pre_hook(lambda module, args: head_ran.append(True)),
+    ]
+    try:
+        answers = service.handle_batch(items)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert [answer.code for answer in answers] == ["cancelled", "cancelled"]
+    assert not head_ran  # the shared forward stopped before the head

@@ -82,8 +82,9 @@ CLIENT = ("python", "from da3_serverless import Client")
 REQUEST_CLI = ("bash", "da3-serverless request")
 PREDICT_CLI = ("bash", "da3-serverless predict")
 LIBRARY = ("python", "Predictor.from_pretrained")
+RUNPOD_SDK = ("python", "runpod.Endpoint")
 ALL_EXAMPLES = (QUICK_START, RUNPOD_CURL, SELF_HOSTED_CURL, DECODE_PNG, CLIENT, REQUEST_CLI,
-                PREDICT_CLI, LIBRARY)  # fmt: skip
+                PREDICT_CLI, LIBRARY, RUNPOD_SDK)  # fmt: skip
 
 
 def code_of(key: tuple[str, str], url: str | None = None) -> str:
@@ -176,6 +177,19 @@ def check_client_example(workdir: Path, env: dict[str, str], monkeypatch) -> Non
         assert preview.size == PHOTO_SIZE[::-1] and preview.mode == "RGB"
 
 
+def check_runpod_sdk_example(workdir: Path, env: dict[str, str], monkeypatch) -> None:
+    """RunPod's SDK against the self-hosted server's `/v2` paths."""
+    import runpod
+
+    for name in ("api_key", "endpoint_url_base"):  # the example sets them; put them back after
+        monkeypatch.setattr(runpod, name, getattr(runpod, name))
+    namespace = run_python(RUNPOD_SDK, workdir, env, monkeypatch)
+    check_response(namespace["output"])
+    assert namespace["result"]["preview"]["media_type"] == "image/png"
+    assert namespace["job"].status() == "COMPLETED"
+    assert namespace["health"]["jobs"]["completed"] >= 2
+
+
 @pytest.mark.slow
 def test_self_hosted_examples(service_env, tmp_path, monkeypatch):
     require("curl")
@@ -188,6 +202,7 @@ def test_self_hosted_examples(service_env, tmp_path, monkeypatch):
         assert body["preview"]["media_type"] == "image/png" and body["preview"]["base64"]
 
         check_client_example(work, env, monkeypatch)
+        check_runpod_sdk_example(work, env, monkeypatch)
 
         run_bash(REQUEST_CLI, work, env)
     results = work / "results"

@@ -304,6 +304,8 @@ class Client:
             return output
         if "error" in job:
             raise _error(job["error"], job.get("_http_status"))
+        if job.get("status") == "CANCELLED":
+            raise DA3Error("cancelled", 499, f"job {job.get('id')} was cancelled")
         raise DA3Error("runpod_failed", None, f"job ended {job.get('status')!r} without output")
 
     def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:

@@ -7,11 +7,16 @@ warmed before the first job.
 The handler is async and the worker takes up to `MAX_BATCH` jobs at once (RunPod's
 `concurrency_modifier`, bounded by the request budget): jobs that may share a forward are
 gathered into batches as on the self-hosted server (`server/batching.py`), the others run
-alone; forwards take the model's slot in turn (`server/queue.py`), each in a worker thread.
+alone; forwards take the model's slot in turn (`server/queue.py`), each in a worker thread,
+so the event loop stays free for RunPod's stop signals. Each job has its own cancel flag (a
+`Job`): RunPod cancels a job (`/cancel`, a timeout) by cancelling the handler's task
+(`JobScaler.stop_job`); the job then leaves its queue or batch, or stops at its next check, and
+the task ends once its thread is done, so the worker is then really free.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 import time
@@ -23,8 +28,9 @@ import runpod
 from da3_serverless.api.budget import MIN_BUDGET_TOKENS
 from da3_serverless.api.errors import ServiceError
 from da3_serverless.config import SettingsError, load_settings
+from da3_serverless.inference.cancel import Cancelled
 from da3_serverless.server.batching import Batcher, BatchItem
-from da3_serverless.server.queue import Scheduler
+from da3_serverless.server.queue import Job, Scheduler
 from da3_serverless.service import Service
 
 log = logging.getLogger(__name__)
@@ -46,25 +52,56 @@ def make_handler(service: Service) -> Callable[[dict], Awaitable[dict]]:
         wait_s = settings.batch_wait_ms / 1000
         batcher = Batcher(scheduler, service.handle_batch, settings.max_batch, wait_s)
 
-    async def serve(payload: Any) -> dict:
+    async def serve(payload: Any, task: Job) -> dict:
         request = service.authorize(payload)
         model_key, batch_key = service.model_key(request), service.batch_key(request)
         scheduler.admit()
         if batch_key is not None and batcher is not None:
-            return await batcher.submit(batch_key, model_key, BatchItem(payload, None))
-        return await scheduler.run(model_key, lambda: service.handle(payload))
+            return await batcher.submit(batch_key, model_key, BatchItem(payload, None, task))
+        return await scheduler.run(
+            model_key, lambda: service.handle(payload, cancel=task.cancel), task
+        )
 
     async def handler(job: dict) -> dict:
+        task = Job(id=str(job.get("id")))
+        work = asyncio.ensure_future(run_job(serve, job, task))
         try:
-            return await serve(job.get("input"))
-        except ServiceError as error:
-            return {"error": error.to_json()}
-        except Exception:
-            log.exception("job %s failed", job.get("id"))
-            internal = ServiceError("internal", "internal error: the failure was logged; retry")
-            return {"error": internal.to_json()}
+            return await asyncio.shield(work)
+        except asyncio.CancelledError:
+            await stop_job(service, job, task, work)
+            raise
 
     return handler
+
+
+async def run_job(serve: Callable[[Any, Job], Awaitable[dict]], job: dict, task: Job) -> dict:
+    """One job: the v1 response, or RunPod's `{"error": "<JSON text>"}`."""
+    try:
+        return await serve(job.get("input"), task)
+    except Cancelled as stop:  # cancelled while it waited: it never ran
+        error = ServiceError("cancelled", f"{stop}: it left the queue without running")
+        return {"error": error.to_json()}
+    except ServiceError as error:
+        return {"error": error.to_json()}
+    except Exception:
+        log.exception("job %s failed", job.get("id"))
+        internal = ServiceError("internal", "internal error: the failure was logged; retry")
+        return {"error": internal.to_json()}
+
+
+async def stop_job(service: Service, job: dict, task: Job, work: asyncio.Future[dict]) -> None:
+    """RunPod cancelled `job`: it leaves its queue or batch, or its computation stops; wait
+    until its thread is done. A result that was past its last check (it completed anyway) is
+    dropped with its files."""
+    task.request_cancel("RunPod cancelled the job")
+    started = time.monotonic()
+    try:
+        result = await asyncio.shield(work)
+    except asyncio.CancelledError:  # cancelled again (the worker is stopping): wait no longer
+        return
+    if "error" not in result:
+        service.discard(result)
+    log.info("job %s stopped %.2f s after its cancel", job.get("id"), time.monotonic() - started)
 
 
 def jobs_at_once(service: Service) -> int:

@@ -46,6 +46,7 @@ from da3_serverless.inference.cache import (
     canonical_model_id,
     default_budget_bytes,
 )
+from da3_serverless.inference.cancel import CancelGroup, Cancelled, CancelToken
 from da3_serverless.inference.catalog import MODELS, ModelInfo, lookup_model, valid_model_ids
 from da3_serverless.inference.prediction import Prediction
 from da3_serverless.inference.predictor import Predictor, PredictRequest, default_dtype
@@ -137,23 +138,37 @@ class Service:
 
     # ---- one request ---------------------------------------------------------------------
 
-    def handle(self, payload: object, api_key: str | None = None) -> dict:
+    def handle(
+        self, payload: object, api_key: str | None = None, cancel: CancelToken | None = None
+    ) -> dict:
         """Serve one v1 request (the RunPod `input` object); `api_key` comes from transport
         headers and is used when the payload has none. Returns the response dict; raises
-        ServiceError. A failed request leaves no file behind."""
-        intake = self._intake(payload, api_key)
+        ServiceError. A failed request leaves no file behind.
+
+        `cancel` is the job's token: once cancelled, the request stops at its next check
+        (between views while decoding, between the network's blocks, before encoding, before
+        saving) and raises `cancelled`, having freed what it held and written nothing. Past
+        the last check (`CancelToken.commit`, before the first file) it completes."""
+        try:
+            return self._serve(payload, api_key, cancel or CancelToken())
+        except Cancelled as stop:
+            reason = str(stop)  # out of the except block: its traceback holds the tensors
+        raise _cancelled(reason)
+
+    def _serve(self, payload: object, api_key: str | None, cancel: CancelToken) -> dict:
+        intake = self._intake(payload, api_key, cancel)
         with ExitStack() as pinned:  # the model stays loaded while this request uses it
             with intake.timer.stage("load_model"):
-                predictor = self._predictor(intake.model_id, pinned)
+                predictor = self._predictor(intake.model_id, pinned, cancel)
             self._check_model(intake, predictor)
             with intake.timer.stage("inference"):
-                prediction = self._predict(predictor, intake.request, intake.images)
+                prediction = self._predict(predictor, intake.request, intake.images, cancel)
         return self._complete(intake, (predictor, prediction))
 
-    def _intake(self, payload: object, api_key: str | None) -> _Intake:
+    def _intake(self, payload: object, api_key: str | None, cancel: CancelToken) -> _Intake:
         """The stages before the model: auth and the request, the outputs the model can give,
         the images' headers, the budget, the pixels and the camera numbers."""
-        intake = _Intake(_Timer(), time.perf_counter())
+        intake = _Intake(_Timer(), time.perf_counter(), cancel)
         with intake.timer.stage("validate"):
             request = self.authorize(payload, api_key)
             intake.model_id = self.model_key(request)
@@ -161,12 +176,12 @@ class Service:
             if intake.capabilities is not None:
                 _check_outputs(request, intake.capabilities)
         with intake.timer.stage("decode"):
-            opened = open_request_images(request, self.settings)
+            opened = open_request_images(request, self.settings, cancel)
             sizes = [(view.width, view.height) for view in opened]
             scene_points = request.max_points if wants_scene(request) else None
             intake.cost = estimate_cost(intake.model_id, request.process_res, sizes, scene_points)
             self.budget.check(intake.cost)
-            intake.images = decode_request_images(opened, self.settings)
+            intake.images = decode_request_images(opened, self.settings, cancel)
             sizes = [(image.width, image.height) for image in intake.images]
             intake.request = checked_cameras(request, sizes)
         return intake
@@ -184,16 +199,19 @@ class Service:
         if isinstance(outcome, Exception):
             raise outcome
         predictor, prediction = outcome
-        timer, request, images = intake.timer, intake.request, intake.images
+        timer, request, images, cancel = intake.timer, intake.request, intake.images, intake.cancel
         self.store.maybe_prune()
         saved: list[Saved] = []
         try:
+            cancel.check()
             with timer.stage("encode"):
                 artifacts, warnings = encode_outputs(request, prediction, images)
             if wants_scene(request):
+                cancel.check()
                 with timer.stage("scene"):
                     scene, scene_warnings = encode_scene(request, prediction, images)
                 artifacts, warnings = [*artifacts, *scene], [*warnings, *scene_warnings]
+            cancel.commit()  # the last check: files are written from here on
             response = self._respond(
                 request, predictor, prediction, artifacts, timer, saved, warnings
             )
@@ -204,6 +222,14 @@ class Service:
         timer.timings_ms["total"] = round((time.perf_counter() - intake.started) * 1000, 3)
         response["timings_ms"] = timer.timings_ms
         return response
+
+    def discard(self, response: dict) -> None:
+        """Remove the volume files a response names (`file_path`, the extras' `path`): for a
+        result nobody will receive (its job was cancelled past its last check)."""
+        views = [response, *(response.get("views") or [])]  # some outputs are top-level only
+        paths = {view.get("file_path") for view in views}
+        paths |= {v.get("path") for view in views for v in view.values() if isinstance(v, dict)}
+        self.store.discard(path for path in paths if path)
 
     # ---- several requests, forwards shared ----------------------------------------------
 
@@ -216,12 +242,14 @@ class Service:
             return None
         return (self.model_key(request), request.process_res, request.use_ray_pose)
 
-    def handle_batch(self, items: Sequence[tuple[object, str | None]]) -> list[dict | Exception]:
-        """Serve several requests, each `(payload, api_key)` as for `handle`, sharing forwards
-        where they can (`Predictor.predict_batch`). Auth, decoding, encoding and placement are
-        per request; one request's failure never fails another. Returns, in order, each
-        response dict or its error: a `ServiceError`, or an unexpected exception the transport
-        logs and answers as `internal`."""
+    def handle_batch(self, items: Sequence[BatchItem]) -> list[dict | Exception]:
+        """Serve several requests, each `(payload, api_key, cancel)` as for `handle`, sharing
+        forwards where they can (`Predictor.predict_batch`). Auth, decoding, encoding and
+        placement are per request, and so is cancelling (a shared forward stops once all of
+        its requests are cancelled); one request's failure never fails another. Returns, in
+        order, each response dict or its error: a `ServiceError`, or an unexpected exception
+        the transport logs and answers as `internal`."""
+        items = [(payload, key, cancel or CancelToken()) for payload, key, cancel in items]
         with ThreadPoolExecutor(max_workers=_POOL_THREADS) as pool:
             results: list = list(pool.map(lambda item: _outcome(self._intake, *item), items))
             for indices in self._rounds(results):
@@ -230,7 +258,7 @@ class Service:
                 done = pool.map(lambda i, o: _outcome(self._complete, i, o), intakes, outcomes)
                 for index, result in zip(indices, done, strict=True):
                     results[index] = result
-        return results
+        return [_cancelled(str(r)) if isinstance(r, Cancelled) else r for r in results]
 
     def _rounds(self, intakes: list) -> list[list[int]]:
         """Indices of the admitted requests (the `_Intake`s among `intakes`) in rounds that
@@ -286,10 +314,14 @@ class Service:
             )
         return info.repo_id
 
-    def _predictor(self, model_id: str, pinned: ExitStack) -> Predictor:
-        """The loaded model, pinned in the cache until `pinned` closes."""
+    def _predictor(
+        self, model_id: str, pinned: ExitStack, cancel: CancelToken | CancelGroup | None = None
+    ) -> Predictor:
+        """The loaded model, pinned in the cache until `pinned` closes (a cancelled job stops
+        waiting for memory)."""
+        check = cancel.check if cancel is not None else None
         try:
-            return pinned.enter_context(self.model_cache.use(model_id))
+            return pinned.enter_context(self.model_cache.use(model_id, check))
         except ModelNotFoundError as error:
             raise ServiceError("model_unavailable", str(error)) from None
         except torch.cuda.OutOfMemoryError:
@@ -309,6 +341,7 @@ class Service:
         predictor: Predictor,
         request: RunRequest,
         images: list[DecodedImage],
+        cancel: CancelToken | None = None,
     ) -> Prediction:
         try:
             return predictor.predict(
@@ -320,6 +353,7 @@ class Service:
                 focal_length_px=request.focal_length_px,
                 metric=request.output_metric,
                 exif_focal_length_px=[image.focal_length_px for image in images],
+                cancel=cancel,
             )
         except ValueError as error:
             raise ServiceError("invalid_input", str(error)) from None
@@ -337,18 +371,22 @@ class Service:
         """One round of one model's requests through `Predictor.predict_batch`, the model
         pinned meanwhile: (predictor, prediction) or the request's error each. Every
         request's timings get the shared stages."""
+        # Work shared by the round stops once every one of its requests is cancelled.
+        shared = CancelGroup([intake.cancel for intake in intakes])
         with ExitStack() as pinned:  # the model stays loaded while the round uses it
             load_started = time.perf_counter()
             try:
-                predictor = self._predictor(model_id, pinned)
-            except ServiceError as error:
+                predictor = self._predictor(model_id, pinned, shared)
+            except (ServiceError, Cancelled) as error:
                 return [error] * len(intakes)
             loading = time.perf_counter() - load_started
             outcomes: list = [_outcome(self._check_model, i, predictor) for i in intakes]
             ready = [i for i, outcome in enumerate(outcomes) if outcome is None]
             inference_started = time.perf_counter()
             predictions = predictor.predict_batch(
-                [_predict_request(intakes[i]) for i in ready], return_exceptions=True
+                [_predict_request(intakes[i]) for i in ready],
+                return_exceptions=True,
+                cancel=CancelGroup([intakes[i].cancel for i in ready]),
             )
             inference = time.perf_counter() - inference_started
         for index, prediction in zip(ready, predictions, strict=True):
@@ -453,17 +491,28 @@ _POOL_THREADS = 4
 
 @dataclass
 class _Intake:
-    """One request between its stages: timings so far, the checked request, its model and
-    what it can give (None when unknown before loading), its cost (priced from the image
-    headers) and its decoded views."""
+    """One request between its stages: timings so far, its cancel flag, the checked request,
+    its model and what it can give (None when unknown before loading), its cost (priced from
+    the image headers) and its decoded views."""
 
     timer: _Timer
     started: float
+    cancel: CancelToken
     request: RunRequest | None = None
     model_id: str = ""
     capabilities: ModelInfo | None = None
     cost: RequestCost | None = None
     images: list[DecodedImage] = field(default_factory=list)
+
+
+# A request of `Service.handle_batch`: the payload, the key from transport headers, the job's
+# cancel flag (None: never cancelled).
+BatchItem = tuple[object, str | None, CancelToken | None]
+
+
+def _cancelled(reason: str) -> ServiceError:
+    """The error of a request stopped by its cancel flag."""
+    return ServiceError("cancelled", f"{reason}: it stopped before it finished, saving nothing")
 
 
 def _outcome(fn, *args):

@@ -42,13 +42,16 @@ def check_api_key(provided: str | None, settings: Settings) -> None:
 
 
 def key_from_headers(headers: Mapping[str, str]) -> str | None:
-    """The API key from HTTP headers (names case-insensitive): `Authorization: Bearer <key>`,
-    else `X-API-Key`, else `da3-api-key`; None when none is present."""
+    """The API key from HTTP headers (names case-insensitive): `Authorization: Bearer <key>`
+    (or a bare `Authorization: <key>`, which RunPod accepts too), else `X-API-Key`, else
+    `da3-api-key`; None when none is present."""
     lowered = {name.lower(): value for name, value in headers.items()}
     auth = lowered.get("authorization", "")
     scheme, _, token = auth.strip().partition(" ")
     if scheme.lower() == "bearer" and token.strip():
         return token.strip()
+    if scheme and not token and scheme.lower() != "bearer":
+        return scheme
     for name in KEY_HEADERS:
         value = lowered.get(name, "").strip()
         if value:

@@ -10,6 +10,9 @@ STATUS_BY_CODE: dict[str, int] = {
     "invalid_input": 400,
     "unauthorized": 401,
     "not_found": 404,
+    # 499 "client closed request", as gRPC's CANCELLED maps to HTTP: the job was cancelled
+    # (by /cancel, or its client went away) and stopped without a result.
+    "cancelled": 499,
     "image_too_large": 413,
     "request_too_large": 413,
     "unsupported_model": 400,

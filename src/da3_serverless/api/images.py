@@ -20,6 +20,7 @@ from da3_serverless.api.download import fetch_url
 from da3_serverless.api.errors import ServiceError
 from da3_serverless.api.schema import RunRequest, check_limits
 from da3_serverless.config import Settings
+from da3_serverless.inference.cancel import CancelToken
 from da3_serverless.inference.preprocess import upright_rgb
 
 pillow_heif.register_heif_opener()
@@ -157,29 +158,53 @@ def _too_large(source: str, size: tuple[int, int] | None, settings: Settings) ->
 # ---- the request's views ------------------------------------------------------------------
 
 
-def _open_one(source: str, url: str | None, data_b64: str | None, settings: Settings):
+def _open_one(
+    source: str,
+    url: str | None,
+    data_b64: str | None,
+    settings: Settings,
+    cancel: CancelToken | None = None,
+):
+    if cancel is not None:
+        cancel.check()
     try:
         data = fetch_url(url, settings) if url is not None else decode_base64(data_b64 or "")
     except ServiceError as exc:
         raise ServiceError(exc.code, f"{source}: {exc.message}") from None
+    if cancel is not None:
+        cancel.check()
     return open_image(data, settings, source)
 
 
-def load_request_images(request: RunRequest, settings: Settings) -> list[DecodedImage]:
+def load_request_images(
+    request: RunRequest, settings: Settings, cancel: CancelToken | None = None
+) -> list[DecodedImage]:
     """The request's views, decoded, in order: `open_request_images`, then
     `decode_request_images` (the service checks its budget between the two)."""
-    return decode_request_images(open_request_images(request, settings), settings)
+    opened = open_request_images(request, settings, cancel)
+    return decode_request_images(opened, settings, cancel)
 
 
-def decode_request_images(opened: list[OpenedImage], settings: Settings) -> list[DecodedImage]:
-    """The pixels of opened views, in order; raises the first view's `ServiceError`."""
-    return [decode_opened(view, settings) for view in opened]
+def decode_request_images(
+    opened: list[OpenedImage], settings: Settings, cancel: CancelToken | None = None
+) -> list[DecodedImage]:
+    """The pixels of opened views, in order; raises the first view's `ServiceError`, or
+    `Cancelled` once `cancel` is cancelled (checked before each view)."""
+    decoded = []
+    for view in opened:
+        if cancel is not None:
+            cancel.check()
+        decoded.append(decode_opened(view, settings))
+    return decoded
 
 
-def open_request_images(request: RunRequest, settings: Settings) -> list[OpenedImage]:
+def open_request_images(
+    request: RunRequest, settings: Settings, cancel: CancelToken | None = None
+) -> list[OpenedImage]:
     """The request's views with their bytes in hand and headers read, sizes checked, pixels
     not decoded, in order (at most `settings.max_views`; URLs are fetched concurrently).
-    Raises the first view's `ServiceError`, its message prefixed by the field."""
+    Raises the first view's `ServiceError`, its message prefixed by the field; `Cancelled`
+    once `cancel` is cancelled (checked before and after each view's bytes)."""
     check_limits(request, settings)
     if request.images is not None:
         views = [(f"images[{i}]", ref.url, ref.base64) for i, ref in enumerate(request.images)]
@@ -188,7 +213,7 @@ def open_request_images(request: RunRequest, settings: Settings) -> list[OpenedI
     else:
         views = [("image_base64", None, request.image_base64)]
     if len(views) == 1:
-        return [_open_one(*views[0], settings)]
+        return [_open_one(*views[0], settings, cancel)]
     with ThreadPoolExecutor(max_workers=min(8, len(views))) as pool:
-        futures = [pool.submit(_open_one, *view, settings) for view in views]
+        futures = [pool.submit(_open_one, *view, settings, cancel) for view in views]
         return [future.result() for future in futures]

@@ -20,6 +20,8 @@ from da3_serverless.model.checkpoint import loaded_bytes
 log = logging.getLogger(__name__)
 
 Loader = Callable[[str], Predictor]
+# How often a caller waiting for memory looks at its cancel check.
+CHECK_EVERY_S = 0.2
 
 
 def model_bytes(predictor: Predictor) -> int:
@@ -83,10 +85,11 @@ class ModelCache:
             return dict(self._users)
 
     @contextmanager
-    def use(self, model_id: str) -> Iterator[Predictor]:
-        """The loaded model, pinned until the block ends (loaded first when needed)."""
+    def use(self, model_id: str, check: Callable[[], None] | None = None) -> Iterator[Predictor]:
+        """The loaded model, pinned until the block ends (loaded first when needed). `check`
+        (raises to stop: a cancelled job) is called while waiting for memory."""
         key = canonical_model_id(model_id)
-        predictor = self._acquire(key)
+        predictor = self._acquire(key, check)
         try:
             yield predictor
         finally:
@@ -102,7 +105,7 @@ class ModelCache:
         with self.use(model_id) as predictor:
             return predictor
 
-    def _acquire(self, key: str) -> Predictor:
+    def _acquire(self, key: str, check: Callable[[], None] | None = None) -> Predictor:
         """Pin `key`, loading it when it is not loaded; waits while it does not fit."""
         estimate = estimated_bytes(key, self.dtype)  # builds on the meta device: unlocked
         with self._changed:
@@ -111,7 +114,9 @@ class ModelCache:
                     break
                 self.waiting += 1
                 try:
-                    self._changed.wait()
+                    self._changed.wait(None if check is None else CHECK_EVERY_S)
+                    if check is not None:
+                        check()
                 finally:
                     self.waiting -= 1
             else:

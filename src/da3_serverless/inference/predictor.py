@@ -7,7 +7,7 @@ several unrelated requests, running those that can share a forward as samples of
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -25,6 +25,7 @@ from da3_serverless.inference.cameras import (
     relative_to_first_view,
     umeyama_scale,
 )
+from da3_serverless.inference.cancel import CancelGroup, CancelToken
 from da3_serverless.inference.catalog import ModelInfo, lookup_model
 from da3_serverless.inference.prediction import Gaussians, Prediction
 from da3_serverless.inference.preprocess import (
@@ -200,6 +201,7 @@ class Predictor:
         metric: bool = True,
         exif_focal_length_px: Sequence[float | None] | None = None,
         gaussians: bool = False,
+        cancel: CancelToken | None = None,
     ) -> Prediction:
         """Depth, confidence, sky and cameras for N views of one scene.
 
@@ -214,6 +216,8 @@ class Predictor:
             its focal length from focal_length_px, else intrinsics, else EXIF.
         gaussians: also return 3D Gaussians (`Prediction.gaussians`); only for models whose
             checkpoint holds the Gaussian head (`supports_gaussians`).
+        cancel: a job's `CancelToken`; once cancelled, the forward stops at its next check
+            (between the network's blocks) and `Cancelled` is raised.
         Raises ValueError with what to fix for any bad argument.
 
         The stages: check the arguments, prepare the network input, forward, then metric
@@ -225,7 +229,10 @@ class Predictor:
         self._check_gaussians(gaussians)
         prepared = self._prepare(scene, process_res, focal_length_px, metric, use_ray_pose)
         prepared = replace(prepared, gaussians=gaussians)
-        output = self._forward(prepared)
+        check = cancel.check if cancel is not None else None
+        output = self._forward(prepared, check)
+        if check is not None:
+            check()
         return self._finish(prepared, output, sample=0)
 
     def _check_gaussians(self, gaussians: bool) -> None:
@@ -243,6 +250,7 @@ class Predictor:
         *,
         max_batch: int | None = None,
         return_exceptions: bool = False,
+        cancel: CancelToken | CancelGroup | None = None,
     ) -> list[Prediction | Exception]:
         """`predict` for several unrelated requests, one `Prediction` each, in order.
 
@@ -253,7 +261,8 @@ class Predictor:
         batch that runs out of GPU memory runs again one by one. With `return_exceptions`, a
         request's error (ValueError for bad arguments, or the error of the forward it was in)
         takes its place in the list; otherwise the first error is raised, bad arguments before
-        any forward runs.
+        any forward runs. `cancel` stops the forwards at their next check (`Cancelled`, the
+        error of every request not yet finished): the token of the whole batch.
         """
         prepared: list[PreparedInput | Exception] = []
         for request in requests:
@@ -264,9 +273,10 @@ class Predictor:
                     raise
                 prepared.append(error)
         results: list[Prediction | Exception] = list(prepared)
+        check = cancel.check if cancel is not None else None
         for group in _batch_groups(prepared, max_batch):
             try:
-                predictions = self._predict_group([prepared[i] for i in group])
+                predictions = self._predict_group([prepared[i] for i in group], check)
             except Exception as error:
                 predictions = [error] * len(group)
             for index, prediction in zip(group, predictions, strict=True):
@@ -275,12 +285,16 @@ class Predictor:
                 results[index] = prediction
         return results
 
-    def _predict_group(self, group: list[PreparedInput]) -> list[Prediction | Exception]:
+    def _predict_group(
+        self, group: list[PreparedInput], check: Callable[[], None] | None = None
+    ) -> list[Prediction | Exception]:
         """One forward of a batch group, each sample finished on its own. A group that runs
         out of GPU memory together runs again one by one (each may fit alone); then a sample
-        that does not fit alone gets its own error."""
+        that does not fit alone gets its own error. `check` raises to stop the forward."""
         try:
-            output = self._forward(_stack(group))
+            output = self._forward(_stack(group), check)
+            if check is not None:
+                check()
         except torch.cuda.OutOfMemoryError:
             if len(group) == 1:
                 raise
@@ -291,7 +305,7 @@ class Predictor:
         alone: list[Prediction | Exception] = []
         for entry in group:
             try:
-                alone.extend(self._predict_group([entry]))
+                alone.extend(self._predict_group([entry], check))
             except torch.cuda.OutOfMemoryError as error:
                 alone.append(error)
         return alone
@@ -439,9 +453,11 @@ class Predictor:
             )
         return values
 
-    def _forward(self, prepared: PreparedInput) -> NetOutput:
+    def _forward(
+        self, prepared: PreparedInput, check: Callable[[], None] | None = None
+    ) -> NetOutput:
         """One forward pass of the prepared scene (autocast to `self.dtype` when it is not
-        fp32; the network keeps its heads in fp32 itself)."""
+        fp32; the network keeps its heads in fp32 itself); `check` raises to stop it."""
 
         def tensor(array):
             if array is None:
@@ -460,6 +476,7 @@ class Predictor:
                 tensor(prepared.net_intrinsics),
                 use_ray_pose=prepared.use_ray_pose,
                 gaussians=prepared.gaussians,
+                check=check,
             )
 
 

@@ -10,7 +10,7 @@ Shapes: B batch, S views, T tokens per view, p x q = (H / patch) x (W / patch) p
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -84,11 +84,13 @@ class DPT(PyramidHeadBase):
         W: int,
         patch_start_idx: int,
         chunk_size: int | None = 8,
+        check: Callable[[], None] | None = None,
     ) -> dict[str, torch.Tensor]:
         """feats: 4 entries whose first item is (B, S, T, dim_in) tokens; H, W: input image size;
-        tokens before `patch_start_idx` are not patches; `chunk_size` views are decoded at once.
+        tokens before `patch_start_idx` are not patches; `chunk_size` views are decoded at once;
+        `check` (raises to stop) is called between chunks.
         """
-        return self._run(self._frames, feats, H, W, patch_start_idx, chunk_size)
+        return self._run(self._frames, feats, H, W, patch_start_idx, chunk_size, check)
 
     def _frames(
         self, tokens: Sequence[torch.Tensor], image_hw: tuple[int, int]
@@ -159,13 +161,15 @@ class DualDPT(PyramidHeadBase):
         patch_start_idx: int,
         chunk_size: int | None = 8,
         compute_rays: bool = True,
+        check: Callable[[], None] | None = None,
     ) -> dict[str, torch.Tensor]:
         """feats: 4 entries whose first item is (B, S, T, dim_in) tokens; H, W: input image size;
         tokens before `patch_start_idx` are not patches; `chunk_size` views are decoded at once;
-        `compute_rays=False` skips the ray chain entirely (depth and confidence are unchanged).
+        `compute_rays=False` skips the ray chain entirely (depth and confidence are unchanged);
+        `check` (raises to stop) is called between chunks.
         """
         return self._run(
-            self._frames, feats, H, W, patch_start_idx, chunk_size, compute_rays=compute_rays
+            self._frames, feats, H, W, patch_start_idx, chunk_size, check, compute_rays=compute_rays
         )
 
     def _frames(

@@ -12,6 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from da3_serverless.model.layers import stop_point
+
+# Views per chunk on CPU when the forward can be stopped between chunks: one view alone runs
+# at about half the speed of two or more.
+CPU_CHECKED_CHUNK = 2
 # Largest number of output elements handed to one `F.interpolate` call; CUDA kernels index with
 # 32-bit integers, so bigger batches are resized in slices along the batch dimension.
 _MAX_RESIZE_ELEMENTS = 1_610_612_736
@@ -222,20 +227,27 @@ class PyramidHeadBase(nn.Module):
         W: int,
         patch_start_idx: int,
         chunk_size: int | None,
+        check: Callable[[], None] | None = None,
         **kwargs: bool,
     ) -> dict[str, torch.Tensor]:
         """Flatten the views of `feats` and run `frames` on at most `chunk_size` of them at once.
 
         feats: 4 entries whose first item is (B, S, T, dim_in) tokens; `frames(tokens, (H, W),
         **kwargs)` maps 4 x (n, T', dim_in) patch tokens to a dict of (n, ...) tensors. Returns the
-        same dict with leading (B, S).
+        same dict with leading (B, S). `check` (raises to stop) is called before every chunk; on
+        CPU, where a view at process_res 1008 takes a second or two, chunks are then
+        `CPU_CHECKED_CHUNK` views.
         """
         B, S = feats[0][0].shape[:2]
         dtype = self.projects[0].weight.dtype  # backbone tokens may come in bf16
         tokens = [f[0].flatten(0, 1)[:, patch_start_idx:].to(dtype) for f in feats]
         n = B * S
         step = n if chunk_size is None else max(1, min(chunk_size, n))
-        parts = [
-            frames([t[i : i + step] for t in tokens], (H, W), **kwargs) for i in range(0, n, step)
-        ]
+        if check is not None and tokens[0].device.type == "cpu":
+            step = min(step, CPU_CHECKED_CHUNK)
+        parts = []
+        for i in range(0, n, step):
+            if check is not None:
+                stop_point(check)
+            parts.append(frames([t[i : i + step] for t in tokens], (H, W), **kwargs))
         return {k: torch.cat([p[k] for p in parts]).unflatten(0, (B, S)) for k in parts[0]}

@@ -2,13 +2,32 @@
 
 Module and parameter names follow the official checkpoints (``attn.qkv``, ``ls1.gamma``,
 ``mlp.fc1`` / ``mlp.w12`` ...), so state dicts load unchanged.
+
+A forward may be given ``check``, a callable that raises to stop it (a cancelled job): it is
+called between blocks and, on CPU, where one block over many views takes seconds, between
+slices of a block (``Block.forward``), so a stop takes effect within a fraction of a second.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+# Work (FLOP) of one slice of a block run in slices: about a quarter of a second on two cores.
+SLICE_FLOP = 16e9
+# Fewest queries per attention slice: PyTorch's CPU attention works in tiles of 256 queries
+# only when given at least 768 of them; smaller slices run in smaller, slower tiles.
+MIN_QUERY_SLICE = 768
+
+
+@torch.compiler.disable
+def stop_point(check: Callable[[], None]) -> None:
+    """Call ``check`` (it raises to stop the forward). Never traced by ``torch.compile``, so a
+    compiled network really calls it rather than a value frozen at compile time."""
+    check()
 
 
 class LayerScale(nn.Module):
@@ -131,6 +150,64 @@ class Block(nn.Module):
         self.mlp = SwiGLU(dim, hidden) if swiglu else Mlp(dim, hidden)
         self.ls2 = LayerScale(dim, layer_scale)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: torch.Tensor | None = None,
+        check: Callable[[], None] | None = None,
+    ) -> torch.Tensor:
+        """x: (B, T, dim); rope: (T, head_dim) angles or None; ``check`` (on CPU): see
+        ``in_slices``."""
+        if check is not None and x.device.type == "cpu":
+            return self.in_slices(x, rope, check)
         x = x + self.ls1(self.attn(self.norm1(x), rope))
         return x + self.ls2(self.mlp(self.norm2(x)))
+
+    def in_slices(
+        self, x: torch.Tensor, rope: torch.Tensor | None, check: Callable[[], None]
+    ) -> torch.Tensor:
+        """The same block a slice at a time, calling ``check`` between slices: queries, keys and
+        values in slices of tokens, the attention in slices of queries, then the projection and
+        the MLP in slices of tokens. Equal to ``forward`` to rounding; about ``SLICE_FLOP`` of
+        work per slice (token slices stay large: small matrix products are slow on CPU)."""
+        attn = self.attn
+        b, t, dim = x.shape
+        flat = x.reshape(b * t, dim)  # token-wise layers see the batch's tokens as rows
+        parts = []
+        for rows in _slices(b * t, SLICE_FLOP / (6 * dim * dim)):
+            stop_point(check)
+            parts.append(attn.qkv(self.norm1(flat[rows])))
+        qkv = parts[0] if len(parts) == 1 else torch.cat(parts)
+        qkv = qkv.reshape(b, t, 3, attn.num_heads, dim // attn.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        mixed = torch.empty_like(x)
+        for entries, rows in _attention_slices(b, t, dim):
+            stop_point(check)
+            part = F.scaled_dot_product_attention(q[entries, :, rows], k[entries], v[entries])
+            mixed[entries, rows] = part.transpose(1, 2).flatten(2)
+        del parts, qkv, q, k, v
+        mixed, out = mixed.reshape(b * t, dim), torch.empty_like(flat)
+        for rows in _slices(b * t, SLICE_FLOP / (18 * dim * dim)):
+            stop_point(check)
+            y = flat[rows] + self.ls1(attn.proj(mixed[rows]))
+            out[rows] = y + self.ls2(self.mlp(self.norm2(y)))
+        return out.reshape(b, t, dim)
+
+
+def _attention_slices(b: int, t: int, dim: int) -> list[tuple[slice, slice]]:
+    """(batch entries, queries) of each attention slice: whole entries while they fit in
+    ``SLICE_FLOP``, else one entry at a time in slices of queries."""
+    queries = SLICE_FLOP / (4 * t * dim)  # of one entry
+    if queries >= t:
+        return [(entries, slice(None)) for entries in _slices(b, queries / t)]
+    step = max(MIN_QUERY_SLICE, queries // 256 * 256)
+    return [(slice(i, i + 1), rows) for i in range(b) for rows in _slices(t, step)]
+
+
+def _slices(total: int, per_slice: float) -> list[slice]:
+    """``range(total)`` in slices of ``per_slice`` (at least 1) items."""
+    step = max(1, int(per_slice))
+    return [slice(start, start + step) for start in range(0, total, step)]

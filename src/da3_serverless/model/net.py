@@ -4,11 +4,14 @@ Both take ImageNet-normalised views ``images`` (B, N, 3, H, W), H and W multiple
 return a ``NetOutput``. Under ``torch.autocast`` only the backbone runs in low precision; the
 camera encoder, heads, camera decoding and post-processing run in fp32. With ``gaussians=True``
 a network that has the 3D-Gaussian branch (``gs_head`` + ``gs_adapter``, attached when the
-checkpoint holds it) also returns one Gaussian per pixel per view.
+checkpoint holds it) also returns one Gaussian per pixel per view. ``check``, a callable
+that raises to stop the forward (a cancelled job), is called between the backbone's blocks and
+before each head.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +21,7 @@ from da3_serverless.model.alignment import align_to_metric, mono_sky_fill
 from da3_serverless.model.camera import camera_from_pose_encoding, invert_rigid
 from da3_serverless.model.dpt import DualDPT
 from da3_serverless.model.gaussians import GaussianMaps
+from da3_serverless.model.layers import stop_point
 from da3_serverless.model.rays import pose_from_rays
 from da3_serverless.model.rng import per_sample_generators
 from da3_serverless.model.vit import PATCH_SIZE
@@ -109,6 +113,7 @@ class DepthAnything3Net(nn.Module):
         use_ray_pose: bool = False,
         generator: torch.Generator | list[torch.Generator] | None = None,
         gaussians: bool = False,
+        check: Callable[[], None] | None = None,
     ) -> NetOutput:
         """images (B, N, 3, H, W); extrinsics (B, N, 4, 4) world-to-camera and intrinsics
         (B, N, 3, 3) pixels of known cameras (both or neither); use_ray_pose: cameras from the
@@ -116,6 +121,7 @@ class DepthAnything3Net(nn.Module):
         post-processed on its own. ``generator``: one per sample for the random sampling of
         post-processing (default: fresh seeded ones, so results are repeatable).
         gaussians: also run the 3D-Gaussian branch (built on the predicted depth and cameras).
+        ``check`` raises to stop the forward (see the module's docstring).
         """
         check_inputs(images, extrinsics, intrinsics, self.cam_enc is not None)
         if gaussians and not self.has_gaussians:
@@ -130,12 +136,16 @@ class DepthAnything3Net(nn.Module):
         if extrinsics is not None:
             with torch.autocast(device_type, enabled=False):
                 cam_token = self.cam_enc(extrinsics, intrinsics, (height, width))
-        feats = self.backbone(images, cam_token)
+        feats = self.backbone(images, cam_token, check=check)
         with torch.autocast(device_type, enabled=False):
             if isinstance(self.head, DualDPT):
-                head = self.head(feats, height, width, patch_start_idx=0, compute_rays=use_ray_pose)
+                head = self.head(
+                    feats, height, width, patch_start_idx=0, compute_rays=use_ray_pose, check=check
+                )
             else:
-                head = self.head(feats, height, width, patch_start_idx=0)
+                head = self.head(feats, height, width, patch_start_idx=0, check=check)
+            if check is not None:
+                stop_point(check)
             out = NetOutput(depth=head["depth"], confidence=head.get("depth_conf"))
             if self.cam_dec is not None and use_ray_pose:
                 out.extrinsics, out.intrinsics = pose_from_rays(
@@ -146,15 +156,23 @@ class DepthAnything3Net(nn.Module):
                 cam_to_world, out.intrinsics = camera_from_pose_encoding(encoding, (height, width))
                 out.extrinsics = invert_rigid(cam_to_world)
             if gaussians:
-                out.gaussians = self._gaussians(feats, images, out)
+                out.gaussians = self._gaussians(feats, images, out, check)
             if "sky" in head:
                 out.sky = head["sky"]
                 out.depth = mono_sky_fill(out.depth, out.sky, generator)
         return out
 
-    def _gaussians(self, feats: list, images: torch.Tensor, out: NetOutput) -> GaussianMaps:
+    def _gaussians(
+        self,
+        feats: list,
+        images: torch.Tensor,
+        out: NetOutput,
+        check: Callable[[], None] | None = None,
+    ) -> GaussianMaps:
         """The Gaussian head on the backbone features and input images, placed in the world by
         the adapter with the predicted depth (before any sky fill) and cameras."""
+        if check is not None:
+            stop_point(check)
         height, width = images.shape[-2:]
         raw = self.gs_head(feats, height, width, patch_start_idx=0, images=images)
         return self.gs_adapter(
@@ -192,6 +210,7 @@ class NestedDepthAnything3Net(nn.Module):
         use_ray_pose: bool = False,
         generator: torch.Generator | list[torch.Generator] | None = None,
         gaussians: bool = False,
+        check: Callable[[], None] | None = None,
     ) -> NetOutput:
         """Same arguments as DepthAnything3Net.forward; depth in meters."""
         generator = per_sample_generators(generator, images.shape[0], images.device)
@@ -204,8 +223,9 @@ class NestedDepthAnything3Net(nn.Module):
             use_ray_pose=use_ray_pose,
             generator=generator,
             gaussians=gaussians,
+            check=check,
         )
-        metric = self.da3_metric(images, generator=generator)
+        metric = self.da3_metric(images, generator=generator, check=check)
         with torch.autocast(images.device.type, enabled=False):
             aligned = align_to_metric(
                 out.depth,

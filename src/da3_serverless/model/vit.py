@@ -10,13 +10,14 @@ reference); outputs are returned in the caller's view order.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from da3_serverless.model.layers import Block, rope_angles
+from da3_serverless.model.layers import Block, rope_angles, stop_point
 
 PATCH_SIZE = 14
 # Views needed before a reference view is chosen; with fewer, the first view is the reference.
@@ -106,10 +107,11 @@ class VisionTransformer(nn.Module):
 class DinoV2(nn.Module):
     """DA3 backbone.
 
-    forward(images (B, S, 3, H, W), cam_token (B, S, dim) or None) -> list, one entry per
+    forward(images (B, S, 3, H, W), cam_token (B, S, dim) or None, check) -> list, one entry per
     ``out_layers`` layer, of (features (B, S, H/14*W/14, C), camera token (B, S, C)), where
     C = 2*dim with ``cat_token`` (last local-attention output, then the normalised current
-    output) and dim otherwise (normalised output).
+    output) and dim otherwise (normalised output). ``check`` (a callable that raises to stop)
+    is called before every block and handed to the blocks.
     """
 
     def __init__(
@@ -149,7 +151,10 @@ class DinoV2(nn.Module):
         return rope_angles(local, head_dim), rope_angles(flat, head_dim).repeat(views, 1)
 
     def forward(
-        self, images: torch.Tensor, cam_token: torch.Tensor | None = None
+        self,
+        images: torch.Tensor,
+        cam_token: torch.Tensor | None = None,
+        check: Callable[[], None] | None = None,
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         vit = self.pretrained
         b, s, _, h, w = images.shape
@@ -165,6 +170,8 @@ class DinoV2(nn.Module):
         local_x = x
         outputs = []
         for i, block in enumerate(vit.blocks):
+            if check is not None:
+                stop_point(check)
             use_rope = self.rope_start != -1 and i >= self.rope_start
             if self.alt_start != -1:
                 if (
@@ -183,10 +190,10 @@ class DinoV2(nn.Module):
                     )
             if self.alt_start != -1 and i >= self.alt_start and i % 2 == 1:
                 rope = global_rope if use_rope else None
-                x = block(x.reshape(b, s * n, -1), rope).reshape(b, s, n, -1)
+                x = block(x.reshape(b, s * n, -1), rope, check).reshape(b, s, n, -1)
             else:
                 rope = local_rope if use_rope else None
-                x = block(x.reshape(b * s, n, -1), rope).reshape(b, s, n, -1)
+                x = block(x.reshape(b * s, n, -1), rope, check).reshape(b, s, n, -1)
                 local_x = x
             if i in self.out_layers:
                 out = torch.cat((local_x, x), dim=-1) if self.cat_token else x

@@ -26,6 +26,7 @@ from da3_serverless.server.middleware import ConnectionLimit, RequestLog
 from da3_serverless.server.operations import add_operation_routes
 from da3_serverless.server.pages import add_page_routes
 from da3_serverless.server.queue import JobStore, Scheduler
+from da3_serverless.server.runpod_api import add_runpod_routes
 from da3_serverless.service import Service
 
 log = logging.getLogger(__name__)
@@ -121,6 +122,7 @@ def create_app(settings: Settings, service: Service | None = None) -> FastAPI:
     app.add_middleware(RequestLog, metrics=state.metrics)
     add_error_handlers(app)
     add_job_routes(app, state)
+    add_runpod_routes(app, state)
     add_operation_routes(app, state)
     add_page_routes(app)
     return app

@@ -5,15 +5,17 @@ lane. A lane's dispatcher waits until it holds `max_batch` requests or its oldes
 waited `wait_s`, then takes one of the model's `Scheduler` slots and, once it has it, every
 request that queued meanwhile (at most `max_batch`): so under load batches fill while the
 model is busy, and a lone request never waits longer than the window for company. One batch
-holds one slot and runs `Service.handle_batch` in a worker thread. A request cancelled while it
-is gathered leaves its lane at once (and the waiting room); one cancelled after its batch
-started only loses its answer.
+holds one slot and runs `Service.handle_batch` in a worker thread. A request whose job is
+cancelled (or whose waiting task is) while it is gathered leaves its lane at once, and the
+waiting room, raising `Cancelled`; one cancelled after its batch started stops at its own next
+check, and the batch's shared forward stops once all of its requests are cancelled.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -21,20 +23,23 @@ from dataclasses import dataclass, field
 import anyio.to_thread
 
 from da3_serverless.api.errors import ServiceError
-from da3_serverless.server.queue import Scheduler
+from da3_serverless.inference.cancel import Cancelled
+from da3_serverless.server.queue import IN_PROGRESS, Job, Scheduler
 
 log = logging.getLogger(__name__)
 
-HandleBatch = Callable[[Sequence[tuple[object, str | None]]], list]
+HandleBatch = Callable[[Sequence[tuple]], list]
 
 
 @dataclass
 class BatchItem:
-    """One admitted request: its v1 payload, the key from its headers, and `on_start(size)`,
-    called on the event loop when its batch (of `size` requests) starts."""
+    """One admitted request: its v1 payload, the key from its headers, its `Job` (cancel flag
+    and status: IN_PROGRESS once its batch starts) and `on_start(size)`, called on the event
+    loop when its batch (of `size` requests) starts."""
 
     payload: object
     api_key: str | None
+    job: Job | None = None
     on_start: Callable[[int], None] | None = None
 
 
@@ -75,7 +80,8 @@ class Batcher:
 
     async def submit(self, key: tuple, model_key: str, item: BatchItem) -> dict:
         """The response of `item`, run with whatever requests of the same `key` come along;
-        raises its `ServiceError` (or unexpected error)."""
+        raises its `ServiceError` (or unexpected error), or `Cancelled` when its job was
+        cancelled before its batch started."""
         loop = asyncio.get_running_loop()
         lane = self._lanes.get(key)
         if lane is None:
@@ -86,13 +92,22 @@ class Batcher:
         if lane.task is None:
             lane.task = asyncio.create_task(self._dispatch(lane))
         try:
-            return await entry.future
+            await _until_done_or_stopped(entry.future, item.job)
+            if not entry.future.done() and entry in lane.entries:  # cancelled while gathered
+                self._leave(lane, entry)
+                raise Cancelled(item.job.cancel.reason)
+            return await entry.future  # in a batch: it ends with its own answer or error
         except asyncio.CancelledError:
-            if entry in lane.entries:  # still gathered: leave without holding the batch up
-                lane.entries.remove(entry)
-                self.scheduler.withdraw()
-                lane.changed.set()
+            self._leave(lane, entry)
             raise
+
+    def _leave(self, lane: _Lane, entry: _Entry) -> None:
+        """A gathered request goes without holding its batch up (one already in a batch
+        stays: its own check stops it)."""
+        if entry in lane.entries:
+            lane.entries.remove(entry)
+            self.scheduler.withdraw()
+            lane.changed.set()
 
     async def _dispatch(self, lane: _Lane) -> None:
         """Form and start the lane's batches until it is empty, then close the lane."""
@@ -135,6 +150,9 @@ class Batcher:
     async def _run(self, model_key: str, batch: list[_Entry], slot: asyncio.Semaphore) -> None:
         """One batch in a worker thread, holding one slot; each answer to its request."""
         loop = asyncio.get_running_loop()
+        for entry in batch:  # cancelled between the gathering and the start: never runs
+            if entry.item.job is not None and entry.item.job.cancel.cancelled:
+                _settle(entry.future, Cancelled(entry.item.job.cancel.reason))
         live = [entry for entry in batch if not entry.future.done()]
         waited_ms = round((loop.time() - min(e.arrived for e in batch)) * 1000, 1)
         log.info(
@@ -142,11 +160,10 @@ class Batcher:
             extra={"fields": {"model": model_key, "batch": len(live), "waited_ms": waited_ms}},
         )
         for entry in live:
-            if entry.item.on_start is not None:
-                entry.item.on_start(len(live))
+            _started(entry.item, len(live))
         self.scheduler.running += 1
         try:
-            items = [(entry.item.payload, entry.item.api_key) for entry in live]
+            items = [_request(entry.item) for entry in live]
             # Not abandoned on cancel: the model stays busy until the thread is done.
             results = await anyio.to_thread.run_sync(self.handle_batch, items) if live else []
         except BaseException as error:
@@ -165,6 +182,31 @@ class Batcher:
         while lane.entries:
             _settle(lane.entries.popleft().future, error)
             self.scheduler.withdraw()
+
+
+async def _until_done_or_stopped(future: asyncio.Future, job: Job | None) -> None:
+    """Wait until `future` is done or `job` is cancelled (its `stop` event), whichever first."""
+    if job is None:
+        await asyncio.wait((future,))
+        return
+    stopping = asyncio.ensure_future(job.stop.wait())
+    try:
+        await asyncio.wait((future, stopping), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+
+
+def _started(item: BatchItem, size: int) -> None:
+    """The request's batch (of `size`) starts: its job is IN_PROGRESS (unless cancelled)."""
+    if item.job is not None and not item.job.done:
+        item.job.status, item.job.started = IN_PROGRESS, time.monotonic()
+    if item.on_start is not None:
+        item.on_start(size)
+
+
+def _request(item: BatchItem) -> tuple:
+    """The request as `Service.handle_batch` takes it: payload, key, cancel flag."""
+    return (item.payload, item.api_key, item.job.cancel if item.job is not None else None)
 
 
 def _settle(future: asyncio.Future, result: object) -> None:

@@ -7,7 +7,7 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 from da3_serverless.api.schema import RunRequest, RunResponse
 
@@ -37,6 +37,41 @@ class RunPodRequest(BaseModel):
     input: RunRequest
 
 
+class RunPodJobRequest(BaseModel):
+    """RunPod's paths take `{"input": {...}}`; the input is checked as a job (a request our
+    checks refuse is a FAILED job, HTTP 200, as on RunPod)."""
+
+    model_config = ConfigDict(extra="forbid")
+    input: dict[str, Any]
+
+
+class RunPodJobCounts(BaseModel):
+    completed: int
+    failed: int
+    inProgress: int
+    inQueue: int
+    retried: int
+
+
+class RunPodWorkerCounts(BaseModel):
+    idle: int
+    initializing: int
+    ready: int
+    running: int
+    throttled: int
+    unhealthy: int
+
+
+class RunPodHealth(BaseModel):
+    jobs: RunPodJobCounts
+    workers: RunPodWorkerCounts
+
+
+class PurgeResult(BaseModel):
+    removed: int
+    status: str
+
+
 class Ready(BaseModel):
     """`state`: loading, ready, draining or failed; `error`: the error code of a failed start;
     `model_id`: the default model when it is in the model table."""
@@ -50,9 +85,14 @@ class Ready(BaseModel):
 ERRORS: dict[int | str, dict[str, Any]] = {
     s: {"model": ErrorBody} for s in (400, 401, 404, 413, 500, 502, 503)
 }
-# Requests in RunPod's form fail in RunPod's form.
+# Requests in RunPod's form fail in RunPod's form; 499: cancelled (the queue was purged, or
+# the client went away).
 RUN_ERRORS: dict[int | str, dict[str, Any]] = {
-    s: {"model": ErrorBody | RunPodEnvelope} for s in ERRORS
+    s: {"model": ErrorBody | RunPodEnvelope} for s in (*ERRORS, 499)
+}
+# RunPod's paths: a failed job is a 200; a full queue is 429.
+RUNPOD_ERRORS: dict[int | str, dict[str, Any]] = {
+    s: {"model": ErrorBody | RunPodEnvelope} for s in (400, 401, 404, 413, 429, 500, 503)
 }
 
 
@@ -67,6 +107,12 @@ def request_body_doc() -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
+def runpod_body_doc() -> dict[str, Any]:
+    """`openapi_extra` for RunPod's paths that take a job: `{"input": {...}}`."""
+    schema = {"$ref": "#/components/schemas/RunPodJobRequest"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
 def openapi_document(app: FastAPI) -> dict[str, Any]:
     """FastAPI's document plus the request models that the hand-read bodies use."""
     if app.openapi_schema is None:
@@ -74,7 +120,7 @@ def openapi_document(app: FastAPI) -> dict[str, Any]:
             title=app.title, version=app.version, summary=app.summary, routes=app.routes
         )
         components = doc.setdefault("components", {}).setdefault("schemas", {})
-        for model in (RunRequest, RunPodRequest):
+        for model in (RunRequest, RunPodRequest, RunPodJobRequest):
             schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
             components.update(schema.pop("$defs", {}))
             components[model.__name__] = schema

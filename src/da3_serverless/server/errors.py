@@ -3,8 +3,9 @@ HTTP errors (unknown path, wrong method), FastAPI's validation errors and, last,
 unexpected, which becomes `internal` (500) with the cause logged.
 
 A request in RunPod's form (`{"input": ...}`) fails in RunPod's form: `{"id", "status":
-"FAILED", "error": "<JSON text of code/status/message>"}`; a bare request gets the v1 error
-body `{"error": {"code", "message"}, "status"}`. Either way the HTTP status is the error's.
+"FAILED" (or "CANCELLED"), "error": "<JSON text of code/status/message>"}`; a bare request gets
+the v1 error body `{"error": {"code", "message"}, "status"}`. Either way the HTTP status is the
+error's.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from da3_serverless.api.errors import ServiceError
-from da3_serverless.server.queue import FAILED
+from da3_serverless.server.queue import CANCELLED, FAILED
 
 log = logging.getLogger(__name__)
 RETRY_AFTER_S = 5
@@ -31,13 +32,14 @@ def error_response(request: Request, err: ServiceError) -> JSONResponse:
     if fields is not None:
         fields["code"] = err.code
     headers = {}
-    if err.status == 503:
+    if err.status in (429, 503):
         headers["Retry-After"] = str(RETRY_AFTER_S)
     if err.status == 401:
         headers["WWW-Authenticate"] = "Bearer"
     if getattr(state, "envelope", False):
         job_id = getattr(state, "job_id", None) or uuid.uuid4().hex
-        body = {"id": job_id, "status": FAILED, "error": err.to_json()}
+        status = CANCELLED if err.code == "cancelled" else FAILED
+        body = {"id": job_id, "status": status, "error": err.to_json()}
     else:
         body = err.to_dict()
     return JSONResponse(body, status_code=err.status, headers=headers)

@@ -1,5 +1,7 @@
 """Routes that run requests: `POST /runsync` (answer when done), `POST /run` + `GET
-/status/{id}` (a background job with RunPod's status names)."""
+/status/{id}` (a background job with RunPod's status names), `POST /cancel/{id}`; and the job
+machinery RunPod's paths (`runpod_api.py`) share: admitting a request, running it as a `Job`,
+waiting for it while watching the client (one that disconnects cancels its job)."""
 
 from __future__ import annotations
 
@@ -7,7 +9,6 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -18,10 +19,11 @@ from fastapi.responses import JSONResponse
 from da3_serverless.api.auth import check_api_key, key_from_headers
 from da3_serverless.api.errors import ServiceError
 from da3_serverless.api.schema import RunResponse
+from da3_serverless.inference.cancel import Cancelled
 from da3_serverless.server.batching import BatchItem
 from da3_serverless.server.body import in_runpod_form, max_json_structure, read_json, unwrap
 from da3_serverless.server.docs import ERRORS, RUN_ERRORS, RunPodEnvelope, request_body_doc
-from da3_serverless.server.queue import COMPLETED, FAILED, IN_PROGRESS, Job, result_bytes
+from da3_serverless.server.queue import CANCELLED, COMPLETED, FAILED, Job, result_bytes
 from da3_serverless.service import check_finite
 
 if TYPE_CHECKING:
@@ -32,12 +34,14 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Admitted:
-    """A request that passed the key and format checks and holds a place in the queue."""
+    """A request read from its body; once admitted, it passed the key and format checks
+    (`model_key` is set) and holds a place in the queue."""
 
     payload: object  # the v1 request object
     envelope: bool  # it came in RunPod's form
     header_key: str | None
     model_key: str
+    path: str = ""  # the route, for the job's metrics
     batch_key: tuple | None = None  # may share a forward with others of the same key
 
 
@@ -46,6 +50,14 @@ async def admit(request: Request, state: AppState) -> Admitted:
 
     Bad keys and malformed requests are refused before they queue (so /run refuses them at
     once); `Service.handle` checks them again the same way."""
+    admitted = await read_request(request, state)
+    admitted.model_key = check_request(request, state, admitted)
+    state.scheduler.admit()
+    return admitted
+
+
+async def read_request(request: Request, state: AppState) -> Admitted:
+    """The body read and unwrapped, and the key from the headers; not checked yet."""
     if state.draining:
         raise ServiceError("model_unavailable", "the server is shutting down; retry elsewhere")
     settings = state.settings
@@ -55,26 +67,80 @@ async def admit(request: Request, state: AppState) -> Admitted:
     )  # fmt: skip
     request.state.envelope = envelope = in_runpod_form(body)
     payload = unwrap(body)
-    header_key = key_from_headers(request.headers)
-    parsed = state.service.authorize(payload, header_key)
-    model_key = state.service.model_key(parsed)
+    path = getattr(request.scope.get("route"), "path", "?")
+    return Admitted(payload, envelope, key_from_headers(request.headers), "", path)
+
+
+def check_request(request: Request, state: AppState, admitted: Admitted) -> str:
+    """Check the key, then the request (ServiceError); the model's queue key. Also notes
+    whether the request may share a forward (`admitted.batch_key`)."""
+    request_ = state.service.authorize(admitted.payload, admitted.header_key)
+    model_key = state.service.model_key(request_)
+    admitted.batch_key = state.service.batch_key(request_)
     request.state.log["model"] = model_key
-    state.scheduler.admit()
-    return Admitted(payload, envelope, header_key, model_key, state.service.batch_key(parsed))
+    return model_key
 
 
-async def execute(state: AppState, admitted: Admitted, on_start: Callable[[int], None]) -> dict:
-    """Run an admitted request: in a batch when it may share a forward and batching is on
-    (`MAX_BATCH` > 1), else alone. `on_start(batch size)` is called as it starts."""
-    if admitted.batch_key is not None and state.batcher is not None:
-        item = BatchItem(admitted.payload, admitted.header_key, on_start)
-        return await state.batcher.submit(admitted.batch_key, admitted.model_key, item)
+def start_job(
+    state: AppState, admitted: Admitted, job_id: str | None = None, keep: bool = True
+) -> Job:
+    """A job for an admitted request, running in the background as soon as the queue lets it.
+    `keep`: its result is kept for `/status` (bounded by MAX_JOB_BYTES); a `/runsync` caller
+    waiting for it gets it directly instead."""
+    job = state.jobs.new(job_id)
+    job.keep = keep
+    job.task = asyncio.create_task(_run_job(state, job, admitted))
+    return job
 
-    def work() -> dict[str, Any]:
-        on_start(1)
-        return state.service.handle(admitted.payload, api_key=admitted.header_key)
 
-    return await state.scheduler.run(admitted.model_key, work)
+async def wait_for_job(
+    request: Request, state: AppState, job: Job, timeout: float | None = None
+) -> bool:
+    """Wait until `job` ends (True) or `timeout` seconds pass (False). A client that
+    disconnects meanwhile cancels the job; once the job has stopped this raises `cancelled`
+    (having dropped the job and its files, should it have finished past its last check)."""
+    assert job.task is not None
+    gone = asyncio.create_task(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait(
+            (job.task, gone), timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+        )
+    except asyncio.CancelledError:  # the request itself was abandoned
+        job.request_cancel("the request was abandoned")
+        raise
+    finally:
+        gone.cancel()
+    if gone in done:
+        job.request_cancel("the client disconnected")
+        await asyncio.shield(job.task)
+        state.jobs.forget(job.id)
+        if job.output is not None:
+            state.service.discard(job.output)
+        raise ServiceError("cancelled", "the client disconnected before the answer was ready")
+    return job.task.done()
+
+
+async def _disconnected(request: Request) -> None:
+    """Return once the client has gone (the body is already read, so the next ASGI message
+    is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def find_job(request: Request, state: AppState, job_id: str) -> Job:
+    """The job `job_id`, for key holders (outputs hold file paths and results, as on RunPod);
+    `not_found` when unknown or past its TTL."""
+    check_api_key(key_from_headers(request.headers), state.settings)
+    job = state.jobs.get(job_id)
+    if job is None:
+        raise _missing_job(state, job_id)
+    return job
+
+
+def cancel_job(job: Job, how: str) -> dict[str, Any]:
+    """Cancel `job` (`how`: the call that asked, for the message); `{"id", "status"}`."""
+    job.request_cancel(f"the job was cancelled ({how})")
+    return {"id": job.id, "status": job.status}
 
 
 def add_job_routes(app: FastAPI, state: AppState) -> None:
@@ -88,12 +154,16 @@ def add_job_routes(app: FastAPI, state: AppState) -> None:
     async def runsync(request: Request) -> JSONResponse:
         request.state.job_id = uuid.uuid4().hex
         admitted = await admit(request, state)
-        log_fields = request.state.log
-        result = await execute(state, admitted, lambda size: log_fields.update(batch=size))
-        request.state.log.update(_result_log(result))
-        check_finite(result)  # JSON cannot carry NaN: a clear `internal`, never a broken answer
+        job = start_job(state, admitted, request.state.job_id, keep=False)
+        await wait_for_job(request, state, job)
+        state.jobs.forget(job.id)
+        if job.error is not None:
+            raise job.error
+        result = job.output
+        assert result is not None
+        request.state.log.update(_result_log(result))  # finite: checked as the job ended
         if admitted.envelope:
-            return JSONResponse({"id": request.state.job_id, "status": COMPLETED, "output": result})
+            return JSONResponse({"id": job.id, "status": COMPLETED, "output": result})
         return JSONResponse(result)
 
     @app.post(
@@ -105,22 +175,24 @@ def add_job_routes(app: FastAPI, state: AppState) -> None:
     )
     async def run(request: Request) -> JSONResponse:
         admitted = await admit(request, state)
-        job = state.jobs.new()
-        job.task = asyncio.create_task(_run_job(state, job, admitted))
+        job = start_job(state, admitted)
         return JSONResponse({"id": job.id, "status": job.status})
 
     @app.get(
         "/status/{job_id}",
-        summary="A `/run` job's status (RunPod's IN_QUEUE, IN_PROGRESS, COMPLETED, FAILED)",
+        summary="A job's status (RunPod's IN_QUEUE, IN_PROGRESS, COMPLETED, FAILED, CANCELLED)",
         responses={200: {"model": RunPodEnvelope}, **ERRORS},
     )
     async def status(request: Request, job_id: str) -> JSONResponse:
-        # Outputs hold file paths and results: key holders only, as on RunPod.
-        check_api_key(key_from_headers(request.headers), state.settings)
-        job = state.jobs.get(job_id)
-        if job is None:
-            raise _missing_job(state, job_id)
-        return JSONResponse(job_body(job))
+        return JSONResponse(job_body(find_job(request, state, job_id)))
+
+    @app.post(
+        "/cancel/{job_id}",
+        summary="Cancel a job: a queued one never runs, a running one stops at its next check",
+        responses={200: {"model": RunPodEnvelope}, **ERRORS},
+    )
+    async def cancel(request: Request, job_id: str) -> JSONResponse:
+        return JSONResponse(cancel_job(find_job(request, state, job_id), "POST /cancel"))
 
 
 def _missing_job(state: AppState, job_id: str) -> ServiceError:
@@ -137,31 +209,55 @@ def _missing_job(state: AppState, job_id: str) -> ServiceError:
 
 
 async def _run_job(state: AppState, job: Job, admitted: Admitted) -> None:
-    def started(size: int) -> None:
-        job.status, job.started = IN_PROGRESS, time.monotonic()
+    def work() -> dict[str, Any]:
+        output = state.service.handle(
+            admitted.payload, api_key=admitted.header_key, cancel=job.cancel
+        )
+        return _finished(job, output)  # here, off the event loop
 
     try:
-        output = await execute(state, admitted, started)
-        job.size = await anyio.to_thread.run_sync(_checked_size, output)  # off the event loop
-        job.output, job.status = output, COMPLETED
+        if admitted.batch_key is not None and state.batcher is not None:
+            item = BatchItem(admitted.payload, admitted.header_key, job)
+            output = await state.batcher.submit(admitted.batch_key, admitted.model_key, item)
+            job.output = await anyio.to_thread.run_sync(_finished, job, output)
+        else:
+            job.output = await state.scheduler.run(admitted.model_key, work, job)
+        job.status = COMPLETED
+    except Cancelled as stop:  # cancelled while queued: it never ran
+        job.error = ServiceError("cancelled", f"{stop}: it left the queue without running")
     except ServiceError as err:
-        job.error, job.status = err, FAILED
+        job.error = err
     except Exception:
         log.exception("unexpected error in job", extra={"fields": {"job_id": job.id}})
         job.error = ServiceError("internal", f"job {job.id} failed; see logs")
-        job.status = FAILED
     finally:
+        if job.error is not None:
+            job.error = detached(job.error)
+            cancelled = job.error.code == "cancelled" or job.cancel.cancelled
+            job.status = CANCELLED if cancelled else FAILED
         job.finished = time.monotonic()
-        state.jobs.finished(job)
+        if job.done:
+            state.jobs.tally[job.status] += 1
+        if job.keep:
+            state.jobs.finished(job)
         code = job.error.code if job.error is not None else None
-        state.metrics.observe("/run (job)", job.status, code, job.finished - job.created)
+        elapsed = job.finished - job.created
+        state.metrics.observe(f"{admitted.path} (job)", job.status, code, elapsed)
 
 
-def _checked_size(output: dict[str, Any]) -> int:
-    """The output's size in bytes of JSON, once it is known to be JSON at all (no NaN: else
-    every /status poll would fail to encode it)."""
+def detached(err: ServiceError) -> ServiceError:
+    """The error without its traceback and context, whose frames hold the request's images
+    and tensors: a job keeps its error for the TTL."""
+    err.__context__ = err.__cause__ = None
+    return err.with_traceback(None)
+
+
+def _finished(job: Job, output: dict[str, Any]) -> dict[str, Any]:
+    """A job's output once known to be JSON at all (no NaN: else every /status poll would
+    fail to encode it), its size counted."""
     check_finite(output)
-    return result_bytes(output)
+    job.size = result_bytes(output)
+    return output
 
 
 def job_body(job: Job) -> dict[str, Any]:

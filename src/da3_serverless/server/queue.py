@@ -3,8 +3,9 @@
 `Scheduler` lets `concurrency` inferences run per model and at most `max_queue` requests wait
 (for a slot, or for a model to fit in memory); past that it refuses with `overloaded` instead of
 piling work up. A batch of requests (`server/batching.py`) is one inference: it holds one slot.
-`JobStore` keeps `/run` jobs in memory, bounded in count, age and the bytes of their results,
-with RunPod's status names.
+`JobStore` keeps jobs in memory, bounded in count, age and the bytes of their results, with
+RunPod's status names. A `Job` carries its cancel flag: cancelled while queued it leaves the
+queue without running; while running, it stops at its next check (docs/ARCHITECTURE.md §7).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -21,10 +22,12 @@ from typing import Any, TypeVar
 import anyio.to_thread
 
 from da3_serverless.api.errors import ServiceError
+from da3_serverless.inference.cancel import Cancelled, CancelToken
 
 T = TypeVar("T")
 
 IN_QUEUE, IN_PROGRESS, COMPLETED, FAILED = "IN_QUEUE", "IN_PROGRESS", "COMPLETED", "FAILED"
+CANCELLED = "CANCELLED"
 
 
 class Scheduler:
@@ -67,13 +70,21 @@ class Scheduler:
         """Requests waiting: for a slot here, or for memory (`also_waiting`)."""
         return self.waiting + self.also_waiting()
 
-    async def run(self, model_key: str, fn: Callable[[], T]) -> T:
-        """Wait for a slot of `model_key`, then run the blocking `fn` in a worker thread."""
+    async def run(self, model_key: str, fn: Callable[[], T], job: Job | None = None) -> T:
+        """Wait for a slot of `model_key`, then run the blocking `fn` in a worker thread.
+
+        With `job`: it is IN_PROGRESS once it holds a slot, and cancelled while it waits it
+        leaves the queue at once without running (raising `Cancelled`)."""
         slot = self.slot(model_key)
         try:
-            await slot.acquire()
+            taken = await _take(slot, job.stop if job is not None else None)
         finally:
             self.waiting -= 1
+        if not taken:
+            assert job is not None
+            raise Cancelled(job.cancel.reason)
+        if job is not None:
+            job.status, job.started = IN_PROGRESS, time.monotonic()
         self.running += 1
         try:
             # Not abandoned on cancel: a disconnected client must not leave the model busy
@@ -93,9 +104,30 @@ class Scheduler:
         self.waiting -= requests
 
 
+async def _take(slot: asyncio.Semaphore, stop: asyncio.Event | None) -> bool:
+    """Acquire `slot`, unless `stop` is set first: then False, and the slot is not held."""
+    if stop is None:
+        await slot.acquire()
+        return True
+    taking = asyncio.ensure_future(slot.acquire())
+    stopping = asyncio.ensure_future(stop.wait())
+    held = False
+    try:
+        await asyncio.wait((taking, stopping), return_when=asyncio.FIRST_COMPLETED)
+        held = taking.done() and not taking.cancelled() and not stop.is_set()
+    finally:
+        stopping.cancel()
+        taking.cancel()  # a waiter cancelled in time gives its turn on (asyncio.Semaphore)
+        if not held and taking.done() and not taking.cancelled():
+            slot.release()
+    return held
+
+
 @dataclass
 class Job:
-    """One `/run` job: RunPod's status name, times (monotonic), the output or the error."""
+    """One job (`/run`, `/runsync` and RunPod's paths): RunPod's status name, times
+    (monotonic), the output or the error, and its cancel flag (`cancel` for the thread that
+    runs it, `stop` for the queue it waits in)."""
 
     id: str
     status: str = IN_QUEUE
@@ -106,10 +138,22 @@ class Job:
     error: ServiceError | None = None
     task: asyncio.Task[None] | None = None
     size: int = 0  # bytes of the output's JSON, counted against JobStore.max_bytes
+    keep: bool = True  # the result is kept for /status (not when a /runsync caller takes it)
+    cancel: CancelToken = field(default_factory=CancelToken)
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def done(self) -> bool:
-        return self.status in (COMPLETED, FAILED)
+        return self.status in (COMPLETED, FAILED, CANCELLED)
+
+    def request_cancel(self, reason: str) -> None:
+        """Cancel the job (from the event loop): CANCELLED at once, unless it has finished or
+        is past its last check (then it completes). A queued job leaves the queue; a running
+        one stops at its next check and frees the worker."""
+        if self.done or not self.cancel.cancel(reason):
+            return
+        self.status = CANCELLED
+        self.stop.set()
 
 
 def result_bytes(output: dict[str, Any]) -> int:
@@ -129,15 +173,19 @@ class JobStore:
         self.max_bytes = max_bytes
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._expired: OrderedDict[str, None] = OrderedDict()
+        self.tally: Counter[str] = Counter()  # finished jobs by status, since the start
 
     def _prune(self) -> None:
         now = time.monotonic()
-        for job_id in [
-            j.id for j in self._jobs.values() if j.done and now - j.finished > self.ttl_s
-        ]:
-            self._forget(job_id)
+        # Finished: its task has ended (a cancelled job may still be stopping).
+        finished = sorted(
+            (j for j in self._jobs.values() if j.done and j.finished is not None),
+            key=lambda j: j.finished,
+        )
+        for job in [j for j in finished if now - j.finished > self.ttl_s]:
+            self._forget(job.id)
         # Over the count or byte limit the oldest finished jobs go first.
-        finished = sorted((j for j in self._jobs.values() if j.done), key=lambda j: j.finished)
+        finished = [j for j in finished if j.id in self._jobs]
         stored = sum(j.size for j in finished)
         for job in finished:
             if len(self._jobs) < self.max_jobs and stored <= self.max_bytes:
@@ -168,16 +216,24 @@ class JobStore:
         """Whether `job_id` was a job here that has been forgotten (past its TTL or bounds)."""
         return job_id in self._expired
 
-    def new(self) -> Job:
+    def new(self, job_id: str | None = None) -> Job:
         """A new job in IN_QUEUE. Unfinished jobs are never dropped (the scheduler bounds them)."""
         self._prune()
-        job = Job(id=uuid.uuid4().hex)
+        job = Job(id=job_id or uuid.uuid4().hex)
         self._jobs[job.id] = job
         return job
 
     def get(self, job_id: str) -> Job | None:
         self._prune()
         return self._jobs.get(job_id)
+
+    def forget(self, job_id: str) -> None:
+        """Drop a job whose answer was delivered (a `/runsync` that finished in time)."""
+        self._jobs.pop(job_id, None)
+
+    def queued(self) -> list[Job]:
+        """The jobs waiting for the model, oldest first."""
+        return [job for job in self._jobs.values() if job.status == IN_QUEUE]
 
     def unfinished_tasks(self) -> list[asyncio.Task[None]]:
         return [j.task for j in self._jobs.values() if j.task is not None and not j.task.done()]
