@@ -433,6 +433,8 @@ INVALID = [
     ("MAX_CONNECTIONS", "0", ">= 1"),
     ("KEEP_ALIVE_S", "0", "> 0, <= 300"),
     ("MAX_HEADER_BYTES", "100", "1024 to 1048576"),
+    ("MAX_BATCH", "0", "1 to 256"),
+    ("BATCH_WAIT_MS", "-1", "0 to 10000"),
     ("MAX_QUEUE", "many", ">= 1"),
     ("DA3_DTYPE", "fp64", "bfloat16"),
     ("DA3_DEVICE", "gpu", "cuda:N"),

@@ -558,6 +558,7 @@ class NonFiniteService:
 
     authorize = Service.authorize
     model_key = Service.model_key
+    batch_key = Service.batch_key
     default_model_id = Service.default_model_id
     ready = True
     waiting_for_memory = 0
@@ -573,6 +574,9 @@ class NonFiniteService:
 
     def handle(self, payload: object, api_key: str | None = None, cancel: object = None) -> dict:
         return {"schema_version": "1", "width": 2, "height": 1, "min_depth": float("nan")}
+
+    def handle_batch(self, items: list[tuple[object, str | None, object]]) -> list[dict]:
+        return [self.handle(payload, api_key, cancel) for payload, api_key, cancel in items]
 
 
 def test_the_server_never_answers_what_json_cannot_carry() -> None:

@@ -52,6 +52,7 @@ class GatedService:
 
     authorize = Service.authorize
     model_key = Service.model_key
+    batch_key = Service.batch_key
     default_model_id = Service.default_model_id
 
     def __init__(self) -> None:
@@ -90,6 +91,16 @@ class GatedService:
         if "/raise/" in url:
             raise ServiceError(tag, "refused on purpose by the test")
         return {"schema_version": "1", "tag": tag, "width": 2, "height": 1}
+
+    def handle_batch(self, items: list[tuple[Any, str | None, CancelToken | None]]) -> list[Any]:
+        """A batch as the real service answers it: each request's response or error."""
+        results: list[Any] = []
+        for payload, api_key, cancel in items:
+            try:
+                results.append(self.handle(payload, api_key, cancel))
+            except ServiceError as error:
+                results.append(error)
+        return results
 
 
 def req(tag: object) -> dict[str, str]:

@@ -248,6 +248,7 @@ def test_our_client_on_runpods_paths(gated):
     service, url = gated
     with Client(f"{url}/v2/{ENDPOINT_ID}", api_key=KEY, timeout=60) as client:
         assert client.run(req("x"))["tag"] == "x"
+        assert service.entered.acquire(timeout=30)  # x's entry: the next one is busy's
         service.gate.clear()
         httpx.post(v2(url, "run"), json={"input": req("busy")}, headers=bearer())
         assert service.entered.acquire(timeout=30)

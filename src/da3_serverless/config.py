@@ -109,6 +109,11 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=100_000_000, ge=1, validation_alias=_env("MAX_BODY_BYTES"))
     max_queue: int = Field(default=16, ge=1, validation_alias=_env("MAX_QUEUE"))
     model_concurrency: int = Field(default=1, ge=1, validation_alias=_env("MODEL_CONCURRENCY"))
+    # Batching (self-hosted and RunPod): single-photo requests gathered into one forward.
+    max_batch: int = Field(default=8, ge=1, le=256, validation_alias=_env("MAX_BATCH"))
+    batch_wait_ms: float = Field(
+        default=10.0, ge=0, le=10_000, validation_alias=_env("BATCH_WAIT_MS")
+    )
     max_jobs: int = Field(default=1000, ge=1, validation_alias=_env("MAX_JOBS"))
     job_ttl_s: float = Field(default=3600.0, gt=0, validation_alias=_env("JOB_TTL_S"))
     # Finished /run results held in memory, in bytes of their JSON; the oldest go first.

@@ -4,11 +4,14 @@ RunPod's own flags work: `--rp_serve_api --rp_api_port N` (local test API), `--t
 (or `test_input.json` in the working directory). The model named by MODEL_ID is loaded and
 warmed before the first job.
 
-The handler is async: each job runs `Service.handle` in a worker thread with its own
-`CancelToken`, so the event loop stays free for RunPod's stop signals (and for several jobs at
-once, given a concurrency modifier). RunPod cancels a job (`/cancel`, a timeout) by cancelling
-the handler's task (`JobScaler.stop_job`): the token is cancelled, the computation stops at its
-next check, and the task ends once the thread is done, so the worker is then really free.
+The handler is async and the worker takes up to `MAX_BATCH` jobs at once (RunPod's
+`concurrency_modifier`, bounded by the request budget): jobs that may share a forward are
+gathered into batches as on the self-hosted server (`server/batching.py`), the others run
+alone; forwards take the model's slot in turn (`server/queue.py`), each in a worker thread,
+so the event loop stays free for RunPod's stop signals. Each job has its own cancel flag (a
+`Job`): RunPod cancels a job (`/cancel`, a timeout) by cancelling the handler's task
+(`JobScaler.stop_job`); the job then leaves its queue or batch, or stops at its next check, and
+the task ends once its thread is done, so the worker is then really free.
 """
 
 from __future__ import annotations
@@ -18,12 +21,16 @@ import logging
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import runpod
 
+from da3_serverless.api.budget import MIN_BUDGET_TOKENS
 from da3_serverless.api.errors import ServiceError
 from da3_serverless.config import SettingsError, load_settings
-from da3_serverless.inference.cancel import CancelToken
+from da3_serverless.inference.cancel import Cancelled
+from da3_serverless.server.batching import Batcher, BatchItem
+from da3_serverless.server.queue import Job, Scheduler
 from da3_serverless.service import Service
 
 log = logging.getLogger(__name__)
@@ -33,25 +40,47 @@ def make_handler(service: Service) -> Callable[[dict], Awaitable[dict]]:
     """A RunPod handler: job `{"id", "input"}` -> the v1 response, or `{"error": "<JSON>"}`.
 
     RunPod models a job's `error` as a string, so our error object travels as JSON text (the
-    client parses it back); RunPod then marks the job FAILED.
+    client parses it back); RunPod then marks the job FAILED. Concurrent jobs batch where they
+    can (`MAX_BATCH`, `BATCH_WAIT_MS`); the key and format are checked before a job waits.
     """
+    settings = service.settings
+    # RunPod bounds the jobs in flight (concurrency_modifier); its local test API does not.
+    waiting_room = max(settings.max_queue, jobs_at_once(service))
+    scheduler = Scheduler(max_queue=waiting_room, concurrency=settings.model_concurrency)
+    batcher = None
+    if settings.max_batch > 1:
+        wait_s = settings.batch_wait_ms / 1000
+        batcher = Batcher(scheduler, service.handle_batch, settings.max_batch, wait_s)
+
+    async def serve(payload: Any, task: Job) -> dict:
+        request = service.authorize(payload)
+        model_key, batch_key = service.model_key(request), service.batch_key(request)
+        scheduler.admit()
+        if batch_key is not None and batcher is not None:
+            return await batcher.submit(batch_key, model_key, BatchItem(payload, None, task))
+        return await scheduler.run(
+            model_key, lambda: service.handle(payload, cancel=task.cancel), task
+        )
 
     async def handler(job: dict) -> dict:
-        cancel = CancelToken()
-        work = asyncio.ensure_future(asyncio.to_thread(run_job, service, job, cancel))
+        task = Job(id=str(job.get("id")))
+        work = asyncio.ensure_future(run_job(serve, job, task))
         try:
             return await asyncio.shield(work)
         except asyncio.CancelledError:
-            await stop_job(service, job, cancel, work)
+            await stop_job(service, job, task, work)
             raise
 
     return handler
 
 
-def run_job(service: Service, job: dict, cancel: CancelToken) -> dict:
-    """One job, in a worker thread: the v1 response, or RunPod's `{"error": "<JSON text>"}`."""
+async def run_job(serve: Callable[[Any, Job], Awaitable[dict]], job: dict, task: Job) -> dict:
+    """One job: the v1 response, or RunPod's `{"error": "<JSON text>"}`."""
     try:
-        return service.handle(job.get("input"), cancel=cancel)
+        return await serve(job.get("input"), task)
+    except Cancelled as stop:  # cancelled while it waited: it never ran
+        error = ServiceError("cancelled", f"{stop}: it left the queue without running")
+        return {"error": error.to_json()}
     except ServiceError as error:
         return {"error": error.to_json()}
     except Exception:
@@ -60,12 +89,11 @@ def run_job(service: Service, job: dict, cancel: CancelToken) -> dict:
         return {"error": internal.to_json()}
 
 
-async def stop_job(
-    service: Service, job: dict, cancel: CancelToken, work: asyncio.Future[dict]
-) -> None:
-    """RunPod cancelled `job`: stop its computation and wait until its thread is done. A result
-    that was past its last check (it completed anyway) is dropped with its files."""
-    cancel.cancel("RunPod cancelled the job")
+async def stop_job(service: Service, job: dict, task: Job, work: asyncio.Future[dict]) -> None:
+    """RunPod cancelled `job`: it leaves its queue or batch, or its computation stops; wait
+    until its thread is done. A result that was past its last check (it completed anyway) is
+    dropped with its files."""
+    task.request_cancel("RunPod cancelled the job")
     started = time.monotonic()
     try:
         result = await asyncio.shield(work)
@@ -74,6 +102,21 @@ async def stop_job(
     if "error" not in result:
         service.discard(result)
     log.info("job %s stopped %.2f s after its cancel", job.get("id"), time.monotonic() - started)
+
+
+def jobs_at_once(service: Service) -> int:
+    """How many jobs the worker takes at once: `MAX_BATCH` (1 without batching), and no more
+    than the request budget holds square views at the native 504 px (`MIN_BUDGET_TOKENS`
+    each), so that the jobs it holds can mostly run as one batch."""
+    within_budget = service.budget.tokens // MIN_BUDGET_TOKENS
+    return max(1, min(service.settings.max_batch, within_budget))
+
+
+def worker_config(service: Service) -> dict[str, Any]:
+    """The configuration `runpod.serverless.start` takes: the handler and how many jobs the
+    worker takes at once."""
+    at_once = jobs_at_once(service)
+    return {"handler": make_handler(service), "concurrency_modifier": lambda current: at_once}
 
 
 def main() -> None:
@@ -91,7 +134,7 @@ def main() -> None:
         sys.exit(1)
     if settings.ready_file is not None:
         settings.ready_file.write_text(time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    runpod.serverless.start({"handler": make_handler(service)})
+    runpod.serverless.start(worker_config(service))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 """The service, free of any transport: request -> auth -> images -> predictor -> outputs ->
-storage -> response. Transports (RunPod worker, HTTP server, CLI) call `Service.handle`."""
+storage -> response. Transports (RunPod worker, HTTP server, CLI) call `Service.handle`, or
+`Service.handle_batch` for several requests that share forwards (`Service.batch_key` says which
+may)."""
 
 from __future__ import annotations
 
@@ -7,7 +9,8 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +19,13 @@ import numpy as np
 import torch
 
 from da3_serverless.api.auth import check_api_key
-from da3_serverless.api.budget import Budget, default_budget, estimate_cost, request_budget
+from da3_serverless.api.budget import (
+    Budget,
+    RequestCost,
+    default_budget,
+    estimate_cost,
+    request_budget,
+)
 from da3_serverless.api.cameras import checked_cameras
 from da3_serverless.api.errors import ServiceError
 from da3_serverless.api.images import DecodedImage, decode_request_images, open_request_images
@@ -37,10 +46,10 @@ from da3_serverless.inference.cache import (
     canonical_model_id,
     default_budget_bytes,
 )
-from da3_serverless.inference.cancel import Cancelled, CancelToken
+from da3_serverless.inference.cancel import CancelGroup, Cancelled, CancelToken
 from da3_serverless.inference.catalog import MODELS, ModelInfo, lookup_model, valid_model_ids
 from da3_serverless.inference.prediction import Prediction
-from da3_serverless.inference.predictor import Predictor, default_dtype
+from da3_serverless.inference.predictor import Predictor, PredictRequest, default_dtype
 from da3_serverless.inference.weights import ModelNotFoundError, WeightLocator
 from da3_serverless.model.checkpoint import CheckpointError, read_preset
 
@@ -57,8 +66,11 @@ class _Timer:
         try:
             yield
         finally:
-            elapsed = (time.perf_counter() - start) * 1000
-            self.timings_ms[name] = round(self.timings_ms.get(name, 0.0) + elapsed, 3)
+            self.add(name, time.perf_counter() - start)
+
+    def add(self, name: str, seconds: float) -> None:
+        """Count `seconds` towards stage `name` (stages shared by a batch count for each)."""
+        self.timings_ms[name] = round(self.timings_ms.get(name, 0.0) + seconds * 1000, 3)
 
 
 class Service:
@@ -141,32 +153,53 @@ class Service:
             return self._serve(payload, api_key, cancel or CancelToken())
         except Cancelled as stop:
             reason = str(stop)  # out of the except block: its traceback holds the tensors
-        raise ServiceError("cancelled", f"{reason}: it stopped before it finished, saving nothing")
+        raise _cancelled(reason)
 
     def _serve(self, payload: object, api_key: str | None, cancel: CancelToken) -> dict:
-        timer = _Timer()
-        started = time.perf_counter()
-        with timer.stage("validate"):
+        intake = self._intake(payload, api_key, cancel)
+        with ExitStack() as pinned:  # the model stays loaded while this request uses it
+            with intake.timer.stage("load_model"):
+                predictor = self._predictor(intake.model_id, pinned, cancel)
+            self._check_model(intake, predictor)
+            with intake.timer.stage("inference"):
+                prediction = self._predict(predictor, intake.request, intake.images, cancel)
+        return self._complete(intake, (predictor, prediction))
+
+    def _intake(self, payload: object, api_key: str | None, cancel: CancelToken) -> _Intake:
+        """The stages before the model: auth and the request, the outputs the model can give,
+        the images' headers, the budget, the pixels and the camera numbers."""
+        intake = _Intake(_Timer(), time.perf_counter(), cancel)
+        with intake.timer.stage("validate"):
             request = self.authorize(payload, api_key)
-            model_id = self.model_key(request)
-            capabilities = _capabilities(model_id)
-            if capabilities is not None:
-                _check_outputs(request, capabilities)
-        with timer.stage("decode"):
+            intake.model_id = self.model_key(request)
+            intake.capabilities = _capabilities(intake.model_id)
+            if intake.capabilities is not None:
+                _check_outputs(request, intake.capabilities)
+        with intake.timer.stage("decode"):
             opened = open_request_images(request, self.settings, cancel)
             sizes = [(view.width, view.height) for view in opened]
             scene_points = request.max_points if wants_scene(request) else None
-            self.budget.check(estimate_cost(model_id, request.process_res, sizes, scene_points))
-            images = decode_request_images(opened, self.settings, cancel)
-            request = checked_cameras(request, [(image.width, image.height) for image in images])
-        with ExitStack() as pinned:  # the model stays loaded while this request uses it
-            with timer.stage("load_model"):
-                predictor = self._predictor(model_id, pinned, cancel)
-            if capabilities is None:  # a model folder whose preset could not be read up front
-                _check_outputs(request, predictor.capabilities)
-            _check_metric(request, predictor)
-            with timer.stage("inference"):
-                prediction = self._predict(predictor, request, images, cancel)
+            intake.cost = estimate_cost(intake.model_id, request.process_res, sizes, scene_points)
+            self.budget.check(intake.cost)
+            intake.images = decode_request_images(opened, self.settings, cancel)
+            sizes = [(image.width, image.height) for image in intake.images]
+            intake.request = checked_cameras(request, sizes)
+        return intake
+
+    def _check_model(self, intake: _Intake, predictor: Predictor) -> None:
+        """What needs the loaded model: its outputs (when its preset was not known up front)
+        and whether it can give meters."""
+        if intake.capabilities is None:  # a model folder whose preset could not be read
+            _check_outputs(intake.request, predictor.capabilities)
+        _check_metric(intake.request, predictor)
+
+    def _complete(self, intake: _Intake, outcome: tuple[Predictor, Prediction] | Exception) -> dict:
+        """The stages after the model (encode, scene, respond, save); raises the request's
+        error when `outcome` is one. A failed request leaves no file behind."""
+        if isinstance(outcome, Exception):
+            raise outcome
+        predictor, prediction = outcome
+        timer, request, images, cancel = intake.timer, intake.request, intake.images, intake.cancel
         self.store.maybe_prune()
         saved: list[Saved] = []
         try:
@@ -186,7 +219,7 @@ class Service:
         except BaseException:
             self.store.discard(saved)
             raise
-        timer.timings_ms["total"] = round((time.perf_counter() - started) * 1000, 3)
+        timer.timings_ms["total"] = round((time.perf_counter() - intake.started) * 1000, 3)
         response["timings_ms"] = timer.timings_ms
         return response
 
@@ -197,6 +230,60 @@ class Service:
         paths = {view.get("file_path") for view in views}
         paths |= {v.get("path") for view in views for v in view.values() if isinstance(v, dict)}
         self.store.discard(path for path in paths if path)
+
+    # ---- several requests, forwards shared ----------------------------------------------
+
+    def batch_key(self, request: RunRequest) -> tuple | None:
+        """Requests with the same key may share a forward (`handle_batch`): the model and the
+        flags the forward takes; None for a request that runs alone (several views, or poses
+        to condition on). Images of different network sizes still run apart within a batch."""
+        single = request.images is None or len(request.images) == 1
+        if not single or request.extrinsics is not None:
+            return None
+        return (self.model_key(request), request.process_res, request.use_ray_pose)
+
+    def handle_batch(self, items: Sequence[BatchItem]) -> list[dict | Exception]:
+        """Serve several requests, each `(payload, api_key, cancel)` as for `handle`, sharing
+        forwards where they can (`Predictor.predict_batch`). Auth, decoding, encoding and
+        placement are per request, and so is cancelling (a shared forward stops once all of
+        its requests are cancelled); one request's failure never fails another. Returns, in
+        order, each response dict or its error: a `ServiceError`, or an unexpected exception
+        the transport logs and answers as `internal`."""
+        items = [(payload, key, cancel or CancelToken()) for payload, key, cancel in items]
+        with ThreadPoolExecutor(max_workers=_POOL_THREADS) as pool:
+            results: list = list(pool.map(lambda item: _outcome(self._intake, *item), items))
+            for indices in self._rounds(results):
+                intakes = [results[i] for i in indices]
+                outcomes = self._predict_batch(intakes[0].model_id, intakes)
+                done = pool.map(lambda i, o: _outcome(self._complete, i, o), intakes, outcomes)
+                for index, result in zip(indices, done, strict=True):
+                    results[index] = result
+        return [_cancelled(str(r)) if isinstance(r, Cancelled) else r for r in results]
+
+    def _rounds(self, intakes: list) -> list[list[int]]:
+        """Indices of the admitted requests (the `_Intake`s among `intakes`) in rounds that
+        run one after another, in request order: one model each, at most `MAX_BATCH`
+        requests, and within the request budget together (it applies per batch)."""
+        rounds: list[list[int]] = []
+        open_rounds: dict[str, list[int]] = {}
+        for index, intake in enumerate(intakes):
+            if not isinstance(intake, _Intake):
+                continue
+            current = open_rounds.get(intake.model_id)
+            costs = [intakes[i].cost for i in current or []] + [intake.cost]
+            if current is None or not self._fits(costs):
+                current = open_rounds[intake.model_id] = []
+                rounds.append(current)
+            current.append(index)
+        return rounds
+
+    def _fits(self, costs: list[RequestCost]) -> bool:
+        """Whether requests of these costs may run as one batch."""
+        return (
+            len(costs) <= self.settings.max_batch
+            and sum(cost.tokens for cost in costs) <= self.budget.tokens
+            and sum(cost.pixels + cost.scene_pixels for cost in costs) <= self.budget.pixels
+        )
 
     def authorize(self, payload: object, api_key: str | None = None) -> RunRequest:
         """Check the key (the payload's `api_key` wins over `api_key` from transport headers),
@@ -228,7 +315,7 @@ class Service:
         return info.repo_id
 
     def _predictor(
-        self, model_id: str, pinned: ExitStack, cancel: CancelToken | None = None
+        self, model_id: str, pinned: ExitStack, cancel: CancelToken | CancelGroup | None = None
     ) -> Predictor:
         """The loaded model, pinned in the cache until `pinned` closes (a cancelled job stops
         waiting for memory)."""
@@ -277,6 +364,55 @@ class Service:
                 "the GPU ran out of memory for this request: lower process_res, send fewer "
                 "views, or retry",
             ) from None
+
+    def _predict_batch(
+        self, model_id: str, intakes: list[_Intake]
+    ) -> list[tuple[Predictor, Prediction] | Exception]:
+        """One round of one model's requests through `Predictor.predict_batch`, the model
+        pinned meanwhile: (predictor, prediction) or the request's error each. Every
+        request's timings get the shared stages."""
+        # Work shared by the round stops once every one of its requests is cancelled.
+        shared = CancelGroup([intake.cancel for intake in intakes])
+        with ExitStack() as pinned:  # the model stays loaded while the round uses it
+            load_started = time.perf_counter()
+            try:
+                predictor = self._predictor(model_id, pinned, shared)
+            except (ServiceError, Cancelled) as error:
+                return [error] * len(intakes)
+            loading = time.perf_counter() - load_started
+            outcomes: list = [_outcome(self._check_model, i, predictor) for i in intakes]
+            ready = [i for i, outcome in enumerate(outcomes) if outcome is None]
+            inference_started = time.perf_counter()
+            predictions = predictor.predict_batch(
+                [_predict_request(intakes[i]) for i in ready],
+                return_exceptions=True,
+                cancel=CancelGroup([intakes[i].cancel for i in ready]),
+            )
+            inference = time.perf_counter() - inference_started
+        for index, prediction in zip(ready, predictions, strict=True):
+            outcomes[index] = (
+                self._prediction_error(predictor, prediction)
+                if isinstance(prediction, Exception)
+                else (predictor, prediction)
+            )
+        for intake in intakes:
+            intake.timer.add("load_model", loading)
+            intake.timer.add("inference", inference)
+        return outcomes
+
+    def _prediction_error(self, predictor: Predictor, error: Exception) -> Exception:
+        """A `predict_batch` error as `_predict` maps it: bad arguments are `invalid_input`,
+        GPU memory `out_of_memory` (after freeing the other models); others unchanged."""
+        if isinstance(error, ValueError):
+            return ServiceError("invalid_input", str(error))
+        if isinstance(error, torch.cuda.OutOfMemoryError):
+            self.model_cache.evict_all_except(predictor.model_id)
+            return ServiceError(
+                "out_of_memory",
+                "the GPU ran out of memory for this batch of requests: lower process_res or "
+                "MAX_BATCH, or retry",
+            )
+        return error
 
     def _respond(
         self,
@@ -346,6 +482,60 @@ class Service:
         gpu_free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 0
         host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         return default_budget(device.type, gpu_free, self.model_cache.budget_bytes, host)
+
+
+# Threads for the per-request stages of a batch (decoding, encoding): Pillow and zlib release
+# the GIL, so a batch's requests decode and encode side by side.
+_POOL_THREADS = 4
+
+
+@dataclass
+class _Intake:
+    """One request between its stages: timings so far, its cancel flag, the checked request,
+    its model and what it can give (None when unknown before loading), its cost (priced from
+    the image headers) and its decoded views."""
+
+    timer: _Timer
+    started: float
+    cancel: CancelToken
+    request: RunRequest | None = None
+    model_id: str = ""
+    capabilities: ModelInfo | None = None
+    cost: RequestCost | None = None
+    images: list[DecodedImage] = field(default_factory=list)
+
+
+# A request of `Service.handle_batch`: the payload, the key from transport headers, the job's
+# cancel flag (None: never cancelled).
+BatchItem = tuple[object, str | None, CancelToken | None]
+
+
+def _cancelled(reason: str) -> ServiceError:
+    """The error of a request stopped by its cancel flag."""
+    return ServiceError("cancelled", f"{reason}: it stopped before it finished, saving nothing")
+
+
+def _outcome(fn, *args):
+    """fn(*args), or the exception it raised (a batch keeps going past one request's error)."""
+    try:
+        return fn(*args)
+    except Exception as error:
+        return error
+
+
+def _predict_request(intake: _Intake) -> PredictRequest:
+    """The `Predictor.predict` arguments of one request, as `Service._predict` passes them."""
+    request, images = intake.request, intake.images
+    return PredictRequest(
+        [image.image for image in images],
+        process_res=request.process_res,
+        use_ray_pose=request.use_ray_pose,
+        intrinsics=request.intrinsics,
+        extrinsics=request.extrinsics,
+        focal_length_px=request.focal_length_px,
+        metric=request.output_metric,
+        exif_focal_length_px=[image.focal_length_px for image in images],
+    )
 
 
 def _check_metric(request: RunRequest, predictor: Predictor) -> None:

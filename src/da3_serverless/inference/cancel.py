@@ -6,6 +6,7 @@ blocks, before encoding and saving), which raises `Cancelled` once the job is ca
 network itself (`model/`) only sees `token.check`, a plain callable. `commit()` marks the point
 of no return (files are about to be written): past it `cancel()` says no and the job finishes,
 so a job either stops before writing anything or completes (docs/ARCHITECTURE.md §7).
+Work shared by a batch of jobs checks a `CancelGroup` of their tokens.
 """
 
 from __future__ import annotations
@@ -50,3 +51,20 @@ class CancelToken:
         with self._lock:
             self.check()
             self._committed = True
+
+
+class CancelGroup:
+    """The cancel flag of work that several jobs share (one batch's forward): it stops once
+    every one of the jobs is cancelled. A job cancelled alone stops at its own next check."""
+
+    def __init__(self, tokens: list[CancelToken]) -> None:
+        self.tokens = tokens
+
+    @property
+    def cancelled(self) -> bool:
+        return all(token.cancelled for token in self.tokens)
+
+    def check(self) -> None:
+        """Raise `Cancelled` once every job of the group is cancelled."""
+        if self.tokens and self.cancelled:
+            raise Cancelled("every job of the batch was cancelled")

@@ -1,4 +1,8 @@
-"""The user-facing face of the network: images in, metric depth and cameras out."""
+"""The user-facing face of the network: images in, metric depth and cameras out.
+
+`Predictor.predict` serves one scene (N views, one forward); `Predictor.predict_batch` serves
+several unrelated requests, running those that can share a forward as samples of one batch
+(docs/ARCHITECTURE.md §3)."""
 
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ from da3_serverless.inference.cameras import (
     relative_to_first_view,
     umeyama_scale,
 )
-from da3_serverless.inference.cancel import CancelToken
+from da3_serverless.inference.cancel import CancelGroup, CancelToken
 from da3_serverless.inference.catalog import ModelInfo, lookup_model
 from da3_serverless.inference.prediction import Gaussians, Prediction
 from da3_serverless.inference.preprocess import (
@@ -65,7 +69,8 @@ class Scene:
 
 @dataclass
 class PreparedInput:
-    """A scene ready for the network: `batch` (1, N, 3, h, w) on the device, each view's input
+    """A scene ready for the network: `batch` (1, N, 3, h, w) on the device (several scenes of
+    one view stack along dim 0 to share a forward: `predict_batch`), each view's input
     `sizes` (W, H), `scales` (N, 2) from input to network pixels, the metric focal lengths in
     input pixels (DA3METRIC-LARGE) and the conditioning cameras in network pixels."""
 
@@ -78,6 +83,21 @@ class PreparedInput:
     net_intrinsics: np.ndarray | None
     use_ray_pose: bool
     metric: bool
+    gaussians: bool = False
+
+
+@dataclass
+class PredictRequest:
+    """One request of `Predictor.predict_batch`: the arguments of `Predictor.predict`."""
+
+    images: ImageInput | Sequence[ImageInput]
+    process_res: int = 504
+    use_ray_pose: bool = False
+    intrinsics: np.ndarray | Sequence | None = None
+    extrinsics: np.ndarray | Sequence | None = None
+    focal_length_px: float | Sequence[float] | None = None
+    metric: bool = True
+    exif_focal_length_px: Sequence[float | None] | None = None
     gaussians: bool = False
 
 
@@ -206,11 +226,7 @@ class Predictor:
         scene = self._check_arguments(
             images, process_res, use_ray_pose, intrinsics, extrinsics, exif_focal_length_px
         )
-        if gaussians and not self.supports_gaussians:
-            raise ValueError(
-                f"{self.model_id} has no 3D-Gaussian head: use depth-anything/DA3-GIANT-1.1 or "
-                "depth-anything/DA3NESTED-GIANT-LARGE-1.1, or leave gaussians off"
-            )
+        self._check_gaussians(gaussians)
         prepared = self._prepare(scene, process_res, focal_length_px, metric, use_ray_pose)
         prepared = replace(prepared, gaussians=gaussians)
         check = cancel.check if cancel is not None else None
@@ -218,6 +234,94 @@ class Predictor:
         if check is not None:
             check()
         return self._finish(prepared, output, sample=0)
+
+    def _check_gaussians(self, gaussians: bool) -> None:
+        """Gaussians only from a network that has the 3D-Gaussian branch."""
+        if gaussians and not self.supports_gaussians:
+            raise ValueError(
+                f"{self.model_id} has no 3D-Gaussian head: use depth-anything/DA3-GIANT-1.1 or "
+                "depth-anything/DA3NESTED-GIANT-LARGE-1.1, or leave gaussians off"
+            )
+
+    @torch.inference_mode()
+    def predict_batch(
+        self,
+        requests: Sequence[PredictRequest],
+        *,
+        max_batch: int | None = None,
+        return_exceptions: bool = False,
+        cancel: CancelToken | CancelGroup | None = None,
+    ) -> list[Prediction | Exception]:
+        """`predict` for several unrelated requests, one `Prediction` each, in order.
+
+        Requests that can share a forward (one view each, the same network input size and
+        forward flags, no conditioning poses) run as samples of one batch, at most `max_batch`
+        at a time; the others run alone. Each sample is post-processed on its own, so every
+        answer equals what `predict` gives for that request alone (within float rounding). A
+        batch that runs out of GPU memory runs again one by one. With `return_exceptions`, a
+        request's error (ValueError for bad arguments, or the error of the forward it was in)
+        takes its place in the list; otherwise the first error is raised, bad arguments before
+        any forward runs. `cancel` stops the forwards at their next check (`Cancelled`, the
+        error of every request not yet finished): the token of the whole batch.
+        """
+        prepared: list[PreparedInput | Exception] = []
+        for request in requests:
+            try:
+                prepared.append(self._prepare_request(request))
+            except ValueError as error:
+                if not return_exceptions:
+                    raise
+                prepared.append(error)
+        results: list[Prediction | Exception] = list(prepared)
+        check = cancel.check if cancel is not None else None
+        for group in _batch_groups(prepared, max_batch):
+            try:
+                predictions = self._predict_group([prepared[i] for i in group], check)
+            except Exception as error:
+                predictions = [error] * len(group)
+            for index, prediction in zip(group, predictions, strict=True):
+                if isinstance(prediction, Exception) and not return_exceptions:
+                    raise prediction
+                results[index] = prediction
+        return results
+
+    def _predict_group(
+        self, group: list[PreparedInput], check: Callable[[], None] | None = None
+    ) -> list[Prediction | Exception]:
+        """One forward of a batch group, each sample finished on its own. A group that runs
+        out of GPU memory together runs again one by one (each may fit alone); then a sample
+        that does not fit alone gets its own error. `check` raises to stop the forward."""
+        try:
+            output = self._forward(_stack(group), check)
+            if check is not None:
+                check()
+        except torch.cuda.OutOfMemoryError:
+            if len(group) == 1:
+                raise
+            output = None  # out of the except block: its traceback holds the batch's memory
+        if output is not None:
+            return [self._finish(entry, output, sample) for sample, entry in enumerate(group)]
+        torch.cuda.empty_cache()
+        alone: list[Prediction | Exception] = []
+        for entry in group:
+            try:
+                alone.extend(self._predict_group([entry], check))
+            except torch.cuda.OutOfMemoryError as error:
+                alone.append(error)
+        return alone
+
+    def _prepare_request(self, request: PredictRequest) -> PreparedInput:
+        """`_check_arguments` and `_prepare` of one `PredictRequest`, as `predict` does."""
+        scene = self._check_arguments(
+            request.images, request.process_res, request.use_ray_pose, request.intrinsics,
+            request.extrinsics, request.exif_focal_length_px,
+        )  # fmt: skip
+        self._check_gaussians(request.gaussians)
+        prepared = self._prepare(
+            scene, request.process_res, request.focal_length_px, request.metric,
+            request.use_ray_pose,
+        )  # fmt: skip
+        return replace(prepared, gaussians=request.gaussians)
 
     def _check_arguments(
         self, images, process_res, use_ray_pose, intrinsics, extrinsics, exif_focal_length_px
@@ -374,6 +478,45 @@ class Predictor:
                 gaussians=prepared.gaussians,
                 check=check,
             )
+
+
+def batch_key(prepared: PreparedInput) -> tuple | None:
+    """What must match for prepared inputs to share a forward, or None when one must run
+    alone: one view, no conditioning poses, then the network input shape and the flags the
+    forward takes (`use_ray_pose`, `gaussians`). (Given intrinsics alone never enter the
+    network, so they batch.)"""
+    if prepared.batch.shape[1] != 1 or prepared.net_extrinsics is not None:
+        return None
+    return (tuple(prepared.batch.shape[2:]), prepared.use_ray_pose, prepared.gaussians)
+
+
+def _batch_groups(
+    prepared: Sequence[PreparedInput | Exception], max_batch: int | None
+) -> list[list[int]]:
+    """Indices of the prepared inputs (errors skipped) in groups that share a forward, each at
+    most `max_batch` long, in request order of their first member."""
+    groups: list[list[int]] = []
+    open_groups: dict[tuple, list[int]] = {}
+    for index, entry in enumerate(prepared):
+        if isinstance(entry, Exception):
+            continue
+        key = batch_key(entry)
+        group = open_groups.get(key) if key is not None else None
+        if group is None or (max_batch is not None and len(group) >= max_batch):
+            group = []
+            groups.append(group)
+            if key is not None:
+                open_groups[key] = group
+        group.append(index)
+    return groups
+
+
+def _stack(group: list[PreparedInput]) -> PreparedInput:
+    """Prepared inputs of one batch group as one: their network inputs along the batch
+    dimension (the rest of the first is what the forward reads: no poses, the flags)."""
+    if len(group) == 1:
+        return group[0]
+    return replace(group[0], batch=torch.cat([entry.batch for entry in group]))
 
 
 def _extrinsics_array(extrinsics, count: int) -> np.ndarray:

@@ -5,19 +5,23 @@
 - `align_to_metric`: the nested model scales its any-view depth (and camera translations) to the
   metric branch by least squares on confident non-sky pixels, then fills the sky.
 
-Large maps are subsampled for quantiles with the given generator (default: a fresh
-`rng.seeded_generator`), drawing the same numbers in the same order as the reference does from
-the global generator. Inputs are never modified; results are new tensors.
-Shapes: B batch, S views, H x W depth map.
+Each batch sample is one scene: quantiles, sky fill and the metric scale are taken per sample,
+never across the batch. Large maps are subsampled for quantiles with one generator per sample
+(`rng.per_sample_generators`; default: fresh seeded ones), drawing the same numbers in the same
+order as the reference does from the global generator. Inputs are never modified; results are
+new tensors. Shapes: B batch, S views, H x W depth map.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from da3_serverless.model.rng import seeded_generator
+from da3_serverless.model.rng import per_sample_generators
+
+Generators = torch.Generator | Sequence[torch.Generator] | None
 
 # The metric model predicts depth for a focal length of this many pixels.
 METRIC_FOCAL_PX = 300.0
@@ -38,12 +42,20 @@ _MIN_METRIC_DEPTH_M = 1e-2
 @dataclass
 class MetricAlignment:
     """Result of `align_to_metric`: depth (B, S, H, W) in meters, depth_conf (B, S, H, W) with
-    sky at 1, extrinsics (B, S, 3|4, 4) with translations in meters, and the applied scale."""
+    sky at 1, extrinsics (B, S, 3|4, 4) with translations in meters, and the applied scale of
+    each sample (B,)."""
 
     depth: torch.Tensor
     depth_conf: torch.Tensor
     extrinsics: torch.Tensor
-    scale_factor: float
+    scale: torch.Tensor
+
+    @property
+    def scale_factor(self) -> float:
+        """The scale of a batch of one sample."""
+        if self.scale.numel() != 1:
+            raise ValueError(f"{self.scale.numel()} samples have a scale each: read `scale`")
+        return self.scale.item()
 
 
 def non_sky_mask(sky: torch.Tensor, threshold: float = SKY_THRESHOLD) -> torch.Tensor:
@@ -80,15 +92,30 @@ def fill_sky(
 
 
 def mono_sky_fill(
-    depth: torch.Tensor, sky: torch.Tensor, generator: torch.Generator | None = None
+    depth: torch.Tensor, sky: torch.Tensor, generator: Generators = None
 ) -> torch.Tensor:
     """Depth (B, S, H, W) of a model with a sky head and its sky map (B, S, H, W) -> depth with
-    sky pixels at the 99th percentile of the other pixels' depth. Unchanged when either region
-    has 10 pixels or fewer."""
+    each sample's sky pixels at the 99th percentile of its other pixels' depth. A sample is
+    unchanged when either region has 10 pixels or fewer; `depth` itself comes back when all
+    are. `generator`: one per sample (see `rng.per_sample_generators`)."""
+    generators = per_sample_generators(generator, depth.shape[0], depth.device)
+    pieces = [depth[i : i + 1] for i in range(depth.shape[0])]
+    filled = [
+        _mono_sky_fill_sample(piece, sky[i : i + 1], generators[i])
+        for i, piece in enumerate(pieces)
+    ]
+    if all(new is old for new, old in zip(filled, pieces, strict=True)):
+        return depth
+    return filled[0] if len(filled) == 1 else torch.cat(filled)
+
+
+def _mono_sky_fill_sample(
+    depth: torch.Tensor, sky: torch.Tensor, generator: torch.Generator
+) -> torch.Tensor:
+    """`mono_sky_fill` of one sample (1, S, H, W); returns `depth` itself when unchanged."""
     non_sky = non_sky_mask(sky)
     if non_sky.sum() <= _MIN_PIXELS or (~non_sky).sum() <= _MIN_PIXELS:
         return depth
-    generator = generator if generator is not None else seeded_generator(depth.device)
     far = torch.quantile(_sample_with_replacement(depth[non_sky], generator), _SKY_QUANTILE)
     return fill_sky(depth, non_sky, far)[0]
 
@@ -100,21 +127,52 @@ def align_to_metric(
     intrinsics: torch.Tensor,
     metric_depth: torch.Tensor,
     metric_sky: torch.Tensor,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
 ) -> MetricAlignment:
-    """Nested model: bring the any-view branch to the metric branch's scale.
+    """Nested model: bring the any-view branch to the metric branch's scale, per sample.
 
     depth, depth_conf (B, S, H, W), extrinsics (B, S, 3|4, 4) world-to-camera and pixel
     intrinsics (B, S, 3, 3) of the any-view branch; metric_depth (raw, after `mono_sky_fill`) and
-    metric_sky (B, S, H, W) of the metric branch.
+    metric_sky (B, S, H, W) of the metric branch; `generator`: one per sample.
 
-    The metric depth is converted with the any-view intrinsics; the scale is fitted on non-sky
-    pixels whose confidence is at least the median non-sky confidence; sky pixels then get the
-    99th percentile of the scaled non-sky depth (at most 200 m) and confidence 1. With 10 non-sky
-    pixels or fewer (the reference gives up there), every pixel is treated as non-sky.
+    Each sample is one scene with its own scale. The metric depth is converted with the any-view
+    intrinsics; the scale is fitted on non-sky pixels whose confidence is at least the median
+    non-sky confidence; sky pixels then get the 99th percentile of the scaled non-sky depth (at
+    most 200 m) and confidence 1. With 10 non-sky pixels or fewer (the reference gives up
+    there), every pixel is treated as non-sky.
     """
-    generator = generator if generator is not None else seeded_generator(depth.device)
+    generators = per_sample_generators(generator, depth.shape[0], depth.device)
     metric = metric_depth_from_focal(metric_depth, intrinsics)
+    samples = [
+        _align_sample(
+            depth[i : i + 1],
+            depth_conf[i : i + 1],
+            extrinsics[i : i + 1],
+            metric[i : i + 1],
+            metric_sky[i : i + 1],
+            generators[i],
+        )
+        for i in range(depth.shape[0])
+    ]
+    if len(samples) == 1:
+        return samples[0]
+    return MetricAlignment(
+        depth=torch.cat([s.depth for s in samples]),
+        depth_conf=torch.cat([s.depth_conf for s in samples]),
+        extrinsics=torch.cat([s.extrinsics for s in samples]),
+        scale=torch.cat([s.scale for s in samples]),
+    )
+
+
+def _align_sample(
+    depth: torch.Tensor,
+    depth_conf: torch.Tensor,
+    extrinsics: torch.Tensor,
+    metric: torch.Tensor,
+    metric_sky: torch.Tensor,
+    generator: torch.Generator,
+) -> MetricAlignment:
+    """`align_to_metric` of one sample (batch of 1), the metric depth already in meters."""
     non_sky = non_sky_mask(metric_sky)
     sky_present = bool(non_sky.sum() > _MIN_PIXELS)
     if not sky_present:
@@ -135,7 +193,7 @@ def align_to_metric(
     if sky_present:
         far = torch.quantile(_sample_with_replacement(depth[non_sky], generator), _SKY_QUANTILE)
         depth, depth_conf = fill_sky(depth, non_sky, far.clamp_max(_MAX_SKY_DEPTH_M), depth_conf)
-    return MetricAlignment(depth, depth_conf, extrinsics, scale.item())
+    return MetricAlignment(depth, depth_conf, extrinsics, scale.reshape(1))
 
 
 def _sample_without_replacement(values: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

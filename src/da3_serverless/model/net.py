@@ -23,7 +23,7 @@ from da3_serverless.model.dpt import DualDPT
 from da3_serverless.model.gaussians import GaussianMaps
 from da3_serverless.model.layers import stop_point
 from da3_serverless.model.rays import pose_from_rays
-from da3_serverless.model.rng import seeded_generator
+from da3_serverless.model.rng import per_sample_generators
 from da3_serverless.model.vit import PATCH_SIZE
 
 
@@ -111,14 +111,15 @@ class DepthAnything3Net(nn.Module):
         intrinsics: torch.Tensor | None = None,
         *,
         use_ray_pose: bool = False,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         gaussians: bool = False,
         check: Callable[[], None] | None = None,
     ) -> NetOutput:
         """images (B, N, 3, H, W); extrinsics (B, N, 4, 4) world-to-camera and intrinsics
         (B, N, 3, 3) pixels of known cameras (both or neither); use_ray_pose: cameras from the
-        predicted ray map instead of the camera decoder. ``generator`` drives the random
-        sampling of post-processing (default: a fresh seeded one, so results are repeatable).
+        predicted ray map instead of the camera decoder. Each batch sample is its own scene,
+        post-processed on its own. ``generator``: one per sample for the random sampling of
+        post-processing (default: fresh seeded ones, so results are repeatable).
         gaussians: also run the 3D-Gaussian branch (built on the predicted depth and cameras).
         ``check`` raises to stop the forward (see the module's docstring).
         """
@@ -130,8 +131,7 @@ class DepthAnything3Net(nn.Module):
             )
         height, width = images.shape[-2:]
         device_type = images.device.type
-        if generator is None:
-            generator = seeded_generator(images.device)
+        generator = per_sample_generators(generator, images.shape[0], images.device)
         cam_token = None
         if extrinsics is not None:
             with torch.autocast(device_type, enabled=False):
@@ -208,15 +208,14 @@ class NestedDepthAnything3Net(nn.Module):
         intrinsics: torch.Tensor | None = None,
         *,
         use_ray_pose: bool = False,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         gaussians: bool = False,
         check: Callable[[], None] | None = None,
     ) -> NetOutput:
         """Same arguments as DepthAnything3Net.forward; depth in meters."""
-        if generator is None:
-            generator = seeded_generator(images.device)
-        # One generator through both branches and the alignment, in this order, so sampling
-        # follows a single random stream.
+        generator = per_sample_generators(generator, images.shape[0], images.device)
+        # One generator per sample through both branches and the alignment, in this order, so
+        # each sample's sampling follows a single random stream.
         out = self.da3(
             images,
             extrinsics,
@@ -237,6 +236,9 @@ class NestedDepthAnything3Net(nn.Module):
                 metric.sky,
                 generator=generator,
             )
+        gaussians_m = None
+        if out.gaussians is not None:  # each sample's Gaussians by its own scale
+            gaussians_m = out.gaussians.scaled(aligned.scale.view(-1, 1, 1, 1, 1))
         return NetOutput(
             depth=aligned.depth,
             confidence=aligned.depth_conf,
@@ -244,5 +246,5 @@ class NestedDepthAnything3Net(nn.Module):
             extrinsics=aligned.extrinsics,
             intrinsics=out.intrinsics,
             is_metric=True,
-            gaussians=None if out.gaussians is None else out.gaussians.scaled(aligned.scale_factor),
+            gaussians=gaussians_m,
         )

@@ -6,9 +6,10 @@ the homography that maps the cell centres (x, y, 1) of an identity camera to the
 its QL decomposition gives the rotation (Q) and the intrinsics (L). The camera centre is the
 confidence-weighted mean of the ray origins.
 
-RANSAC sampling uses the given generator, by default a fresh `rng.seeded_generator`, so the same
-input always gives the same camera; it draws the same numbers in the same order as the reference
-implementation does from the global generator.
+RANSAC sampling uses one generator per batch sample (`rng.per_sample_generators`; by default
+fresh seeded ones), so the same input always gives the same camera whatever its batch-mates; it
+draws the same numbers in the same order as the reference implementation does from the global
+generator.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from collections.abc import Sequence
 import torch
 
 from da3_serverless.model.camera import invert_rigid
-from da3_serverless.model.rng import seeded_generator
+from da3_serverless.model.rng import per_sample_generators
+
+Generators = torch.Generator | Sequence[torch.Generator] | None
 
 _RANSAC_ITERATIONS = 100
 _POINTS_PER_SAMPLE = 8
@@ -34,15 +37,14 @@ _INLIER_KEEP_FRACTION = 0.95
 
 
 def camera_from_rays(
-    ray: torch.Tensor, ray_conf: torch.Tensor, generator: torch.Generator | None = None
+    ray: torch.Tensor, ray_conf: torch.Tensor, generator: Generators = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ray (B, S, h, w, 6) direction + origin, ray_conf (B, S, h, w) weights ->
     cam_to_world (B, S, 4, 4), focal (B, S, 2) and principal point (B, S, 2) as (x, y) in
     normalised units (the image spans 2; fx in pixels = focal_x * W / 2, cx = pp_x * W / 2).
-    `generator` drives the RANSAC sampling; None means a fresh `seeded_generator`."""
+    `generator` drives the RANSAC sampling: one per sample, None means fresh seeded ones."""
     B, S, h, w, _ = ray.shape
-    if generator is None:
-        generator = seeded_generator(ray.device)
+    generators = per_sample_generators(generator, B, ray.device)
     rays = ray.flatten(0, 1).flatten(1, 2)  # (n, N, 6)
     weights = ray_conf.flatten(0, 1).flatten(1, 2)  # (n, N)
     n_points = rays.shape[1]
@@ -56,20 +58,16 @@ def camera_from_rays(
     source = _cell_centres(h, w, ray.device)
 
     n_candidates = max(_POINTS_PER_SAMPLE, int(n_points * _CANDIDATE_FRACTION))
-    samples = torch.stack(
-        [
-            torch.randperm(n_candidates, generator=generator, device=ray.device)[
-                :_POINTS_PER_SAMPLE
-            ]
-            for _ in range(_RANSAC_ITERATIONS)
-        ]
-    )
-    homographies = torch.stack(
-        [
-            _ransac_homography(source, target[i], weights[i], samples, n_candidates, generator)
-            for i in range(rays.shape[0])
-        ]
-    )
+    homographies = []
+    for sample, generator in enumerate(generators):
+        # Per sample, as the reference draws for a batch of one: the RANSAC subsets, then
+        # each view's refit.
+        subsets = _ransac_subsets(n_candidates, generator, ray.device)
+        for i in range(sample * S, (sample + 1) * S):
+            homographies.append(
+                _ransac_homography(source, target[i], weights[i], subsets, n_candidates, generator)
+            )
+    homographies = torch.stack(homographies)
     homographies = torch.where(
         (torch.linalg.det(homographies) < 0)[:, None, None], -homographies, homographies
     )
@@ -94,7 +92,7 @@ def pose_from_rays(
     ray: torch.Tensor,
     ray_conf: torch.Tensor,
     image_hw: Sequence[int],
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """ray (B, S, h, w, 6), ray_conf (B, S, h, w) of an image of size image_hw = (H, W) ->
     world-to-camera extrinsics (B, S, 3, 4) and pixel intrinsics (B, S, 3, 3).
@@ -108,6 +106,18 @@ def pose_from_rays(
     intrinsics[..., 0, 2] = principal[..., 0] * width * 0.5
     intrinsics[..., 1, 2] = principal[..., 1] * height * 0.5
     return extrinsics, intrinsics
+
+
+def _ransac_subsets(
+    n_candidates: int, generator: torch.Generator, device: torch.device
+) -> torch.Tensor:
+    """(iterations, k) random subsets of k point indices below `n_candidates`."""
+    return torch.stack(
+        [
+            torch.randperm(n_candidates, generator=generator, device=device)[:_POINTS_PER_SAMPLE]
+            for _ in range(_RANSAC_ITERATIONS)
+        ]
+    )
 
 
 def _cell_centres(h: int, w: int, device: torch.device) -> torch.Tensor:

@@ -4,10 +4,26 @@
 The modules: `app` (assembly, state, lifespan), `jobs` (/runsync, /run, /status), `operations`
 (/health, /ready, /models, /metrics), `pages` (playground, /docs, OpenAPI), `errors` (one
 handler per error kind), `middleware` (request log and metrics), `body` (reading a request),
-`queue` (backpressure and background jobs), `metrics` (Prometheus), `logs` (JSON lines).
-All the work (auth, images, model, outputs) happens in `Service`; this package only moves bytes.
+`queue` (backpressure and background jobs), `batching` (gathering requests into batches),
+`metrics` (Prometheus), `logs` (JSON lines). All the work (auth, images, model, outputs)
+happens in `Service`; this package only moves bytes.
+
+`queue` and `batching` know no HTTP; the RunPod worker uses them too. The app is imported
+lazily (PEP 562), so importing them does not import FastAPI.
 """
 
-from da3_serverless.server.app import AppState, create_app, serve
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __all__ = ["AppState", "create_app", "serve"]
+
+if TYPE_CHECKING:
+    from da3_serverless.server.app import AppState, create_app, serve
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        return getattr(importlib.import_module("da3_serverless.server.app"), name)
+    raise AttributeError(f"module 'da3_serverless.server' has no attribute {name!r}")

@@ -17,6 +17,7 @@ from fastapi import FastAPI
 from da3_serverless import __version__
 from da3_serverless.api.errors import ServiceError
 from da3_serverless.config import Settings
+from da3_serverless.server.batching import Batcher
 from da3_serverless.server.errors import RETRY_AFTER_S, add_error_handlers
 from da3_serverless.server.jobs import add_job_routes
 from da3_serverless.server.logs import log_json_lines
@@ -35,7 +36,8 @@ log = logging.getLogger(__name__)
 class AppState:
     """What the routes share: settings, the service, the queue, the jobs and the metrics;
     `draining` once a stop signal arrived, `start_error` the error code when the default model
-    failed (the reason itself goes to the log only)."""
+    failed (the reason itself goes to the log only); `batcher` gathers requests into batches
+    (None with `MAX_BATCH=1`)."""
 
     settings: Settings
     service: Service
@@ -44,6 +46,7 @@ class AppState:
     metrics: Metrics
     draining: bool = False
     start_error: str | None = None
+    batcher: Batcher | None = None
 
     @classmethod
     def build(cls, settings: Settings, service: Service) -> AppState:
@@ -57,7 +60,11 @@ class AppState:
             ready=lambda: float(service.ready),
         )
         jobs = JobStore(settings.max_jobs, settings.job_ttl_s, settings.max_job_bytes)
-        return cls(settings, service, scheduler, jobs, metrics)
+        batcher = None
+        if settings.max_batch > 1:
+            wait_s = settings.batch_wait_ms / 1000
+            batcher = Batcher(scheduler, service.handle_batch, settings.max_batch, wait_s)
+        return cls(settings, service, scheduler, jobs, metrics, batcher=batcher)
 
     def drain(self) -> None:
         """Stop taking new work (answered 503) while running jobs finish."""

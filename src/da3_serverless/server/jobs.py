@@ -12,6 +12,7 @@ import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import anyio.to_thread
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
@@ -19,6 +20,7 @@ from da3_serverless.api.auth import check_api_key, key_from_headers
 from da3_serverless.api.errors import ServiceError
 from da3_serverless.api.schema import RunResponse
 from da3_serverless.inference.cancel import Cancelled
+from da3_serverless.server.batching import BatchItem
 from da3_serverless.server.body import in_runpod_form, max_json_structure, read_json, unwrap
 from da3_serverless.server.docs import ERRORS, RUN_ERRORS, RunPodEnvelope, request_body_doc
 from da3_serverless.server.queue import CANCELLED, COMPLETED, FAILED, Job, result_bytes
@@ -40,6 +42,7 @@ class Admitted:
     header_key: str | None
     model_key: str
     path: str = ""  # the route, for the job's metrics
+    batch_key: tuple | None = None  # may share a forward with others of the same key
 
 
 async def admit(request: Request, state: AppState) -> Admitted:
@@ -69,9 +72,11 @@ async def read_request(request: Request, state: AppState) -> Admitted:
 
 
 def check_request(request: Request, state: AppState, admitted: Admitted) -> str:
-    """Check the key, then the request (ServiceError); the model's queue key."""
+    """Check the key, then the request (ServiceError); the model's queue key. Also notes
+    whether the request may share a forward (`admitted.batch_key`)."""
     request_ = state.service.authorize(admitted.payload, admitted.header_key)
     model_key = state.service.model_key(request_)
+    admitted.batch_key = state.service.batch_key(request_)
     request.state.log["model"] = model_key
     return model_key
 
@@ -208,12 +213,15 @@ async def _run_job(state: AppState, job: Job, admitted: Admitted) -> None:
         output = state.service.handle(
             admitted.payload, api_key=admitted.header_key, cancel=job.cancel
         )
-        check_finite(output)  # else every /status poll would fail to encode
-        job.size = result_bytes(output)  # here, off the event loop
-        return output
+        return _finished(job, output)  # here, off the event loop
 
     try:
-        job.output = await state.scheduler.run(admitted.model_key, work, job)
+        if admitted.batch_key is not None and state.batcher is not None:
+            item = BatchItem(admitted.payload, admitted.header_key, job)
+            output = await state.batcher.submit(admitted.batch_key, admitted.model_key, item)
+            job.output = await anyio.to_thread.run_sync(_finished, job, output)
+        else:
+            job.output = await state.scheduler.run(admitted.model_key, work, job)
         job.status = COMPLETED
     except Cancelled as stop:  # cancelled while queued: it never ran
         job.error = ServiceError("cancelled", f"{stop}: it left the queue without running")
@@ -242,6 +250,14 @@ def detached(err: ServiceError) -> ServiceError:
     and tensors: a job keeps its error for the TTL."""
     err.__context__ = err.__cause__ = None
     return err.with_traceback(None)
+
+
+def _finished(job: Job, output: dict[str, Any]) -> dict[str, Any]:
+    """A job's output once known to be JSON at all (no NaN: else every /status poll would
+    fail to encode it), its size counted."""
+    check_finite(output)
+    job.size = result_bytes(output)
+    return output
 
 
 def job_body(job: Job) -> dict[str, Any]:

@@ -2,10 +2,10 @@
 
 `Scheduler` lets `concurrency` inferences run per model and at most `max_queue` requests wait
 (for a slot, or for a model to fit in memory); past that it refuses with `overloaded` instead of
-piling work up. `JobStore` keeps jobs in memory, bounded in count, age and the bytes of their
-results, with RunPod's status names. A `Job` carries its cancel flag: cancelled while queued it
-leaves the queue without running; while running, it stops at its next check
-(docs/ARCHITECTURE.md §7).
+piling work up. A batch of requests (`server/batching.py`) is one inference: it holds one slot.
+`JobStore` keeps jobs in memory, bounded in count, age and the bytes of their results, with
+RunPod's status names. A `Job` carries its cancel flag: cancelled while queued it leaves the
+queue without running; while running, it stops at its next check (docs/ARCHITECTURE.md §7).
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ class Scheduler:
 
         With `job`: it is IN_PROGRESS once it holds a slot, and cancelled while it waits it
         leaves the queue at once without running (raising `Cancelled`)."""
-        slot = self._slots.setdefault(model_key, asyncio.Semaphore(self.concurrency))
+        slot = self.slot(model_key)
         try:
             taken = await _take(slot, job.stop if job is not None else None)
         finally:
@@ -93,6 +93,15 @@ class Scheduler:
         finally:
             self.running -= 1
             slot.release()
+
+    def slot(self, model_key: str) -> asyncio.Semaphore:
+        """The `concurrency` slots of `model_key`'s inferences (a batch takes one)."""
+        return self._slots.setdefault(model_key, asyncio.Semaphore(self.concurrency))
+
+    def withdraw(self, requests: int = 1) -> None:
+        """Admitted requests leave the waiting room without `run()`: they start as a batch
+        that holds its own slot, or were cancelled before they started."""
+        self.waiting -= requests
 
 
 async def _take(slot: asyncio.Semaphore, stop: asyncio.Event | None) -> bool:
