@@ -9,7 +9,7 @@ import os
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +26,8 @@ from da3_serverless.api.outputs import (
     encode_scene,
     unavailable_outputs,
     view_skeleton,
+    wants_gaussians,
+    wants_points,
     wants_scene,
 )
 from da3_serverless.api.placement import place_outputs
@@ -41,7 +43,7 @@ from da3_serverless.inference.catalog import MODELS, ModelInfo, lookup_model, va
 from da3_serverless.inference.prediction import Prediction
 from da3_serverless.inference.predictor import Predictor, default_dtype
 from da3_serverless.inference.weights import ModelNotFoundError, WeightLocator
-from da3_serverless.model.checkpoint import CheckpointError, read_preset
+from da3_serverless.model.checkpoint import CheckpointError, holds_gaussians, read_preset
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +117,7 @@ class Service:
                 "camera": info.camera,
                 "confidence": info.confidence,
                 "sky": info.sky,
+                "gaussians": info.gaussians,
                 "params_millions": info.params_m,
                 "gpu_memory_gb": info.gpu_memory_gb,
                 "default": info.repo_id == self.default_model_id,
@@ -140,15 +143,16 @@ class Service:
         with timer.stage("decode"):
             opened = open_request_images(request, self.settings)
             sizes = [(view.width, view.height) for view in opened]
-            scene_points = request.max_points if wants_scene(request) else None
-            self.budget.check(estimate_cost(model_id, request.process_res, sizes, scene_points))
+            scene_points = request.max_points if wants_points(request) else None
+            gaussians = request.max_points if wants_gaussians(request) else None
+            cost = estimate_cost(model_id, request.process_res, sizes, scene_points, gaussians)
+            self.budget.check(cost)
             images = decode_request_images(opened, self.settings)
             request = checked_cameras(request, [(image.width, image.height) for image in images])
         with ExitStack() as pinned:  # the model stays loaded while this request uses it
             with timer.stage("load_model"):
                 predictor = self._predictor(model_id, pinned)
-            if capabilities is None:  # a model folder whose preset could not be read up front
-                _check_outputs(request, predictor.capabilities)
+            _check_outputs(request, predictor.capabilities)  # again: what the file holds
             _check_metric(request, predictor)
             with timer.stage("inference"):
                 prediction = self._predict(predictor, request, images)
@@ -235,6 +239,7 @@ class Service:
                 focal_length_px=request.focal_length_px,
                 metric=request.output_metric,
                 exif_focal_length_px=[image.focal_length_px for image in images],
+                gaussians=wants_gaussians(request),
             )
         except ValueError as error:
             raise ServiceError("invalid_input", str(error)) from None
@@ -331,11 +336,14 @@ def _check_metric(request: RunRequest, predictor: Predictor) -> None:
 
 def _capabilities(model_id: str) -> ModelInfo | None:
     """What the model can give, known before loading it: from the model table, or from the
-    preset named in a snapshot folder's config.json; None when neither says."""
+    preset named in a snapshot folder's config.json and, for the 3D Gaussians, the keys in its
+    checkpoint's header; None when neither says. (The loaded model's own capabilities are
+    checked again once it is loaded: a file decides, not its name.)"""
     info = lookup_model(model_id)
     if info is None and Path(model_id).is_dir():
         try:
             info = lookup_model(read_preset(model_id))
+            info = replace(info, gaussians=holds_gaussians(model_id))
         except CheckpointError:
             return None
     return info
