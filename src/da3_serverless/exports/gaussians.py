@@ -103,8 +103,11 @@ def gaussian_columns(gaussians: GaussianArrays, keep: np.ndarray | None = None) 
         raise ValueError(f"keep must be a boolean mask of shape {shape}, got {np.shape(keep)}")
 
     def flat(name: str, width: int) -> np.ndarray:
-        values = np.asarray(getattr(gaussians, name), dtype=np.float64).reshape(-1, width)
-        return values if keep is None else values[np.asarray(keep, dtype=bool).reshape(-1)]
+        """The kept Gaussians' values as float64 (picked first: only those are converted)."""
+        values = np.asarray(getattr(gaussians, name)).reshape(-1, width)
+        if keep is not None:
+            values = values[np.asarray(keep, dtype=bool).reshape(-1)]
+        return values.astype(np.float64)
 
     opacity = np.clip(flat("opacities", 1), _OPACITY_EPS, 1 - _OPACITY_EPS)
     rotations = flat("rotations", 4)
