@@ -24,7 +24,7 @@ import pytest
 from PIL import Image
 
 from conftest import TEST_API_KEY
-from da3_serverless.client import parse_response
+from da3_serverless.client import SCENE_FILES, parse_response
 from paths import IMAGES, REPO
 from servers import serve_process
 
@@ -147,9 +147,18 @@ def check_empty_page(page) -> None:
     for frame in ("input-frame", "depth-frame", "cloud", "views", "downloads"):
         assert page.evaluate(HINT_JS, frame) not in ("none", "normal", '""'), frame
     assert not page.locator("#input").is_visible() and not page.locator("#depth").is_visible()
-    # da3-small gives relative depth and no sky: no millimetres, no sky overlay.
+    # da3-small gives relative depth and no sky: no millimetres, no sky overlay; it has no
+    # 3D-Gaussian head, which DA3-GIANT-1.1 has (by /models).
     assert page.locator("#extras input[value=depth_mm_png]").is_disabled()
     assert page.locator("input[name=overlay][value=sky_mask]").is_disabled()
+    gaussians = page.locator("#extras input[value=gaussians_ply]")
+    assert gaussians.is_disabled()
+    assert "3D-Gaussian head" in page.get_attribute("#extras label:has(input[value=gaussians_ply])",
+                                                    "title")  # fmt: skip
+    page.select_option("#model", "depth-anything/DA3-GIANT-1.1")
+    assert gaussians.is_enabled()
+    page.select_option("#model", "depth-anything/DA3-SMALL")
+    assert gaussians.is_disabled()
 
 
 def fill_form(page, photos: list[Path]) -> None:
@@ -261,7 +270,7 @@ def returned_outputs(response: dict) -> dict[tuple[str, str], dict]:
         for name, entry in view.items():
             if isinstance(entry, dict) and "media_type" in entry:
                 outputs[(name, str(index))] = entry
-    for name in ("scene_ply", "scene_glb", "colmap"):
+    for name in SCENE_FILES:
         if response.get(name):
             outputs[(name, "scene")] = response[name]
     return outputs

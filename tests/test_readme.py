@@ -372,6 +372,7 @@ def test_model_table_matches_models():
         assert ("focal length" in gives) == info.needs_focal, info.repo_id
         for capability in ("camera", "confidence", "sky"):
             assert (capability in gives) == getattr(info, capability), (info.repo_id, capability)
+        assert ("3D Gaussians" in gives) == info.gaussians, info.repo_id
         assert ("default" in gives) == (info.repo_id == DEFAULT_MODEL_ID)
 
 

@@ -209,6 +209,7 @@ def test_output_names_match_the_schema() -> None:
         "scene_ply",
         "scene_glb",
         "colmap",
+        "gaussians_ply",
     }
     assert RunRequest.model_fields["outputs"].default_factory() == ["depth"]
 

@@ -50,8 +50,9 @@ def outputs_of(service: Service) -> list:
     return sorted(service.settings.output_dir.iterdir())
 
 
-# What the random DA3-SMALL cannot give (no sky, relative depth), and the big or slow ones.
-CANNOT = ("sky_mask", "depth_mm_png")
+# What the random DA3-SMALL cannot give (no sky, relative depth, no 3D-Gaussian head), and the
+# big or slow ones.
+CANNOT = ("sky_mask", "depth_mm_png", "gaussians_ply")
 SKIPPED = ("pointcloud", "scene_ply", "scene_glb", "colmap")
 
 

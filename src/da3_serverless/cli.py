@@ -33,6 +33,7 @@ def cmd_predict(args: argparse.Namespace, settings: Settings) -> int:
     `--out DIR` writes the requested outputs as files, encoded as the service encodes them and
     named as the client's `save_all` names them."""
     from da3_serverless.api.errors import ServiceError
+    from da3_serverless.api.outputs import wants_gaussians
     from da3_serverless.inference.predictor import Predictor
     from da3_serverless.inference.weights import WeightLocator
 
@@ -59,6 +60,7 @@ def cmd_predict(args: argparse.Namespace, settings: Settings) -> int:
             focal_length_px=args.focal_length_px,
             metric=not args.relative,
             exif_focal_length_px=[view.focal_length_px for view in views],
+            gaussians=request is not None and wants_gaussians(request),
             cancel=cancel,
         )
     for path, depth in zip(args.images, prediction.depth, strict=True):
@@ -258,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument(
         "--outputs",
         help="with --out: comma-separated output names, e.g. "
-        "depth,preview,scene_ply,scene_glb,colmap (default: depth,preview)",
+        "depth,preview,scene_ply,scene_glb,colmap,gaussians_ply (default: depth,preview)",
     )
     predict.add_argument("--stem", help="file name stem (default: the image's name, or 'scene' "
                          "for several)")  # fmt: skip

@@ -40,7 +40,12 @@ VIEW_FILES = {
     "depth_exr": "depth.exr",
     "depth_mm_png": "depth_mm.png",
 }
-SCENE_FILES = {"scene_ply": "scene.ply", "scene_glb": "glb", "colmap": "colmap.zip"}
+SCENE_FILES = {
+    "scene_ply": "scene.ply",
+    "scene_glb": "glb",
+    "colmap": "colmap.zip",
+    "gaussians_ply": "gaussians.ply",
+}
 # Worth retrying: the server is busy or out of memory for now (a missing model is not).
 TRANSIENT_CODES = ("overloaded", "out_of_memory")
 PENDING = ("IN_QUEUE", "IN_PROGRESS")
@@ -70,7 +75,8 @@ class DepthResult:
     decoded from `depth_npy` when requested (exact) else from the 16-bit PNG; None when the
     server returned paths instead of base64. `outputs` holds each inline output's bytes by name
     (`preview` PNG, `depth_npy`, `pointcloud` PLY, ...; the top-level result also holds the
-    scene outputs `scene_ply`, `scene_glb`, `colmap`), also readable as attributes."""
+    scene outputs `scene_ply`, `scene_glb`, `colmap`, `gaussians_ply`), also readable as
+    attributes."""
 
     depth: np.ndarray | None
     width: int
@@ -98,11 +104,18 @@ class DepthResult:
     scene_ply = _output("scene_ply")
     scene_glb = _output("scene_glb")
     colmap = _output("colmap")
+    gaussians_ply = _output("gaussians_ply")
 
     @property
     def scene(self) -> dict[str, Any] | None:
         """The response's scene summary (points, what each filter removed), or None."""
         return self.raw.get("scene")
+
+    @property
+    def gaussians(self) -> dict[str, Any] | None:
+        """The response's summary of `gaussians_ply` (the scene summary's fields, counted in
+        Gaussians), or None."""
+        return self.raw.get("gaussians")
 
     def preview_image(self) -> Image.Image | None:
         return None if self.preview is None else Image.open(io.BytesIO(self.preview))

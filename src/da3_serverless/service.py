@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +35,8 @@ from da3_serverless.api.outputs import (
     encode_scene,
     unavailable_outputs,
     view_skeleton,
+    wants_gaussians,
+    wants_points,
     wants_scene,
 )
 from da3_serverless.api.placement import place_outputs
@@ -51,7 +53,7 @@ from da3_serverless.inference.catalog import MODELS, ModelInfo, lookup_model, va
 from da3_serverless.inference.prediction import Prediction
 from da3_serverless.inference.predictor import Predictor, PredictRequest, default_dtype
 from da3_serverless.inference.weights import ModelNotFoundError, WeightLocator
-from da3_serverless.model.checkpoint import CheckpointError, read_preset
+from da3_serverless.model.checkpoint import CheckpointError, holds_gaussians, read_preset
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +130,7 @@ class Service:
                 "camera": info.camera,
                 "confidence": info.confidence,
                 "sky": info.sky,
+                "gaussians": info.gaussians,
                 "params_millions": info.params_m,
                 "gpu_memory_gb": info.gpu_memory_gb,
                 "default": info.repo_id == self.default_model_id,
@@ -178,8 +181,11 @@ class Service:
         with intake.timer.stage("decode"):
             opened = open_request_images(request, self.settings, cancel)
             sizes = [(view.width, view.height) for view in opened]
-            scene_points = request.max_points if wants_scene(request) else None
-            intake.cost = estimate_cost(intake.model_id, request.process_res, sizes, scene_points)
+            scene_points = request.max_points if wants_points(request) else None
+            gaussians = request.max_points if wants_gaussians(request) else None
+            intake.cost = estimate_cost(
+                intake.model_id, request.process_res, sizes, scene_points, gaussians
+            )
             self.budget.check(intake.cost)
             intake.images = decode_request_images(opened, self.settings, cancel)
             sizes = [(image.width, image.height) for image in intake.images]
@@ -187,10 +193,9 @@ class Service:
         return intake
 
     def _check_model(self, intake: _Intake, predictor: Predictor) -> None:
-        """What needs the loaded model: its outputs (when its preset was not known up front)
-        and whether it can give meters."""
-        if intake.capabilities is None:  # a model folder whose preset could not be read
-            _check_outputs(intake.request, predictor.capabilities)
+        """What needs the loaded model: its outputs again (what the loaded file holds decides,
+        e.g. the 3D-Gaussian head) and whether it can give meters."""
+        _check_outputs(intake.request, predictor.capabilities)
         _check_metric(intake.request, predictor)
 
     def _complete(self, intake: _Intake, outcome: tuple[Predictor, Prediction] | Exception) -> dict:
@@ -240,7 +245,12 @@ class Service:
         single = request.images is None or len(request.images) == 1
         if not single or request.extrinsics is not None:
             return None
-        return (self.model_key(request), request.process_res, request.use_ray_pose)
+        return (
+            self.model_key(request),
+            request.process_res,
+            request.use_ray_pose,
+            wants_gaussians(request),
+        )
 
     def handle_batch(self, items: Sequence[BatchItem]) -> list[dict | Exception]:
         """Serve several requests, each `(payload, api_key, cancel)` as for `handle`, sharing
@@ -353,6 +363,7 @@ class Service:
                 focal_length_px=request.focal_length_px,
                 metric=request.output_metric,
                 exif_focal_length_px=[image.focal_length_px for image in images],
+                gaussians=wants_gaussians(request),
                 cancel=cancel,
             )
         except ValueError as error:
@@ -535,6 +546,7 @@ def _predict_request(intake: _Intake) -> PredictRequest:
         focal_length_px=request.focal_length_px,
         metric=request.output_metric,
         exif_focal_length_px=[image.focal_length_px for image in images],
+        gaussians=wants_gaussians(request),
     )
 
 
@@ -553,11 +565,14 @@ def _check_metric(request: RunRequest, predictor: Predictor) -> None:
 
 def _capabilities(model_id: str) -> ModelInfo | None:
     """What the model can give, known before loading it: from the model table, or from the
-    preset named in a snapshot folder's config.json; None when neither says."""
+    preset named in a snapshot folder's config.json and, for the 3D Gaussians, the keys in its
+    checkpoint's header; None when neither says. (The loaded model's own capabilities are
+    checked again once it is loaded: a file decides, not its name.)"""
     info = lookup_model(model_id)
     if info is None and Path(model_id).is_dir():
         try:
             info = lookup_model(read_preset(model_id))
+            info = replace(info, gaussians=holds_gaussians(model_id))
         except CheckpointError:
             return None
     return info

@@ -2,8 +2,9 @@
 
 `estimate_cost` is the one place that prices a request (docs/ARCHITECTURE.md §4): from the
 views' sizes in their image headers and the request's `process_res` it counts the network
-tokens and the output pixels, and the scene outputs' host memory in output pixels' worth. Later
-features extend `RequestCost` with their own named parts (batching prices each batch).
+tokens and the output pixels, and the scene outputs' host memory (the fused points' files, the
+3D Gaussians' file) in output pixels' worth. Later features extend `RequestCost` with their own
+named parts (batching prices each batch).
 `Budget.check` refuses a request over budget with `request_too_large` (413) before any pixel is
 decoded or a model is loaded.
 
@@ -24,6 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from da3_serverless.api.errors import ServiceError
+from da3_serverless.exports.gaussians import gaussian_bytes
 from da3_serverless.exports.points import scene_bytes
 from da3_serverless.inference.preprocess import PATCH_SIZE, processing_size
 
@@ -49,7 +51,9 @@ class RequestCost:
     `tokens` = views x (H'/14) x (W'/14) through the network, `pixels` = the output maps at
     input resolution (the sum of W x H over the views), `scene_pixels` = the scene outputs'
     host memory (fusing every pixel, then up to `max_points` points in three files) as that
-    many output pixels' worth (HOST_BYTES_PER_PIXEL each); 0 without scene outputs."""
+    many output pixels' worth (HOST_BYTES_PER_PIXEL each), 0 without them; `gaussian_pixels`
+    the same for `gaussians_ply` (one Gaussian per grid cell: `views` x W' x H' of them held and
+    filtered with the pixels' filters, up to `max_points` written), 0 without it."""
 
     model_id: str
     process_res: int
@@ -58,6 +62,7 @@ class RequestCost:
     tokens: int
     pixels: int
     scene_pixels: int = 0
+    gaussian_pixels: int = 0
 
 
 @dataclass(frozen=True)
@@ -89,12 +94,13 @@ class Budget:
                 f"size), over this server's budget of {self.pixels}: send smaller images "
                 "or fewer views"
             )
-        elif cost.pixels + cost.scene_pixels > self.pixels:
+        elif cost.pixels + cost.scene_pixels + cost.gaussian_pixels > self.pixels:
+            extra = cost.scene_pixels + cost.gaussian_pixels
             problems.append(
                 f"the images hold {cost.pixels} pixels in all and their scene outputs need the "
-                f"memory of {cost.scene_pixels} more, over this server's budget of "
-                f"{self.pixels}: lower max_points, send smaller images or fewer views, or "
-                "leave out scene_ply, scene_glb and colmap"
+                f"memory of {extra} more, over this server's budget of {self.pixels}: lower "
+                "max_points (or process_res, for gaussians_ply), send smaller images or fewer "
+                "views, or leave out scene_ply, scene_glb, colmap and gaussians_ply"
             )
         if problems:
             raise ServiceError("request_too_large", "; ".join(problems))
@@ -105,18 +111,27 @@ def estimate_cost(
     process_res: int,
     sizes: Sequence[tuple[int, int]],
     scene_points: int | None = None,
+    gaussian_points: int | None = None,
 ) -> RequestCost:
     """The cost of running `model_id` on views of `sizes` ((W, H) from the image headers, in
     request order) at `process_res`, with scene outputs of at most `scene_points` points (None:
-    no scene output). Every view is resized to the first view's grid (as the predictor does);
-    EXIF rotation swaps W and H and changes neither count."""
+    no scene output) and a Gaussians' file of at most `gaussian_points` (None: none). Every view
+    is resized to the first view's grid (as the predictor does); EXIF rotation swaps W and H and
+    changes neither count."""
     width, height = processing_size(*sizes[0], process_res)
     tokens = len(sizes) * (width // PATCH_SIZE) * (height // PATCH_SIZE)
     pixels = sum(w * h for w, h in sizes)
     scene = 0
     if scene_points is not None:
         scene = math.ceil(scene_bytes(pixels, scene_points) / HOST_BYTES_PER_PIXEL)
-    return RequestCost(model_id, process_res, len(sizes), (width, height), tokens, pixels, scene)
+    gaussians = 0
+    if gaussian_points is not None:
+        cells = len(sizes) * width * height
+        memory = gaussian_bytes(pixels, cells, gaussian_points)
+        gaussians = math.ceil(memory / HOST_BYTES_PER_PIXEL)
+    return RequestCost(
+        model_id, process_res, len(sizes), (width, height), tokens, pixels, scene, gaussians
+    )
 
 
 def default_budget(

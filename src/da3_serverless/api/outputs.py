@@ -10,8 +10,9 @@ import numpy as np
 
 from da3_serverless.api import encoding
 from da3_serverless.api.images import DecodedImage
-from da3_serverless.api.schema import SCENE_OUTPUTS, RunRequest
+from da3_serverless.api.schema import GAUSSIAN_OUTPUT, SCENE_OUTPUTS, TOP_LEVEL_OUTPUTS, RunRequest
 from da3_serverless.exports import colmap, exr, glb, maps, ply
+from da3_serverless.exports.gaussians import gaussians_ply, select_gaussians
 from da3_serverless.exports.points import SceneOptions, fuse
 from da3_serverless.inference.catalog import MODELS, ModelInfo
 from da3_serverless.inference.prediction import Prediction
@@ -30,6 +31,7 @@ EXTRAS: dict[str, tuple[str, str]] = {
     "scene_ply": (".ply", OCTET),
     "scene_glb": (".glb", "model/gltf-binary"),
     "colmap": (".zip", "application/zip"),
+    "gaussians_ply": (".ply", OCTET),
 }
 DEPTH_MEDIA = (".png", "image/png")
 
@@ -80,6 +82,12 @@ def _models_with(capability: str) -> str:
 
 def _unavailable(name: str, request: RunRequest, info: ModelInfo) -> str | None:
     model = info.repo_id
+    if name == GAUSSIAN_OUTPUT and not info.gaussians:
+        # Said of the checkpoint, not the release: a snapshot folder may hold the head or not.
+        return (
+            f"this server's checkpoint of {model} has no 3D-Gaussian head (gs_head weights): "
+            f"use a model whose checkpoint has one ({_models_with('gaussians')})"
+        )
     if name in ("confidence", "confidence_npy") and not info.confidence:
         return f"{model} predicts no confidence (models that do: {_models_with('confidence')})"
     if name == "sky_mask" and not info.sky:
@@ -123,7 +131,7 @@ def encode_outputs(
         }
         artifacts.append(Artifact(index, "depth", png.png, *DEPTH_MEDIA, fields=fields))
     for name in request.outputs:
-        if name == "depth" or name in SCENE_OUTPUTS:
+        if name == "depth" or name in TOP_LEVEL_OUTPUTS:
             continue
         for index in range(len(prediction)):
             artifacts.append(_encode_extra(name, prediction, index, images[index], warnings))
@@ -168,8 +176,18 @@ def _encode_extra(
 
 
 def wants_scene(request: RunRequest) -> bool:
-    """Whether the request asks for any scene output."""
+    """Whether the request asks for any scene output (top level: points' files or Gaussians)."""
+    return any(name in TOP_LEVEL_OUTPUTS for name in request.outputs)
+
+
+def wants_points(request: RunRequest) -> bool:
+    """Whether the request asks for a file of the fused points (scene_ply, scene_glb, colmap)."""
     return any(name in SCENE_OUTPUTS for name in request.outputs)
+
+
+def wants_gaussians(request: RunRequest) -> bool:
+    """Whether the request asks for the 3D Gaussians (the network then runs their branch)."""
+    return GAUSSIAN_OUTPUT in request.outputs
 
 
 def scene_options(request: RunRequest) -> SceneOptions:
@@ -185,13 +203,34 @@ def scene_options(request: RunRequest) -> SceneOptions:
 def encode_scene(
     request: RunRequest, prediction: Prediction, images: list[DecodedImage]
 ) -> tuple[list[Artifact], list[str]]:
-    """The requested scene outputs (top level), in the order requested, from one fused cloud;
-    each carries the response's `scene` summary. Nothing when none was requested."""
-    names = [name for name in request.outputs if name in SCENE_OUTPUTS]
-    if not names:
-        return [], []
-    pixels = [np.asarray(image.image.convert("RGB")) for image in images]
+    """The requested scene outputs (top level), in the order requested: the points' files from
+    one fused cloud, each carrying the response's `scene` summary, and the Gaussians' PLY with
+    its `gaussians` summary. Nothing when none was requested."""
     options = scene_options(request)
+    artifacts, warnings = [], []
+    if wants_points(request):
+        artifacts, warnings = _encode_points(request, prediction, images, options)
+    if wants_gaussians(request):
+        selection = select_gaussians(prediction, options)
+        comments = [
+            "da3-serverless 3D Gaussians: world frame of the response's extrinsics "
+            "(OpenCV axes: x right, y down, z forward)",
+            f"units {prediction.units}",
+        ]
+        data = gaussians_ply(prediction.gaussians, keep=selection.keep, comments=comments)
+        fields = {"gaussians": selection.summary()}
+        artifacts.append(Artifact(None, GAUSSIAN_OUTPUT, data, *EXTRAS[GAUSSIAN_OUTPUT], fields))
+        warnings += selection.warnings
+    rank = {name: position for position, name in enumerate(request.outputs)}
+    return sorted(artifacts, key=lambda artifact: rank[artifact.name]), warnings
+
+
+def _encode_points(
+    request: RunRequest, prediction: Prediction, images: list[DecodedImage], options: SceneOptions
+) -> tuple[list[Artifact], list[str]]:
+    """The requested files of the fused points, in the order requested."""
+    names = [name for name in request.outputs if name in SCENE_OUTPUTS]
+    pixels = [np.asarray(image.image.convert("RGB")) for image in images]
     points = fuse(prediction, pixels, options)
     fields = {"scene": points.summary()}
     writers = {

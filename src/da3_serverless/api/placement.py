@@ -3,10 +3,10 @@
 
 Under the response budget (`MAX_RESPONSE_BYTES`, 0 when the request asked for paths) the depth
 PNGs go inline first, then the extras in the order requested; a multi-view response repeats
-view 0 at the top level, so its payloads count twice, while the scene outputs (top level only)
-count once. What does not fit is saved on the volume and uploaded to the bucket when one is
-configured. The depth PNG is always saved on the volume too, and goes inline regardless when it
-cannot be stored anywhere: it is the answer.
+view 0 at the top level, so its payloads count twice, while the scene outputs (top level only:
+`scene_ply`, `scene_glb`, `colmap`, `gaussians_ply`) count once. What does not fit is saved on
+the volume and uploaded to the bucket when one is configured. The depth PNG is always saved on
+the volume too, and goes inline regardless when it cannot be stored anywhere: it is the answer.
 """
 
 from __future__ import annotations

@@ -29,11 +29,14 @@ from da3_serverless.exports.points import DEFAULT_CONF_PERCENTILE, DEFAULT_MAX_P
 SCHEMA_VERSION = "1"
 OutputName = Literal[
     "depth", "preview", "confidence", "sky_mask", "depth_npy", "pointcloud", "confidence_npy",
-    "depth_exr", "depth_mm_png", "scene_ply", "scene_glb", "colmap",
+    "depth_exr", "depth_mm_png", "scene_ply", "scene_glb", "colmap", "gaussians_ply",
 ]  # fmt: skip
 OUTPUT_NAMES: tuple[str, ...] = OutputName.__args__
-# Outputs of the whole scene: at the top level of the response only, never per view.
+# Outputs of the whole scene: at the top level of the response only, never per view. The fused
+# point cloud's files (any model with a camera), and the 3D Gaussians (models with the head).
 SCENE_OUTPUTS: tuple[str, ...] = ("scene_ply", "scene_glb", "colmap")
+GAUSSIAN_OUTPUT = "gaussians_ply"
+TOP_LEVEL_OUTPUTS: tuple[str, ...] = (*SCENE_OUTPUTS, GAUSSIAN_OUTPUT)
 MIN_PROCESS_RES = 14  # one ViT patch
 MAX_REPORTED_PROBLEMS = 10
 MAX_URL_CHARS = 8192
@@ -101,7 +104,7 @@ class RunRequest(BaseModel):
     extrinsics: list[Matrix] | None = None
     outputs: list[OutputName] = Field(default_factory=lambda: ["depth"], min_length=1)
     return_base64: bool = True
-    # Scene outputs (scene_ply, scene_glb, colmap); ignored without them.
+    # Scene outputs (scene_ply, scene_glb, colmap, gaussians_ply); ignored without them.
     conf_percentile: FiniteFloat = Field(default=DEFAULT_CONF_PERCENTILE, ge=0, le=100)
     max_points: int = Field(default=DEFAULT_MAX_POINTS, ge=1)
     keep_sky: bool = False
@@ -412,5 +415,11 @@ class RunResponse(ViewResult):
     scene_glb: OutputFile | None = None
     colmap: OutputFile | None = None
     scene: SceneSummary | None = None
+    gaussians_ply: OutputFile | None = None
+    gaussians: SceneSummary | None = Field(
+        default=None,
+        description="with gaussians_ply: the same summary, counted in Gaussians (one per cell "
+        "of the network's grid per view): `points` is how many the file holds",
+    )
     timings_ms: dict[str, float] = Field(default_factory=dict)
     warnings: list[str] = Field(default_factory=list)

@@ -1,4 +1,5 @@
-"""3D Gaussians -> a standard 3D Gaussian Splatting PLY file (bytes).
+"""3D Gaussians -> a standard 3D Gaussian Splatting PLY file (bytes), and the request's filters
+applied to them (`select_gaussians`).
 
 One binary little-endian `vertex` element with float32 properties x, y, z, f_dc_0..2, opacity,
 scale_0..2, rot_0..3: the layout 3DGS viewers read (degree-0 colour only). Values are stored
@@ -9,15 +10,36 @@ before the activations those viewers apply, i.e. inverted:
 - rot_0..3: the rotation quaternion (w, x, y, z) normalised ((1, 0, 0, 0) for a zero one);
 - f_dc_i: (rgb_i - 0.5) / C0, C0 = 0.28209479 the degree-0 spherical-harmonic constant.
 
+Filters (`select_gaussians`): the Gaussians are one per cell of the network's grid (h, w) per
+view, while depth, confidence and sky come back at each input's size (H, W). A Gaussian is
+kept when the input pixel holding its cell's centre is one the scene's pixel filters keep
+(`exports.points.select_pixels`, run at input resolution exactly as for `scene_ply`: invalid,
+sky unless `keep_sky`, depth edges with `remove_edges`, confidence below the scene's
+`conf_percentile` threshold), and its own values are finite. That pixel is row
+((2 r + 1) H) // (2 h), column ((2 c + 1) W) // (2 w): exact integer arithmetic, so the same
+request keeps the same Gaussians. Then at most `max_points` by the scene's voxel grid over the
+means, the first Gaussian (in view, row, column order) of each voxel kept. Thinned Gaussians
+keep their sizes, so a thinned file renders sparser rather than blurrier.
+
 Pure: arrays in, bytes out; no files, no torch.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+
+from da3_serverless.exports.points import (
+    FILTERS,
+    SceneOptions,
+    footprint,
+    select_pixels,
+    voxel_thin,
+)
+from da3_serverless.inference.prediction import Prediction
 
 PROPERTIES = (
     "x", "y", "z", "f_dc_0", "f_dc_1", "f_dc_2", "opacity",
@@ -28,6 +50,26 @@ PROPERTIES = (
 SH_C0 = 0.28209479177387814
 _OPACITY_EPS = 1e-6
 _MIN_SCALE = 1e-12
+# Host memory for request budgets, measured with tracemalloc (bench/gaussians.py --memory; 2
+# views of 1208 x 680 at process_res 504 and 252): the prediction holds 56 bytes per grid cell
+# (14 float32); selecting peaks at 26 bytes per input pixel (the scene's pixel filters at input
+# resolution, whose kept indices stay until the end) and about 60 per cell (reasons, masks,
+# indices, means and voxel keys); writing at 240 per Gaussian written (float64 columns, the
+# float32 file, and its base64 in the response).
+HELD_BYTES_PER_CELL = 56
+SELECT_BYTES_PER_PIXEL = 32
+SELECT_BYTES_PER_CELL = 64
+FILE_BYTES_PER_GAUSSIAN = 256
+
+
+def gaussian_bytes(pixels: int, cells: int, max_points: int) -> int:
+    """Host memory of `gaussians_ply` for views holding `pixels` input pixels and `cells` grid
+    cells in all (views x h x w), at most `max_points` written: the Gaussians held, selecting,
+    and the file with its base64 (an upper bound: the steps follow one another). For request
+    budgets."""
+    per_cell = HELD_BYTES_PER_CELL + SELECT_BYTES_PER_CELL
+    written = min(cells, max_points)
+    return SELECT_BYTES_PER_PIXEL * pixels + per_cell * cells + FILE_BYTES_PER_GAUSSIAN * written
 
 
 class GaussianArrays(Protocol):
@@ -61,8 +103,11 @@ def gaussian_columns(gaussians: GaussianArrays, keep: np.ndarray | None = None) 
         raise ValueError(f"keep must be a boolean mask of shape {shape}, got {np.shape(keep)}")
 
     def flat(name: str, width: int) -> np.ndarray:
-        values = np.asarray(getattr(gaussians, name), dtype=np.float64).reshape(-1, width)
-        return values if keep is None else values[np.asarray(keep, dtype=bool).reshape(-1)]
+        """The kept Gaussians' values as float64 (picked first: only those are converted)."""
+        values = np.asarray(getattr(gaussians, name)).reshape(-1, width)
+        if keep is not None:
+            values = values[np.asarray(keep, dtype=bool).reshape(-1)]
+        return values.astype(np.float64)
 
     opacity = np.clip(flat("opacities", 1), _OPACITY_EPS, 1 - _OPACITY_EPS)
     rotations = flat("rotations", 4)
@@ -105,3 +150,63 @@ def gaussians_ply(
     header.append("end_header")
     body = columns.astype("<f4", copy=False).tobytes()
     return ("\n".join(header) + "\n").encode("ascii") + body
+
+
+# ---- the request's filters -------------------------------------------------------------------
+
+
+@dataclass
+class GaussianSelection:
+    """Which Gaussians a request keeps: `keep` (N, h, w) bool over the grid; what each filter
+    removed, the confidence threshold and the voxel size (the response's `gaussians` summary:
+    the scene summary's fields, counted in Gaussians); warnings."""
+
+    keep: np.ndarray
+    removed: dict[str, int]
+    confidence_threshold: float | None
+    voxel_size: float | None
+    warnings: list[str]
+
+    def summary(self) -> dict:
+        return {
+            "points": int(np.count_nonzero(self.keep)),
+            "removed": dict(self.removed),
+            "confidence_threshold": self.confidence_threshold,
+            "voxel_size": self.voxel_size,
+        }
+
+
+def cell_pixels(size: int, cells: int) -> np.ndarray:
+    """For each of `cells` grid cells along an axis of `size` input pixels, the input pixel
+    holding the cell's centre: ((2 k + 1) size) // (2 cells), exactly."""
+    return (2 * np.arange(cells, dtype=np.int64) + 1) * size // (2 * cells)
+
+
+def select_gaussians(prediction: Prediction, options: SceneOptions) -> GaussianSelection:
+    """The Gaussians of `prediction` that the request's scene options keep (see the module
+    docstring). ValueError when the prediction has no Gaussians or no intrinsics."""
+    gaussians = prediction.gaussians
+    if gaussians is None or prediction.intrinsics is None:
+        raise ValueError("gaussians_ply needs a prediction with Gaussians (gaussians=True)")
+    views, height, width = np.shape(gaussians.opacities)
+    finite = np.isfinite(gaussians.opacities)
+    for name in ("means", "scales", "rotations", "colors"):
+        finite &= np.isfinite(getattr(gaussians, name)).all(axis=-1)
+    pixels = select_pixels(prediction, options)  # the scene's own pixel filters
+    reasons = np.empty((views, height, width), dtype=np.uint8)
+    for index, reason in enumerate(pixels.reasons):
+        rows, cols = cell_pixels(reason.shape[0], height), cell_pixels(reason.shape[1], width)
+        reasons[index] = reason[np.ix_(rows, cols)]
+    reasons[~finite] = FILTERS.index("invalid") + 1  # a Gaussian that cannot be written
+    counts = np.bincount(reasons.reshape(-1), minlength=len(FILTERS) + 1)
+    removed = {name: int(counts[code + 1]) for code, name in enumerate(FILTERS)}
+    flat = np.flatnonzero(reasons == 0)  # (view, row, column) order
+    means = np.asarray(gaussians.means, dtype=np.float32).reshape(-1, 3)[flat]
+    chosen, voxel_size = voxel_thin(means, options.max_points, footprint(prediction, pixels.kept))
+    keep = np.zeros(views * height * width, dtype=bool)
+    keep[flat[chosen]] = True
+    removed["voxel"] = len(flat) - len(chosen)
+    return GaussianSelection(
+        keep.reshape(views, height, width), removed, pixels.threshold, voxel_size,
+        pixels.warnings,
+    )  # fmt: skip

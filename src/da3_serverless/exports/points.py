@@ -100,16 +100,26 @@ def view_pose(prediction: Prediction, index: int) -> np.ndarray:
     return np.asarray(prediction.extrinsics[index], dtype=np.float64)
 
 
-def fuse(
-    prediction: Prediction, images: Sequence[np.ndarray], options: SceneOptions
-) -> ScenePoints:
-    """The fused, filtered cloud of all views. `images` are the upright (H, W, 3) uint8 inputs,
-    one per view at its depth map's size. Raises ValueError without intrinsics, or for several
-    views without extrinsics (no common frame)."""
-    if prediction.intrinsics is None:
-        raise ValueError("a scene needs intrinsics: send them, or use a model with a camera")
+@dataclass
+class PixelSelection:
+    """The pixels of every view that pass the pixel filters (all but the voxel grid): `kept`,
+    their flat indices per view in ascending order; `reasons`, per view an (H, W) uint8 map of
+    the filter that removed each pixel (1 + its index in FILTERS; 0 for a kept pixel); what each
+    filter `removed`; the confidence `threshold` (None when not applied); `warnings`."""
+
+    kept: list[np.ndarray]
+    reasons: list[np.ndarray]
+    removed: dict[str, int]
+    threshold: float | None
+    warnings: list[str]
+
+
+def select_pixels(prediction: Prediction, options: SceneOptions) -> PixelSelection:
+    """The invalid, sky, edge and confidence filters (the module docstring's order) over every
+    view of `prediction`. The 3D Gaussians use it too, on maps at the network's grid."""
     removed = dict.fromkeys(FILTERS, 0)
-    kept = [_pixel_filters(prediction, index, options, removed) for index in range(len(prediction))]
+    reasons = [_pixel_filters(prediction, i, options, removed) for i in range(len(prediction))]
+    kept = [np.flatnonzero(reason == 0) for reason in reasons]
     warnings: list[str] = []
     threshold = None
     if prediction.confidence is None:
@@ -118,15 +128,30 @@ def fuse(
                 "this model predicts no confidence: conf_percentile is not applied to the scene"
             )
     else:
-        kept, threshold = _confidence_filter(prediction, kept, options.conf_percentile, removed)
+        kept, threshold = _confidence_filter(
+            prediction, kept, reasons, options.conf_percentile, removed
+        )
+    return PixelSelection(kept, reasons, removed, threshold, warnings)
+
+
+def fuse(
+    prediction: Prediction, images: Sequence[np.ndarray], options: SceneOptions
+) -> ScenePoints:
+    """The fused, filtered cloud of all views. `images` are the upright (H, W, 3) uint8 inputs,
+    one per view at its depth map's size. Raises ValueError without intrinsics, or for several
+    views without extrinsics (no common frame)."""
+    if prediction.intrinsics is None:
+        raise ValueError("a scene needs intrinsics: send them, or use a model with a camera")
+    selection = select_pixels(prediction, options)
+    kept, removed = selection.kept, selection.removed
     views = [_view_points(prediction, images, index, pixels) for index, pixels in enumerate(kept)]
     columns = [np.concatenate(parts) for parts in zip(*views, strict=True)]
     xyz, rgb, confidence, view, row, col = columns
-    chosen, voxel_size = voxel_thin(xyz, options.max_points, _footprint(prediction, kept))
+    chosen, voxel_size = voxel_thin(xyz, options.max_points, footprint(prediction, kept))
     removed["voxel"] = len(xyz) - len(chosen)
     points = ScenePoints(
         xyz[chosen], rgb[chosen], confidence[chosen], view[chosen], row[chosen], col[chosen],
-        removed, threshold, voxel_size, warnings,
+        removed, selection.threshold, voxel_size, selection.warnings,
     )  # fmt: skip
     return points
 
@@ -134,22 +159,26 @@ def fuse(
 def _pixel_filters(
     prediction: Prediction, index: int, options: SceneOptions, removed: dict[str, int]
 ) -> np.ndarray:
-    """Flat indices of view `index`'s pixels that pass the invalid, sky and edge filters."""
+    """View `index`'s (H, W) uint8 map of the filter that removed each pixel, of the invalid,
+    sky and edge filters (`PixelSelection.reasons`; 0 where all pass)."""
     depth = prediction.depth[index]
-    mask = np.isfinite(depth) & (depth > 0)
+    valid = np.isfinite(depth) & (depth > 0)
     if prediction.confidence is not None:
-        mask &= np.isfinite(prediction.confidence[index])
-    removed["invalid"] += mask.size - int(np.count_nonzero(mask))
+        valid &= np.isfinite(prediction.confidence[index])
+    reasons = np.zeros(np.shape(depth), dtype=np.uint8)
+    _drop(reasons, ~valid, "invalid", removed)
     if prediction.sky is not None and not options.keep_sky:
-        _drop(mask, prediction.sky[index] >= SKY_THRESHOLD, "sky", removed)
+        _drop(reasons, prediction.sky[index] >= SKY_THRESHOLD, "sky", removed)
     if options.remove_edges:
-        _drop(mask, depth_edges(depth), "edges", removed)
-    return np.flatnonzero(mask)
+        _drop(reasons, depth_edges(depth), "edges", removed)
+    return reasons
 
 
-def _drop(mask: np.ndarray, drop: np.ndarray, name: str, removed: dict[str, int]) -> None:
-    removed[name] += int(np.count_nonzero(mask & drop))
-    mask &= ~drop
+def _drop(reasons: np.ndarray, drop: np.ndarray, name: str, removed: dict[str, int]) -> None:
+    """Mark the pixels of `drop` that no earlier filter removed as removed by filter `name`."""
+    newly = drop & (reasons == 0)
+    removed[name] += int(np.count_nonzero(newly))
+    reasons[newly] = FILTERS.index(name) + 1
 
 
 def depth_edges(depth: np.ndarray, tolerance: float = EDGE_TOLERANCE) -> np.ndarray:
@@ -173,16 +202,25 @@ def _window3(padded: np.ndarray, pick) -> np.ndarray:
 
 
 def _confidence_filter(
-    prediction: Prediction, kept: list[np.ndarray], percentile: float, removed: dict[str, int]
+    prediction: Prediction,
+    kept: list[np.ndarray],
+    reasons: list[np.ndarray],
+    percentile: float,
+    removed: dict[str, int],
 ) -> tuple[list[np.ndarray], float | None]:
     """Drop the pixels below the `percentile`-th percentile of the confidence of all pixels
-    left in all views; returns the surviving indices and the threshold."""
+    left in all views (marking them in `reasons`); returns the surviving indices and the
+    threshold."""
     values = [prediction.confidence[i].reshape(-1)[pixels] for i, pixels in enumerate(kept)]
     every = np.concatenate(values)
     if every.size == 0:
         return kept, None
     threshold = np.percentile(every, percentile)
-    survivors = [pixels[value >= threshold] for pixels, value in zip(kept, values, strict=True)]
+    code = FILTERS.index("confidence") + 1
+    survivors = []
+    for pixels, value, reason in zip(kept, values, reasons, strict=True):
+        survivors.append(pixels[value >= threshold])
+        reason.reshape(-1)[pixels[value < threshold]] = code
     removed["confidence"] += every.size - sum(len(s) for s in survivors)
     return survivors, float(threshold)
 
@@ -218,7 +256,7 @@ def _view_points(
     return xyz, rgb, confidence, view, rows.astype(np.int32), cols.astype(np.int32)
 
 
-def _footprint(prediction: Prediction, kept: list[np.ndarray]) -> float:
+def footprint(prediction: Prediction, kept: list[np.ndarray]) -> float:
     """The area the kept pixels cover, each (z / f)² square facing its camera: about the
     surface the cloud samples (less where views overlap, more where surfaces slant). Estimated
     from every 16th kept pixel: it is only the voxel search's first guess."""

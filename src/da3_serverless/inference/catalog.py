@@ -24,6 +24,9 @@ class ModelInfo:
     sky: bool
     params_m: int  # parameters, millions
     gpu_memory_gb: float  # estimated VRAM for one 504 px view in bf16, weights included
+    # The release's checkpoint holds the 3D-Gaussian head (`model/presets.py: GAUSSIAN_RELEASES`).
+    # A loaded model says what its own file holds: `Predictor.capabilities`.
+    gaussians: bool = False
 
     @property
     def short_name(self) -> str:
@@ -38,10 +41,12 @@ _APACHE = "Apache-2.0"
 _NC = "CC BY-NC 4.0"
 
 
-def _any_view(name: str, preset: str, license: str, params_m: int, gpu_gb: float) -> ModelInfo:
+def _any_view(
+    name: str, preset: str, license: str, params_m: int, gpu_gb: float, gaussians: bool = False
+) -> ModelInfo:
     return ModelInfo(
         f"{HF_ORG}/{name}", preset, license, metric=False, needs_focal=False, camera=True,
-        confidence=True, sky=False, params_m=params_m, gpu_memory_gb=gpu_gb,
+        confidence=True, sky=False, params_m=params_m, gpu_memory_gb=gpu_gb, gaussians=gaussians,
     )  # fmt: skip
 
 
@@ -50,8 +55,8 @@ MODELS: tuple[ModelInfo, ...] = (
     _any_view("DA3-BASE", "da3-base", _APACHE, 120, 2.0),
     _any_view("DA3-LARGE", "da3-large", _NC, 350, 3.0),
     _any_view("DA3-LARGE-1.1", "da3-large", _NC, 350, 3.0),
-    _any_view("DA3-GIANT", "da3-giant", _NC, 1150, 6.0),
-    _any_view("DA3-GIANT-1.1", "da3-giant", _NC, 1150, 6.0),
+    _any_view("DA3-GIANT", "da3-giant", _NC, 1150, 6.0, gaussians=True),
+    _any_view("DA3-GIANT-1.1", "da3-giant", _NC, 1150, 6.0, gaussians=True),
     ModelInfo(
         f"{HF_ORG}/DA3MONO-LARGE", "da3mono-large", _APACHE, metric=False, needs_focal=False,
         camera=False, confidence=False, sky=True, params_m=350, gpu_memory_gb=2.5,
@@ -63,12 +68,12 @@ MODELS: tuple[ModelInfo, ...] = (
     ModelInfo(
         f"{HF_ORG}/DA3NESTED-GIANT-LARGE", "da3nested-giant-large", _NC, metric=True,
         needs_focal=False, camera=True, confidence=True, sky=True, params_m=1500,
-        gpu_memory_gb=8.0,
+        gpu_memory_gb=8.0, gaussians=True,
     ),
     ModelInfo(
         f"{HF_ORG}/DA3NESTED-GIANT-LARGE-1.1", "da3nested-giant-large", _NC, metric=True,
         needs_focal=False, camera=True, confidence=True, sky=True, params_m=1500,
-        gpu_memory_gb=8.0,
+        gpu_memory_gb=8.0, gaussians=True,
     ),
 )  # fmt: skip
 

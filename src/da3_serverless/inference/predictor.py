@@ -121,8 +121,10 @@ class Predictor:
         self.model_id = model_id or preset
         self.device = torch.device(device) if device is not None else default_device()
         self.dtype = dtype or default_dtype(self.device)
-        # What the network can give comes from the model table (every preset is in it).
-        self.capabilities: ModelInfo = lookup_model(preset)
+        # What the network can give comes from the model table (every preset is in it), but
+        # the 3D Gaussians from the loaded checkpoint itself.
+        info = lookup_model(preset)
+        self.capabilities: ModelInfo = replace(info, gaussians=self.supports_gaussians)
 
     @classmethod
     def from_pretrained(

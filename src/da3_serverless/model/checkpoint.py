@@ -108,6 +108,18 @@ def _is_gaussian(key: str) -> bool:
     return not GAUSSIAN_MODULES.isdisjoint(key.split("."))
 
 
+def holds_gaussians(folder: str | Path) -> bool:
+    """Whether ``folder/model.safetensors`` holds the 3D-Gaussian branch's keys, as the loader
+    decides it, read from the file's header alone (no tensor is read): known before loading.
+    CheckpointError when the file cannot be read."""
+    path = Path(folder) / WEIGHTS_NAME
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            return any(_is_gaussian(key) for key in file.keys())  # noqa: SIM118
+    except (OSError, SafetensorError) as error:
+        raise CheckpointError(f"{path} cannot be read as safetensors: {error}") from None
+
+
 def _build(preset: str, keys: set[str]) -> nn.Module:
     """The preset's network on the meta device, with the 3D-Gaussian branch when `keys` hold it."""
     with torch.device("meta"):

@@ -18,12 +18,15 @@ const VIEW_FILES = {
   depth_npy: "depth.npy", pointcloud: "ply", confidence_npy: "confidence.npy",
   depth_exr: "depth.exr", depth_mm_png: "depth_mm.png",
 };
-const SCENE_FILES = { scene_ply: "scene.ply", scene_glb: "glb", colmap: "colmap.zip" };
+const SCENE_FILES = {
+  scene_ply: "scene.ply", scene_glb: "glb", colmap: "colmap.zip", gaussians_ply: "gaussians.ply",
+};
 // Optional outputs offered as downloads: [name, label, what the model needs (see /models)]; the
 // whole scene's first, as the request asks for them.
 const EXTRAS = [
   ["scene_ply", "the scene's points (PLY)", "camera"],
   ["colmap", "COLMAP model (zip)", "camera"],
+  ["gaussians_ply", "3D Gaussians (3DGS PLY)", "gaussians"],
   ["depth_exr", "float32 depth (OpenEXR)", null],
   ["depth_npy", "float32 depth (.npy)", null],
   ["depth_mm_png", "millimetres (16-bit PNG)", "meters"],
@@ -31,6 +34,11 @@ const EXTRAS = [
   ["pointcloud", "each view's points (PLY)", "camera"],
 ];
 const UNITS = { m: "m", relative: "rel.", pose_units: "pose units" };
+// What each need means, for the tooltip of an output the chosen model cannot give.
+const NEEDS = {
+  camera: "a camera", confidence: "confidence", meters: "meters",
+  gaussians: "the 3D-Gaussian head (DA3-GIANT, DA3NESTED-GIANT-LARGE)",
+};
 
 const state = {
   models: new Map(), // model_id -> its /models row
@@ -102,7 +110,8 @@ function updateExtras() {
   const model = currentModel();
   for (const box of $("extras").querySelectorAll("input")) {
     box.disabled = !can(box.dataset.need || null, model);
-    box.parentElement.title = box.disabled ? `needs a model with ${box.dataset.need}` : "";
+    const need = NEEDS[box.dataset.need] || box.dataset.need;
+    box.parentElement.title = box.disabled ? `needs a model with ${need}` : "";
   }
 }
 
@@ -226,7 +235,8 @@ async function show(result) {
   renderDownloads(result);
   const unit = UNITS[result.units] || result.units;
   const total = result.timings_ms ? ` in ${Math.round(result.timings_ms.total)} ms` : "";
-  const points = result.scene ? `, ${result.scene.points} scene points` : "";
+  const points = (result.scene ? `, ${result.scene.points} scene points` : "")
+    + (result.gaussians ? `, ${result.gaussians.points} Gaussians` : "");
   const warnings = result.warnings && result.warnings.length ? ` (${result.warnings.join("; ")})` : "";
   const range = `${result.min_depth.toFixed(2)}–${result.max_depth.toFixed(2)} ${unit}`;
   setStatus(`${result.model_id}: ${state.views.length} view(s), depth ${range}${points}${total}${warnings}`);
