@@ -222,6 +222,29 @@ def test_the_branch_runs_only_when_gaussians_ply_is_asked_for(service):
             hook.remove()
 
 
+def test_a_batch_runs_the_branch_for_the_requests_that_ask_and_equals_their_lone_answers(service):
+    """One photo each (batchable): `gaussians_ply` is a forward flag of the batch key, so the
+    requests that ask batch apart from the ones that do not, and each gets its lone answer."""
+    one = {"images": [photo(PHOTOS[0])], "max_points": 2000}
+    asks = gs_request(**one, outputs=["depth_npy", "gaussians_ply"])
+    plain = gs_request(**one, outputs=["depth_npy"])
+    keys = {service.batch_key(service.authorize(r)) for r in (asks, plain)}
+    assert len(keys) == 2 and None not in keys
+    batched = service.handle_batch([(asks, None, None), (plain, None, None), (asks, None, None)])
+    assert not [r for r in batched if isinstance(r, Exception)]
+    alone = service.handle(asks)
+    assert "gaussians_ply" not in batched[1] and "gaussians" not in batched[1]
+    summary, lone = batched[0]["gaussians"], alone["gaussians"]
+    assert summary["points"] == lone["points"] and summary["removed"] == lone["removed"]
+    assert summary["confidence_threshold"] == pytest.approx(lone["confidence_threshold"], 1e-4)
+    want, _ = read_gaussians(decoded(alone["gaussians_ply"]))
+    for answer in (batched[0], batched[2]):
+        got, _ = read_gaussians(decoded(answer["gaussians_ply"]))
+        assert len(got) == len(want)
+        for name in STANDARD:
+            np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-5)
+
+
 def test_given_poses_move_the_gaussians_into_their_frame_and_units(service, still_snapshot):
     """With given poses the file is in their frame and units: exactly the Predictor's Gaussians
     (moved with the cameras, tested in test_gaussians.py), each at its depth from its camera."""
