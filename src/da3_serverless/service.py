@@ -354,18 +354,7 @@ class Service:
         cancel: CancelToken | None = None,
     ) -> Prediction:
         try:
-            return predictor.predict(
-                [image.image for image in images],
-                process_res=request.process_res,
-                use_ray_pose=request.use_ray_pose,
-                intrinsics=request.intrinsics,
-                extrinsics=request.extrinsics,
-                focal_length_px=request.focal_length_px,
-                metric=request.output_metric,
-                exif_focal_length_px=[image.focal_length_px for image in images],
-                gaussians=wants_gaussians(request),
-                cancel=cancel,
-            )
+            return predictor.predict(**vars(_predict_request(request, images)), cancel=cancel)
         except ValueError as error:
             raise ServiceError("invalid_input", str(error)) from None
         except torch.cuda.OutOfMemoryError:
@@ -395,7 +384,7 @@ class Service:
             ready = [i for i, outcome in enumerate(outcomes) if outcome is None]
             inference_started = time.perf_counter()
             predictions = predictor.predict_batch(
-                [_predict_request(intakes[i]) for i in ready],
+                [_predict_request(intakes[i].request, intakes[i].images) for i in ready],
                 return_exceptions=True,
                 cancel=CancelGroup([intakes[i].cancel for i in ready]),
             )
@@ -534,9 +523,8 @@ def _outcome(fn, *args):
         return error
 
 
-def _predict_request(intake: _Intake) -> PredictRequest:
-    """The `Predictor.predict` arguments of one request, as `Service._predict` passes them."""
-    request, images = intake.request, intake.images
+def _predict_request(request: RunRequest, images: list[DecodedImage]) -> PredictRequest:
+    """The `Predictor.predict` arguments of one request (alone or in a batch)."""
     return PredictRequest(
         [image.image for image in images],
         process_res=request.process_res,
