@@ -552,6 +552,23 @@ def test_a_non_finite_result_is_internal_and_leaves_nothing_behind(
     assert service.handle(request)["schema_version"] == "1"
 
 
+def test_a_result_nobody_receives_is_discarded_from_the_volume_and_the_bucket(bucket_service):
+    """What a job cancelled past its last check does with its result: every file and bucket
+    object the request saved goes, not only the ones a response names by path."""
+    service, s3 = bucket_service
+    before_files = sorted(service.settings.output_dir.iterdir())
+    before_keys = bucket_keys(s3)
+    request = {"api_key": TEST_API_KEY, "image_base64": hc.b64(hc.small_photo()),
+               "process_res": hc.PROCESS_RES, "return_base64": False,
+               "outputs": ["depth", "preview", "depth_npy"]}  # fmt: skip
+    late = service.handle(request)
+    assert late["preview"]["url"] and Path(late["file_path"]).is_file()
+    assert len(bucket_keys(s3)) == len(before_keys) + 3
+    service.discard(late)
+    assert sorted(service.settings.output_dir.iterdir()) == before_files
+    assert bucket_keys(s3) == before_keys
+
+
 class NonFiniteService:
     """Stands in for `Service`: the real key and request checks, then a result JSON cannot
     carry (as a bug would give)."""

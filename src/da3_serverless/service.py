@@ -229,8 +229,13 @@ class Service:
         return response
 
     def discard(self, response: dict) -> None:
-        """Remove the volume files a response names (`file_path`, the extras' `path`): for a
-        result nobody will receive (its job was cancelled past its last check)."""
+        """Remove what a response saved, for a result nobody will receive (its job was
+        cancelled past its last check): its volume files and bucket objects, as the service
+        recorded them; for a plain dict (a response read back), the volume files it names
+        (`file_path`, the extras' `path`)."""
+        if isinstance(response, Response):
+            self.store.discard(response.saved)
+            return
         views = [response, *(response.get("views") or [])]  # some outputs are top-level only
         paths = {view.get("file_path") for view in views}
         paths |= {v.get("path") for view in views for v in view.values() if isinstance(v, dict)}
@@ -423,7 +428,7 @@ class Service:
         timer: _Timer,
         saved: list[Saved],
         warnings: list[str],
-    ) -> dict:
+    ) -> Response:
         views = [view_skeleton(prediction, index) for index in range(len(prediction))]
         with timer.stage("save"):
             placed = place_outputs(
@@ -433,7 +438,7 @@ class Service:
             )  # fmt: skip
         for view, fields in zip(views, placed.views, strict=True):
             view.update(fields)
-        return {
+        response = Response({
             "schema_version": SCHEMA_VERSION,
             "model_id": predictor.model_id,
             "is_metric": prediction.is_metric,
@@ -442,7 +447,9 @@ class Service:
             "views": views if len(views) > 1 else None,
             **placed.top,
             "warnings": list(dict.fromkeys(warnings)),
-        }
+        })  # fmt: skip
+        response.saved = saved  # the same list: whatever is saved after this is in it too
+        return response
 
     def _load(self, model_id: str) -> Predictor:
         predictor = Predictor.from_pretrained(
@@ -503,6 +510,13 @@ class _Intake:
     capabilities: ModelInfo | None = None
     cost: RequestCost | None = None
     images: list[DecodedImage] = field(default_factory=list)
+
+
+class Response(dict):
+    """A v1 response (a plain dict on the wire) that remembers what its request saved on the
+    volume and in the bucket, so that `Service.discard` can remove all of it."""
+
+    saved: list[Saved]
 
 
 # A request of `Service.handle_batch`: the payload, the key from transport headers, the job's
