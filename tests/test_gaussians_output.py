@@ -357,6 +357,29 @@ def test_the_request_budget_covers_the_export(service, still_snapshot, tmp_path)
     assert tight.handle(gs_request(outputs=["depth"]))["units"] == "relative"
 
 
+def test_a_batch_is_priced_with_its_gaussians(still_snapshot, tmp_path):
+    """Two one-photo `gaussians_ply` requests that each fit the pixel budget but not together
+    run as two forwards; without the Gaussians the same two share one."""
+    one = {"images": [photo(PHOTOS[0])], "max_points": 2000}
+    cost = estimate_cost(str(still_snapshot), RES, [(WIDTH, HEIGHT)], gaussian_points=2000)
+    budget = 2 * cost.pixels + cost.gaussian_pixels  # two maps, but one request's Gaussians
+    assert cost.gaussian_pixels > 0 and cost.host_pixels <= budget < 2 * cost.host_pixels
+    service = Service(settings_for(still_snapshot, tmp_path / "ws", warmup=False,
+                                   request_budget_pixels=budget))  # fmt: skip
+    network = service.model_cache.get(str(still_snapshot)).network
+    batches = []
+    hook = network.register_forward_pre_hook(lambda _, args: batches.append(len(args[0])))
+    try:
+        for outputs, expected in ((["gaussians_ply"], [1, 1]), (["depth"], [2])):
+            batches.clear()
+            items = [(gs_request(**one, outputs=outputs), None, None)] * 2
+            answers = service.handle_batch(items)
+            assert not [a for a in answers if isinstance(a, Exception)], answers
+            assert batches == expected
+    finally:
+        hook.remove()
+
+
 # ---- the selection on synthetic predictions ---------------------------------------------------
 
 

@@ -297,7 +297,7 @@ class Service:
         return (
             len(costs) <= self.settings.max_batch
             and sum(cost.tokens for cost in costs) <= self.budget.tokens
-            and sum(cost.pixels + cost.scene_pixels for cost in costs) <= self.budget.pixels
+            and sum(cost.host_pixels for cost in costs) <= self.budget.pixels
         )
 
     def authorize(self, payload: object, api_key: str | None = None) -> RunRequest:

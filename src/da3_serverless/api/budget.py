@@ -64,6 +64,12 @@ class RequestCost:
     scene_pixels: int = 0
     gaussian_pixels: int = 0
 
+    @property
+    def host_pixels(self) -> int:
+        """Everything the request holds on the host, in output pixels' worth: the maps and
+        the scene outputs' and the Gaussians' memory."""
+        return self.pixels + self.scene_pixels + self.gaussian_pixels
+
 
 @dataclass(frozen=True)
 class Budget:
@@ -94,8 +100,8 @@ class Budget:
                 f"size), over this server's budget of {self.pixels}: send smaller images "
                 "or fewer views"
             )
-        elif cost.pixels + cost.scene_pixels + cost.gaussian_pixels > self.pixels:
-            extra = cost.scene_pixels + cost.gaussian_pixels
+        elif cost.host_pixels > self.pixels:
+            extra = cost.host_pixels - cost.pixels
             problems.append(
                 f"the images hold {cost.pixels} pixels in all and their scene outputs need the "
                 f"memory of {extra} more, over this server's budget of {self.pixels}: lower "
