@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from batch_photos import RES, ROTATED, ROTATED_UPRIGHT_SIZE, write_batch_photos
+from da3_serverless.inference.cancel import Cancelled, CancelToken
 from da3_serverless.inference.prediction import Prediction
 from da3_serverless.inference.predictor import Predictor, PredictRequest
 from da3_serverless.inference.preprocess import load_rgb, processing_size
@@ -271,6 +272,48 @@ def test_a_batch_out_of_gpu_memory_runs_again_one_by_one(small, photos):
     for got, alone in zip(recovered, expected, strict=True):
         assert_same(got, alone, rtol=0)
     assert all(isinstance(error, torch.cuda.OutOfMemoryError) for error in failed)
+
+
+def test_one_samples_failure_after_the_forward_fails_only_that_sample(small, photos, monkeypatch):
+    """A sample whose post-processing fails (say, out of memory resizing its maps to a large
+    input) gets its own error; its batch-mates of the same forward get their answers."""
+    requests = [PredictRequest(photo, process_res=RES) for photo in photos[:3]]
+    expected = [small.predict(photo, process_res=RES) for photo in photos[:3]]
+    finish = Predictor._finish
+
+    def failing_second(self, prepared, output, sample):
+        if sample == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected by the test)")
+        return finish(self, prepared, output, sample)
+
+    monkeypatch.setattr(Predictor, "_finish", failing_second)
+    with forwards_of(small) as forwards:
+        got = small.predict_batch(requests, return_exceptions=True)
+    assert forwards == [3]
+    assert isinstance(got[1], torch.cuda.OutOfMemoryError) and got[1].__traceback__ is None
+    assert_same(got[0], expected[0])
+    assert_same(got[2], expected[2])
+
+
+def test_per_request_cancel_flags(small, photos):
+    """One token per request: a request cancelled before its forward never runs (its error is
+    `Cancelled` with its reason); the forward of the others runs, and stops at its next check
+    only once all of them are cancelled."""
+    requests = [PredictRequest(photo, process_res=RES) for photo in photos[:3]]
+    tokens = [CancelToken() for _ in requests]
+    tokens[1].cancel("cancelled while it waited")
+    with forwards_of(small) as forwards:
+        got = small.predict_batch(requests, return_exceptions=True, cancel=tokens)
+    assert forwards == [2]
+    assert isinstance(got[1], Cancelled) and "cancelled while it waited" in str(got[1])
+    assert isinstance(got[0], Prediction) and isinstance(got[2], Prediction)
+    for token in tokens:
+        token.cancel()
+    with forwards_of(small) as forwards:
+        got = small.predict_batch(requests, return_exceptions=True, cancel=tokens)
+    assert forwards == [] and all(isinstance(error, Cancelled) for error in got)
+    with pytest.raises(ValueError, match="2 tokens for 3 requests"):
+        small.predict_batch(requests, cancel=tokens[:2])
 
 
 # ---- with the 3D-Gaussian branch: a forward flag, and the nested model's per-sample scale ----

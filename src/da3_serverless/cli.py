@@ -96,6 +96,8 @@ def interruptible() -> Iterator[CancelToken]:
         raise KeyboardInterrupt(str(stopped)) from None
     finally:
         signal.signal(signal.SIGINT, previous)
+    if cancel.cancelled:  # Ctrl-C after the forward's last check: stop all the same
+        raise KeyboardInterrupt(cancel.reason)
 
 
 def _read_view(path: Path, index: int) -> DecodedImage:

@@ -99,8 +99,8 @@ async def stop_job(service: Service, job: dict, task: Job, work: asyncio.Future[
         result = await asyncio.shield(work)
     except asyncio.CancelledError:  # cancelled again (the worker is stopping): wait no longer
         return
-    if "error" not in result:
-        service.discard(result)
+    if "error" not in result:  # off the event loop: bucket deletes are network calls
+        await asyncio.to_thread(service.discard, result)
     log.info("job %s stopped %.2f s after its cancel", job.get("id"), time.monotonic() - started)
 
 

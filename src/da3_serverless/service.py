@@ -391,7 +391,7 @@ class Service:
             predictions = predictor.predict_batch(
                 [_predict_request(intakes[i].request, intakes[i].images) for i in ready],
                 return_exceptions=True,
-                cancel=CancelGroup([intakes[i].cancel for i in ready]),
+                cancel=[intakes[i].cancel for i in ready],
             )
             inference = time.perf_counter() - inference_started
         for index, prediction in zip(ready, predictions, strict=True):
@@ -414,8 +414,8 @@ class Service:
             self.model_cache.evict_all_except(predictor.model_id)
             return ServiceError(
                 "out_of_memory",
-                "the GPU ran out of memory for this batch of requests: lower process_res or "
-                "MAX_BATCH, or retry",
+                "the GPU ran out of memory for this request, even run alone: lower "
+                "process_res, send a smaller image, or retry",
             )
         return error
 

@@ -25,7 +25,7 @@ from da3_serverless.inference.cameras import (
     relative_to_first_view,
     umeyama_scale,
 )
-from da3_serverless.inference.cancel import CancelGroup, CancelToken
+from da3_serverless.inference.cancel import CancelGroup, Cancelled, CancelToken
 from da3_serverless.inference.catalog import ModelInfo, lookup_model
 from da3_serverless.inference.prediction import Gaussians, Prediction
 from da3_serverless.inference.preprocess import (
@@ -252,7 +252,7 @@ class Predictor:
         *,
         max_batch: int | None = None,
         return_exceptions: bool = False,
-        cancel: CancelToken | CancelGroup | None = None,
+        cancel: CancelToken | CancelGroup | Sequence[CancelToken | None] | None = None,
     ) -> list[Prediction | Exception]:
         """`predict` for several unrelated requests, one `Prediction` each, in order.
 
@@ -263,8 +263,9 @@ class Predictor:
         batch that runs out of GPU memory runs again one by one. With `return_exceptions`, a
         request's error (ValueError for bad arguments, or the error of the forward it was in)
         takes its place in the list; otherwise the first error is raised, bad arguments before
-        any forward runs. `cancel` stops the forwards at their next check (`Cancelled`, the
-        error of every request not yet finished): the token of the whole batch.
+        any forward runs. `cancel` is one token for the whole batch, or one per request: a
+        request cancelled before its forward starts never runs, and a forward stops at its next
+        check once all of its requests are cancelled (`Cancelled` is their error).
         """
         prepared: list[PreparedInput | Exception] = []
         for request in requests:
@@ -275,16 +276,45 @@ class Predictor:
                     raise
                 prepared.append(error)
         results: list[Prediction | Exception] = list(prepared)
-        check = cancel.check if cancel is not None else None
+        tokens = _per_request(cancel, len(requests))
         for group in _batch_groups(prepared, max_batch):
-            try:
-                predictions = self._predict_group([prepared[i] for i in group], check)
-            except Exception as error:
-                predictions = [error] * len(group)
-            for index, prediction in zip(group, predictions, strict=True):
+            for index, prediction in self._run_group(group, prepared, tokens).items():
                 if isinstance(prediction, Exception) and not return_exceptions:
                     raise prediction
                 results[index] = prediction
+        return results
+
+    def _run_group(
+        self,
+        group: list[int],
+        prepared: list[PreparedInput | Exception],
+        tokens: list[CancelToken | CancelGroup | None],
+    ) -> dict[int, Prediction | Exception]:
+        """One batch group's results by request index: `Cancelled` for the requests cancelled
+        before it starts (they never run), one forward for the others, which stops once all of
+        them are cancelled; the forward's error is each of its requests' error."""
+        results: dict[int, Prediction | Exception] = {}
+        live = []
+        for index in group:
+            token = tokens[index]
+            if token is not None and token.cancelled:
+                results[index] = Cancelled(getattr(token, "reason", "the job was cancelled"))
+            else:
+                live.append(index)
+        if not live:
+            return results
+        live_tokens = [tokens[index] for index in live]
+        if None in live_tokens:  # a request that cannot be cancelled keeps the forward going
+            check = None
+        elif len(set(map(id, live_tokens))) == 1:  # the batch's one token
+            check = live_tokens[0].check
+        else:
+            check = CancelGroup(live_tokens).check
+        try:
+            predictions = self._predict_group([prepared[index] for index in live], check)
+        except Exception as error:
+            predictions = [error] * len(live)
+        results.update(zip(live, predictions, strict=True))
         return results
 
     def _predict_group(
@@ -302,7 +332,7 @@ class Predictor:
                 raise
             output = None  # out of the except block: its traceback holds the batch's memory
         if output is not None:
-            return [self._finish(entry, output, sample) for sample, entry in enumerate(group)]
+            return [self._finish_sample(entry, output, i) for i, entry in enumerate(group)]
         torch.cuda.empty_cache()
         alone: list[Prediction | Exception] = []
         for entry in group:
@@ -311,6 +341,17 @@ class Predictor:
             except torch.cuda.OutOfMemoryError as error:
                 alone.append(error)
         return alone
+
+    def _finish_sample(
+        self, entry: PreparedInput, output: NetOutput, sample: int
+    ) -> Prediction | Exception:
+        """`_finish` of one sample of a batch, or its error in its place: one sample's failure
+        (say, out of memory resizing its maps to a large input) never fails its batch-mates. The
+        error leaves its traceback behind, whose frames hold the batch's tensors."""
+        try:
+            return self._finish(entry, output, sample)
+        except Exception as error:
+            return error.with_traceback(None)
 
     def _prepare_request(self, request: PredictRequest) -> PreparedInput:
         """`_check_arguments` and `_prepare` of one `PredictRequest`, as `predict` does."""
@@ -490,6 +531,17 @@ def batch_key(prepared: PreparedInput) -> tuple | None:
     if prepared.batch.shape[1] != 1 or prepared.net_extrinsics is not None:
         return None
     return (tuple(prepared.batch.shape[2:]), prepared.use_ray_pose, prepared.gaussians)
+
+
+def _per_request(
+    cancel: CancelToken | CancelGroup | Sequence[CancelToken | None] | None, count: int
+) -> list[CancelToken | CancelGroup | None]:
+    """`predict_batch`'s `cancel` as one token (or None) per request."""
+    if cancel is None or isinstance(cancel, CancelToken | CancelGroup):
+        return [cancel] * count
+    if len(cancel) != count:
+        raise ValueError(f"cancel has {len(cancel)} tokens for {count} requests")
+    return list(cancel)
 
 
 def _batch_groups(

@@ -114,8 +114,8 @@ async def wait_for_job(
         job.request_cancel("the client disconnected")
         await asyncio.shield(job.task)
         state.jobs.forget(job.id)
-        if job.output is not None:
-            state.service.discard(job.output)
+        if job.output is not None:  # off the event loop: bucket deletes are network calls
+            await anyio.to_thread.run_sync(state.service.discard, job.output)
         raise ServiceError("cancelled", "the client disconnected before the answer was ready")
     return job.task.done()
 
