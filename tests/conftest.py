@@ -10,9 +10,22 @@ from pathlib import Path
 
 import pytest
 
+from da3_serverless.config import Settings
+
 SMALL_REPO = "depth-anything/DA3-SMALL"
 TEST_API_KEY = "test-key-0123456789"
 FAKE_REVISION = "0" * 40
+
+
+def offline_settings(hf_cache: Path | None, workspace: Path, **overrides) -> Settings:
+    """A test service's settings: the random da3-small from `hf_cache` (or `model_id` among
+    the overrides), offline, on the CPU, the test key, files under `workspace`, no RunPod
+    volume."""
+    values = dict(
+        model_id=SMALL_REPO, hf_home=hf_cache, hf_hub_offline=True, workspace=workspace,
+        api_key=TEST_API_KEY, device="cpu", runpod_volume=workspace / "no-volume",
+    )  # fmt: skip
+    return Settings(**{**values, **overrides})
 
 
 def place_in_hf_cache(snapshot: Path, cache_dir: Path, repo_id: str) -> Path:

@@ -134,3 +134,20 @@ def reference_module(name: str):
 def reference_forward(wrapper: nn.Module, images: torch.Tensor, **kwargs) -> dict:
     """The reference network's own forward in fp32 (not the wrapper's autocast)."""
     return wrapper.model(images, **kwargs)
+
+
+def assert_close(ours: torch.Tensor, ref: torch.Tensor) -> None:
+    """The parity rule: equal to 1e-4 relative; entries near zero get an absolute floor of
+    1e-5 x max |ref|."""
+    assert ours.shape == ref.shape
+    scale = ref.abs().max().item()
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5 * max(scale, 1.0))
+
+
+def randomized(module: nn.Module, seed: int) -> nn.Module:
+    """Perturb every parameter with seeded noise so norms, biases and scales are not trivial."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    return module.eval()

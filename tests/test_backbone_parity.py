@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from da3_serverless.model.vit import DinoV2, reference_first_order, take_views
-from reference import reference_module
+from reference import assert_close, reference_module
 
 SMALL_ANYVIEW = dict(name="vits", out_layers=[5, 7, 9, 11], alt_start=4, qknorm_start=4,
                      rope_start=4, cat_token=True)  # fmt: skip
@@ -28,11 +28,6 @@ def build_pair(config: dict, seed: int = 0) -> tuple[torch.nn.Module, torch.nn.M
     ours = DinoV2(**config).eval()
     ours.load_state_dict(ref.state_dict(), strict=True)
     return ours, ref
-
-
-def assert_close(ours: torch.Tensor, ref: torch.Tensor) -> None:
-    assert ours.shape == ref.shape
-    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5 * max(ref.abs().max().item(), 1))
 
 
 @pytest.mark.parametrize(

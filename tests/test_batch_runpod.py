@@ -13,7 +13,7 @@ import pytest
 from runpod.serverless.modules import rp_job, rp_scale
 
 from batch_photos import assert_same_answer, base64_photos, payload
-from conftest import SMALL_REPO, TEST_API_KEY
+from conftest import TEST_API_KEY, offline_settings
 from da3_serverless.config import Settings
 from da3_serverless.runpod_worker import jobs_at_once, worker_config
 from da3_serverless.service import Service
@@ -22,10 +22,9 @@ from da3_serverless.service import Service
 @pytest.fixture(scope="module")
 def service(hf_cache, tmp_path_factory) -> Service:
     workspace = tmp_path_factory.mktemp("workspace")
-    settings = Settings(
-        model_id=SMALL_REPO, hf_home=hf_cache, hf_hub_offline=True, workspace=workspace,
-        api_key=TEST_API_KEY, device="cpu", runpod_volume=workspace / "no-volume",
-        warmup=False, max_batch=8, batch_wait_ms=500, request_budget_tokens=16 * 1296,
+    settings = offline_settings(
+        hf_cache, workspace, warmup=False, max_batch=8, batch_wait_ms=500,
+        request_budget_tokens=16 * 1296,
     )  # fmt: skip
     service = Service(settings)
     service.start()

@@ -15,9 +15,8 @@ import httpx
 import pytest
 
 from batch_photos import assert_same_answer, base64_photos, payload
-from conftest import SMALL_REPO, TEST_API_KEY
+from conftest import SMALL_REPO, TEST_API_KEY, offline_settings
 from da3_serverless.api.errors import ServiceError
-from da3_serverless.config import Settings
 from da3_serverless.inference.cancel import Cancelled, CancelToken
 from da3_serverless.server.batching import Batcher, BatchItem
 from da3_serverless.server.queue import Job, Scheduler
@@ -97,10 +96,7 @@ def poll(url: str, job_id: str, timeout_s: float = 300) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def service(hf_cache, tmp_path_factory) -> Service:
     workspace = tmp_path_factory.mktemp("workspace")
-    settings = Settings(
-        model_id=SMALL_REPO, hf_home=hf_cache, hf_hub_offline=True, workspace=workspace,
-        api_key=TEST_API_KEY, device="cpu", runpod_volume=workspace / "no-volume", warmup=False,
-    )  # fmt: skip
+    settings = offline_settings(hf_cache, workspace, warmup=False)
     service = Service(settings)
     service.start()
     return service
@@ -188,11 +184,7 @@ def test_a_request_cancelled_while_gathered_leaves_its_batch(service, photos):
 def test_the_request_budget_applies_per_batch(hf_cache, tmp_path, photos):
     """Two 126 x 70 photos (45 tokens each) fit the budget together, three do not: a batch of
     three runs as two forwards, and each request is still answered."""
-    settings = Settings(
-        model_id=SMALL_REPO, hf_home=hf_cache, hf_hub_offline=True, workspace=tmp_path,
-        api_key=TEST_API_KEY, device="cpu", runpod_volume=tmp_path / "no-volume",
-        warmup=False, request_budget_tokens=2 * 45,
-    )  # fmt: skip
+    settings = offline_settings(hf_cache, tmp_path, warmup=False, request_budget_tokens=2 * 45)
     service = Service(settings)
     service.start()
     predictor = service.model_cache.get(SMALL_REPO)

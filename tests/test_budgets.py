@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import SMALL_REPO, TEST_API_KEY, place_in_hf_cache
+from conftest import SMALL_REPO, TEST_API_KEY, offline_settings, place_in_hf_cache
 from contract_cases import png_header_only
 from da3_serverless.api.budget import (
     CPU_BUDGET_PIXELS,
@@ -56,14 +56,6 @@ PHOTO_SIZE = (1208, 680)
 HUGE_HEADER = base64.b64encode(png_header_only(4000, 4000)).decode()
 # 144 x 144 = 20736 network tokens at process_res 2016: over the CPU default of 8192.
 OVERSIZED = {"image_base64": HUGE_HEADER, "process_res": 2016, "model_id": "da3-base"}
-
-
-def service_settings(hf_cache: Path, workspace: Path, **overrides) -> Settings:
-    values = dict(
-        model_id=SMALL_REPO, hf_home=hf_cache, hf_hub_offline=True, workspace=workspace,
-        api_key=TEST_API_KEY, device="cpu", runpod_volume=workspace / "no-volume",
-    )  # fmt: skip
-    return Settings(**{**values, **overrides})
 
 
 def refused(fn, *args, **kwargs) -> ServiceError:
@@ -119,7 +111,7 @@ def test_default_budgets_per_device():
 
 
 def test_oversized_requests_are_refused_before_decoding_or_loading(hf_cache, tmp_path):
-    service = Service(service_settings(hf_cache, tmp_path))
+    service = Service(offline_settings(hf_cache, tmp_path))
     assert service.budget == Budget(CPU_BUDGET_TOKENS, CPU_BUDGET_PIXELS, "default for cpu")
     payload = {"api_key": TEST_API_KEY, **OVERSIZED}
     start = time.perf_counter()
@@ -139,7 +131,7 @@ def test_oversized_requests_are_refused_before_decoding_or_loading(hf_cache, tmp
 
 
 def test_the_pixel_budget_counts_every_view(hf_cache, tmp_path):
-    service = Service(service_settings(hf_cache, tmp_path, request_budget_pixels=1_000_000))
+    service = Service(offline_settings(hf_cache, tmp_path, request_budget_pixels=1_000_000))
     assert service.budget.tokens == CPU_BUDGET_TOKENS and service.budget.pixels == 1_000_000
     photo = base64.b64encode(PHOTO.read_bytes()).decode()
     payload = {"api_key": TEST_API_KEY, "images": [{"base64": photo}] * 2, "process_res": 140}
@@ -160,7 +152,7 @@ def largest_admitted_process_res(size: tuple[int, int], budget: int) -> int:
 
 @pytest.mark.slow
 def test_the_largest_request_the_cpu_budget_admits_succeeds(hf_cache, tmp_path):
-    service = Service(service_settings(hf_cache, tmp_path))
+    service = Service(offline_settings(hf_cache, tmp_path))
     res = largest_admitted_process_res(PHOTO_SIZE, service.budget.tokens)
     assert estimate_cost(SMALL_REPO, res + 1, [PHOTO_SIZE]).tokens > service.budget.tokens
     photo = base64.b64encode(PHOTO.read_bytes()).decode()
@@ -321,7 +313,7 @@ def test_concurrent_requests_for_two_models_share_a_budget_for_one(
     one = model_bytes(Predictor.from_pretrained(small_snapshot, device="cpu"))
     assert estimated_bytes(BASE_REPO) > one  # the base's estimate alone passes the budget
     cache = ModelCache(checked_load, budget_bytes=int(one * 1.5))
-    settings = service_settings(two_model_cache, tmp_path)
+    settings = offline_settings(two_model_cache, tmp_path)
     holder["service"] = service = Service(settings, model_cache=cache)
     photo = base64.b64encode(PHOTO.read_bytes()).decode()
     answers: list[str] = []

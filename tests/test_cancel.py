@@ -18,9 +18,8 @@ import torch
 from runpod.serverless.modules.rp_job import run_job
 from runpod.serverless.modules.rp_scale import JobScaler
 
-from conftest import SMALL_REPO
+from conftest import SMALL_REPO, offline_settings
 from da3_serverless.api.errors import ServiceError
-from da3_serverless.config import Settings
 from da3_serverless.inference.cancel import Cancelled, CancelToken
 from da3_serverless.model import layers
 from da3_serverless.model.presets import build_network
@@ -102,11 +101,9 @@ def test_the_network_stops_inside_the_block_it_was_cancelled_in(network):
 @pytest.fixture(scope="module")
 def service(hf_cache, tmp_path_factory) -> Service:
     workspace = tmp_path_factory.mktemp("workspace")
-    settings = Settings(
-        model_id=SMALL_REPO, hf_home=hf_cache, hf_hub_offline=True, workspace=workspace,
-        device="cpu", allow_unauthenticated=True, warmup=False,
-        runpod_volume=workspace / "no-volume",
-    )  # fmt: skip
+    settings = offline_settings(
+        hf_cache, workspace, api_key=None, allow_unauthenticated=True, warmup=False
+    )
     service = Service(settings)
     service.start()
     return service

@@ -20,11 +20,10 @@ import pytest
 import trimesh
 from PIL import Image
 
-from conftest import SMALL_REPO, TEST_API_KEY
+from conftest import SMALL_REPO, TEST_API_KEY, offline_settings
 from da3_serverless.api.encoding import decode_depth_png16
 from da3_serverless.cli import interruptible
 from da3_serverless.client import parse_response
-from da3_serverless.config import Settings
 from da3_serverless.service import Service
 from paths import IMAGES
 
@@ -91,11 +90,7 @@ def test_predict_out_writes_the_files_the_service_returns(
     local = {path.name: path.read_bytes() for path in out.iterdir()}
     assert not [name for name in local if name.startswith(".")]  # no partial file left
 
-    service = Service(Settings(
-        model_id=SMALL_REPO, hf_home=hf_cache, hf_hub_offline=True, workspace=tmp_path / "ws",
-        api_key=TEST_API_KEY, device="cpu", runpod_volume=tmp_path / "no-volume",
-        max_response_bytes=10**9,
-    ))  # fmt: skip
+    service = Service(offline_settings(hf_cache, tmp_path / "ws", max_response_bytes=10**9))
     images = [{"base64": base64.b64encode(path.read_bytes()).decode()} for path in views]
     response = service.handle({"api_key": TEST_API_KEY, "images": images, **SCENE_RUN})
     written = parse_response(response).save_all(tmp_path / "client", "scene")

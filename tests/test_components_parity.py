@@ -50,6 +50,7 @@ from da3_serverless.model.camera import (
 from da3_serverless.model.dpt import DPT, DualDPT
 from da3_serverless.model.rays import camera_from_rays, pose_from_rays
 from da3_serverless.model.rng import RNG_SEED, seeded_generator
+from reference import assert_close, randomized
 
 # (dim_in, features, out_channels) of the heads in the reference configs.
 DUALDPT_PRESETS = {
@@ -60,22 +61,6 @@ DUALDPT_PRESETS = {
 # Camera encoder width (dim_out) and decoder input width (dim_in) of the any-view presets.
 CAMERA_PRESETS = {"da3-small": (384, 768), "da3-large": (1024, 2048)}
 DPT_PRESETS = {"da3mono-large": (1024, 256, [256, 512, 1024, 1024])}  # same for da3metric-large
-
-
-def assert_close(ours: torch.Tensor, ref: torch.Tensor) -> None:
-    """Equal to 1e-4 relative; entries near zero get an absolute floor of 1e-5 x max |ref|."""
-    assert ours.shape == ref.shape
-    scale = ref.abs().max().item()
-    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5 * max(scale, 1.0))
-
-
-def randomized(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Perturb every parameter with seeded noise so norms, biases and scales are not trivial."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=gen))
-    return module.eval()
 
 
 def copy_into(ours: torch.nn.Module, ref: torch.nn.Module) -> torch.nn.Module:

@@ -24,7 +24,7 @@ import plyfile
 import pytest
 from safetensors.torch import load_file, save_file
 
-from conftest import FAKE_REVISION, SMALL_REPO, TEST_API_KEY, place_in_hf_cache
+from conftest import FAKE_REVISION, SMALL_REPO, TEST_API_KEY, offline_settings, place_in_hf_cache
 from da3_serverless.api.budget import HOST_BYTES_PER_PIXEL, estimate_cost
 from da3_serverless.api.errors import ServiceError
 from da3_serverless.api.outputs import encode_scene, unavailable_outputs
@@ -71,11 +71,7 @@ def still_snapshot(tmp_path_factory) -> Path:
 
 
 def settings_for(model: str | Path, workspace: Path, **overrides) -> Settings:
-    values = dict(
-        model_id=str(model), hf_hub_offline=True, workspace=workspace, api_key=TEST_API_KEY,
-        device="cpu", runpod_volume=workspace / "no-volume",
-    )  # fmt: skip
-    return Settings(**{**values, **overrides})
+    return offline_settings(None, workspace, model_id=str(model), **overrides)
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from da3_serverless.model import spherical_harmonics
 from da3_serverless.model.camera import quaternion_to_rotation
 from da3_serverless.model.gaussian_head import GaussianHead
 from da3_serverless.model.gaussians import GaussianAdapter
-from reference import reference_module
+from reference import assert_close, randomized, reference_module
 
 # Imports the trajectory package `evo` (absent): through the placeholders of reference.py.
 RefGaussianAdapter = reference_module("depth_anything_3.model.gs_adapter").GaussianAdapter
@@ -27,22 +27,6 @@ RefGaussianAdapter = reference_module("depth_anything_3.model.gs_adapter").Gauss
 # The depth head's pyramid of da3-small, which the Gaussian head mirrors.
 DIM_IN, FEATURES, OUT_CHANNELS = 768, 64, [48, 96, 192, 384]
 ADAPTER = dict(sh_degree=2, pred_color=False, pred_offset_depth=True, pred_offset_xy=True)
-
-
-def assert_close(ours: torch.Tensor, ref: torch.Tensor) -> None:
-    """Equal to 1e-4 relative; entries near zero get an absolute floor of 1e-5 x max |ref|."""
-    assert ours.shape == ref.shape
-    scale = ref.abs().max().item()
-    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5 * max(scale, 1.0))
-
-
-def randomized(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Perturb every parameter with seeded noise so biases and scales are not trivial."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=gen))
-    return module.eval()
 
 
 def random_cameras(views: int, size: tuple[int, int], seed: int):

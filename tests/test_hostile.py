@@ -36,7 +36,7 @@ from hypothesis.extra import numpy as hnp
 from PIL import Image
 
 import hostile_cases as hc
-from conftest import SMALL_REPO, TEST_API_KEY
+from conftest import SMALL_REPO, TEST_API_KEY, offline_settings
 from da3_serverless.api import download, encoding
 from da3_serverless.api.cameras import (
     FOCAL_RANGE,
@@ -509,11 +509,9 @@ def bucket_service(hf_cache, s3_endpoint, tmp_path_factory) -> Iterator[tuple[Se
                       aws_secret_access_key="secret", region_name="us-east-1")  # fmt: skip
     s3.create_bucket(Bucket="outputs")
     workspace = tmp_path_factory.mktemp("workspace")
-    service = Service(Settings(
-        model_id=SMALL_REPO, hf_home=hf_cache, hf_hub_offline=True, workspace=workspace,
-        api_key=TEST_API_KEY, device="cpu", runpod_volume=workspace / "no-volume", warmup=False,
-        bucket_endpoint_url=f"{s3_endpoint}/outputs", bucket_access_key_id="testing",
-        bucket_secret_access_key="secret",
+    service = Service(offline_settings(
+        hf_cache, workspace, warmup=False, bucket_endpoint_url=f"{s3_endpoint}/outputs",
+        bucket_access_key_id="testing", bucket_secret_access_key="secret",
     ))  # fmt: skip
     service.start()
     yield service, s3

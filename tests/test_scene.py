@@ -21,11 +21,10 @@ import pytest
 import trimesh
 from PIL import Image
 
-from conftest import SMALL_REPO, TEST_API_KEY
+from conftest import SMALL_REPO, TEST_API_KEY, offline_settings
 from da3_serverless.api.errors import ServiceError
 from da3_serverless.api.outputs import unavailable_outputs
 from da3_serverless.api.schema import SCENE_OUTPUTS, RunResponse, parse_request
-from da3_serverless.config import Settings
 from da3_serverless.exports.colmap import colmap_zip, rotation_to_quaternion
 from da3_serverless.exports.exr import depth_exr
 from da3_serverless.exports.glb import scene_glb
@@ -437,17 +436,9 @@ def photo(path: Path) -> dict[str, str]:
     return {"base64": base64.b64encode(path.read_bytes()).decode()}
 
 
-def settings_for(hf_cache, workspace, **overrides) -> Settings:
-    values = dict(
-        model_id=SMALL_REPO, hf_home=hf_cache, hf_hub_offline=True, workspace=workspace,
-        api_key=TEST_API_KEY, device="cpu", runpod_volume=workspace / "no-volume",
-    )  # fmt: skip
-    return Settings(**{**values, **overrides})
-
-
 @pytest.fixture(scope="module")
 def service(hf_cache, tmp_path_factory) -> Service:
-    return Service(settings_for(hf_cache, tmp_path_factory.mktemp("workspace")))
+    return Service(offline_settings(hf_cache, tmp_path_factory.mktemp("workspace")))
 
 
 def scene_request(**fields) -> dict:
@@ -537,7 +528,7 @@ def test_colmap_text_on_request(service, tmp_path):
 
 
 def test_big_scene_files_are_stored_and_the_warning_names_the_bucket(hf_cache, tmp_path):
-    service = Service(settings_for(hf_cache, tmp_path / "ws", max_response_bytes=3_000_000))
+    service = Service(offline_settings(hf_cache, tmp_path / "ws", max_response_bytes=3_000_000))
     body = service.handle(scene_request(outputs=list(SCENE_OUTPUTS), max_points=200_000))
     assert "base64" not in body["colmap"] and body["image_base64"]
     with zipfile.ZipFile(body["colmap"]["path"]) as archive:
@@ -559,7 +550,7 @@ def test_scene_options_change_what_is_kept(service):
 
 
 def test_the_server_refuses_more_points_than_it_allows(hf_cache, tmp_path):
-    service = Service(settings_for(hf_cache, tmp_path / "ws", max_points=1000))
+    service = Service(offline_settings(hf_cache, tmp_path / "ws", max_points=1000))
     with pytest.raises(ServiceError, match="max_points 20000 is above this server's limit"):
         service.handle(scene_request())
 
@@ -652,7 +643,9 @@ def test_the_request_budget_counts_the_scene(hf_cache, tmp_path):
     scene = estimate_cost(SMALL_REPO, RES, sizes, scene_points=20_000)
     assert plain.scene_pixels == 0 and scene.pixels == plain.pixels
     assert scene.scene_pixels * HOST_BYTES_PER_PIXEL >= scene_bytes(plain.pixels, 20_000)
-    service = Service(settings_for(hf_cache, tmp_path / "ws", request_budget_pixels=plain.pixels))
+    service = Service(
+        offline_settings(hf_cache, tmp_path / "ws", request_budget_pixels=plain.pixels)
+    )
     with pytest.raises(ServiceError) as error:
         service.handle(scene_request())
     assert error.value.code == "request_too_large" and "lower max_points" in error.value.message

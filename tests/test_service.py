@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from conftest import SMALL_REPO, TEST_API_KEY
+from conftest import SMALL_REPO, TEST_API_KEY, offline_settings
 from da3_serverless.api.errors import ServiceError
 from da3_serverless.api.schema import OUTPUT_NAMES, RunRequest, RunResponse
 from da3_serverless.config import Settings
@@ -27,17 +27,9 @@ RES = 140
 PHOTO = base64.b64encode((IMAGES / "soh-000.png").read_bytes()).decode()
 
 
-def make_settings(hf_cache, workspace, **overrides) -> Settings:
-    values = dict(
-        model_id=SMALL_REPO, hf_home=hf_cache, hf_hub_offline=True, workspace=workspace,
-        api_key=TEST_API_KEY, device="cpu", runpod_volume=workspace / "no-volume",
-    )  # fmt: skip
-    return Settings(**{**values, **overrides})
-
-
 @pytest.fixture(scope="module")
 def service(hf_cache, tmp_path_factory) -> Service:
-    service = Service(make_settings(hf_cache, tmp_path_factory.mktemp("workspace")))
+    service = Service(offline_settings(hf_cache, tmp_path_factory.mktemp("workspace")))
     service.start()
     return service
 
@@ -117,7 +109,7 @@ def test_unknown_and_unavailable_models(service):
 
 
 def test_large_responses_go_to_the_volume(hf_cache, tmp_path):
-    service = Service(make_settings(hf_cache, tmp_path, max_response_bytes=1000))
+    service = Service(offline_settings(hf_cache, tmp_path, max_response_bytes=1000))
     body = service.handle(request(outputs=["depth", "preview"]))
     assert body["image_base64"] is None and body["preview"].get("base64") is None
     assert Image.open(body["preview"]["path"]).mode == "RGB"
@@ -146,7 +138,7 @@ def test_unwritable_output_folder_is_reported_not_fatal(hf_cache, tmp_path):
     workspace = tmp_path / "ws"
     workspace.mkdir()
     (workspace / "output_images").write_text("a file where the folder should be")
-    service = Service(make_settings(hf_cache, workspace))
+    service = Service(offline_settings(hf_cache, workspace))
     body = service.handle(request())
     assert body["image_base64"] and body["file_path"] is None
     assert any("could not save depth" in warning for warning in body["warnings"])
@@ -253,7 +245,7 @@ def test_a_corrupt_snapshot_is_model_unavailable(hf_cache, tmp_path, small_snaps
     (broken / "model.safetensors").write_bytes(
         (small_snapshot / "model.safetensors").read_bytes()[:100_000]  # truncated download
     )
-    service = Service(make_settings(hf_cache, tmp_path / "ws", model_id=str(broken)))
+    service = Service(offline_settings(hf_cache, tmp_path / "ws", model_id=str(broken)))
     with pytest.raises(ServiceError) as error:
         service.handle(request())
     assert (error.value.code, error.value.status) == ("model_unavailable", 503)
@@ -276,7 +268,7 @@ def test_the_depth_map_is_never_lost(hf_cache, tmp_path):
     workspace = tmp_path / "ws"
     workspace.mkdir()
     (workspace / "output_images").write_text("a file where the folder should be")
-    service = Service(make_settings(hf_cache, workspace))
+    service = Service(offline_settings(hf_cache, workspace))
     body = service.handle(request(return_base64=False))
     assert body["image_base64"] and body["file_path"] is None
     assert "the depth map could not be stored, so it is inline" in body["warnings"]
