@@ -228,19 +228,22 @@ class PyramidHeadBase(nn.Module):
         patch_start_idx: int,
         chunk_size: int | None,
         check: Callable[[], None] | None = None,
+        per_view: Sequence[torch.Tensor] = (),
         **kwargs: bool,
     ) -> dict[str, torch.Tensor]:
         """Flatten the views of `feats` and run `frames` on at most `chunk_size` of them at once.
 
-        feats: 4 entries whose first item is (B, S, T, dim_in) tokens; `frames(tokens, (H, W),
-        **kwargs)` maps 4 x (n, T', dim_in) patch tokens to a dict of (n, ...) tensors. Returns the
-        same dict with leading (B, S). `check` (raises to stop) is called before every chunk; on
-        CPU, where a view at process_res 1008 takes a second or two, chunks are then
-        `CPU_CHECKED_CHUNK` views.
+        feats: 4 entries whose first item is (B, S, T, dim_in) tokens; `frames(tokens,
+        *per_view, (H, W), **kwargs)` maps 4 x (n, T', dim_in) patch tokens (and the same n
+        views of each (B, S, ...) tensor of `per_view`, such as the input images) to a dict of
+        (n, ...) tensors. Returns the same dict with leading (B, S). `check` (raises to stop)
+        is called before every chunk; on CPU, where a view at process_res 1008 takes a second
+        or two, chunks are then `CPU_CHECKED_CHUNK` views.
         """
         B, S = feats[0][0].shape[:2]
         dtype = self.projects[0].weight.dtype  # backbone tokens may come in bf16
         tokens = [f[0].flatten(0, 1)[:, patch_start_idx:].to(dtype) for f in feats]
+        extras = [v.flatten(0, 1).to(dtype) for v in per_view]
         n = B * S
         step = n if chunk_size is None else max(1, min(chunk_size, n))
         if check is not None and tokens[0].device.type == "cpu":
@@ -249,5 +252,6 @@ class PyramidHeadBase(nn.Module):
         for i in range(0, n, step):
             if check is not None:
                 stop_point(check)
-            parts.append(frames([t[i : i + step] for t in tokens], (H, W), **kwargs))
+            chunk = [t[i : i + step] for t in tokens]
+            parts.append(frames(chunk, *[v[i : i + step] for v in extras], (H, W), **kwargs))
         return {k: torch.cat([p[k] for p in parts]).unflatten(0, (B, S)) for k in parts[0]}

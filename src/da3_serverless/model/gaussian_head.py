@@ -70,17 +70,7 @@ class GaussianHead(PyramidHeadBase):
     ) -> dict[str, torch.Tensor]:
         """feats: 4 entries whose first item is (B, S, T, dim_in) tokens; images: the network's
         normalised input (B, S, 3, H, W); `chunk_size` views are decoded at once."""
-        B, S = feats[0][0].shape[:2]
-        dtype = self.projects[0].weight.dtype  # backbone tokens may come in bf16
-        tokens = [f[0].flatten(0, 1)[:, patch_start_idx:].to(dtype) for f in feats]
-        pixels = images.flatten(0, 1).to(dtype)
-        n = B * S
-        step = n if chunk_size is None else max(1, min(chunk_size, n))
-        parts = [
-            self._frames([t[i : i + step] for t in tokens], pixels[i : i + step], (H, W))
-            for i in range(0, n, step)
-        ]
-        return {k: torch.cat([p[k] for p in parts]).unflatten(0, (B, S)) for k in parts[0]}
+        return self._run(self._frames, feats, H, W, patch_start_idx, chunk_size, per_view=[images])
 
     def _frames(
         self, tokens: Sequence[torch.Tensor], images: torch.Tensor, image_hw: tuple[int, int]
