@@ -42,7 +42,7 @@ from PIL import Image, ImageOps
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # the reference oracle helper lives with the tests
 
-from da3_serverless.inference.predictor import Predictor  # noqa: E402
+from da3_serverless.inference.predictor import Predictor, PredictRequest  # noqa: E402
 from da3_serverless.model.alignment import SKY_THRESHOLD  # noqa: E402
 from da3_serverless.model.checkpoint import write_random_checkpoint  # noqa: E402
 from reference import load_reference  # noqa: E402
@@ -221,30 +221,11 @@ def load(plan: Plan, folder: Path, preset: str, dtype: torch.dtype, rows: Rows) 
 
 
 def batched(predictor: Predictor, photos: list[Image.Image], process_res: int) -> list:
-    """The photos as one forward through the network's batch dimension, via the predictor's
-    stages: check and prepare each photo, stack, one forward, assemble each entry."""
-    if hasattr(predictor, "predict_batch"):  # the batching API, where this tree has it
-        from da3_serverless.inference import predictor as module
-
-        requests = [
-            module.PredictRequest(photo, process_res=process_res, focal_length_px=FOCAL_PX)
-            for photo in photos
-        ]
-        return predictor.predict_batch(requests, max_batch=len(photos))
-    with torch.inference_mode():
-        prepared = [
-            predictor._prepare(
-                predictor._check_arguments(photo, process_res, False, None, None, None),
-                process_res,
-                FOCAL_PX,
-                True,
-                False,
-            )
-            for photo in photos
-        ]
-        stacked = dataclasses.replace(prepared[0], batch=torch.cat([p.batch for p in prepared]))
-        output = predictor._forward(stacked)
-        return [predictor._finish(p, output, sample=i) for i, p in enumerate(prepared)]
+    """The photos as one forward through the network's batch dimension (`predict_batch`)."""
+    requests = [
+        PredictRequest(photo, process_res=process_res, focal_length_px=FOCAL_PX) for photo in photos
+    ]
+    return predictor.predict_batch(requests, max_batch=len(photos))
 
 
 def forward_input(predictor: Predictor, views: list[Image.Image], process_res: int):
@@ -295,7 +276,6 @@ def measure_batching(
         return
     photos = unrelated_photos(plan.batch)
     shape = f"{plan.batch} photos @ {plan.process_res}"
-    how = "Predictor.predict_batch" if hasattr(predictor, "predict_batch") else "predictor stages"
     on = measured(lambda: batched(predictor, photos, plan.process_res), plan, post_load)
     rows.add(
         preset,
@@ -304,7 +284,7 @@ def measure_batching(
         photos=plan.batch,
         **on,
         photos_per_s=round(plan.batch / on["seconds"], 2),
-        note=f"one forward, batch dimension {plan.batch}, via {how}",
+        note=f"one forward, batch dimension {plan.batch}, via Predictor.predict_batch",
     )
 
     def one_by_one():
