@@ -228,18 +228,11 @@ class Service:
         response["timings_ms"] = timer.timings_ms
         return response
 
-    def discard(self, response: dict) -> None:
+    def discard(self, response: Response) -> None:
         """Remove what a response saved, for a result nobody will receive (its job was
         cancelled past its last check): its volume files and bucket objects, as the service
-        recorded them; for a plain dict (a response read back), the volume files it names
-        (`file_path`, the extras' `path`)."""
-        if isinstance(response, Response):
-            self.store.discard(response.saved)
-            return
-        views = [response, *(response.get("views") or [])]  # some outputs are top-level only
-        paths = {view.get("file_path") for view in views}
-        paths |= {v.get("path") for view in views for v in view.values() if isinstance(v, dict)}
-        self.store.discard(path for path in paths if path)
+        recorded them while saving."""
+        self.store.discard(response.saved)
 
     # ---- several requests, forwards shared ----------------------------------------------
 

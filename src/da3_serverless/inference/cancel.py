@@ -57,14 +57,21 @@ class CancelGroup:
     """The cancel flag of work that several jobs share (one batch's forward): it stops once
     every one of the jobs is cancelled. A job cancelled alone stops at its own next check."""
 
-    def __init__(self, tokens: list[CancelToken]) -> None:
+    def __init__(self, tokens: list[CancelToken | CancelGroup]) -> None:
         self.tokens = tokens
 
     @property
     def cancelled(self) -> bool:
         return all(token.cancelled for token in self.tokens)
 
+    @property
+    def reason(self) -> str:
+        """The jobs' reason when they share one (a group of one job is that job), else a
+        generic one."""
+        reasons = {token.reason for token in self.tokens}
+        return reasons.pop() if len(reasons) == 1 else "every job of the batch was cancelled"
+
     def check(self) -> None:
         """Raise `Cancelled` once every job of the group is cancelled."""
         if self.tokens and self.cancelled:
-            raise Cancelled("every job of the batch was cancelled")
+            raise Cancelled(self.reason)

@@ -298,18 +298,14 @@ class Predictor:
         for index in group:
             token = tokens[index]
             if token is not None and token.cancelled:
-                results[index] = Cancelled(getattr(token, "reason", "the job was cancelled"))
+                results[index] = Cancelled(token.reason)
             else:
                 live.append(index)
         if not live:
             return results
         live_tokens = [tokens[index] for index in live]
-        if None in live_tokens:  # a request that cannot be cancelled keeps the forward going
-            check = None
-        elif len(set(map(id, live_tokens))) == 1:  # the batch's one token
-            check = live_tokens[0].check
-        else:
-            check = CancelGroup(live_tokens).check
+        # A request that cannot be cancelled keeps the forward going.
+        check = None if None in live_tokens else CancelGroup(live_tokens).check
         try:
             predictions = self._predict_group([prepared[index] for index in live], check)
         except Exception as error:
