@@ -1,5 +1,6 @@
 """Scene outputs (scene_ply, scene_glb, colmap) and the float maps (confidence_npy, depth_exr,
-depth_mm_png), read back by the programs their users use: pycolmap, trimesh, plyfile, OpenEXR.
+depth_mm_png), read back by the programs their users use: pycolmap, trimesh, plyfile, OpenEXR,
+OpenCV.
 
 First on synthetic predictions whose geometry is known, then through the real request path
 (`Service.handle` with a random-weight da3-small on the test photos, for predicted and for
@@ -10,6 +11,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import zipfile
 from pathlib import Path
 
@@ -386,15 +388,28 @@ def test_rotation_to_quaternion_agrees_with_colmap():
         np.testing.assert_allclose(quaternion, theirs, atol=1e-9)
 
 
+def opencv_exr(data: bytes) -> np.ndarray:
+    """An EXR as OpenCV decodes it (its EXR codec is off unless OPENCV_IO_ENABLE_OPENEXR=1, which
+    OpenCV reads when the module loads)."""
+    os.environ["OPENCV_IO_ENABLE_OPENEXR"] = "1"
+    import cv2
+
+    return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+
+
 def test_depth_exr_reads_back_bit_exactly():
     depth = np.random.default_rng(0).random((37, 53)).astype(np.float32) * 100
     depth[0, 0], depth[1, 1], depth[2, 2], depth[3, 3] = np.nan, np.inf, -2.5, 1e-30
     with OpenEXR.File(io.BytesIO(depth_exr(depth)), separate_channels=True) as exr:
         channels = exr.channels()
-        assert list(channels) == ["Z"] and channels["Z"].type() == OpenEXR.FLOAT
-        pixels = channels["Z"].pixels
+        assert list(channels) == ["Y"] and channels["Y"].type() == OpenEXR.FLOAT
+        pixels = channels["Y"].pixels
     assert pixels.dtype == np.float32 and pixels.shape == depth.shape
     np.testing.assert_array_equal(pixels.view(np.uint32), depth.view(np.uint32))
+    # OpenCV (and Blender) read a lone "Y" channel as the grey image; a lone "Z" read as zeros.
+    seen = opencv_exr(depth_exr(depth))
+    assert seen.dtype == np.float32 and seen.shape == depth.shape
+    np.testing.assert_array_equal(seen.view(np.uint32), depth.view(np.uint32))
 
 
 def test_depth_mm_png_is_millimetres_with_zero_invalid():
@@ -464,11 +479,8 @@ def check_scene_response(body: dict, tmp_path: Path) -> dict[str, np.ndarray]:
         assert all(name not in view for view in views), f"{name} is top level only"
     depth = [np.load(io.BytesIO(decoded(view["depth_npy"]))) for view in views]
     for view, exact in zip(views, depth, strict=True):
-        with OpenEXR.File(io.BytesIO(decoded(view["depth_exr"])), separate_channels=True) as exr:
-            assert (
-                exr.channels()["Z"].pixels.view(np.uint32).tolist()
-                == exact.view(np.uint32).tolist()
-            )
+        seen = opencv_exr(decoded(view["depth_exr"]))
+        assert seen.view(np.uint32).tolist() == exact.view(np.uint32).tolist()
     intrinsics = [view["intrinsics"] for view in views]
     extrinsics = [view["extrinsics"] for view in views]
     sizes = [(view["width"], view["height"]) for view in views]

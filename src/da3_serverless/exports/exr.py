@@ -1,4 +1,4 @@
-"""A depth map as OpenEXR: one FLOAT channel "Z" (exact float32, NaN and inf kept), ZIP
+"""A depth map as OpenEXR: one FLOAT channel "Y" (exact float32, NaN and inf kept), ZIP
 compressed (lossless), written by the OpenEXR library."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ def depth_exr(depth: np.ndarray) -> bytes:
     if depth.ndim != 2:
         raise ValueError(f"depth must be (H, W), got shape {depth.shape}")
     header = {"compression": OpenEXR.ZIP_COMPRESSION, "type": OpenEXR.scanlineimage}
-    channels = {"Z": np.ascontiguousarray(depth, dtype=np.float32)}
+    channels = {"Y": np.ascontiguousarray(depth, dtype=np.float32)}
     out = BytesIO()
     with OpenEXR.File(header, channels) as exr:
         exr.write(out)
