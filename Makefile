@@ -26,6 +26,7 @@ LINT_PATHS := src tests bench scripts
 lint: install
 	$(BIN)/ruff check $(LINT_PATHS)
 	$(BIN)/ruff format --check $(LINT_PATHS)
+	$(BIN)/deptry src
 
 format: install
 	$(BIN)/ruff format $(LINT_PATHS)

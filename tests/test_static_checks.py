@@ -77,6 +77,24 @@ def test_linters_reject_known_bad_files(tmp_path: Path) -> None:
     assert "no-such-input" in result.stdout
 
 
+def test_every_module_src_imports_is_declared() -> None:
+    """deptry (also in `make lint`): src/ imports no third-party module that pyproject.toml
+    leaves undeclared, and declares nothing it does not use but what [tool.deptry] explains."""
+    result = lint("deptry", "src")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_deptry_rejects_an_undeclared_import(tmp_path: Path) -> None:
+    (tmp_path / "pyproject.toml").write_text(
+        '[project]\nname = "bad"\nversion = "0"\ndependencies = ["numpy"]\n'
+    )
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "__init__.py").write_text("import numpy\nimport scipy\n")
+    result = lint("deptry", "bad", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "DEP003" in result.stdout + result.stderr  # scipy: only a transitive dependency
+
+
 # --- what the Dockerfile promises ---------------------------------------------------------------
 
 
