@@ -8,62 +8,72 @@ TORCH_SPEC ?= torch==2.13.0
 REFERENCE_SPEC ?= depth-anything-3==0.1.1
 PYTEST_ARGS ?=
 
-.PHONY: install browser test test-fast lint format serve bench lock clean
+.PHONY: help install browser test test-fast lint format serve worker bench lock clean
+
+# The first target: `make` alone lists the commands (each target's `## ` comment).
+help:
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## /  make \1\t/' | expand -t 20
 
 $(BIN)/.installed: pyproject.toml requirements-test.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
 	$(BIN)/pip install --quiet -e ".[test]"
-	$(BIN)/pip install --quiet --no-deps "$(REFERENCE_SPEC)"
 	$(BIN)/pip install --quiet -r requirements-test.txt
+	@# Last, and without its dependencies (pip then checks nobody's requirements against it,
+	@# so a correct install prints no resolver error).
+	$(BIN)/pip install --quiet --no-deps "$(REFERENCE_SPEC)"
 	touch $@
 
-install: $(BIN)/.installed
+install: $(BIN)/.installed  ## the venv in .venv: torch, this package (editable), test tools
 
 LINT_PATHS := src tests bench scripts
 
-lint: install
+lint: install  ## ruff check and format check
 	$(BIN)/ruff check $(LINT_PATHS)
 	$(BIN)/ruff format --check $(LINT_PATHS)
 	$(BIN)/deptry src
 
-format: install
+format: install  ## ruff format and fix
 	$(BIN)/ruff format $(LINT_PATHS)
 	$(BIN)/ruff check --fix $(LINT_PATHS)
 
-test: install browser lint
+test: install browser lint  ## lint and the whole test suite
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 # The playground test drives Debian's chromium (never Playwright's own download) and the
 # README's examples use curl. CI runs as root and installs them; elsewhere, install them
 # yourself or those tests skip (under CI=true they fail).
-browser:
+browser:  ## chromium and curl for the browser and README tests (as root)
 	@command -v chromium >/dev/null 2>&1 && command -v curl >/dev/null 2>&1 || \
 	  { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium curl >/dev/null; } || \
 	  echo "warning: chromium/curl missing and not root: the browser and curl tests will skip"
 
-# Skips the slow tests (giant presets, browser, load test) for a quick local loop.
-test-fast: install
+# The quick local loop: skips the slow tests (servers, giant presets, browser, load test).
+test-fast: install  ## the quick loop: no servers, no large checkpoints
 	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
 
-# RunPod's local test API on 127.0.0.1:$(PORT) with MODEL_ID (default: the nested metric
-# model, downloaded into ./workspace/cache on first start). Without DA3_API_KEY it serves
-# loopback unauthenticated, for trying it out.
+# The self-hosted server (playground at /, API docs at /docs, also RunPod's {"input": ...} form
+# and /v2 paths) on 127.0.0.1:$(PORT) with MODEL_ID (default: the nested metric model,
+# downloaded into ./workspace/cache on first start). Without DA3_API_KEY it serves loopback
+# unauthenticated, for trying it out. `make worker`: RunPod's local test API instead.
 PORT ?= 8000
-serve: export WORKSPACE ?= $(CURDIR)/workspace
-serve: install
-	DA3_ALLOW_UNAUTHENTICATED=$${DA3_ALLOW_UNAUTHENTICATED:-$$([ -n "$$DA3_API_KEY" ] && echo 0 || echo 1)} \
-	$(BIN)/python -m da3_serverless.runpod_worker --rp_serve_api --rp_api_host 127.0.0.1 --rp_api_port $(PORT)
+LOCAL_AUTH = DA3_ALLOW_UNAUTHENTICATED=$${DA3_ALLOW_UNAUTHENTICATED:-$$([ -n "$$DA3_API_KEY" ] && echo 0 || echo 1)}
+serve worker: export WORKSPACE ?= $(CURDIR)/workspace
+serve: install  ## the server with its playground on http://127.0.0.1:8000 (PORT, MODEL_ID)
+	$(LOCAL_AUTH) $(BIN)/da3-serverless serve --host 127.0.0.1 --port $(PORT)
 
-bench: install
+worker: install  ## RunPod's local test API around the worker on 127.0.0.1:8000
+	$(LOCAL_AUTH) $(BIN)/python -m da3_serverless.runpod_worker --rp_serve_api --rp_api_host 127.0.0.1 --rp_api_port $(PORT)
+
+bench: install  ## the CPU forward benchmark
 	$(BIN)/python bench/cpu_forward.py
 
 # Re-lock the container's dependencies (requirements/pylock.docker.toml) after changing them.
-lock: install
+lock: install  ## re-lock the container's dependencies
 	$(BIN)/pip install --quiet uv
 	UV=$(BIN)/uv scripts/lock.sh
 
-clean:
+clean:  ## remove the venv and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from PIL import Image
@@ -91,6 +92,7 @@ def code_of(key: tuple[str, str], url: str | None = None) -> str:
     """The example's code for the random DA3-SMALL; with `url`, that server instead of `make
     serve`'s default address."""
     code = example(*key).code.replace(DEFAULT_MODEL_ID, SMALL_REPO)
+    code = code.replace(".venv/bin/", f"{Path(sys.executable).parent}/")  # the venv's programs
     return code.replace("http://127.0.0.1:8000", url) if url else code
 
 
@@ -241,7 +243,7 @@ def test_runpod_examples(service_env, tmp_path, monkeypatch):
 @contextlib.contextmanager
 def make_serve(env: dict[str, str], log_path: Path) -> Iterator[str]:
     """`make serve` on a free port, the venv taken as installed (`-o install`: this
-    interpreter's venv, no pip run); yields the URL once RunPod's API answers."""
+    interpreter's venv, no pip run); yields the URL once /ready says the model is loaded."""
     port = free_port()
     venv = Path(sys.executable).parent.parent
     command = ["make", "-o", "install", "serve", f"PORT={port}", f"VENV={venv}"]
@@ -250,23 +252,30 @@ def make_serve(env: dict[str, str], log_path: Path) -> Iterator[str]:
                                    stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(url, process, log_path, path="/")
+        wait_ready(url, process, log_path)
         yield url
     finally:
-        os.killpg(process.pid, signal.SIGTERM)  # make and the worker it started
+        os.killpg(process.pid, signal.SIGTERM)  # make and the server it started
         process.wait(60)
 
 
 @pytest.mark.slow
 def test_quick_start(service_env, tmp_path, monkeypatch):
-    """`make serve` without DA3_API_KEY serves unauthenticated; the quick start's curl works
-    and its answer decodes as the README says."""
+    """`make serve` without DA3_API_KEY serves the playground at / and, unauthenticated on
+    loopback, the quick start's curl (the plain form) and RunPod's {"input": ...} form at
+    /runsync; the answer decodes as the README says."""
     require("curl", "make")
     work = make_workdir(tmp_path)
     env = example_env({k: v for k, v in service_env.items() if k != "DA3_API_KEY"})
     with make_serve(env, tmp_path / "make-serve.log") as url:
+        page = httpx.get(f"{url}/", timeout=30)
+        assert page.status_code == 200 and "<title>" in page.text and "app.js" in page.text
         run_bash(QUICK_START, work, env, url)
-    assert json.loads((work / "response.json").read_text())["status"] == "COMPLETED"
+        photo = base64.b64encode((work / "photo.jpg").read_bytes()).decode()
+        job = httpx.post(f"{url}/runsync", json={"input": {"image_base64": photo}}, timeout=300)
+    assert job.status_code == 200 and job.json()["status"] == "COMPLETED"
+    check_response(job.json()["output"])
+    check_response(json.loads((work / "response.json").read_text()))
     check_decode_example(work, env, monkeypatch)
 
 
