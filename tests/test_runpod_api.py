@@ -136,6 +136,34 @@ def test_sdk_errors(gated, sdk):
     service.gate.set()
 
 
+def test_runpods_body_limits(gated, sdk):
+    """RunPod takes at most 10 MB on /run and 20 MB on /runsync: so do the /v2 paths (the
+    server's own /runsync takes MAX_BODY_BYTES), and our client refuses before sending."""
+    service, url = gated
+    endpoint = sdk(url)
+    photo = "A" * 12_000_000  # base64 text of a ~9 MB photo: over /run's limit, within /runsync's
+    with pytest.raises(requests.HTTPError) as refused:
+        endpoint.run({"input": {"image_base64": photo}})
+    assert refused.value.response.status_code == 413
+    body = refused.value.response.json()
+    assert body["status"] == "FAILED" and body["id"]
+    error = json.loads(body["error"])
+    assert error["code"] == "image_too_large" and "MAX_RUN_BODY_BYTES" in error["message"]
+    fits = httpx.post(v2(url, "runsync"), json={"input": {**req("big"), "api_key": KEY,
+                      "image_base64": photo}}, headers=bearer(), timeout=60)  # fmt: skip
+    assert fits.status_code == 200 and fits.json()["status"] == "FAILED"  # not for its size
+    assert "exactly one of" in json.loads(fits.json()["error"])["message"]  # url and base64
+    over = httpx.post(v2(url, "runsync"), json={"input": {"image_base64": "A" * 21_000_000}},
+                      headers=bearer(), timeout=60)  # fmt: skip
+    assert over.status_code == 413 and "MAX_RUNSYNC_BODY_BYTES" in over.json()["error"]
+    assert service.seen_keys == []
+    client = Client(f"{url}/v2/{ENDPOINT_ID}", api_key=KEY)
+    with client, pytest.raises(DA3Error) as caught:
+        client.depth(b"\x89PNG" + bytes(16_000_000))
+    assert (caught.value.code, caught.value.status) == ("request_too_large", 413)
+    assert "image_url" in caught.value.message and "20 MB on /runsync" in caught.value.message
+
+
 def test_http_semantics(gated):
     _, url = gated
     failed = httpx.post(v2(url, "runsync"), json={"input": failing("invalid_input")},

@@ -49,6 +49,8 @@ SCENE_FILES = {
 # Worth retrying: the server is busy or out of memory for now (a missing model is not).
 TRANSIENT_CODES = ("overloaded", "out_of_memory")
 PENDING = ("IN_QUEUE", "IN_PROGRESS")
+# The largest bodies RunPod takes (bytes): 10 MB on /run, 20 MB on /runsync.
+RUN_MAX_BODY_BYTES, RUNSYNC_MAX_BODY_BYTES = 10_000_000, 20_000_000
 
 
 class DA3Error(Exception):
@@ -221,6 +223,8 @@ def image_fields(image: ImageInput) -> dict[str, str]:
 class Client:
     """A synchronous client. `api_key` is this service's key (sent in the body, the one place
     every deployment passes on); `runpod_api_key` authenticates to RunPod itself (Bearer).
+    `max_body_bytes`: bodies over it are refused before they are sent (RunPod's /runsync
+    takes at most 20 MB; a self-hosted server's MAX_BODY_BYTES may be higher).
     `transport` replaces httpx's network transport (tests, proxies)."""
 
     def __init__(
@@ -232,8 +236,10 @@ class Client:
         max_retries: int = 4,
         poll_interval: float = 1.0,
         transport: httpx.BaseTransport | None = None,
+        max_body_bytes: int = RUNSYNC_MAX_BODY_BYTES,
     ):
         self.endpoint = endpoint.rstrip("/")
+        self.max_body_bytes = max_body_bytes
         self.api_key = api_key
         self.timeout = timeout
         self.max_retries = max_retries
@@ -302,7 +308,9 @@ class Client:
         if self.api_key is not None and "api_key" not in payload:
             payload = {**payload, "api_key": self.api_key}
         deadline = time.monotonic() + self.timeout
-        job = _job(self._send("POST", "runsync", json={"input": payload}))
+        body = json.dumps({"input": payload}).encode()
+        check_body_size(body, self.max_body_bytes, "runsync")
+        job = _job(self._send("POST", "runsync", content=body, headers=JSON_HEADERS))
         while job.get("status") in PENDING:
             if time.monotonic() > deadline:
                 raise DA3Error(
@@ -335,6 +343,22 @@ class Client:
                 return response
             time.sleep(_backoff(response, attempt))
         raise AssertionError("unreachable")
+
+
+JSON_HEADERS = {"Content-Type": "application/json"}
+
+
+def check_body_size(body: bytes, limit: int, path: str) -> None:
+    """Refuse (DA3Error `request_too_large`, 413) a body RunPod would refuse, before sending it."""
+    if len(body) > limit:
+        raise DA3Error(
+            "request_too_large",
+            413,
+            f"the request is {len(body)} bytes, over the {limit} bytes /{path} takes (RunPod: "
+            f"{RUN_MAX_BODY_BYTES // 1_000_000} MB on /run, {RUNSYNC_MAX_BODY_BYTES // 1_000_000}"
+            " MB on /runsync): pass large images by image_url (or images[].url) instead of "
+            "base64, or send fewer views per request",
+        )
 
 
 def _job(response: httpx.Response) -> dict[str, Any]:

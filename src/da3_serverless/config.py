@@ -107,6 +107,13 @@ class Settings(BaseSettings):
 
     # Self-hosted server
     max_body_bytes: int = Field(default=100_000_000, ge=1, validation_alias=_env("MAX_BODY_BYTES"))
+    # RunPod's /v2 paths take what RunPod itself takes: 10 MB on /run, 20 MB on /runsync.
+    max_run_body_bytes: int = Field(
+        default=10_000_000, ge=1, validation_alias=_env("MAX_RUN_BODY_BYTES")
+    )
+    max_runsync_body_bytes: int = Field(
+        default=20_000_000, ge=1, validation_alias=_env("MAX_RUNSYNC_BODY_BYTES")
+    )
     max_queue: int = Field(default=16, ge=1, validation_alias=_env("MAX_QUEUE"))
     model_concurrency: int = Field(default=1, ge=1, validation_alias=_env("MODEL_CONCURRENCY"))
     # Batching (self-hosted and RunPod): single-photo requests gathered into one forward.

@@ -26,14 +26,18 @@ def max_json_structure(max_views: int) -> int:
 
 
 async def read_json(
-    request: Request, limit: int, timeout_s: float = 60.0, max_structure: int = 2304
+    request: Request,
+    limit: int,
+    timeout_s: float = 60.0,
+    max_structure: int = 2304,
+    limit_name: str = "MAX_BODY_BYTES",
 ) -> object:
     """The body parsed as JSON; refused past `limit` bytes before it is all read, when it does
     not arrive within `timeout_s`, or (before parsing) when it holds more than `max_structure`
     structural bytes or nests deeper than `MAX_JSON_DEPTH`: parsing then costs about the same
-    for every body that gets that far."""
+    for every body that gets that far. `limit_name` is the setting the message names."""
     too_large = ServiceError(
-        "image_too_large", f"request body over {limit} bytes (MAX_BODY_BYTES); send a smaller "
+        "image_too_large", f"request body over {limit} bytes ({limit_name}); send a smaller "
         "image or pass it by image_url",
     )  # fmt: skip
     length = request.headers.get("content-length")

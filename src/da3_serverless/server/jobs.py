@@ -56,15 +56,18 @@ async def admit(request: Request, state: AppState) -> Admitted:
     return admitted
 
 
-async def read_request(request: Request, state: AppState) -> Admitted:
-    """The body read and unwrapped, and the key from the headers; not checked yet."""
+async def read_request(
+    request: Request, state: AppState, limit: tuple[int, str] | None = None
+) -> Admitted:
+    """The body read and unwrapped, and the key from the headers; not checked yet. `limit`:
+    the most bytes the body may have and the setting's name (default MAX_BODY_BYTES)."""
     if state.draining:
         raise ServiceError("model_unavailable", "the server is shutting down; retry elsewhere")
     settings = state.settings
+    most, name = limit or (settings.max_body_bytes, "MAX_BODY_BYTES")
     body = await read_json(
-        request, settings.max_body_bytes, settings.body_timeout_s,
-        max_json_structure(settings.max_views),
-    )  # fmt: skip
+        request, most, settings.body_timeout_s, max_json_structure(settings.max_views), name
+    )
     request.state.envelope = envelope = in_runpod_form(body)
     payload = unwrap(body)
     path = getattr(request.scope.get("route"), "path", "?")

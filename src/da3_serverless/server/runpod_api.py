@@ -51,9 +51,16 @@ DEFAULT_WAIT_MS, MIN_WAIT_MS, MAX_WAIT_MS = 90_000, 1_000, 300_000
 
 async def submit(request: Request, state: AppState, keep: bool = True) -> Job:
     """The request as a job: queued, or already FAILED when our checks refuse the input.
-    HTTP errors: not RunPod's form (400), the key (401), a full queue (429), shutting down."""
+    HTTP errors: not RunPod's form (400), the key (401), a body over RunPod's limit (413: 10 MB
+    on /run, 20 MB on /runsync), a full queue (429), shutting down."""
     request.state.envelope = True  # errors in RunPod's form
-    admitted = await read_request(request, state)
+    settings = state.settings
+    limit = (
+        (settings.max_run_body_bytes, "MAX_RUN_BODY_BYTES, as RunPod's /run")
+        if keep
+        else (settings.max_runsync_body_bytes, "MAX_RUNSYNC_BODY_BYTES, as RunPod's /runsync")
+    )
+    admitted = await read_request(request, state, limit)
     request.state.envelope = True
     if not admitted.envelope or not isinstance(admitted.payload, dict):
         raise ServiceError(
