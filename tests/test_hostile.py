@@ -348,6 +348,9 @@ def test_focal_length_rules() -> None:
     check_focal_length(500.0, [SIZE, (4096, 4096)])
     assert "not finite" in refused("invalid_input", check_focal_length, 1e39, [SIZE])
     assert "view 1" in refused("invalid_input", check_focal_length, 4000.0, [(2000, 10), SIZE])
+    check_focal_length([500.0, 3000.0], [SIZE, (4096, 4096)])  # one per view, each its own
+    message = refused("invalid_input", check_focal_length, [500.0, 3100.0], [(4096, 4096), SIZE])
+    assert message.startswith("focal_length_px[1] 3100") and "view 1 (151x85)" in message
 
 
 def rotation(rng: np.random.Generator) -> np.ndarray:

@@ -65,6 +65,26 @@ def test_single_intrinsics_matrix_is_wrapped() -> None:
     assert r.extrinsics == [E34]
 
 
+def test_one_camera_for_every_view() -> None:
+    """One 3x3 (bare or in a list of one) and one focal length stand for every view; a list of
+    focal lengths gives one per view."""
+    views = [{"url": f"https://example.com/{i}.jpg"} for i in range(4)]
+    for given in (K, [K]):
+        r = parse_request({"images": views, "intrinsics": given, "focal_length_px": [812]})
+        assert r.intrinsics == [K] * 4 and r.focal_length_px == 812.0
+    r = parse_request({"images": views, "focal_length_px": [800, 810.5, 820, 830]})
+    assert r.focal_length_px == [800.0, 810.5, 820.0, 830.0]
+    assert "intrinsics has 2 matrices but the request has 4 view(s)" in invalid(
+        {"images": views, "intrinsics": [K, K]}
+    )
+    assert "focal_length_px has 3 numbers but the request has 4 view(s)" in invalid(
+        {"images": views, "focal_length_px": [800, 810, 820]}
+    )
+    assert "at most 2 numbers" in invalid(
+        {"images": views[:2], "focal_length_px": [800] * 3}, Settings(max_views=2)
+    )
+
+
 @pytest.mark.parametrize(
     "payload",
     [
@@ -103,9 +123,14 @@ def test_image_ref_needs_exactly_one_of_url_or_base64() -> None:
         ("process_res", 504.5, "process_res must be a whole number"),
         ("process_res", True, "process_res must be a whole number"),
         ("process_res", 13, "process_res: input should be greater than or equal to 14"),
-        ("focal_length_px", "800", "focal_length_px must be a number"),
-        ("focal_length_px", 0, "focal_length_px: input should be greater than 0"),
-        ("focal_length_px", float("inf"), "focal_length_px must be a finite number"),
+        ("focal_length_px", "800", "focal_length_px: must be a number"),
+        ("focal_length_px", True, "focal_length_px: must be a number"),
+        ("focal_length_px", 0, "focal_length_px: must be a finite number greater than 0"),
+        ("focal_length_px", float("inf"), "focal_length_px: must be a finite number"),
+        ("focal_length_px", [800, -1], "focal_length_px: must be a finite number greater than 0"),
+        ("focal_length_px", [800, "9"], "focal_length_px: must be a number"),
+        ("focal_length_px", [], "focal_length_px: is an empty list"),
+        ("focal_length_px", [800, 900], "focal_length_px has 2 numbers but the request has 1"),
         ("outputs", ["depth", "dpeth"], "outputs[1] must be one of depth, preview"),
         ("outputs", [], "outputs"),
         ("outputs", "depth", "outputs must be a list"),

@@ -90,6 +90,20 @@ def test_several_views_answer_per_view(service):
     assert body["views"][0]["file_path"] != body["views"][1]["file_path"]
 
 
+def test_one_intrinsics_matrix_serves_every_view(service):
+    """One 3x3 stands for every view's camera; focal lengths may differ per view and are each
+    checked against their own view."""
+    k = [[1000.0, 0.0, 604.0], [0.0, 1000.0, 340.0], [0.0, 0.0, 1.0]]
+    views = [{"base64": PHOTO}] * 3
+    base = {"api_key": TEST_API_KEY, "images": views, "process_res": RES, "intrinsics": k}
+    body = service.handle({**base, "focal_length_px": [900.0, 1000, 1100.5]})
+    assert [view["intrinsics"] for view in body["views"]] == [k] * 3
+    with pytest.raises(ServiceError) as error:
+        service.handle({**base, "focal_length_px": [900.0, 1000, 1e6]})
+    assert error.value.code == "invalid_input"
+    assert error.value.message.startswith("focal_length_px[2] 1e+06 is outside")
+
+
 def test_explicit_metric_request_with_a_relative_model_is_refused(service):
     with pytest.raises(ServiceError) as error:
         service.handle(request(output_metric=True))

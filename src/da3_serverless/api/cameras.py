@@ -57,15 +57,18 @@ def _focal_bounds(width: int, height: int) -> tuple[float, float]:
     return FOCAL_RANGE[0] * side, FOCAL_RANGE[1] * side
 
 
-def check_focal_length(focal: float, sizes: Sequence[tuple[int, int]]) -> None:
-    """`focal_length_px` must be finite as float32 and within `FOCAL_RANGE` x the longest side
-    of every view."""
-    _finite32(np.array([focal]), "focal_length_px")
-    for index, (width, height) in enumerate(sizes):
+def check_focal_length(focal: float | Sequence[float], sizes: Sequence[tuple[int, int]]) -> None:
+    """`focal_length_px` (one number for every view, or one per view) must be finite as float32
+    and within `FOCAL_RANGE` x the longest side of each view."""
+    per_view = not isinstance(focal, int | float)
+    focals = list(focal) if per_view else [focal] * len(sizes)
+    for index, (value, (width, height)) in enumerate(zip(focals, sizes, strict=True)):
+        where = f"focal_length_px[{index}]" if per_view else "focal_length_px"
+        _finite32(np.array([value]), where)
         low, high = _focal_bounds(width, height)
-        if not low <= focal <= high:
+        if not low <= value <= high:
             raise _refuse(
-                f"focal_length_px {focal:.6g} is outside [{FOCAL_RANGE[0]:g}, {FOCAL_RANGE[1]:g}] "
+                f"{where} {value:.6g} is outside [{FOCAL_RANGE[0]:g}, {FOCAL_RANGE[1]:g}] "
                 f"x the longest side = [{low:.6g}, {high:.6g}] px of view {index} ({width}x"
                 f"{height}): give the focal length in pixels of the image as sent"
             )

@@ -10,6 +10,7 @@ HTTP server's OpenAPI document.
 from __future__ import annotations
 
 import difflib
+import math
 from typing import Any, Literal
 
 from pydantic import (
@@ -97,8 +98,9 @@ class RunRequest(BaseModel):
     output_metric: bool = True
     use_ray_pose: bool = False
     process_res: int = Field(default=504, ge=MIN_PROCESS_RES)
-    focal_length_px: FiniteFloat | None = Field(default=None, gt=0)
-    # One 3x3 per view (a single 3x3 is accepted for one view); pixel units.
+    # One number for every view, or a list with one per view; pixels of the input image.
+    focal_length_px: FiniteFloat | list[FiniteFloat] | None = None
+    # One 3x3 per view, or one 3x3 (bare or in a list) for every view; pixel units.
     intrinsics: list[Matrix] | None = None
     # One world-to-camera 3x4 (or 4x4 with last row 0 0 0 1) per view; stored as 3x4.
     extrinsics: list[Matrix] | None = None
@@ -110,6 +112,21 @@ class RunRequest(BaseModel):
     keep_sky: bool = False
     remove_edges: bool = True
     colmap_text: bool = False
+
+    @field_validator("focal_length_px", mode="before")
+    @classmethod
+    def _check_focal_lengths(cls, value: object) -> object:
+        if value is None:
+            return None
+        values = value if isinstance(value, list) else [value]
+        if not values:
+            _refuse_focal("is an empty list: give one number, or one per view")
+        for focal in values:
+            if isinstance(focal, bool) or not isinstance(focal, int | float):
+                _refuse_focal("must be a number, or a list with one number per view")
+            if not (math.isfinite(focal) and focal > 0):
+                _refuse_focal("must be a finite number greater than 0")
+        return value
 
     @field_validator("intrinsics", "extrinsics", mode="before")
     @classmethod
@@ -161,18 +178,39 @@ class RunRequest(BaseModel):
                 f"(got {'none' if not any(given) else sum(given)})"
             )
         n = self.view_count
+        if isinstance(self.focal_length_px, list):
+            self.focal_length_px = _one_or_per_view(self.focal_length_px, n)
+        if self.intrinsics is not None and len(self.intrinsics) == 1:
+            self.intrinsics = self.intrinsics * n  # one camera for every view
         for name in ("intrinsics", "extrinsics"):
             matrices = getattr(self, name)
             if matrices is not None and len(matrices) != n:
                 raise ValueError(
                     f"{name} has {len(matrices)} matrices but the request has {n} view(s): "
                     "give one per image, in the order of the images"
+                    + (", or one intrinsics matrix for every view" if name == "intrinsics" else "")
                 )
         return self
 
     @property
     def view_count(self) -> int:
         return len(self.images) if self.images is not None else 1
+
+
+def _refuse_focal(rule: str) -> None:
+    raise ValueError(f"{rule} (the focal length in pixels of the input image)")
+
+
+def _one_or_per_view(focals: list[float], views: int) -> float | list[float]:
+    """`focal_length_px` as a list: one entry stands for every view, else one per view."""
+    if len(focals) == 1:
+        return focals[0]
+    if len(focals) != views:
+        raise ValueError(
+            f"focal_length_px has {len(focals)} numbers but the request has {views} view(s): "
+            "give one number for every view, or one per image in the order of the images"
+        )
+    return focals
 
 
 def check_limits(request: RunRequest, settings: Settings) -> None:
@@ -306,6 +344,11 @@ def check_sizes(payload: dict, settings: Settings | None = None) -> None:
         problems.append(
             f"outputs has {len(outputs)} entries but there are {len(OUTPUT_NAMES)} outputs "
             f"({', '.join(OUTPUT_NAMES)}): name each at most once"
+        )
+    if _oversized(payload.get("focal_length_px"), (limits.max_views,)):
+        problems.append(
+            f"focal_length_px must be one number, or a list of one per view (at most "
+            f"{limits.max_views} numbers)"
         )
     outer = max(limits.max_views, MAX_MATRIX_SIDE)
     for name in ("intrinsics", "extrinsics"):
