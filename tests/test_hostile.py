@@ -590,11 +590,13 @@ class NonFiniteService:
     def model_table(self) -> list[dict]:
         return []
 
-    def handle(self, payload: object, api_key: str | None = None, cancel: object = None) -> dict:
+    def handle(
+        self, payload: object, api_key: str | None = None, cancel: object = None, job: object = None
+    ) -> dict:
         return {"schema_version": "1", "width": 2, "height": 1, "min_depth": float("nan")}
 
     def handle_batch(self, items: list[tuple[object, str | None, object]]) -> list[dict]:
-        return [self.handle(payload, api_key, cancel) for payload, api_key, cancel in items]
+        return [self.handle(payload, api_key, cancel) for payload, api_key, cancel, *_ in items]
 
 
 def test_the_server_never_answers_what_json_cannot_carry() -> None:

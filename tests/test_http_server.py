@@ -34,6 +34,7 @@ from contract_cases import (
     serve_directory,
 )
 from da3_serverless.api.errors import ServiceError
+from da3_serverless.api.job import JobInfo
 from da3_serverless.config import Settings
 from da3_serverless.inference.cancel import CancelToken
 from da3_serverless.server import create_app
@@ -76,7 +77,11 @@ class GatedService:
         return [{"model_id": "depth-anything/DA3-SMALL", "license": "Apache-2.0"}]
 
     def handle(
-        self, payload: Any, api_key: str | None = None, cancel: CancelToken | None = None
+        self,
+        payload: Any,
+        api_key: str | None = None,
+        cancel: CancelToken | None = None,
+        job: JobInfo | None = None,
     ) -> dict[str, Any]:
         self.seen_keys.append(api_key)
         self.entered.release()
@@ -95,7 +100,7 @@ class GatedService:
     def handle_batch(self, items: list[tuple[Any, str | None, CancelToken | None]]) -> list[Any]:
         """A batch as the real service answers it: each request's response or error."""
         results: list[Any] = []
-        for payload, api_key, cancel in items:
+        for payload, api_key, cancel, *_ in items:
             try:
                 results.append(self.handle(payload, api_key, cancel))
             except ServiceError as error:

@@ -195,7 +195,7 @@ def test_region_from_endpoint() -> None:
 def test_upload_without_bucket(store: OutputStore) -> None:
     assert not store.has_bucket
     with pytest.raises(StorageError, match="BUCKET_ENDPOINT_URL"):
-        store.upload(b"x", ".png", "image/png")
+        store.upload(b"x", "depth.png", "image/png")
 
 
 @pytest.fixture(scope="module")
@@ -229,9 +229,10 @@ def test_upload_to_s3(s3_endpoint: str, tmp_path: Path) -> None:
     ).create_bucket(Bucket="da3-outputs")
     store = OutputStore(bucket_settings(s3_endpoint, tmp_path, "da3-outputs"))
     assert store.has_bucket
-    url = store.upload(b"\x89PNG depth", ".png", "image/png")
-    assert url.startswith(f"{s3_endpoint}/da3-outputs/") and "X-Amz-Signature=" in url
-    assert time.strftime("%Y-%m-%d", time.gmtime()) in url and ".png?" in url
+    url = store.upload(b"\x89PNG depth", "depth.png", "image/png", job_id="job-42")
+    day = time.strftime("%Y-%m-%d", time.gmtime())
+    assert url.startswith(f"{s3_endpoint}/da3-outputs/{day}/job-42/depth.png?")
+    assert "X-Amz-Signature=" in url
     response = httpx.get(url)  # the presigned URL works without credentials
     assert response.status_code == 200
     assert response.content == b"\x89PNG depth"
@@ -243,7 +244,7 @@ def test_upload_failure_is_a_storage_error_without_secrets(
 ) -> None:
     store = OutputStore(bucket_settings(s3_endpoint, tmp_path, "no-such-bucket", "SEKRIT-123"))
     with pytest.raises(StorageError) as info:
-        store.upload(b"x", ".png", "image/png")
+        store.upload(b"x", "depth.png", "image/png")
     assert "no-such-bucket" in str(info.value) and "SEKRIT" not in str(info.value)
 
 
@@ -257,4 +258,42 @@ def test_upload_to_unreachable_endpoint(tmp_path: Path) -> None:
     with pytest.raises(
         StorageError, match=r"could not upload an output to bucket 'b' at 127\.0\.0\.1"
     ):
-        store.upload(b"x", ".png", "image/png")
+        store.upload(b"x", "depth.png", "image/png")
+
+
+def test_upload_to_a_jobs_own_bucket_and_discard(s3_endpoint: str, tmp_path: Path) -> None:
+    """A job's own bucket (RunPod's s3Config) takes its outputs under `<day>/<job id>/`, with
+    no bucket configured; discarding removes them from that bucket."""
+    import boto3
+
+    from da3_serverless.api.job import bucket_from_s3_config
+
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint, aws_access_key_id="job-key",
+                      aws_secret_access_key="job-secret", region_name="us-east-1")  # fmt: skip
+    s3.create_bucket(Bucket="job-bucket")
+    config = {"accessId": "job-key", "accessSecret": "job-secret", "bucketName": "job-bucket",
+              "endpointUrl": s3_endpoint}  # fmt: skip
+    bucket = bucket_from_s3_config(config)
+    store = OutputStore(Settings(workspace=tmp_path))
+    assert not store.has_bucket
+    saved: list = []
+    url = store.upload(b"ply", "scene_ply.ply", "model/ply", saved, job_id="j1", bucket=bucket)
+    day = time.strftime("%Y-%m-%d", time.gmtime())
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="job-bucket")["Contents"]]
+    assert keys == [f"{day}/j1/scene_ply.ply"]
+    assert httpx.get(url).content == b"ply"
+    store.discard(saved)
+    assert s3.list_objects_v2(Bucket="job-bucket")["KeyCount"] == 0
+    assert "job-secret" not in repr(bucket)
+
+
+def test_s3_config_refusals() -> None:
+    from da3_serverless.api.errors import ServiceError
+    from da3_serverless.api.job import bucket_from_s3_config
+
+    assert bucket_from_s3_config(None) is None
+    for config in ("x", {"accessId": "a"}, {"accessId": "a", "accessSecret": "s",
+                   "bucketName": "b", "endpointUrl": "ftp://h"}):  # fmt: skip
+        with pytest.raises(ServiceError) as info:
+            bucket_from_s3_config(config)
+        assert info.value.code == "invalid_input" and "endpointUrl" in info.value.message

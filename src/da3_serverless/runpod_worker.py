@@ -27,6 +27,7 @@ import runpod
 
 from da3_serverless.api.budget import MIN_BUDGET_TOKENS
 from da3_serverless.api.errors import ServiceError
+from da3_serverless.api.job import JobInfo, bucket_from_s3_config
 from da3_serverless.config import SettingsError, load_settings
 from da3_serverless.inference.cancel import Cancelled
 from da3_serverless.server.batching import Batcher, BatchItem
@@ -59,11 +60,15 @@ def make_handler(service: Service) -> Callable[[dict], Awaitable[dict]]:
         if batch_key is not None and batcher is not None:
             return await batcher.submit(batch_key, model_key, BatchItem(payload, None, task))
         return await scheduler.run(
-            model_key, lambda: service.handle(payload, cancel=task.cancel), task
+            model_key, lambda: service.handle(payload, cancel=task.cancel, job=task.info), task
         )
 
     async def handler(job: dict) -> dict:
         task = Job(id=str(job.get("id")))
+        try:  # RunPod passes the request's s3Config on: that job's outputs go to its bucket
+            task.info = JobInfo(task.id, bucket_from_s3_config(job.get("s3Config")))
+        except ServiceError as error:
+            return {"error": error.to_json()}
         work = asyncio.ensure_future(run_job(serve, job, task))
         try:
             return await asyncio.shield(work)

@@ -29,6 +29,7 @@ from da3_serverless.api.budget import (
 from da3_serverless.api.cameras import checked_cameras
 from da3_serverless.api.errors import ServiceError
 from da3_serverless.api.images import DecodedImage, decode_request_images, open_request_images
+from da3_serverless.api.job import JobInfo
 from da3_serverless.api.outputs import (
     Artifact,
     encode_outputs,
@@ -142,7 +143,11 @@ class Service:
     # ---- one request ---------------------------------------------------------------------
 
     def handle(
-        self, payload: object, api_key: str | None = None, cancel: CancelToken | None = None
+        self,
+        payload: object,
+        api_key: str | None = None,
+        cancel: CancelToken | None = None,
+        job: JobInfo | None = None,
     ) -> dict:
         """Serve one v1 request (the RunPod `input` object); `api_key` comes from transport
         headers and is used when the payload has none. Returns the response dict; raises
@@ -151,15 +156,18 @@ class Service:
         `cancel` is the job's token: once cancelled, the request stops at its next check
         (between views while decoding, between the network's blocks, before encoding, before
         saving) and raises `cancelled`, having freed what it held and written nothing. Past
-        the last check (`CancelToken.commit`, before the first file) it completes."""
+        the last check (`CancelToken.commit`, before the first file) it completes. `job`: its
+        id (bucket keys), its own bucket, where its progress goes."""
         try:
-            return self._serve(payload, api_key, cancel or CancelToken())
+            return self._serve(payload, api_key, cancel or CancelToken(), job)
         except Cancelled as stop:
             reason = str(stop)  # out of the except block: its traceback holds the tensors
         raise _cancelled(reason)
 
-    def _serve(self, payload: object, api_key: str | None, cancel: CancelToken) -> dict:
-        intake = self._intake(payload, api_key, cancel)
+    def _serve(
+        self, payload: object, api_key: str | None, cancel: CancelToken, job: JobInfo | None
+    ) -> dict:
+        intake = self._intake(payload, api_key, cancel, job)
         with ExitStack() as pinned:  # the model stays loaded while this request uses it
             with intake.timer.stage("load_model"):
                 predictor = self._predictor(intake.model_id, pinned, cancel)
@@ -168,10 +176,12 @@ class Service:
                 prediction = self._predict(predictor, intake.request, intake.images, cancel)
         return self._complete(intake, (predictor, prediction))
 
-    def _intake(self, payload: object, api_key: str | None, cancel: CancelToken) -> _Intake:
+    def _intake(
+        self, payload: object, api_key: str | None, cancel: CancelToken, job: JobInfo | None = None
+    ) -> _Intake:
         """The stages before the model: auth and the request, the outputs the model can give,
         the images' headers, the budget, the pixels and the camera numbers."""
-        intake = _Intake(_Timer(), time.perf_counter(), cancel)
+        intake = _Intake(_Timer(), time.perf_counter(), cancel, job or JobInfo())
         with intake.timer.stage("validate"):
             request = self.authorize(payload, api_key)
             intake.model_id = self.model_key(request)
@@ -218,7 +228,7 @@ class Service:
                 artifacts, warnings = [*artifacts, *scene], [*warnings, *scene_warnings]
             cancel.commit()  # the last check: files are written from here on
             response = self._respond(
-                request, predictor, prediction, artifacts, timer, saved, warnings
+                request, predictor, prediction, artifacts, timer, saved, warnings, intake.job
             )
             check_finite(response)
         except BaseException:
@@ -257,7 +267,7 @@ class Service:
         its requests are cancelled); one request's failure never fails another. Returns, in
         order, each response dict or its error: a `ServiceError`, or an unexpected exception
         the transport logs and answers as `internal`."""
-        items = [(payload, key, cancel or CancelToken()) for payload, key, cancel in items]
+        items = [_batch_item(*item) for item in items]
         with ThreadPoolExecutor(max_workers=_POOL_THREADS) as pool:
             results: list = list(pool.map(lambda item: _outcome(self._intake, *item), items))
             for indices in self._rounds(results):
@@ -421,13 +431,14 @@ class Service:
         timer: _Timer,
         saved: list[Saved],
         warnings: list[str],
+        job: JobInfo | None = None,
     ) -> Response:
         views = [view_skeleton(prediction, index) for index in range(len(prediction))]
         with timer.stage("save"):
             placed = place_outputs(
                 artifacts, len(views), self.store,
                 budget=self.settings.max_response_bytes if request.return_base64 else None,
-                order=request.outputs, saved=saved, warnings=warnings,
+                order=request.outputs, saved=saved, warnings=warnings, job=job,
             )  # fmt: skip
         for view, fields in zip(views, placed.views, strict=True):
             view.update(fields)
@@ -498,6 +509,7 @@ class _Intake:
     timer: _Timer
     started: float
     cancel: CancelToken
+    job: JobInfo = field(default_factory=JobInfo)
     request: RunRequest | None = None
     model_id: str = ""
     capabilities: ModelInfo | None = None
@@ -513,8 +525,21 @@ class Response(dict):
 
 
 # A request of `Service.handle_batch`: the payload, the key from transport headers, the job's
-# cancel flag (None: never cancelled).
-BatchItem = tuple[object, str | None, CancelToken | None]
+# cancel flag (None: never cancelled) and, optionally, its `JobInfo`.
+BatchItem = (
+    tuple[object, str | None, CancelToken | None]
+    | tuple[object, str | None, CancelToken | None, JobInfo | None]
+)
+
+
+def _batch_item(
+    payload: object,
+    api_key: str | None,
+    cancel: CancelToken | None = None,
+    job: JobInfo | None = None,
+) -> tuple[object, str | None, CancelToken, JobInfo]:
+    """A `BatchItem` with its defaults filled in."""
+    return payload, api_key, cancel or CancelToken(), job or JobInfo()
 
 
 def _cancelled(reason: str) -> ServiceError:

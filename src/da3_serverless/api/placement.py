@@ -15,6 +15,7 @@ import base64
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from da3_serverless.api.job import JobInfo
 from da3_serverless.api.outputs import Artifact
 from da3_serverless.api.storage import OutputStore, Saved, StorageError
 
@@ -60,22 +61,26 @@ def place_outputs(
     order: Sequence[str],
     saved: list[Saved],
     warnings: list[str],
+    job: JobInfo | None = None,
 ) -> Placed:
     """Place every artifact (inline within `budget` bytes, or None when the request asked for
-    paths; volume; bucket) and return its response fields. Files saved on the volume and
-    objects put in the bucket are appended to `saved` (the caller removes them if the request
-    fails later); problems are appended to `warnings`."""
+    paths; volume; bucket: the job's own when it gave one) and return its response fields.
+    Files saved on the volume and objects put in the bucket are appended to `saved` (the
+    caller removes them if the request fails later); problems are appended to `warnings`."""
+    job = job or JobInfo()
     inline = fit_inline(artifacts, budget or 0, 0 if view_count > 1 else None, order)
     stored = sorted({a.name for a in artifacts if id(a) not in inline})
+    has_bucket = store.has_bucket or job.bucket is not None
     if budget is not None and stored:
-        where = "" if store.has_bucket else f"; set {BUCKET_SETTINGS} to get URLs to them"
+        where = "" if has_bucket else f"; set {BUCKET_SETTINGS} to get URLs to them"
         warnings.append(
             f"{', '.join(stored)} would pass MAX_RESPONSE_BYTES ({budget} bytes) inline: "
             f"stored and returned as paths/URLs instead of base64{where}"
         )
     placed = Placed([{} for _ in range(view_count)])
     for artifact in artifacts:
-        entry = _place(artifact, id(artifact) in inline, store, saved, warnings)
+        name = object_name(artifact, view_count)
+        entry = _place(artifact, id(artifact) in inline, store, (saved, warnings, job, name))
         target = placed.top if artifact.view is None else placed.views[artifact.view]
         target.update(artifact.fields)
         if artifact.name != "depth":
@@ -92,17 +97,31 @@ def place_outputs(
     return placed
 
 
+def object_name(artifact: Artifact, view_count: int) -> str:
+    """The artifact's name in the bucket, under its job's folder: `depth.png`,
+    `depth.view1.png` (view 1 of several), `scene_ply.ply`."""
+    view = f".view{artifact.view}" if artifact.view is not None and view_count > 1 else ""
+    return f"{artifact.name}{view}{artifact.suffix}"
+
+
 def _place(
-    artifact: Artifact, inline: bool, store: OutputStore, saved: list[Saved], warnings: list[str]
+    artifact: Artifact,
+    inline: bool,
+    store: OutputStore,
+    context: tuple[list[Saved], list[str], JobInfo, str],
 ) -> dict:
     """Inline base64 and/or a file on the volume (always for the depth PNG, and for outputs
-    that are not inline), or a bucket URL when a bucket is configured."""
+    that are not inline), or a bucket URL when a bucket is configured or the job gave one.
+    `context`: what was saved, the warnings, the job and the artifact's object name."""
+    saved, warnings, job, name = context
     entry: dict = {"media_type": artifact.media_type}
     if inline:
         entry["base64"] = base64.b64encode(artifact.data).decode("ascii")
-    if not inline and store.has_bucket:
+    if not inline and (store.has_bucket or job.bucket is not None):
         try:
-            entry["url"] = store.upload(artifact.data, artifact.suffix, artifact.media_type, saved)
+            entry["url"] = store.upload(
+                artifact.data, name, artifact.media_type, saved, job_id=job.id, bucket=job.bucket
+            )
         except StorageError as error:
             warnings.append(f"could not upload {artifact.name} to the bucket: {error}")
     if artifact.name == "depth" or not inline:

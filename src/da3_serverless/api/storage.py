@@ -17,7 +17,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 PRUNE_INTERVAL_S = 3600.0
 PRESIGNED_URL_TTL_S = 7 * 24 * 3600  # the longest S3 allows, as RunPod's own upload helper uses
 _SUFFIX = re.compile(r"\.[A-Za-z0-9]{1,16}(\.[A-Za-z0-9]{1,16})?")
+_OBJECT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 
 class StorageError(Exception):
@@ -36,10 +37,24 @@ class StorageError(Exception):
 
 
 @dataclass(frozen=True)
+class Bucket:
+    """An S3-compatible bucket: the endpoint, the bucket's name and credentials. `path_style`:
+    `https://host/<bucket>/<key>` addressing (None: boto3 chooses)."""
+
+    endpoint: str
+    name: str
+    access_key_id: str
+    secret_access_key: str = field(repr=False)
+    path_style: bool | None = None
+
+
+@dataclass(frozen=True)
 class BucketObject:
-    """An output this store put in the bucket, by its key (what `discard` removes)."""
+    """An output this store put in a bucket, by its key (what `discard` removes); `bucket`:
+    the job's own bucket (RunPod's s3Config), None for the configured one."""
 
     key: str
+    bucket: Bucket | None = None
 
 
 Saved = Path | BucketObject  # what a request saved: a file on the volume or a bucket object
@@ -60,7 +75,7 @@ class OutputStore:
         self._settings = settings
         self._last_prune: float | None = None
         self._prune_lock = threading.Lock()
-        self._s3: Any = None
+        self._s3: dict[Bucket, Any] = {}
         self._s3_lock = threading.Lock()
 
     # ---- local files -------------------------------------------------------------------------
@@ -106,7 +121,7 @@ class OutputStore:
         files are ignored) and its bucket objects (failures are logged, never raised)."""
         for item in saved:
             if isinstance(item, BucketObject):
-                self._delete_object(item.key)
+                self._delete_object(item)
                 continue
             path = Path(item)
             if self._inside(path):
@@ -158,69 +173,101 @@ class OutputStore:
         s = self._settings
         return bool(s.bucket_endpoint_url and s.bucket_access_key_id and s.bucket_secret_access_key)
 
-    def upload(self, data: bytes, suffix: str, media_type: str, saved: list | None = None) -> str:
-        """Put `data` in the bucket as `<YYYY-MM-DD>/<uuid4 hex><suffix>` and return a
-        presigned GET URL valid for 7 days; the object is appended to `saved` (as a
-        `BucketObject`) once it is in the bucket. Raises `StorageError`."""
-        _check_suffix(suffix)
-        if not self.has_bucket:
+    def upload(
+        self,
+        data: bytes,
+        name: str,
+        media_type: str,
+        saved: list | None = None,
+        *,
+        job_id: str | None = None,
+        bucket: Bucket | None = None,
+    ) -> str:
+        """Put `data` in the bucket as `<YYYY-MM-DD>/<job_id>/<name>` (a fresh id when there is
+        no job; the date first, for lifecycle rules) and return a presigned GET URL valid for 7
+        days; the object is appended to `saved` (as a `BucketObject`) once it is in the bucket.
+        `bucket`: the job's own (RunPod's s3Config) instead of the configured one. Raises
+        `StorageError`."""
+        if not _OBJECT_NAME.fullmatch(name):
+            raise ValueError(f"an object name is letters, digits, '_', '.', '-': got {name!r}")
+        if bucket is None and not self.has_bucket:
             raise StorageError(
                 "no bucket configured: set BUCKET_ENDPOINT_URL, BUCKET_ACCESS_KEY_ID and "
                 "BUCKET_SECRET_ACCESS_KEY to upload outputs"
             )
         from botocore.exceptions import BotoCoreError, ClientError
 
-        key = f"{time.strftime('%Y-%m-%d', time.gmtime())}/{uuid.uuid4().hex}{suffix}"
-        bucket = "?"
+        folder = job_id if job_id and _OBJECT_NAME.fullmatch(job_id) else uuid.uuid4().hex
+        key = f"{time.strftime('%Y-%m-%d', time.gmtime())}/{folder}/{name}"
+        where = "?"
         try:
-            client, bucket = self._bucket()  # a malformed endpoint fails here, as ValueError
-            client.put_object(Bucket=bucket, Key=key, Body=data, ContentType=media_type)
+            target = bucket or self._configured_bucket()  # a malformed endpoint fails here
+            where = target.name
+            client = self._client(target)
+            client.put_object(Bucket=target.name, Key=key, Body=data, ContentType=media_type)
             if saved is not None:
-                saved.append(BucketObject(key))
+                saved.append(BucketObject(key, bucket))
             return client.generate_presigned_url(
-                "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=PRESIGNED_URL_TTL_S
-            )
+                "get_object", Params={"Bucket": target.name, "Key": key},
+                ExpiresIn=PRESIGNED_URL_TTL_S,
+            )  # fmt: skip
         except (BotoCoreError, ClientError, ValueError) as exc:
-            host = urlsplit(self._settings.bucket_endpoint_url or "").hostname
+            endpoint = bucket.endpoint if bucket else self._settings.bucket_endpoint_url
+            host = urlsplit(endpoint or "").hostname
+            setting = "the job's s3Config" if bucket else "BUCKET_ENDPOINT_URL"
             raise StorageError(
-                f"could not upload an output to bucket {bucket!r} at {host}: "
-                f"{type(exc).__name__} (check BUCKET_ENDPOINT_URL and the bucket's credentials)"
+                f"could not upload an output to bucket {where!r} at {host}: "
+                f"{type(exc).__name__} (check {setting} and the bucket's credentials)"
             ) from None
 
-    def _delete_object(self, key: str) -> None:
+    def _delete_object(self, item: BucketObject) -> None:
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
-            client, bucket = self._bucket()
-            client.delete_object(Bucket=bucket, Key=key)
+            target = item.bucket or self._configured_bucket()
+            self._client(target).delete_object(Bucket=target.name, Key=item.key)
         except (BotoCoreError, ClientError, ValueError, StorageError) as exc:
-            log.warning("could not remove bucket object %s: %s", key, type(exc).__name__)
+            log.warning("could not remove bucket object %s: %s", item.key, type(exc).__name__)
 
-    def _bucket(self) -> tuple[Any, str]:
-        """The S3 client (made once; boto3 is imported only when uploads are used) and bucket."""
-        endpoint, bucket, path_style = parse_bucket_endpoint(
-            self._settings.bucket_endpoint_url or ""
-        )
+    def _configured_bucket(self) -> Bucket:
+        """The bucket of BUCKET_ENDPOINT_URL and its credentials."""
+        settings = self._settings
+        endpoint, name, path_style = parse_bucket_endpoint(settings.bucket_endpoint_url or "")
+        return Bucket(
+            endpoint, name, settings.bucket_access_key_id or "",
+            settings.bucket_secret_access_key or "", path_style,
+        )  # fmt: skip
+
+    def _client(self, bucket: Bucket) -> Any:
+        """An S3 client for `bucket`'s endpoint and credentials, made once per bucket (the last
+        few are kept; boto3 is imported only when uploads are used)."""
         with self._s3_lock:
-            if self._s3 is None:
-                import boto3
-                from botocore.config import Config
+            client = self._s3.pop(bucket, None) or _s3_client(bucket)
+            self._s3[bucket] = client  # most recently used last
+            while len(self._s3) > 8:
+                self._s3.pop(next(iter(self._s3)))
+        return client
 
-                self._s3 = boto3.session.Session().client(
-                    "s3",
-                    endpoint_url=endpoint,
-                    aws_access_key_id=self._settings.bucket_access_key_id,
-                    aws_secret_access_key=self._settings.bucket_secret_access_key,
-                    region_name=_region(endpoint),
-                    config=Config(
-                        signature_version="s3v4",
-                        s3={"addressing_style": "path" if path_style else "virtual"},
-                        retries={"max_attempts": 3, "mode": "standard"},
-                        connect_timeout=10,
-                        read_timeout=60,
-                    ),
-                )
-        return self._s3, bucket
+
+def _s3_client(bucket: Bucket) -> Any:
+    import boto3
+    from botocore.config import Config
+
+    addressing = {True: "path", False: "virtual", None: "auto"}[bucket.path_style]
+    return boto3.session.Session().client(
+        "s3",
+        endpoint_url=bucket.endpoint,
+        aws_access_key_id=bucket.access_key_id,
+        aws_secret_access_key=bucket.secret_access_key,
+        region_name=_region(bucket.endpoint),
+        config=Config(
+            signature_version="s3v4",
+            s3={"addressing_style": addressing},
+            retries={"max_attempts": 3, "mode": "standard"},
+            connect_timeout=10,
+            read_timeout=60,
+        ),
+    )
 
 
 def parse_bucket_endpoint(url: str) -> tuple[str, str, bool]:

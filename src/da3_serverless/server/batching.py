@@ -205,8 +205,10 @@ def _started(item: BatchItem, size: int) -> None:
 
 
 def _request(item: BatchItem) -> tuple:
-    """The request as `Service.handle_batch` takes it: payload, key, cancel flag."""
-    return (item.payload, item.api_key, item.job.cancel if item.job is not None else None)
+    """The request as `Service.handle_batch` takes it: payload, key, cancel flag, JobInfo."""
+    if item.job is None:
+        return (item.payload, item.api_key, None, None)
+    return (item.payload, item.api_key, item.job.cancel, item.job.info)
 
 
 def _settle(future: asyncio.Future, result: object) -> None:

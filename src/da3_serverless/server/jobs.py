@@ -214,7 +214,7 @@ def _missing_job(state: AppState, job_id: str) -> ServiceError:
 async def _run_job(state: AppState, job: Job, admitted: Admitted) -> None:
     def work() -> dict[str, Any]:
         output = state.service.handle(
-            admitted.payload, api_key=admitted.header_key, cancel=job.cancel
+            admitted.payload, api_key=admitted.header_key, cancel=job.cancel, job=job.info
         )
         return _finished(job, output)  # here, off the event loop
 

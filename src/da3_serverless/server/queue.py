@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import anyio.to_thread
 
 from da3_serverless.api.errors import ServiceError
+from da3_serverless.api.job import JobInfo
 from da3_serverless.inference.cancel import Cancelled, CancelToken
 
 T = TypeVar("T")
@@ -141,6 +142,11 @@ class Job:
     keep: bool = True  # the result is kept for /status (not when a /runsync caller takes it)
     cancel: CancelToken = field(default_factory=CancelToken)
     stop: asyncio.Event = field(default_factory=asyncio.Event)
+    info: JobInfo | None = None  # what the service is told about it (JobInfo(id) by default)
+
+    def __post_init__(self) -> None:
+        if self.info is None:
+            self.info = JobInfo(self.id)
 
     @property
     def done(self) -> bool:
