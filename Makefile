@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 REFERENCE_SPEC ?= depth-anything-3==0.1.1
 PYTEST_ARGS ?=
 
-.PHONY: help install browser test test-fast lint format serve worker bench lock clean
+.PHONY: help install browser js test test-fast lint format serve worker bench lock clean
 
 # The first target: `make` alone lists the commands (each target's `## ` comment).
 help:
@@ -38,7 +38,7 @@ format: install  ## ruff format and fix
 	$(BIN)/ruff format $(LINT_PATHS)
 	$(BIN)/ruff check --fix $(LINT_PATHS)
 
-test: install browser lint  ## lint and the whole test suite
+test: install browser js lint  ## lint and the whole test suite
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 # The playground test drives Debian's chromium (never Playwright's own download) and the
@@ -49,6 +49,14 @@ browser:  ## chromium and curl for the browser and README tests (as root)
 	  { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium curl >/dev/null; } || \
 	  echo "warning: chromium/curl missing and not root: the browser and curl tests will skip"
+
+# Node tools the tests run on the scene files (Khronos' glTF validator), from tests/js's lock file.
+JS_TESTS := tests/js
+$(JS_TESTS)/node_modules/.installed: $(JS_TESTS)/package.json $(JS_TESTS)/package-lock.json
+	npm ci --prefix $(JS_TESTS) --no-audit --no-fund --loglevel=error
+	touch $@
+
+js: $(JS_TESTS)/node_modules/.installed  ## the Node test tools (glTF validator) into tests/js
 
 # The quick local loop: skips the slow tests (servers, giant presets, browser, load test).
 test-fast: install  ## the quick loop: no servers, no large checkpoints

@@ -36,6 +36,7 @@ from da3_serverless.exports.points import SceneOptions, fuse, voxel_thin
 from da3_serverless.inference.catalog import lookup_model
 from da3_serverless.inference.prediction import Prediction
 from da3_serverless.service import Service
+from js_tools import read_glb_in_node, three_js_pixels
 from paths import IMAGES
 
 PIXEL_TOLERANCE = 0.05  # px: how far a point may project from its pixel's centre
@@ -342,6 +343,54 @@ def test_scene_glb_loads_in_trimesh_with_one_frustum_per_view():
         assert len(edges) == 8 and len(np.unique(segments.round(5).reshape(-1, 3), axis=0)) == 5
 
 
+GLTF_TOLERANCE = 1e-3  # px: a point through a glTF camera against its pixel's centre
+
+
+def test_scene_glb_has_a_gltf_camera_per_view_that_looks_at_its_pixels(tmp_path):
+    """Khronos' validator finds no error; three.js builds one camera per view, and each scene
+    point seen through its view's camera (three.js's own matrices) lands on its pixel. The
+    principal points are centred here: that is what a glTF camera can say exactly."""
+    prediction, images = synthetic(3)
+    height, width = prediction.depth.shape[1:]
+    prediction.intrinsics[:, 0, 2], prediction.intrinsics[:, 1, 2] = width / 2, height / 2
+    points = fuse(prediction, images, SceneOptions(max_points=1000))
+    read = read_glb_in_node(scene_glb(points, prediction), tmp_path)
+    assert read["validator"]["errors"] == 0, read["validator"]["messages"]
+    cameras = read["cameras"]
+    assert [camera["name"] for camera in cameras] == ["view_000", "view_001", "view_002"]
+    for index, camera in enumerate(cameras):
+        assert camera["type"] == "PerspectiveCamera"
+        extras = camera["extras"]
+        assert (extras["view"], extras["width"], extras["height"]) == (index, width, height)
+        np.testing.assert_array_equal(extras["intrinsics"], prediction.intrinsics[index])
+        mine = points.view == index
+        assert mine.sum() > 100
+        pixels = three_js_pixels(camera, points.xyz[mine] * [1, -1, -1], width, height)
+        expected = np.stack([points.col[mine], points.row[mine]], axis=1) + 0.5
+        assert np.abs(pixels - expected).max() < GLTF_TOLERANCE
+
+
+def test_a_glb_camera_off_centre_keeps_its_focal_lengths_and_the_exact_intrinsics(tmp_path):
+    """A principal point off the image centre: glTF's camera is the centred one with the same
+    focal lengths (points land off by exactly that offset), the extras hold the truth."""
+    prediction, images = synthetic(2)
+    height, width = prediction.depth.shape[1:]
+    prediction.intrinsics[:, :2, 2] += [3.0, -2.0]
+    points = fuse(prediction, images, SceneOptions(max_points=1000))
+    read = read_glb_in_node(scene_glb(points, prediction), tmp_path)
+    assert read["validator"]["errors"] == 0, read["validator"]["messages"]
+    for index, camera in enumerate(read["cameras"]):
+        k = prediction.intrinsics[index].astype(np.float64)
+        np.testing.assert_allclose(camera["fov"], np.degrees(2 * np.arctan(height / 2 / k[1, 1])))
+        np.testing.assert_allclose(camera["aspect"], (width / k[0, 0]) / (height / k[1, 1]))
+        mine = points.view == index
+        pixels = three_js_pixels(camera, points.xyz[mine] * [1, -1, -1], width, height)
+        offset = np.array([k[0, 2] - width / 2, k[1, 2] - height / 2])
+        expected = np.stack([points.col[mine], points.row[mine]], axis=1) + 0.5 - offset
+        assert np.abs(offset).min() >= 1
+        assert np.abs(pixels - expected).max() < GLTF_TOLERANCE
+
+
 def test_colmap_model_reads_back_with_pycolmap(tmp_path):
     prediction, images = synthetic(3)
     points = fuse(prediction, images, SceneOptions(max_points=2000))
@@ -500,6 +549,9 @@ def check_scene_response(body: dict, tmp_path: Path) -> dict[str, np.ndarray]:
     cloud, frustums = read_glb(decoded(body["scene_glb"]))
     np.testing.assert_allclose(cloud.vertices, xyz * [1, -1, -1], rtol=1e-6)
     assert len(frustums) == len(views)
+    in_node = read_glb_in_node(decoded(body["scene_glb"]), tmp_path)
+    assert in_node["validator"]["errors"] == 0, in_node["validator"]["messages"]
+    assert len(in_node["cameras"]) == len(views)
     return got
 
 
