@@ -3,10 +3,12 @@
     .venv/bin/python bench/cold_start.py [--preset da3-small] [--repeats 3] [--compile]
 
 Each measurement is a fresh Python process loading the same local random-weight snapshot and
-predicting soh-000.png at process_res 504. Reported: wall seconds from spawn to exit (median
-of --repeats), the part after the imports (loading + first prediction: interpreter start and
-`import torch`, about 1.3 s here, are the same for both) and the child's peak RSS. With
---compile, our compiled path with an empty inductor cache and again with the cache it left.
+predicting soh-000.png at process_res 504. Reported first: the whole-process ratio, ours
+against the reference's public path (wall seconds from spawn to exit, median of --repeats,
+imports included: an import that loads more than torch shows here). Then each side's numbers:
+that time, the part after the imports (loading + first prediction) and the child's peak RSS.
+With --compile, our compiled path with an empty inductor cache and again with the cache it
+left.
 """
 
 from __future__ import annotations
@@ -89,10 +91,12 @@ def main() -> None:
     ours = measure(OURS, [folder, image], args.repeats)
     reference = measure(REFERENCE, [folder, image, str(REPO / "tests")], args.repeats)
     summary = {
+        # The number that matters: spawn to exit, imports included, against the reference's
+        # public path (its from_pretrained and forward). Goal: at most 0.6.
+        "whole_process_ratio": round(ours["seconds_median"] / reference["seconds_median"], 3),
         "preset": args.preset,
         "ours": ours,
         "reference": reference,
-        "cold_start_ratio": round(ours["seconds_median"] / reference["seconds_median"], 3),
         "after_imports_ratio": round(
             ours["load_and_first_prediction_s"] / reference["load_and_first_prediction_s"], 3
         ),

@@ -38,6 +38,7 @@ from da3_serverless.inference.preprocess import (
 )
 from da3_serverless.model.checkpoint import load_network
 from da3_serverless.model.gaussians import reframe
+from da3_serverless.model.layers import keep_stop_points_out_of_compile
 from da3_serverless.model.net import NetOutput
 from da3_serverless.model.spherical_harmonics import SH_C0
 
@@ -185,6 +186,7 @@ class Predictor:
         if cache_dir is not None:
             cache_dir.mkdir(parents=True, exist_ok=True)
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir)
+        keep_stop_points_out_of_compile()
         self.network = self.network.to(memory_format=torch.channels_last)
         self.network = torch.compile(
             self.network, dynamic=False, options={"triton.cudagraphs": False}

@@ -23,11 +23,28 @@ SLICE_FLOP = 16e9
 MIN_QUERY_SLICE = 768
 
 
-@torch.compiler.disable
-def stop_point(check: Callable[[], None]) -> None:
-    """Call ``check`` (it raises to stop the forward). Never traced by ``torch.compile``, so a
-    compiled network really calls it rather than a value frozen at compile time."""
+def _call(check: Callable[[], None]) -> None:
     check()
+
+
+# What stop_point calls: `_call` itself until keep_stop_points_out_of_compile() wraps it. Not
+# wrapped at import: `torch.compiler.disable` imports torch._dynamo (and sympy), over a second
+# of every cold start, which only a process that compiles needs.
+_untraced_call: Callable[[Callable[[], None]], None] = _call
+
+
+def stop_point(check: Callable[[], None]) -> None:
+    """Call ``check`` (it raises to stop the forward). Never traced by ``torch.compile`` (once
+    keep_stop_points_out_of_compile() ran), so a compiled network really calls it rather than
+    a value frozen at compile time."""
+    _untraced_call(check)
+
+
+def keep_stop_points_out_of_compile() -> None:
+    """Make every stop_point a graph break that ``torch.compile`` calls as it is; call this
+    before compiling a network (Predictor.compile does)."""
+    global _untraced_call
+    _untraced_call = torch.compiler.disable(_call)
 
 
 class LayerScale(nn.Module):
