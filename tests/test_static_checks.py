@@ -12,9 +12,11 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKERFILE = REPO / "Dockerfile"
@@ -93,6 +95,31 @@ def test_deptry_rejects_an_undeclared_import(tmp_path: Path) -> None:
     result = lint("deptry", "bad", cwd=tmp_path)
     assert result.returncode == 1
     assert "DEP003" in result.stdout + result.stderr  # scipy: only a transitive dependency
+
+
+def test_one_supported_python_range() -> None:
+    """README, requires-python, ruff's target-version and the CI matrix say one range: from
+    the oldest Python CI tests (OpenEXR 3.5.3 needs 3.11), each tested version inside it."""
+    with (REPO / "pyproject.toml").open("rb") as f:
+        pyproject = tomllib.load(f)
+    floor = pyproject["project"]["requires-python"].removeprefix(">=")
+    assert re.fullmatch(r"3\.\d+", floor), "requires-python: one lower bound, >=3.N"
+    assert pyproject["tool"]["ruff"]["target-version"] == "py" + floor.replace(".", "")
+    test_jobs = yaml.safe_load((REPO / ".github" / "workflows" / "test.yml").read_text())["jobs"]
+    matrix = test_jobs["test"]["strategy"]["matrix"]
+    tested = {*matrix["python-version"], *(row["python-version"] for row in matrix["include"])}
+    tested |= {
+        step["with"]["python-version"]
+        for job in test_jobs.values()
+        for step in job["steps"]
+        if step.get("uses", "").startswith("actions/setup-python")
+        and "matrix" not in step["with"]["python-version"]
+    }
+    by_age = sorted(tested, key=lambda v: tuple(map(int, v.split("."))))
+    assert by_age[0] == floor
+    readme = (REPO / "README.md").read_text()
+    assert f"Python {floor} or newer (CI tests {' and '.join(by_age)}," in readme
+    assert not re.search(r"Python 3\.\d+ or newer", readme.replace(f"Python {floor} or newer", ""))
 
 
 # --- what the Dockerfile promises ---------------------------------------------------------------
