@@ -1,4 +1,4 @@
-"""`da3-serverless` command line: predict, warmup, prefetch, prune, serve, request."""
+"""`da3-serverless` command line: predict, warmup, prefetch, prune, serve, request, batch."""
 
 from __future__ import annotations
 
@@ -296,7 +296,44 @@ def build_parser() -> argparse.ArgumentParser:
     request = commands.add_parser("request", help="send images to a running endpoint")
     _request_arguments(request)
     request.set_defaults(run=cmd_request)
+
+    batch = commands.add_parser("batch", help="send a dataset to an endpoint, resumably")
+    _batch_arguments(batch)
+    batch.set_defaults(run=cmd_batch, scene=False)
     return parser
+
+
+def _batch_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "source",
+        type=Path,
+        help="a folder of photos (each one request), of "
+        "scene folders (each one multi-view request), or a .jsonl manifest",
+    )
+    parser.add_argument("--out", type=Path, required=True, help="writes OUT/<name>/...")
+    parser.add_argument("--concurrency", type=int, default=4, help="requests in flight")
+    parser.add_argument("--retries", type=int, default=3,
+                        help="resends of an item on 429, 5xx or a lost connection")  # fmt: skip
+    _field_arguments(parser)
+
+
+def cmd_batch(args: argparse.Namespace, settings: Settings) -> int:
+    """`da3-serverless batch`: `Client.map` with a progress bar; prints the summary. Returns 0
+    when every item is done, 130 when stopped with items left, else 1 when some failed."""
+    endpoint = args.endpoint or settings.endpoint
+    if not endpoint:
+        print("error: give --endpoint or set DA3_ENDPOINT", file=sys.stderr)
+        return 2
+    options = _request_options(args)  # a scene item adds the scene files to its outputs
+    with Client(endpoint, api_key=args.api_key or settings.api_key,
+                runpod_api_key=args.runpod_api_key or settings.runpod_api_key,
+                timeout=args.timeout) as client:  # fmt: skip
+        report = client.map(args.source, args.out, concurrency=args.concurrency,
+                            retries=args.retries, progress=True, **options)  # fmt: skip
+    print(report.summary(), file=sys.stderr)
+    if report.left:
+        return 130
+    return 1 if report.failures else 0
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
@@ -311,11 +348,22 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
 def _request_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("images", nargs="+", help="image files or http(s) URLs")
+    parser.add_argument("--out", type=Path, default=Path("."), help="output folder")
+    _field_arguments(parser)
+    parser.add_argument(
+        "--scene",
+        action="store_true",
+        help="the images are views of one "
+        "scene: one request, and the scene files (scene_ply, scene_glb, colmap)",
+    )
+
+
+def _field_arguments(parser: argparse.ArgumentParser) -> None:
+    """The endpoint, the keys and the request fields: `request` and `batch` share them."""
     parser.add_argument("--endpoint", help="server URL or https://api.runpod.ai/v2/<id> "
                         "(default: DA3_ENDPOINT)")  # fmt: skip
     parser.add_argument("--api-key", help="this service's key (default: DA3_API_KEY)")
     parser.add_argument("--runpod-api-key", help="RunPod account key (default: RUNPOD_API_KEY)")
-    parser.add_argument("--out", type=Path, default=Path("."), help="output folder")
     parser.add_argument("--model", dest="model_id", help="model id or short name")
     parser.add_argument("--process-res", type=int, help="processing resolution (longest side)")
     parser.add_argument("--outputs", help="comma-separated output names, e.g. depth,preview,"
@@ -323,12 +371,6 @@ def _request_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--relative", action="store_true", help="output_metric=false")
     parser.add_argument("--focal-length-px", type=float, help="focal length in input pixels")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per image")
-    parser.add_argument(
-        "--scene",
-        action="store_true",
-        help="the images are views of one "
-        "scene: one request, and the scene files (scene_ply, scene_glb, colmap)",
-    )
     parser.add_argument("--max-points", type=int, help="scene: most points (default 200000)")
     parser.add_argument("--conf-percentile", type=float, help="scene: drop points below this "
                         "confidence percentile (default 40)")  # fmt: skip

@@ -13,17 +13,21 @@ from __future__ import annotations
 import base64
 import io
 import json
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import numpy as np
 from PIL import Image
 
 from da3_serverless.api.encoding import decode_depth_png16
+
+if TYPE_CHECKING:
+    from da3_serverless.batch import BatchItem, BatchReport
 
 ImageInput = str | Path | bytes | Image.Image
 # Output name -> the fixed file suffix `DepthResult.save_all` writes it under (never a name the
@@ -273,6 +277,26 @@ class Client:
             key = "image_url" if "url" in source else "image_base64"
             payload = {key: next(iter(source.values()))}
         return parse_response(self.run({**payload, **options}))
+
+    def map(
+        self,
+        source: str | Path | Iterable[BatchItem],
+        out: str | Path,
+        *,
+        concurrency: int = 4,
+        retries: int = 3,
+        progress: bool = False,
+        stop: threading.Event | None = None,
+        **options: Any,
+    ) -> BatchReport:
+        """Send a dataset (a folder of photos, a folder of scene folders, a .jsonl manifest, or
+        `BatchItem`s) with at most `concurrency` requests in flight, each item's files written
+        to `out/<name>/`; items already there are skipped, so a rerun sends only what is
+        missing. `options` are request fields for every item. See `da3_serverless.batch`."""
+        from da3_serverless.batch import run_batch
+
+        return run_batch(self, source, out, options=options, concurrency=concurrency,
+                         retries=retries, progress=progress, stop=stop)  # fmt: skip
 
     def download_outputs(self, result: DepthResult) -> list[str]:
         """Fetch the outputs the server returned only as a bucket URL into `result.outputs` (and
