@@ -91,6 +91,17 @@ class Settings(BaseSettings):
         default=20.0, gt=0, validation_alias=_env("DOWNLOAD_TIMEOUT_S")
     )
     max_views: int = Field(default=16, ge=1, validation_alias=_env("MAX_VIEWS"))
+    # Videos and long sequences (docs/ARCHITECTURE.md §8): checked from the headers first.
+    max_video_bytes: int = Field(
+        default=200_000_000, ge=1, validation_alias=_env("MAX_VIDEO_BYTES")
+    )
+    max_video_duration_s: float = Field(
+        default=600.0, gt=0, validation_alias=_env("MAX_VIDEO_DURATION_S")
+    )
+    max_video_frames: int = Field(default=2000, ge=1, validation_alias=_env("MAX_VIDEO_FRAMES"))
+    max_video_pixels: int = Field(
+        default=3840 * 2160, ge=1, validation_alias=_env("MAX_VIDEO_PIXELS")
+    )
     # At most the predictor's own ceiling (inference.preprocess.MAX_PROCESS_RES = 2016).
     max_process_res: int = Field(
         default=2016, ge=14, le=2016, validation_alias=_env("MAX_PROCESS_RES")
