@@ -80,6 +80,29 @@ def test_depth_round_trip_error_is_below_one_step(scale: float) -> None:
     assert np.abs(back - depth).max() <= step / 2 + 4 * np.finfo(np.float32).eps * depth.max()
 
 
+def readme_decode(png: bytes, min_depth: float, max_depth: float) -> np.ndarray:
+    """The README's decode, by hand on what Pillow reads, in float64."""
+    v = np.asarray(open_png(png)).astype(np.float64)
+    return min_depth + v * (max_depth - min_depth) / 65535
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_readme_decode_is_within_half_a_step_of_depth_npy(seed: int) -> None:
+    """Over random depth ranges from 1e-4 to 1e4 m, spans down to float32's resolution (a few
+    float32 steps) and up to 100x the near depth. Tolerance: the half step plus the float64
+    rounding of the decode itself (4 ulp of the depth)."""
+    rng = np.random.default_rng(seed)
+    for _ in range(40):
+        near = 10 ** rng.uniform(-4, 4)
+        span = near * 10 ** rng.uniform(-7.5, 2)
+        depth = (near + rng.random((17, 23)) * span).astype(np.float32)
+        encoded = encode_depth_png16(depth)
+        lo, hi = encoded.min_depth, encoded.max_depth
+        error = np.abs(readme_decode(encoded.png, lo, hi) - depth.astype(np.float64))
+        bound = (hi - lo) / 131070 + 4 * np.spacing(np.float64(hi))
+        assert error.max() <= bound, (near, span, error.max() / ((hi - lo) / 131070))
+
+
 def test_depth_png_values_and_text_chunks() -> None:
     depth = np.array([[1.0, 2.0], [3.0, 5.0]], dtype=np.float32)
     encoded = encode_depth_png16(depth, units="relative")
