@@ -56,7 +56,7 @@ from da3_serverless.config import Settings
 from da3_serverless.service import Service
 folder, workspace, payload_path = sys.argv[1:4]
 settings = Settings(model_id=folder, device="cpu", workspace=Path(workspace), api_key="bench-key",
-                    runpod_volume=Path(workspace) / "none", hf_hub_offline=True)
+                    hf_hub_offline=True)
 service = Service(settings)
 service.start()
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -84,7 +84,7 @@ print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_max
 def settings_for(folder: Path, workspace: Path) -> Settings:
     return Settings(
         model_id=str(folder), device="cpu", workspace=workspace, api_key=KEY,
-        runpod_volume=workspace / "none", hf_hub_offline=True,
+        hf_hub_offline=True,
     )  # fmt: skip
 
 

@@ -9,7 +9,8 @@
 # Environment (all optional):
 #   WORKSPACE      workspace folder. Default: $RUNPOD_VOLUME/DA3-Serverless when RUNPOD_VOLUME
 #                  (default /runpod-volume) is a folder this user can write to, else
-#                  /workspace/DA3-Serverless: the rule of Settings.workspace_dir in config.py.
+#                  /workspace/DA3-Serverless; passed on as WORKSPACE (outside the image the
+#                  Python default is a per-user folder, config.py).
 #   HF_HOME        Hugging Face cache. Default: the model cache baked into the image, if any,
 #                  else $WORKSPACE/cache. A value set by the user is kept as it is.
 #   MODEL_ID       model to serve. Default: the baked model, if any, else config.py's default.

@@ -19,11 +19,10 @@ FAKE_REVISION = "0" * 40
 
 def offline_settings(hf_cache: Path | None, workspace: Path, **overrides) -> Settings:
     """A test service's settings: the random da3-small from `hf_cache` (or `model_id` among
-    the overrides), offline, on the CPU, the test key, files under `workspace`, no RunPod
-    volume."""
+    the overrides), offline, on the CPU, the test key, files under `workspace`."""
     values = dict(
         model_id=SMALL_REPO, hf_home=hf_cache, hf_hub_offline=True, workspace=workspace,
-        api_key=TEST_API_KEY, device="cpu", runpod_volume=workspace / "no-volume",
+        api_key=TEST_API_KEY, device="cpu",
     )  # fmt: skip
     return Settings(**{**values, **overrides})
 

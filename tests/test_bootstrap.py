@@ -26,7 +26,6 @@ from da3_serverless.config import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "scripts"
-DEFAULT_FALLBACK = Path("/workspace/DA3-Serverless")
 RECORDED_ENV = ("WORKSPACE", "HF_HOME", "MODEL_ID", "PORT", "WARMUP", "DA3_READY_FILE")
 
 STUB = """#!/usr/bin/env bash
@@ -135,20 +134,12 @@ def run_script(
     return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr), proc.pid
 
 
-def settings_workspace(workspace: str | None, volume: Path) -> Path:
-    """Settings.workspace_dir for the same inputs, as the Python side would choose."""
-    values: dict = {"runpod_volume": volume}
-    if workspace is not None:
-        values["workspace"] = Path(workspace)
-    return Settings(**values).workspace_dir
-
-
-def assert_consistent_with_settings(chosen: Path, sandbox: Sandbox, workspace=None) -> None:
-    expected = settings_workspace(workspace, sandbox.volume)
-    if expected == DEFAULT_FALLBACK:
-        assert chosen == sandbox.fallback  # the same rule; the fallback is moved for the test
-    else:
-        assert chosen == expected
+def assert_passed_to_python(chosen: Path, sandbox: Sandbox) -> None:
+    """The Python side guesses nothing: it takes the workspace bootstrap chose from WORKSPACE."""
+    worker = sandbox.calls()[-1]
+    assert worker.env["WORKSPACE"] == str(chosen)
+    settings = Settings(workspace=Path(worker.env["WORKSPACE"]))
+    assert (settings.workspace_dir, settings.workspace_reason) == (chosen, "WORKSPACE is set")
 
 
 # --- workspace selection ----------------------------------------------------------------------
@@ -162,7 +153,7 @@ def test_writable_volume_becomes_the_workspace_and_the_worker_is_execed(sandbox:
     workspace = sandbox.volume / "DA3-Serverless"
     for sub in ("cache", "models", "output_images"):
         assert (workspace / sub).is_dir()
-    assert_consistent_with_settings(workspace, sandbox)
+    assert_passed_to_python(workspace, sandbox)
 
     prune, prefetch, worker = sandbox.calls()
     assert (prune.command, prune.args) == ("da3-serverless", ["prune"])
@@ -187,7 +178,7 @@ def test_no_usable_volume_falls_back(sandbox: Sandbox, kind: str) -> None:
     assert result.returncode == 0, result.stderr
 
     assert (sandbox.fallback / "output_images").is_dir()
-    assert_consistent_with_settings(sandbox.fallback, sandbox)
+    assert_passed_to_python(sandbox.fallback, sandbox)
     worker = sandbox.calls()[-1]
     assert worker.command == "worker"
     assert worker.env["WORKSPACE"] == str(sandbox.fallback)
@@ -222,7 +213,7 @@ def test_workspace_and_hf_home_set_by_the_user_win(sandbox: Sandbox) -> None:
     assert result.returncode == 0, result.stderr
 
     assert (mine / "models").is_dir()
-    assert_consistent_with_settings(mine, sandbox, workspace=str(mine))
+    assert_passed_to_python(mine, sandbox)
     assert not (sandbox.volume / "DA3-Serverless").exists()
     worker = sandbox.calls()[-1]
     assert worker.env == {

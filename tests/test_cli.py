@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import base64
+import contextlib
+import http.server
 import io
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import zipfile
 from pathlib import Path
@@ -26,6 +29,7 @@ from da3_serverless.cli import interruptible
 from da3_serverless.client import parse_response
 from da3_serverless.service import Service
 from paths import IMAGES
+from servers import free_port
 
 # `predict --out`: every kind of file, per view and for the scene.
 SCENE_RUN = {
@@ -171,8 +175,47 @@ def test_prefetch_finds_cached_and_names_what_is_missing_offline(service_env, hf
     done = cli(service_env, "prefetch", "da3-small", "depth-anything/DA3-GIANT-1.1")
     assert done.returncode == 1
     assert done.stdout.startswith("da3-small: ") and str(hf_cache) in done.stdout
-    assert "depth-anything/DA3-GIANT-1.1: missing" in done.stderr
-    assert "offline" in done.stderr
+    assert "model 'depth-anything/DA3-GIANT-1.1' not found" in done.stderr
+    assert "HF_HUB_OFFLINE=1" in done.stderr and "Traceback" not in done.stderr
+
+
+class _Refuse(http.server.BaseHTTPRequestHandler):
+    """A hub that refuses every request (401), as for a private repo without a token."""
+
+    def do_GET(self):
+        self.send_response(401)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_HEAD = do_GET
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.parametrize("hub", ["unreachable", "refusing"])
+def test_prefetch_says_whether_the_hub_was_unreachable_or_refused(service_env, tmp_path, hub):
+    """A download that fails says why in its own line of the three, with no traceback: the
+    hub (HF_ENDPOINT) is a closed port, or a real HTTP server on 127.0.0.1 answering 401."""
+    env = {**service_env, "HF_HUB_OFFLINE": "0", "HF_HUB_ETAG_TIMEOUT": "5",
+           "HF_HUB_DOWNLOAD_TIMEOUT": "5"}  # fmt: skip
+    with contextlib.ExitStack() as stack:
+        if hub == "refusing":
+            server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Refuse)
+            stack.enter_context(server)
+            threading.Thread(target=server.serve_forever, daemon=True).start()
+            stack.callback(server.shutdown)
+            env["HF_ENDPOINT"] = f"http://127.0.0.1:{server.server_address[1]}"
+        else:
+            env["HF_ENDPOINT"] = f"http://127.0.0.1:{free_port()}"
+        done = cli(env, "prefetch", "depth-anything/DA3-GIANT-1.1", timeout=120)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 3, done.stderr
+    expected = "the hub was unreachable" if hub == "unreachable" else "the hub refused"
+    assert lines[1].startswith(expected), lines[1]
+    assert hub == "unreachable" or "HTTP 401" in lines[1]
+    assert "MODEL_ID=depth-anything/DA3-SMALL" in lines[2]
 
 
 def test_prune_removes_only_old_outputs(service_env):

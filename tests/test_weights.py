@@ -56,13 +56,20 @@ def test_runpod_plain_cache_then_workspace_models_then_hf_cache(small_snapshot, 
     assert weights.resolve("DA3-small") == plain  # short names, any case
 
 
-def test_offline_miss_names_the_repo_and_every_place(tmp_path):
+def test_offline_miss_says_where_it_looked_why_and_what_next_in_three_lines(tmp_path):
     with pytest.raises(ModelNotFoundError) as error:
         locator(tmp_path).resolve("da3-giant")
-    message = str(error.value)
-    assert "depth-anything/DA3-GIANT-1.1" in message
-    for place in ("RunPod model cache", "workspace models", "Hugging Face cache", "offline"):
-        assert place in message
+    where, hub, steps = str(error.value).split("\n")
+    assert "depth-anything/DA3-GIANT-1.1" in where
+    for place in ("RunPod model cache", "workspace models", "Hugging Face cache"):
+        assert place in where
+    assert str(tmp_path / "hf-home" / "hub") in where
+    assert hub.startswith("the hub was not asked") and "HF_HUB_OFFLINE=1" in hub
+    for step in ("MODEL_ID=depth-anything/DA3-SMALL",
+                 "`da3-serverless prefetch depth-anything/DA3-GIANT-1.1`",
+                 "MODEL_ID=<a local snapshot folder"):  # fmt: skip
+        assert step in steps
+    assert len(hub) <= 100 and len(steps) <= 300  # short enough to read at a glance
 
 
 def test_an_incomplete_snapshot_is_not_used(small_snapshot, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import logging.config
 import os
 import signal
 import sys
@@ -229,7 +230,7 @@ def cmd_prefetch(args: argparse.Namespace, settings: Settings) -> int:
         try:
             print(f"{model_id}: {locator.resolve(model_id)}")
         except ModelNotFoundError as error:
-            print(f"{model_id}: missing: {error}", file=sys.stderr)
+            print(f"error: {error}", file=sys.stderr)  # three lines: where, why, what next
             failed += 1
     return 1 if failed else 0
 
@@ -339,9 +340,16 @@ def cmd_batch(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     # Imported here so `request` and `prune` start without loading torch and FastAPI.
     from da3_serverless.server import serve
+    from da3_serverless.startup import StartupError, check_start, workspace_line
 
     if args.model:
         settings = settings.model_copy(update={"model_id": args.model})
+    print(workspace_line(settings), file=sys.stderr)
+    try:
+        check_start(settings)  # before the server: a failure is three lines, not a traceback
+    except StartupError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     serve(settings, args.host, args.port)
     return 0
 
@@ -434,8 +442,14 @@ def _request_options(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
+# HTTP clients log every request at INFO: noise on a terminal (`request`, `prefetch`).
+QUIET_LOGGERS = ("httpx", "httpx2", "httpcore", "urllib3")
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    quiet = {name: {"level": "WARNING"} for name in QUIET_LOGGERS}
+    logging.config.dictConfig({"version": 1, "incremental": True, "loggers": quiet})
     args = build_parser().parse_args(argv)
     try:
         settings = load_settings()

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from functools import cached_property
 from pathlib import Path
 
 from pydantic import AliasChoices, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+APP_NAME = "da3-serverless"
 DEFAULT_MODEL_ID = "depth-anything/DA3NESTED-GIANT-LARGE-1.1"
 # DA3_DTYPE: every accepted spelling -> the torch dtype's name.
 DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16",
@@ -61,9 +63,9 @@ class Settings(BaseSettings):
 
     # Workspace and storage
     workspace: Path | None = Field(default=None, validation_alias=_env("WORKSPACE"))
-    runpod_volume: Path = Field(
-        default=Path("/runpod-volume"), validation_alias=_env("RUNPOD_VOLUME")
-    )
+    # The user's data and cache folders (XDG), the workspace's home without WORKSPACE.
+    data_home: Path | None = Field(default=None, validation_alias=_env("XDG_DATA_HOME"))
+    cache_home: Path | None = Field(default=None, validation_alias=_env("XDG_CACHE_HOME"))
     output_retention_days: float = Field(
         default=14, gt=0, validation_alias=_env("OUTPUT_RETENTION_DAYS")
     )
@@ -167,15 +169,22 @@ class Settings(BaseSettings):
             raise ValueError(f"use one of {', '.join(DTYPE_NAMES)}")
         return DTYPE_NAMES[name.lower()]
 
-    @cached_property
+    @property
     def workspace_dir(self) -> Path:
-        """`WORKSPACE`, else `<RUNPOD_VOLUME>/DA3-Serverless` on a writable volume, else
-        `/workspace/DA3-Serverless`."""
+        """`WORKSPACE`, else `da3-serverless` in the user's data folder (`user_folders`).
+        The container's bootstrap.sh chooses a volume and passes it as WORKSPACE."""
+        return self.workspace if self.workspace is not None else self._user_folders[0]
+
+    @property
+    def workspace_reason(self) -> str:
+        """Why `workspace_dir` is where it is, for the start log."""
         if self.workspace is not None:
-            return self.workspace
-        if self.runpod_volume.is_dir() and os.access(self.runpod_volume, os.W_OK):
-            return self.runpod_volume / "DA3-Serverless"
-        return Path("/workspace/DA3-Serverless")
+            return "WORKSPACE is set"
+        return "WORKSPACE is unset: this user's data folder"
+
+    @cached_property
+    def _user_folders(self) -> tuple[Path, Path]:
+        return user_folders(self.data_home, self.cache_home)
 
     @property
     def base64_chars_limit(self) -> int:
@@ -187,8 +196,11 @@ class Settings(BaseSettings):
 
     @property
     def cache_dir(self) -> Path:
-        """Hugging Face cache root (`HF_HOME`), defaulting to the workspace's `cache/`."""
-        return self.hf_home if self.hf_home is not None else self.workspace_dir / "cache"
+        """Hugging Face cache root: `HF_HOME`, else the workspace's `cache/` when WORKSPACE is
+        set, else `da3-serverless` in the user's cache folder."""
+        if self.hf_home is not None:
+            return self.hf_home
+        return self.workspace / "cache" if self.workspace is not None else self._user_folders[1]
 
     @property
     def models_dir(self) -> Path:
@@ -201,6 +213,21 @@ class Settings(BaseSettings):
     @property
     def compile_cache_dir(self) -> Path:
         return self.workspace_dir / "compile-cache"
+
+
+def user_folders(data_home: Path | None, cache_home: Path | None) -> tuple[Path, Path]:
+    """(data, cache) folders named `da3-serverless` that this user can write, as the platform
+    places them: XDG_DATA_HOME / XDG_CACHE_HOME (default ~/.local/share, ~/.cache) on Linux,
+    ~/Library/Application Support and ~/Library/Caches on macOS, %LOCALAPPDATA% on Windows."""
+    home = Path.home()
+    if sys.platform == "darwin":
+        data, cache = home / "Library" / "Application Support", home / "Library" / "Caches"
+    elif sys.platform == "win32":
+        data = Path(os.environ.get("LOCALAPPDATA") or home / "AppData" / "Local")
+        cache = data / "Cache"
+    else:
+        data, cache = home / ".local" / "share", home / ".cache"
+    return (data_home or data) / APP_NAME, (cache_home or cache) / APP_NAME
 
 
 class SettingsError(ValueError):

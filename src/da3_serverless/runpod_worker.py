@@ -33,6 +33,7 @@ from da3_serverless.inference.cancel import Cancelled
 from da3_serverless.server.batching import Batcher, BatchItem
 from da3_serverless.server.queue import Job, Scheduler
 from da3_serverless.service import Service
+from da3_serverless.startup import StartupError, check_start, workspace_line
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +132,12 @@ def main() -> None:
     except SettingsError as error:  # a worker with impossible settings must not take jobs
         log.error("%s", error)
         sys.exit(2)
+    log.info("%s", workspace_line(settings))
+    try:
+        check_start(settings)  # three lines that say what to do, not a traceback
+    except StartupError as error:
+        log.error("%s", error)
+        sys.exit(1)
     service = Service(settings)
     try:
         service.start()

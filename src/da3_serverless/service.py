@@ -104,10 +104,17 @@ class Service:
         log.info("request budget: %s", self.budget.describe())
         log.info("model memory budget: %.1f GiB", self.model_cache.budget_bytes / 1024**3)
         self.store.maybe_prune()
+        started = time.perf_counter()
         with self.model_cache.use(self.default_model_id) as predictor:
             if self.settings.warmup:
                 warm_up(predictor)
         self._ready = True
+        seconds = time.perf_counter() - started
+        log.info(
+            "ready: model %s on %s (%s), loaded%s in %.1f s", predictor.model_id,
+            predictor.device, str(predictor.dtype).removeprefix("torch."),
+            " and warmed" if self.settings.warmup else "", seconds,
+        )  # fmt: skip
 
     @property
     def ready(self) -> bool:

@@ -20,8 +20,12 @@ RUNPOD_HUB_CACHE = Path("/runpod-volume/huggingface-cache/hub")
 RUNPOD_PLAIN_CACHE = Path("/runpod/cache")
 
 
+SMALL_MODEL_ID = "depth-anything/DA3-SMALL"  # the smallest download, for a first try
+
+
 class ModelNotFoundError(LookupError):
-    """No snapshot of the model anywhere we looked; the message lists every place."""
+    """No snapshot of the model anywhere we looked. The message has three lines: where we
+    looked, what the hub said (not asked, unreachable, refused), and the next steps."""
 
 
 def is_snapshot(folder: Path) -> bool:
@@ -76,13 +80,12 @@ class WeightLocator:
         for found in self._cached(repo_id, looked):
             return found
         if self.offline or not download:
-            looked.append("Hugging Face download (skipped: offline)")
-            raise self._not_found(repo_id, looked)
+            raise not_found(repo_id, looked, "the hub was not asked (downloads are off: "
+                            "HF_HUB_OFFLINE=1)")  # fmt: skip
         try:
             return self.download(repo_id)
         except OSError as error:  # huggingface_hub's HTTP and cache errors are OSErrors
-            looked.append(f"Hugging Face download ({type(error).__name__}: {error})")
-            raise self._not_found(repo_id, looked) from None
+            raise not_found(repo_id, looked, hub_failure(error)) from None
 
     def download(self, repo_id: str) -> Path:
         """Download the snapshot files into the HF cache (atomic: huggingface_hub writes
@@ -114,13 +117,46 @@ class WeightLocator:
         looked.append(f"Hugging Face cache {self.hf_cache}")
         yield from _hub_cache_snapshot(repo_id, self.hf_cache)
 
-    @staticmethod
-    def _not_found(repo_id: str, looked: list[str]) -> ModelNotFoundError:
-        places = "; ".join(looked)
-        return ModelNotFoundError(
-            f"model {repo_id!r} not found. Looked in: {places}. Put a snapshot (config.json + "
-            "model.safetensors) in one of those places, or allow downloads (HF_HUB_OFFLINE unset)"
-        )
+
+def not_found(repo_id: str, looked: list[str], hub: str) -> ModelNotFoundError:
+    """The three-line message: where we looked, what the hub said, what to do next."""
+    steps = [f"`da3-serverless prefetch {repo_id}` where the hub is reachable (same WORKSPACE "
+             "or HF_HOME)", "MODEL_ID=<a local snapshot folder with config.json and "
+             "model.safetensors>"]  # fmt: skip
+    if repo_id != SMALL_MODEL_ID:
+        steps.insert(0, f"MODEL_ID={SMALL_MODEL_ID} (the smallest download)")
+    return ModelNotFoundError(
+        f"model {repo_id!r} not found; looked in: {'; '.join(looked)}\n{hub}\n"
+        f"next: {', or '.join(steps)}"
+    )
+
+
+def hub_failure(error: BaseException) -> str:
+    """Why the hub gave no snapshot, in one line: unreachable, refused (and the HTTP status),
+    or the download's own error. Looks through the exception's causes (huggingface_hub wraps
+    a connection error in LocalEntryNotFoundError)."""
+    chain: list[BaseException] = []
+    cause: BaseException | None = error
+    while cause is not None and cause not in chain:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    names = {kind.__name__ for link in chain for kind in type(link).__mro__}
+    statuses = [getattr(getattr(link, "response", None), "status_code", None) for link in chain]
+    status = next((code for code in statuses if isinstance(code, int)), None)
+    if "GatedRepoError" in names:
+        return (f"the hub refused (HTTP {status}): the model is gated; set HF_TOKEN to a token "
+                "of an account that accepted its terms")  # fmt: skip
+    if "RepositoryNotFoundError" in names:
+        return f"the hub refused (HTTP {status}): no such repo, or it is private (check the id)"
+    if status in (401, 403):
+        return f"the hub refused (HTTP {status}): a private or gated repo needs HF_TOKEN"
+    if status is not None:
+        return f"the hub refused the download (HTTP {status})"
+    if names & {"ConnectError", "ConnectionError", "TimeoutException", "TimeoutError",
+                "OfflineModeIsEnabled", "LocalEntryNotFoundError"}:  # fmt: skip
+        return "the hub was unreachable (no network, a proxy or a firewall in the way)"
+    first_line = (str(error).splitlines() or [""])[0][:200]
+    return f"the download failed ({type(error).__name__}: {first_line})"
 
 
 def _hub_cache_snapshot(repo_id: str, cache: Path):
