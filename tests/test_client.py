@@ -9,6 +9,7 @@ serving a random-weight da3-small.
 from __future__ import annotations
 
 import json
+import logging
 
 import httpx
 import numpy as np
@@ -179,12 +180,17 @@ def test_client_image_url(self_hosted):
 
 
 @pytest.mark.slow
-def test_request_command(self_hosted, tmp_path):
+def test_request_command(self_hosted, tmp_path, capsys, caplog):
     out = tmp_path / "out"
     argv = ["request", str(IMAGES / "soh-000.png"), str(IMAGES / "soh-010.png"), "--endpoint",
             self_hosted, "--api-key", TEST_API_KEY, "--out", str(out), "--process-res", "140",
             "--relative"]  # fmt: skip
-    assert main(argv) == 0
+    with caplog.at_level(logging.DEBUG):
+        assert main(argv) == 0
+    # It says what it wrote, and nothing of httpx's below WARNING.
+    said = capsys.readouterr().out
+    assert f"soh-010: wrote 3 file(s) to {out}: soh-010.depth.png, soh-010.preview.png" in said
+    assert not [r for r in caplog.records if r.name.startswith("httpx")]
     for stem in ("soh-000", "soh-010"):
         with Image.open(out / f"{stem}.depth.png") as depth:
             assert depth.size == (1208, 680) and depth.mode.startswith("I")

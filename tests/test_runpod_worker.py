@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -58,10 +59,14 @@ def context(small_snapshot) -> Iterator[cases.Context]:
 
 
 @pytest.fixture(scope="module")
-def worker(module_env, tmp_path_factory) -> Iterator[str]:
+def worker_log(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("logs") / "worker.log"
+
+
+@pytest.fixture(scope="module")
+def worker(module_env, worker_log) -> Iterator[str]:
     """Private image URLs allowed: the images come from a server on 127.0.0.1."""
-    log = tmp_path_factory.mktemp("logs") / "worker.log"
-    with runpod_local_api({**module_env, "DA3_ALLOW_PRIVATE_URLS": "1"}, log) as url:
+    with runpod_local_api({**module_env, "DA3_ALLOW_PRIVATE_URLS": "1"}, worker_log) as url:
         yield url
 
 
@@ -73,11 +78,15 @@ def strict_worker(module_env, tmp_path_factory) -> Iterator[str]:
         yield url
 
 
-def test_runsync_base64(worker, context, module_env):
+def test_runsync_base64(worker, context, module_env, worker_log):
     body = cases.case_base64(runsync_call(worker), context)
     saved = Path(body["file_path"])
     assert saved.is_file() and saved.suffix == ".png"
     assert saved.parent == Path(module_env["WORKSPACE"]) / "output_images"
+    # RunPod's SDK logs the handler's output at DEBUG (its default level): no base64 in it.
+    log = worker_log.read_text()
+    assert "Handler output" in log and "base64 chars>" in log
+    assert not re.search(r"[A-Za-z0-9+/]{200,}", log)
 
 
 def test_runsync_image_url(worker, context):

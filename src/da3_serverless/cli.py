@@ -414,7 +414,9 @@ def cmd_request(args: argparse.Namespace, settings: Settings) -> int:
                 failed += 1
                 tqdm.write(f"{stem}: {exc}", file=sys.stderr)
                 continue
-            result.save_all(args.out, stem)
+            written = result.save_all(args.out, stem)
+            tqdm.write(f"{stem}: wrote {len(written)} file(s) to {args.out}: "
+                       f"{', '.join(path.name for path in written)}")  # fmt: skip
             if missing:
                 tqdm.write(f"{stem}: {', '.join(missing)} stayed on the server (see "
                            f"{stem}.json for their paths)", file=sys.stderr)  # fmt: skip

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -125,7 +126,32 @@ def worker_config(service: Service) -> dict[str, Any]:
     return {"handler": make_handler(service), "concurrency_modifier": lambda current: at_once}
 
 
+# A run of base64 long enough to be a file (a photo, a depth map), never an id or a word.
+BASE64_RUN = re.compile(r"[A-Za-z0-9+/]{200,}={0,2}")
+
+
+def without_base64(text: str) -> str:
+    """`text` with each run of 200+ base64 characters replaced by `<N base64 chars>`."""
+    return BASE64_RUN.sub(lambda run: f"<{len(run.group())} base64 chars>", text)
+
+
+def quiet_runpod_logs() -> None:
+    """RunPod's SDK logs each handler output (and a local test input) at DEBUG, its default
+    level: the photos and depth maps as base64, kilobytes a line. Its one logger (a process
+    singleton) keeps logging everything, each base64 run shortened to its length."""
+    from runpod.serverless.modules.rp_logger import RunPodLogger
+
+    logger = RunPodLogger()
+    original = logger.log
+
+    def log_without_base64(message: object, message_level: str = "INFO", job_id=None) -> None:
+        original(without_base64(str(message)), message_level, job_id)
+
+    logger.log = log_without_base64  # type: ignore[method-assign]
+
+
 def main() -> None:
+    quiet_runpod_logs()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
         settings = load_settings()
