@@ -326,7 +326,6 @@ def cmd_batch(args: argparse.Namespace, settings: Settings) -> int:
         print("error: give --endpoint or set DA3_ENDPOINT", file=sys.stderr)
         return 2
     options = _request_options(args)  # a scene item adds the scene files to its outputs
-    logging.disable(logging.INFO)  # httpx's line per request would scroll the bar away
     with Client(endpoint, api_key=args.api_key or settings.api_key,
                 runpod_api_key=args.runpod_api_key or settings.runpod_api_key,
                 timeout=args.timeout) as client:  # fmt: skip
