@@ -135,7 +135,15 @@ class Settings(BaseSettings):
         default=10.0, ge=0, le=10_000, validation_alias=_env("BATCH_WAIT_MS")
     )
     max_jobs: int = Field(default=1000, ge=1, validation_alias=_env("MAX_JOBS"))
-    job_ttl_s: float = Field(default=3600.0, gt=0, validation_alias=_env("JOB_TTL_S"))
+    # How long finished results stay for /status: /run's (RunPod keeps them 30 min), /runsync's
+    # (RunPod: 1 min).
+    job_ttl_s: float = Field(default=1800.0, gt=0, validation_alias=_env("JOB_TTL_S"))
+    runsync_ttl_s: float = Field(default=60.0, ge=0, validation_alias=_env("RUNSYNC_TTL_S"))
+    # A /v2 job's `webhook`: each try's time limit, and the wait between RunPod's three tries.
+    webhook_timeout_s: float = Field(default=10.0, gt=0, validation_alias=_env("WEBHOOK_TIMEOUT_S"))
+    webhook_retry_delay_s: float = Field(
+        default=10.0, ge=0, validation_alias=_env("WEBHOOK_RETRY_DELAY_S")
+    )
     # Finished /run results held in memory, in bytes of their JSON; the oldest go first.
     max_job_bytes: int = Field(default=200_000_000, ge=1, validation_alias=_env("MAX_JOB_BYTES"))
     shutdown_grace_s: float = Field(default=60.0, ge=0, validation_alias=_env("SHUTDOWN_GRACE_S"))

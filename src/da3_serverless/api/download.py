@@ -1,4 +1,5 @@
-"""Downloading an `image_url` as an attacker would serve it (docs/ARCHITECTURE.md §5).
+"""Downloading an `image_url` as an attacker would serve it (docs/ARCHITECTURE.md §5), and
+posting a job's webhook through the same address checks (`post_json`).
 
 - One deadline (`settings.download_timeout_s`) covers the whole download: DNS runs in a worker
   thread waited on for at most the time left, and every connect, TLS handshake, write and read
@@ -413,3 +414,42 @@ def _timed_out(host: str, settings: Settings) -> ServiceError:
         f"downloading the image from {host} took longer than {settings.download_timeout_s:g} s: "
         "use a faster host or send the image as image_base64",
     )
+
+
+# ---- webhooks ---------------------------------------------------------------------------------
+
+
+def post_json(url: str, body: bytes, settings: Settings, timeout_s: float) -> int:
+    """POST `body` (JSON) to `url` within `timeout_s` (DNS, connect, send and the answer's
+    status line) through the same address checks as downloads; no redirect is followed.
+    Returns the HTTP status; raises `ServiceError` (refused address, network error, timeout)."""
+    target = _parse_url(url)
+    clock = _Clock(timeout_s)
+    headers = [
+        (b"Host", target.netloc),
+        (b"User-Agent", USER_AGENT.replace("image fetcher", "webhook").encode()),
+        (b"Content-Type", b"application/json"),
+        (b"Content-Length", str(len(body)).encode()),
+    ]
+    extensions = {"sni_hostname": target.raw_host.decode("ascii")}
+    try:
+        address = _addresses(target, settings, clock)[0]
+        with httpcore.ConnectionPool(
+            ssl_context=ssl_context(), network_backend=_DeadlineBackend(clock), retries=0
+        ) as pool:
+            endpoint = httpcore.URL(
+                scheme=target.raw_scheme, host=address.encode(), port=target.port,
+                target=target.raw_path,
+            )  # fmt: skip
+            with pool.stream(
+                "POST", endpoint, headers=headers, content=body, extensions=extensions
+            ) as response:  # its body is never read
+                return response.status
+    except _TIMEOUTS:
+        raise ServiceError(
+            "fetch_failed", f"{target.host} did not answer in {timeout_s:g} s"
+        ) from None
+    except _NETWORK_ERRORS as exc:
+        raise ServiceError(
+            "fetch_failed", f"could not reach {target.host} ({type(exc).__name__})"
+        ) from None

@@ -118,14 +118,16 @@ def in_runpod_form(body: object) -> bool:
     return isinstance(body, dict) and "input" in body
 
 
-def unwrap(body: object) -> object:
-    """The v1 request object of a body, bare or in RunPod's form."""
+def unwrap(body: object, beside: frozenset[str] = frozenset()) -> object:
+    """The v1 request object of a body, bare or in RunPod's form; `beside`: the fields the
+    form may carry beside `input` (RunPod's paths take `webhook`, `policy`, `s3Config`)."""
     if not in_runpod_form(body):
         return body
     assert isinstance(body, dict)
-    if set(body) != {"input"}:
-        extra = sorted(name[:40] for name in set(body) - {"input"})[:5]
+    if set(body) - beside != {"input"}:
+        extra = sorted(name[:40] for name in set(body) - beside - {"input"})[:5]
+        allowed = ", ".join(repr(name) for name in ["input", *sorted(beside)])
         raise ServiceError(
-            "invalid_input", f"only 'input' is supported in the RunPod form, not {extra}"
+            "invalid_input", f"the RunPod form takes only {allowed} here, not {extra}"
         )
     return body["input"]

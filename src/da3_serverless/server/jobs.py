@@ -9,7 +9,7 @@ import asyncio
 import logging
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import anyio.to_thread
@@ -23,13 +23,22 @@ from da3_serverless.inference.cancel import Cancelled
 from da3_serverless.server.batching import BatchItem
 from da3_serverless.server.body import in_runpod_form, max_json_structure, read_json, unwrap
 from da3_serverless.server.docs import ERRORS, RUN_ERRORS, RunPodEnvelope, request_body_doc
-from da3_serverless.server.queue import CANCELLED, COMPLETED, FAILED, Job, result_bytes
+from da3_serverless.server.queue import (
+    CANCELLED,
+    COMPLETED,
+    FAILED,
+    TIMED_OUT,
+    Job,
+    result_bytes,
+)
 from da3_serverless.service import check_finite
 
 if TYPE_CHECKING:
     from da3_serverless.server.app import AppState
 
 log = logging.getLogger(__name__)
+# This server is one worker: its id in RunPod's `workerId`, new at each start.
+WORKER_ID = uuid.uuid4().hex[:14]
 
 
 @dataclass
@@ -43,6 +52,7 @@ class Admitted:
     model_key: str
     path: str = ""  # the route, for the job's metrics
     batch_key: tuple | None = None  # may share a forward with others of the same key
+    beside: dict = field(default_factory=dict)  # RunPod's fields beside `input` (/v2 paths)
 
 
 async def admit(request: Request, state: AppState) -> Admitted:
@@ -57,10 +67,14 @@ async def admit(request: Request, state: AppState) -> Admitted:
 
 
 async def read_request(
-    request: Request, state: AppState, limit: tuple[int, str] | None = None
+    request: Request,
+    state: AppState,
+    limit: tuple[int, str] | None = None,
+    beside: frozenset[str] = frozenset(),
 ) -> Admitted:
     """The body read and unwrapped, and the key from the headers; not checked yet. `limit`:
-    the most bytes the body may have and the setting's name (default MAX_BODY_BYTES)."""
+    the most bytes the body may have and the setting's name (default MAX_BODY_BYTES);
+    `beside`: RunPod's fields the body may carry beside `input` (kept in `Admitted.beside`)."""
     if state.draining:
         raise ServiceError("model_unavailable", "the server is shutting down; retry elsewhere")
     settings = state.settings
@@ -69,9 +83,13 @@ async def read_request(
         request, most, settings.body_timeout_s, max_json_structure(settings.max_views), name
     )
     request.state.envelope = envelope = in_runpod_form(body)
-    payload = unwrap(body)
+    payload = unwrap(body, beside)
     path = getattr(request.scope.get("route"), "path", "?")
-    return Admitted(payload, envelope, key_from_headers(request.headers), "", path)
+    admitted = Admitted(payload, envelope, key_from_headers(request.headers), "", path)
+    if envelope:
+        assert isinstance(body, dict)
+        admitted.beside = {name: body[name] for name in beside if name in body}
+    return admitted
 
 
 def check_request(request: Request, state: AppState, admitted: Admitted) -> str:
@@ -237,7 +255,8 @@ async def _run_job(state: AppState, job: Job, admitted: Admitted) -> None:
         if job.error is not None:
             job.error = detached(job.error)
             cancelled = job.error.code == "cancelled" or job.cancel.cancelled
-            job.status = CANCELLED if cancelled else FAILED
+            timed_out = job.status == TIMED_OUT  # stopped by its time limits, not a caller
+            job.status = (TIMED_OUT if timed_out else CANCELLED) if cancelled else FAILED
         job.finished = time.monotonic()
         if job.done:
             state.jobs.tally[job.status] += 1
@@ -264,10 +283,14 @@ def _finished(job: Job, output: dict[str, Any]) -> dict[str, Any]:
 
 
 def job_body(job: Job) -> dict[str, Any]:
-    """A job in RunPod's form: id, status, delay and execution times (ms), output or error."""
+    """A job in RunPod's form: id, status, `delayTime` (ms from its submission until it
+    started, or until now or its end while it never started), `executionTime` (ms running),
+    `workerId` once it started, output or error."""
     body: dict[str, Any] = {"id": job.id, "status": job.status}
+    waited_until = job.started or job.finished or time.monotonic()
+    body["delayTime"] = max(0, round((waited_until - job.created) * 1000))
     if job.started is not None:
-        body["delayTime"] = round((job.started - job.created) * 1000)
+        body["workerId"] = WORKER_ID
     if job.finished is not None and job.started is not None:
         body["executionTime"] = round((job.finished - job.started) * 1000)
     if job.output is not None:

@@ -28,7 +28,7 @@ from da3_serverless.inference.cancel import Cancelled, CancelToken
 T = TypeVar("T")
 
 IN_QUEUE, IN_PROGRESS, COMPLETED, FAILED = "IN_QUEUE", "IN_PROGRESS", "COMPLETED", "FAILED"
-CANCELLED = "CANCELLED"
+CANCELLED, TIMED_OUT = "CANCELLED", "TIMED_OUT"
 
 
 class Scheduler:
@@ -140,9 +140,11 @@ class Job:
     task: asyncio.Task[None] | None = None
     size: int = 0  # bytes of the output's JSON, counted against JobStore.max_bytes
     keep: bool = True  # the result is kept for /status (not when a /runsync caller takes it)
+    ttl_s: float | None = None  # how long it stays once finished (None: the store's TTL)
     cancel: CancelToken = field(default_factory=CancelToken)
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     info: JobInfo | None = None  # what the service is told about it (JobInfo(id) by default)
+    retry: Any = None  # what RunPod's /retry runs again: a FAILED or TIMED_OUT job's request
 
     def __post_init__(self) -> None:
         if self.info is None:
@@ -150,15 +152,16 @@ class Job:
 
     @property
     def done(self) -> bool:
-        return self.status in (COMPLETED, FAILED, CANCELLED)
+        return self.status in (COMPLETED, FAILED, CANCELLED, TIMED_OUT)
 
-    def request_cancel(self, reason: str) -> None:
-        """Cancel the job (from the event loop): CANCELLED at once, unless it has finished or
-        is past its last check (then it completes). A queued job leaves the queue; a running
-        one stops at its next check and frees the worker."""
+    def request_cancel(self, reason: str, status: str = CANCELLED) -> None:
+        """Cancel the job (from the event loop): `status` (CANCELLED, or TIMED_OUT for a job
+        past its time limits) at once, unless it has finished or is past its last check (then
+        it completes). A queued job leaves the queue; a running one stops at its next check
+        and frees the worker."""
         if self.done or not self.cancel.cancel(reason):
             return
-        self.status = CANCELLED
+        self.status = status
         self.stop.set()
 
 
@@ -188,7 +191,7 @@ class JobStore:
             (j for j in self._jobs.values() if j.done and j.finished is not None),
             key=lambda j: j.finished,
         )
-        for job in [j for j in finished if now - j.finished > self.ttl_s]:
+        for job in [j for j in finished if now - j.finished > self._ttl(j)]:
             self._forget(job.id)
         # Over the count or byte limit the oldest finished jobs go first.
         finished = [j for j in finished if j.id in self._jobs]
@@ -204,6 +207,9 @@ class JobStore:
         self._expired[job_id] = None
         while len(self._expired) > self.max_jobs:
             self._expired.popitem(last=False)
+
+    def _ttl(self, job: Job) -> float:
+        return job.ttl_s if job.ttl_s is not None else self.ttl_s
 
     def finished(self, job: Job) -> None:
         """Count a finished job's result. One alone over `max_bytes` is replaced by an error

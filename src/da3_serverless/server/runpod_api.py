@@ -13,6 +13,7 @@ with an id to poll; its client disconnecting before that cancels the job.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +31,7 @@ from da3_serverless.server.docs import (
     runpod_body_doc,
 )
 from da3_serverless.server.jobs import (
+    Admitted,
     cancel_job,
     check_request,
     detached,
@@ -39,12 +41,14 @@ from da3_serverless.server.jobs import (
     start_job,
     wait_for_job,
 )
-from da3_serverless.server.queue import COMPLETED, FAILED, Job
+from da3_serverless.server.queue import COMPLETED, FAILED, TIMED_OUT, Job
+from da3_serverless.server.runpod_policy import FIELDS, RunPodOptions, follow, parse_options
 
 if TYPE_CHECKING:
     from da3_serverless.server.app import AppState
 
 PREFIX = "/v2/{endpoint_id}"
+_FOLLOWERS: set[asyncio.Task] = set()  # each /v2 job's follower, held until it ends
 # RunPod's /runsync wait: 90 s by default, 1 s to 300 s (milliseconds in `?wait=`).
 DEFAULT_WAIT_MS, MIN_WAIT_MS, MAX_WAIT_MS = 90_000, 1_000, 300_000
 
@@ -60,28 +64,65 @@ async def submit(request: Request, state: AppState, keep: bool = True) -> Job:
         if keep
         else (settings.max_runsync_body_bytes, "MAX_RUNSYNC_BODY_BYTES, as RunPod's /runsync")
     )
-    admitted = await read_request(request, state, limit)
+    admitted = await read_request(request, state, limit, FIELDS)
     request.state.envelope = True
     if not admitted.envelope or not isinstance(admitted.payload, dict):
         raise ServiceError(
             "invalid_input", 'RunPod\'s paths take the request as {"input": {...}}, an object'
         )
+    options = parse_options(admitted.beside)
+    return launch(request, state, admitted, options, keep=keep)
+
+
+def launch(
+    request: Request,
+    state: AppState,
+    admitted: Admitted,
+    options: RunPodOptions,
+    job_id: str | None = None,
+    keep: bool = True,
+) -> Job:
+    """Check and queue an admitted request as job `job_id` (a new id by default), followed
+    until it ends (`runpod_policy.follow`): time limits, /retry, webhook."""
     try:
         admitted.model_key = check_request(request, state, admitted)
     except ServiceError as err:
         if err.code == "unauthorized":
             raise
-        return failed_job(state, err)
-    try:
-        state.scheduler.admit()
-    except ServiceError as err:
-        raise ServiceError(err.code, err.message, status=429) from None
-    return start_job(state, admitted, keep=keep)
+        job = failed_job(state, err, job_id)
+    else:
+        try:
+            state.scheduler.admit()
+        except ServiceError as err:
+            raise ServiceError(err.code, err.message, status=429) from None
+        job = start_job(state, admitted, job_id, keep=keep)
+        assert job.info is not None
+        job.info.bucket = options.bucket  # before the job's task first runs
+    follower = asyncio.create_task(follow(state, job, admitted, options))
+    _FOLLOWERS.add(follower)
+    follower.add_done_callback(_FOLLOWERS.discard)
+    return job
 
 
-def failed_job(state: AppState, err: ServiceError) -> Job:
+def retry(request: Request, state: AppState, job_id: str) -> Job:
+    """RunPod's /retry: a FAILED or TIMED_OUT job runs again under its id, with its request."""
+    request.state.envelope = True
+    job = find_job(request, state, job_id)
+    if job.status not in (FAILED, TIMED_OUT) or job.retry is None:
+        raise ServiceError(
+            "invalid_input",
+            f"job {job.id} is {job.status}: only a FAILED or TIMED_OUT job is retried "
+            "(while it is kept: RUNSYNC_TTL_S, JOB_TTL_S)",
+        )
+    admitted, options = job.retry
+    again = launch(request, state, admitted, options, job.id)
+    state.jobs.tally["retried"] += 1
+    return again
+
+
+def failed_job(state: AppState, err: ServiceError, job_id: str | None = None) -> Job:
     """A job that failed before it queued (RunPod reports those as FAILED jobs too)."""
-    job = state.jobs.new()
+    job = state.jobs.new(job_id)
     job.status, job.error, job.finished = FAILED, detached(err), time.monotonic()
     state.jobs.tally[FAILED] += 1
     return job
@@ -99,7 +140,7 @@ def health(state: AppState) -> dict[str, Any]:
     in_queue = len(state.jobs.queued()) + for_memory
     return {
         "jobs": {"completed": tally[COMPLETED], "failed": tally[FAILED],
-                 "inProgress": in_progress, "inQueue": in_queue, "retried": 0},
+                 "inProgress": in_progress, "inQueue": in_queue, "retried": tally["retried"]},
         "workers": {"idle": int(loaded and not busy), "running": int(busy),
                     "initializing": int(not state.service.ready and state.start_error is None),
                     "ready": int(loaded), "throttled": 0,
@@ -126,7 +167,10 @@ def add_runpod_routes(app: FastAPI, state: AppState) -> None:
         job = await submit(request, state, keep=False)
         seconds = min(max(wait or DEFAULT_WAIT_MS, MIN_WAIT_MS), MAX_WAIT_MS) / 1000
         if job.task is None or await wait_for_job(request, state, job, seconds):
-            state.jobs.forget(job.id)  # answered: its output is not kept
+            # Answered: kept RUNSYNC_TTL_S for /status, as RunPod keeps it a minute.
+            job.ttl_s = state.settings.runsync_ttl_s
+            if job.size > state.jobs.max_bytes:
+                state.jobs.forget(job.id)
         else:
             job.keep = True  # it outlasted the wait: polled at /status like a /run job
         return JSONResponse(job_body(job))
@@ -140,6 +184,12 @@ def add_runpod_routes(app: FastAPI, state: AppState) -> None:
     async def runpod_cancel(request: Request, endpoint_id: str, job_id: str) -> JSONResponse:
         job = find_job(request, state, job_id)
         return JSONResponse(cancel_job(job, f"POST /v2/{endpoint_id[:64]}/cancel"))
+
+    @app.post(f"{PREFIX}/retry/{{job_id}}", summary="RunPod's /retry: run a FAILED or "
+              "TIMED_OUT job again, same id", responses=job_doc)  # fmt: skip
+    async def runpod_retry(request: Request, endpoint_id: str, job_id: str) -> JSONResponse:
+        again = retry(request, state, job_id)
+        return JSONResponse({"id": again.id, "status": again.status})
 
     @app.get(f"{PREFIX}/health", summary="RunPod's /health: jobs and workers",
              response_model=RunPodHealth, responses=ERRORS)  # fmt: skip
