@@ -208,3 +208,41 @@ def test_request_command_needs_an_endpoint(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("DA3_ENDPOINT", raising=False)
     assert main(["request", str(IMAGES / "soh-000.png"), "--out", str(tmp_path)]) == 2
     assert "--endpoint" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_anchors_reach_both_transports(endpoint):
+    """A known depth at three pixels brings da3-small's relative answer to metres."""
+    photo = IMAGES / "soh-000.png"
+    with Client(endpoint, api_key=TEST_API_KEY, timeout=300) as client:
+        plain = client.depth(photo, process_res=112, output_metric=False)
+        points = [[x + 0.5, y + 0.5, 3.0 * float(plain.depth[y, x])]
+                  for x, y in ((100, 100), (600, 300), (1000, 500))]  # fmt: skip
+        anchored = client.depth(photo, process_res=112, anchors={"points": points})
+    fit = anchored.raw["anchors"]
+    assert fit["fitted"] and abs(fit["scale"] / 3.0 - 1) < 1e-4 and fit["inliers"] == 3
+    assert anchored.raw["units"] == "m"
+    # depth arrives as 16-bit PNG: equal within one quantisation step of the scaled answer
+    step = 3.0 * float(np.ptp(plain.depth)) / 65535
+    np.testing.assert_allclose(anchored.depth, 3.0 * plain.depth, rtol=1e-4, atol=2 * step)
+
+
+@pytest.mark.slow
+def test_request_command_with_a_lidar_map(self_hosted, tmp_path):
+    """`request --anchor-depth lidar.png --anchor-scale 0.001`: a 16-bit millimetre map at
+    another resolution (the same field of view) fixes the scale."""
+    photo = IMAGES / "soh-010.png"
+    with Client(self_hosted, api_key=TEST_API_KEY, timeout=300) as client:
+        plain = client.depth(photo, process_res=112, output_metric=False)
+    rows = ((np.arange(48) + 0.5) * 680 / 48).astype(int)
+    cols = ((np.arange(64) + 0.5) * 1208 / 64).astype(int)
+    millimetres = np.round(2000.0 * plain.depth[np.ix_(rows, cols)] / plain.depth.mean())
+    Image.fromarray(millimetres.astype(np.uint16)).save(tmp_path / "lidar.png")
+    out = tmp_path / "out"
+    argv = ["request", str(photo), "--endpoint", self_hosted, "--api-key", TEST_API_KEY,
+            "--out", str(out), "--process-res", "112", "--outputs", "depth",
+            "--anchor-depth", str(tmp_path / "lidar.png"), "--anchor-scale", "0.001"]  # fmt: skip
+    assert main(argv) == 0
+    fit = json.loads((out / "soh-010.json").read_text())["anchors"]
+    assert abs(fit["scale"] * plain.depth.mean() / 2.0 - 1) < 1e-3, fit
+    assert fit["outliers"] == 0 and fit["residual_m"]["p90"] < 0.01

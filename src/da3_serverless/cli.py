@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import logging
 import logging.config
@@ -364,6 +365,11 @@ def _request_arguments(parser: argparse.ArgumentParser) -> None:
         help="the images are views of one "
         "scene: one request, and the scene files (scene_ply, scene_glb, colmap)",
     )
+    parser.add_argument("--anchor-depth", type=Path, action="append", default=[],
+                        help="a known depth map (16-bit PNG or float .npy, zeros unknown) "
+                        "of the next view, e.g. a LiDAR map; repeat per view")  # fmt: skip
+    parser.add_argument("--anchor-scale", type=float, default=1.0,
+                        help="metres per stored unit of --anchor-depth (0.001 for mm)")  # fmt: skip
 
 
 def _field_arguments(parser: argparse.ArgumentParser) -> None:
@@ -441,6 +447,13 @@ def _request_options(args: argparse.Namespace) -> dict[str, Any]:
         options["max_points"] = args.max_points
     if args.conf_percentile is not None:
         options["conf_percentile"] = args.conf_percentile
+    if getattr(args, "anchor_depth", None):  # `request` only, not `batch`
+        maps = [
+            {"view": view, "base64": base64.b64encode(path.read_bytes()).decode(),
+             "scale": args.anchor_scale}
+            for view, path in enumerate(args.anchor_depth)
+        ]  # fmt: skip
+        options["anchors"] = {"sparse_depth": maps}
     return options
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from da3_serverless.api.anchors import decode_anchor_maps, fit_anchors
 from da3_serverless.api.auth import check_api_key
 from da3_serverless.api.budget import (
     Budget,
@@ -207,6 +208,9 @@ class Service:
             intake.images = decode_request_images(opened, self.settings, cancel)
             sizes = [(image.width, image.height) for image in intake.images]
             intake.request = checked_cameras(request, sizes)
+            intake.anchor_maps = decode_anchor_maps(
+                request.anchors, len(sizes), self.settings.base64_chars_limit
+            )
         return intake
 
     def _check_model(self, intake: _Intake, predictor: Predictor) -> None:
@@ -226,6 +230,10 @@ class Service:
         saved: list[Saved] = []
         try:
             cancel.check()
+            fit = None
+            if request.anchors is not None:
+                with timer.stage("anchors"):
+                    prediction, fit = fit_anchors(request.anchors, intake.anchor_maps, prediction)
             with timer.stage("encode"):
                 artifacts, warnings = encode_outputs(request, prediction, images)
             if wants_scene(request):
@@ -237,6 +245,8 @@ class Service:
             response = self._respond(
                 request, predictor, prediction, artifacts, timer, saved, warnings, intake.job
             )
+            if fit is not None:
+                response["anchors"] = fit
             check_finite(response)
         except BaseException:
             self.store.discard(saved)
@@ -522,6 +532,7 @@ class _Intake:
     capabilities: ModelInfo | None = None
     cost: RequestCost | None = None
     images: list[DecodedImage] = field(default_factory=list)
+    anchor_maps: list = field(default_factory=list)
 
 
 class Response(dict):

@@ -23,6 +23,7 @@ from pydantic import (
     model_validator,
 )
 
+from da3_serverless.api.anchors import Anchors
 from da3_serverless.api.errors import ServiceError
 from da3_serverless.config import Settings
 from da3_serverless.exports.points import DEFAULT_CONF_PERCENTILE, DEFAULT_MAX_POINTS
@@ -112,6 +113,8 @@ class RunRequest(BaseModel):
     keep_sky: bool = False
     remove_edges: bool = True
     colmap_text: bool = False
+    # Known depths or distances that fix the answer's scale (api/anchors.py).
+    anchors: Anchors | None = None
 
     @field_validator("focal_length_px", mode="before")
     @classmethod
@@ -444,6 +447,26 @@ class SceneSummary(BaseModel):
     voxel_size: float | None = None
 
 
+class AnchorFit(BaseModel):
+    """How the anchors fixed the scale: `scale` (and `shift` in inverse depth for the
+    monocular relative model) applied to depth, cameras and scene; with given extrinsics the
+    poses fix the scale (`fitted` false, `suggested_scale` what the anchors alone would give).
+    Residuals in metres over the inliers; `rejected` names anchors with outliers, `unusable`
+    those on sky or invalid pixels."""
+
+    fitted: bool
+    model: Literal["scale", "inverse_depth_scale_shift"]
+    scale: float
+    shift: float | None = None
+    suggested_scale: float | None = None
+    observations: int
+    inliers: int
+    outliers: int
+    residual_m: dict[str, float]
+    rejected: list[str]
+    unusable: list[str]
+
+
 class RunResponse(ViewResult):
     """A v1 response: the first view's fields at the top level (so the original single-image
     contract keeps its names), `views` with one entry per view when there are several, and the
@@ -463,6 +486,9 @@ class RunResponse(ViewResult):
         default=None,
         description="with gaussians_ply: the same summary, counted in Gaussians (one per cell "
         "of the network's grid per view): `points` is how many the file holds",
+    )
+    anchors: AnchorFit | None = Field(
+        default=None, description="with anchors in the request: the fit applied to the answer"
     )
     timings_ms: dict[str, float] = Field(default_factory=dict)
     warnings: list[str] = Field(default_factory=list)
