@@ -44,8 +44,8 @@ PHOTO_FILES = ("depth.png", "preview.png", "json")
 class Relay:
     """A local HTTP server forwarding to `upstream`. It answers the first POSTs to
     `/runsync` with `storm` (statuses, in order) instead of forwarding them, and holds every
-    POST after the first `hold_after` until `release` is set. `posts` counts the POSTs to
-    `/runsync` it received, `answered` those it forwarded and answered."""
+    POST after the first `hold_after` until `release` is set (then forwards it). `posts`
+    counts the POSTs to `/runsync` it received."""
 
     def __init__(self, upstream: str, storm: list[int] = (), hold_after: int | None = None):
         self.upstream = upstream
@@ -84,13 +84,13 @@ class Relay:
         with self.lock:
             self.posts += counted
             storm = self.storm.pop(0) if counted and self.storm else None
-            held = counted and self.hold_after is not None and self.answered >= self.hold_after
+            held = (counted and storm is None and self.hold_after is not None
+                    and self.answered >= self.hold_after)  # fmt: skip
             self.answered += counted and storm is None and not held
         if storm is not None:
             return self.answer(handler, storm, b"<html>busy</html>", "text/html")
         if held:
             self.release.wait(60)
-            return None
         headers = {k: v for k, v in handler.headers.items() if k.lower() in
                    ("content-type", "x-api-key", "authorization")}  # fmt: skip
         reply = httpx.request(method, self.upstream + handler.path, content=body,
@@ -173,6 +173,31 @@ def test_killed_halfway_then_rerun_sends_only_what_is_missing(server, tmp_path):
 
     with Relay(server) as relay_url:  # a third run has nothing left to send
         assert main(batch_argv(tmp_path / "photos", out, relay_url)) == 0
+
+
+@pytest.mark.slow
+def test_ctrl_c_finishes_the_requests_in_flight_and_sends_nothing_more(server, tmp_path):
+    names = write_photos(tmp_path / "photos", 10)
+    out = tmp_path / "out"
+    relay = Relay(server, hold_after=3)
+    with relay as relay_url, open(tmp_path / "batch.log", "wb") as log:
+        argv = batch_argv(tmp_path / "photos", out, relay_url, "--concurrency", "2")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DA3_")}
+        process = subprocess.Popen(serve_command(*argv), cwd=REPO, stderr=log,
+                                   env={**env, "PYTHONPATH": str(REPO / "src")})  # fmt: skip
+        eventually(lambda: relay.posts == 5, 120, "two requests held in flight")
+        process.send_signal(signal.SIGINT)
+        stopping = lambda: b"stopping" in (tmp_path / "batch.log").read_bytes()  # noqa: E731
+        eventually(stopping, 60, "the batch to see Ctrl-C")
+        relay.release.set()  # the two in flight now finish
+        assert process.wait(60) == 130
+    summary = (tmp_path / "batch.log").read_text()
+    assert "10 item(s): 0 done before, 5 done now, 0 failed, 5 left" in summary
+    assert relay.posts == 5
+    assert len([entry for entry in read_record(out) if entry["ok"]]) == 5
+
+    assert main(batch_argv(tmp_path / "photos", out, server)) == 0
+    assert_photo_outputs(out, names)
 
 
 @pytest.mark.slow

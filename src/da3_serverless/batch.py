@@ -20,6 +20,7 @@ import os
 import queue
 import random
 import shutil
+import sys
 import threading
 import time
 from collections import Counter
@@ -359,19 +360,26 @@ def _collect(run: _Run, workers: int, report: BatchReport, bar: tqdm) -> None:
                     report.done.append(outcome.name)
                 else:
                     report.failures.append(outcome)
-                    bar.write(f"failed {outcome.name}: {outcome.code} ({outcome.status})")
+                    _say(bar, f"failed {outcome.name}: {outcome.code} ({outcome.status})")
                 bar.set_postfix(failed=len(report.failures), refresh=False)
                 bar.update()
             except KeyboardInterrupt:
                 if run.stop.is_set():
                     raise
                 run.stop.set()
-                bar.write(
+                _say(
+                    bar,
                     "stopping: waiting for the requests in flight (Ctrl-C again to quit "
-                    "now); a rerun sends what is left"
+                    "now); a rerun sends what is left",
                 )
     finally:
         os.close(descriptor)
+
+
+def _say(bar: tqdm, text: str) -> None:
+    """A line above the progress bar, on stderr; nothing when the bar is off (the library)."""
+    if not bar.disable:
+        tqdm.write(text, file=sys.stderr)
 
 
 def _worker(run: _Run) -> None:

@@ -327,11 +327,15 @@ def cmd_batch(args: argparse.Namespace, settings: Settings) -> int:
         print("error: give --endpoint or set DA3_ENDPOINT", file=sys.stderr)
         return 2
     options = _request_options(args)  # a scene item adds the scene files to its outputs
-    with Client(endpoint, api_key=args.api_key or settings.api_key,
-                runpod_api_key=args.runpod_api_key or settings.runpod_api_key,
-                timeout=args.timeout) as client:  # fmt: skip
-        report = client.map(args.source, args.out, concurrency=args.concurrency,
-                            retries=args.retries, progress=True, **options)  # fmt: skip
+    try:
+        with Client(endpoint, api_key=args.api_key or settings.api_key,
+                    runpod_api_key=args.runpod_api_key or settings.runpod_api_key,
+                    timeout=args.timeout) as client:  # fmt: skip
+            report = client.map(args.source, args.out, concurrency=args.concurrency,
+                                retries=args.retries, progress=True, **options)  # fmt: skip
+    except KeyboardInterrupt:  # the second Ctrl-C: the requests in flight are left
+        print("stopped; run the same command again to send what is left", file=sys.stderr)
+        return 130
     print(report.summary(), file=sys.stderr)
     if report.left:
         return 130
