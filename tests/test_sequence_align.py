@@ -9,7 +9,7 @@ import pytest
 
 from da3_serverless.sequence.align import Sim3, robust_sim3, umeyama
 from da3_serverless.sequence.assemble import Assembler, world_points
-from da3_serverless.sequence.plan import plan_chunks
+from da3_serverless.sequence.plan import plan_chunks, windows
 from sequence_scene import oracle_chunk, random_sim3, room_scene
 
 TOLERANCE = 1e-4
@@ -65,6 +65,17 @@ def test_chunk_plans_cover_every_frame_once(frames, size, overlap, spans):
     assert owned == list(range(frames))
 
 
+@pytest.mark.parametrize(
+    ("frames", "size", "overlap"),
+    [(1, 4, 2), (4, 4, 2), (5, 4, 2), (6, 4, 2), (7, 4, 2), (30, 8, 3)],
+)
+def test_windows_over_a_stream_are_the_planned_chunks(frames, size, overlap):
+    expected = plan_chunks(frames, size, overlap)
+    got = list(windows(iter(range(frames)), size, overlap))
+    assert [chunk for chunk, _ in got] == expected
+    assert [items for _, items in got] == [list(range(c.start, c.stop)) for c in expected]
+
+
 @pytest.mark.parametrize(("size", "overlap"), [(4, 0), (4, 4), (0, None)])
 def test_chunk_plans_refuse_sizes_that_cannot_progress(size, overlap):
     with pytest.raises(ValueError, match=r"overlap|chunk_size"):
@@ -74,7 +85,7 @@ def test_chunk_plans_refuse_sizes_that_cannot_progress(size, overlap):
 def _assemble(scene, chunk_size, overlap, seed, outliers=0.0):
     rng = np.random.default_rng(seed)
     chunks = plan_chunks(len(scene), chunk_size, overlap)
-    assembler = Assembler(chunks)
+    assembler = Assembler(chunks[1].overlap if len(chunks) > 1 else 1)
     depth, extrinsics, fits = [], [], []
     for chunk in chunks:
         frames = oracle_chunk(scene, range(chunk.start, chunk.stop), random_sim3(rng), rng)

@@ -79,7 +79,11 @@ def test_rotation_metadata_is_applied(rotation):
     turned = _frames(make_video(constant_rate(0.2, 30), rotation=rotation))[0].image
     expected = np.rot90(np.asarray(plain), rotation // 90)  # counter-clockwise, as FFmpeg
     assert turned.size == (expected.shape[1], expected.shape[0])
-    np.testing.assert_array_equal(np.asarray(turned), expected)
+    # Two encodes of the same pixels: equal up to the codec's rounding, and far from the
+    # frame turned the other way.
+    error = np.abs(np.asarray(turned, float) - expected).mean()
+    wrong = np.abs(np.asarray(turned, float) - np.rot90(expected, 2)).mean()
+    assert error < 2 < wrong
 
 
 def test_webm_and_mkv_containers():

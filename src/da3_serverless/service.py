@@ -56,6 +56,7 @@ from da3_serverless.inference.prediction import Prediction
 from da3_serverless.inference.predictor import Predictor, PredictRequest, default_dtype
 from da3_serverless.inference.weights import ModelNotFoundError, WeightLocator
 from da3_serverless.model.checkpoint import CheckpointError, holds_gaussians, read_preset
+from da3_serverless.sequence.pipeline import SequenceContext, run_sequence
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +176,10 @@ class Service:
     def _serve(
         self, payload: object, api_key: str | None, cancel: CancelToken, job: JobInfo | None
     ) -> dict:
-        intake = self._intake(payload, api_key, cancel, job)
+        request = self.authorize(payload, api_key)
+        if request.is_sequence:
+            return self._sequence(request, cancel, job or JobInfo())
+        intake = self._intake(payload, api_key, cancel, job, request)
         with ExitStack() as pinned:  # the model stays loaded while this request uses it
             with intake.timer.stage("load_model"):
                 predictor = self._predictor(intake.model_id, pinned, cancel)
@@ -185,13 +189,23 @@ class Service:
         return self._complete(intake, (predictor, prediction))
 
     def _intake(
-        self, payload: object, api_key: str | None, cancel: CancelToken, job: JobInfo | None = None
+        self,
+        payload: object,
+        api_key: str | None,
+        cancel: CancelToken,
+        job: JobInfo | None = None,
+        request: RunRequest | None = None,
     ) -> _Intake:
-        """The stages before the model: auth and the request, the outputs the model can give,
-        the images' headers, the budget, the pixels and the camera numbers."""
+        """The stages before the model: auth and the request (unless `request` is the payload
+        already checked), the outputs the model can give, the images' headers, the budget, the
+        pixels and the camera numbers."""
         intake = _Intake(_Timer(), time.perf_counter(), cancel, job or JobInfo())
         with intake.timer.stage("validate"):
-            request = self.authorize(payload, api_key)
+            request = request or self.authorize(payload, api_key)
+            if request.is_sequence:
+                raise ServiceError(
+                    "invalid_input", "a sequence (video) runs alone: send it with handle"
+                )
             intake.model_id = self.model_key(request)
             intake.capabilities = _capabilities(intake.model_id)
             if intake.capabilities is not None:
@@ -212,6 +226,23 @@ class Service:
                 request.anchors, len(sizes), self.settings.base64_chars_limit
             )
         return intake
+
+    def _sequence(self, request: RunRequest, cancel: CancelToken, job: JobInfo) -> dict:
+        """A video or `images` with `sequence`: the chunked path (sequence/pipeline.py)."""
+        model_id = self.model_key(request)
+        info = _capabilities(model_id)
+        if info is not None and not info.camera:
+            raise ServiceError(
+                "invalid_input",
+                f"{model_id} predicts no cameras, which a sequence needs to align its chunks: "
+                "use a model with a camera (e.g. da3-small or da3-large)",
+            )
+        self.store.maybe_prune()
+        context = SequenceContext(
+            self.settings, self.store, self.budget, model_id,
+            lambda pinned: self._predictor(model_id, pinned, cancel), cancel, job,
+        )  # fmt: skip
+        return run_sequence(context, request)
 
     def _check_model(self, intake: _Intake, predictor: Predictor) -> None:
         """What needs the loaded model: its outputs again (what the loaded file holds decides,
@@ -268,7 +299,7 @@ class Service:
         flags the forward takes; None for a request that runs alone (several views, or poses
         to condition on). Images of different network sizes still run apart within a batch."""
         single = request.images is None or len(request.images) == 1
-        if not single or request.extrinsics is not None:
+        if not single or request.extrinsics is not None or request.is_sequence:
             return None
         return (
             self.model_key(request),

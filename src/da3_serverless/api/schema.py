@@ -34,6 +34,10 @@ OutputName = Literal[
     "depth_exr", "depth_mm_png", "scene_ply", "scene_glb", "colmap", "gaussians_ply",
 ]  # fmt: skip
 OUTPUT_NAMES: tuple[str, ...] = OutputName.__args__
+# Outputs of a sequence (a video, or `images` with `sequence`): the only ones it gives.
+SequenceOutputName = Literal["trajectory", "depth_frames"]
+SEQUENCE_OUTPUTS: tuple[str, ...] = SequenceOutputName.__args__
+AnyOutputName = Literal[OutputName, SequenceOutputName]
 # Outputs of the whole scene: at the top level of the response only, never per view. The fused
 # point cloud's files (any model with a camera), and the 3D Gaussians (models with the head).
 SCENE_OUTPUTS: tuple[str, ...] = ("scene_ply", "scene_glb", "colmap")
@@ -95,6 +99,16 @@ class RunRequest(BaseModel):
     image_url: str | None = None
     image_base64: str | None = None
     images: list[ImageRef] | None = Field(default=None, min_length=1)
+    # A sequence (docs/ARCHITECTURE.md §8): a video, or `images` in order with `sequence`.
+    video_url: str | None = None
+    video_base64: str | None = None
+    sequence: bool = False
+    fps: FiniteFloat | None = Field(default=None, gt=0, le=240)
+    max_frames: int | None = Field(default=None, ge=1)
+    start_s: FiniteFloat = Field(default=0.0, ge=0)
+    end_s: FiniteFloat | None = Field(default=None, gt=0)
+    chunk_size: int | None = Field(default=None, ge=2)
+    overlap: int | None = Field(default=None, ge=1)
     model_id: str | None = None
     output_metric: bool = True
     use_ray_pose: bool = False
@@ -105,7 +119,7 @@ class RunRequest(BaseModel):
     intrinsics: list[Matrix] | None = None
     # One world-to-camera 3x4 (or 4x4 with last row 0 0 0 1) per view; stored as 3x4.
     extrinsics: list[Matrix] | None = None
-    outputs: list[OutputName] = Field(default_factory=lambda: ["depth"], min_length=1)
+    outputs: list[AnyOutputName] = Field(default_factory=lambda: ["depth"], min_length=1)
     return_base64: bool = True
     # Scene outputs (scene_ply, scene_glb, colmap, gaussians_ply); ignored without them.
     conf_percentile: FiniteFloat = Field(default=DEFAULT_CONF_PERCENTILE, ge=0, le=100)
@@ -174,11 +188,21 @@ class RunRequest(BaseModel):
 
     @model_validator(mode="after")
     def _one_source_and_camera_per_view(self) -> RunRequest:
-        given = [self.image_url is not None, self.image_base64 is not None, self.images is not None]
+        sources = ("image_url", "image_base64", "images", "video_url", "video_base64")
+        given = [getattr(self, name) is not None for name in sources]
         if sum(given) != 1:
             raise ValueError(
-                "give exactly one of image_url, image_base64, images "
+                f"give exactly one of {', '.join(sources)} "
                 f"(got {'none' if not any(given) else sum(given)})"
+            )
+        if self.is_sequence:
+            _check_sequence(self)
+            return self
+        wrong = [name for name in self.outputs if name in SEQUENCE_OUTPUTS]
+        if wrong:
+            raise ValueError(
+                f"{', '.join(wrong)} are outputs of a sequence: send video_url, video_base64 "
+                'or images with "sequence": true'
             )
         n = self.view_count
         if isinstance(self.focal_length_px, list):
@@ -198,6 +222,39 @@ class RunRequest(BaseModel):
     @property
     def view_count(self) -> int:
         return len(self.images) if self.images is not None else 1
+
+    @property
+    def is_sequence(self) -> bool:
+        """A video, or images to run as a sequence (in chunks, past `MAX_VIEWS`)."""
+        return self.sequence or self.video_url is not None or self.video_base64 is not None
+
+
+def _check_sequence(request: RunRequest) -> None:
+    """What a sequence may ask: its own outputs, one intrinsics for all frames (or, for
+    images, one per image), no given poses, and `sequence` only with `images`."""
+    video = request.video_url is not None or request.video_base64 is not None
+    if request.sequence and not video and request.images is None:
+        raise ValueError('"sequence": true goes with images (a video is a sequence already)')
+    wrong = [name for name in request.outputs if name not in SEQUENCE_OUTPUTS]
+    if wrong:
+        raise ValueError(
+            f"a sequence gives {', '.join(SEQUENCE_OUTPUTS)}; {', '.join(wrong)} cannot be asked "
+            "for one: remove them"
+        )
+    if request.extrinsics is not None or request.anchors is not None:
+        raise ValueError("a sequence cannot be given extrinsics or anchors: leave them out")
+    if isinstance(request.focal_length_px, list):
+        if len(request.focal_length_px) != 1:
+            raise ValueError("a sequence takes one focal_length_px for all frames")
+        request.focal_length_px = request.focal_length_px[0]
+    counts = (1,) if video else (1, request.view_count)
+    if request.intrinsics is not None and len(request.intrinsics) not in counts:
+        raise ValueError("give one 3x3 intrinsics for all frames, or one per image")
+    chunking = (request.chunk_size, request.overlap)
+    if None not in chunking and chunking[1] >= chunking[0]:
+        raise ValueError("overlap must be less than chunk_size")
+    if request.end_s is not None and request.end_s <= request.start_s:
+        raise ValueError("end_s must be after start_s")
 
 
 def _refuse_focal(rule: str) -> None:
@@ -232,7 +289,17 @@ def check_limits(request: RunRequest, settings: Settings) -> None:
             f"max_points {request.max_points} is above this server's limit of "
             f"{settings.max_points}: ask for at most {settings.max_points} points"
         )
-    if request.view_count > settings.max_views:
+    if request.is_sequence and request.view_count > settings.max_video_frames:
+        problems.append(
+            f"images has {request.view_count} frames but this server takes at most "
+            f"{settings.max_video_frames} in a sequence (MAX_VIDEO_FRAMES): send fewer"
+        )
+    if request.max_frames is not None and request.max_frames > settings.max_video_frames:
+        problems.append(
+            f"max_frames {request.max_frames} is above this server's limit of "
+            f"{settings.max_video_frames} (MAX_VIDEO_FRAMES)"
+        )
+    if not request.is_sequence and request.view_count > settings.max_views:
         problems.append(
             f"images has {request.view_count} views but this server accepts at most "
             f"{settings.max_views}: send fewer views per request"
@@ -274,7 +341,7 @@ def _describe(error: Any) -> str:
         where = where if len(loc) > 1 else f"'{name}'"
         return f"unknown field {where}{hint}: remove it; valid fields are {', '.join(valid)}"
     if kind == "literal_error" and loc and loc[0] == "outputs":
-        return f"{where} must be one of {', '.join(OUTPUT_NAMES)}"
+        return f"{where} must be one of {', '.join(OUTPUT_NAMES + SEQUENCE_OUTPUTS)}"
     if kind == "value_error":
         # Our own validators: the message already says what to do.
         message = str(error["ctx"]["error"]) if "ctx" in error else error["msg"]
@@ -319,6 +386,7 @@ def parse_request(payload: object, settings: Settings | None = None) -> RunReque
 _DEFAULTS = Settings.model_construct()  # the defaults, without reading the environment
 
 
+# long function: one list of cheap checks, each a few lines, read in order.
 def check_sizes(payload: dict, settings: Settings | None = None) -> None:
     """Length checks that cost nothing, before pydantic looks at any value: every list has a
     cap (`images` by `max_views`, `outputs` by the number of outputs, camera matrices by their
@@ -332,10 +400,13 @@ def check_sizes(payload: dict, settings: Settings | None = None) -> None:
         )
     views = payload.get("images")
     views = views if isinstance(views, list) else []
-    if len(views) > limits.max_views:
+    # A sequence's frames may pass MAX_VIEWS (docs/ARCHITECTURE.md §8).
+    most = limits.max_video_frames if payload.get("sequence") is True else limits.max_views
+    if len(views) > most:
         problems.append(
-            f"images has {len(views)} views but this server accepts at most "
-            f"{limits.max_views}: send fewer views per request"
+            f"images has {len(views)} views but this server accepts at most {most}: send "
+            "fewer views per request"
+            + ("" if payload.get("sequence") is True else ' (or "sequence": true for more)')
         )
         views = []
     refs = [(f"images[{i}]", ref) for i, ref in enumerate(views) if isinstance(ref, dict)]
@@ -348,19 +419,19 @@ def check_sizes(payload: dict, settings: Settings | None = None) -> None:
             f"outputs has {len(outputs)} entries but there are {len(OUTPUT_NAMES)} outputs "
             f"({', '.join(OUTPUT_NAMES)}): name each at most once"
         )
-    if _oversized(payload.get("focal_length_px"), (limits.max_views,)):
+    if _oversized(payload.get("focal_length_px"), (most,)):
         problems.append(
             f"focal_length_px must be one number, or a list of one per view (at most "
-            f"{limits.max_views} numbers)"
+            f"{most} numbers)"
         )
-    outer = max(limits.max_views, MAX_MATRIX_SIDE)
+    outer = max(most, MAX_MATRIX_SIDE)
     for name in ("intrinsics", "extrinsics"):
         if _oversized(payload.get(name), (outer, MAX_MATRIX_SIDE, MAX_MATRIX_SIDE)):
             problems.append(
-                f"{name} must be one matrix per view (at most {limits.max_views}), each a list "
+                f"{name} must be one matrix per view (at most {most}), each a list "
                 f"of at most {MAX_MATRIX_SIDE} rows of at most {MAX_MATRIX_SIDE} numbers"
             )
-    texts = [("image_url", payload.get("image_url"), MAX_URL_CHARS)]
+    texts = [(name, payload.get(name), MAX_URL_CHARS) for name in ("image_url", "video_url")]
     texts += [(f"{where}.url", ref.get("url"), MAX_URL_CHARS) for where, ref in refs]
     texts.append(("model_id", payload.get("model_id"), MAX_MODEL_ID_CHARS))
     for where, text, cap in texts:
@@ -369,6 +440,15 @@ def check_sizes(payload: dict, settings: Settings | None = None) -> None:
     if problems:
         raise ServiceError("invalid_input", "invalid request: " + "; ".join(problems))
     _check_base64_lengths(payload, refs, limits.base64_chars_limit)
+    video = payload.get("video_base64")
+    video_limit = -(-limits.max_video_bytes // 3) * 4 * 103 // 100 + 1024
+    if isinstance(video, str) and len(video) > video_limit:
+        raise ServiceError(
+            "request_too_large",
+            f"video_base64 is {len(video)} characters; this server accepts the base64 of at "
+            f"most {limits.max_video_bytes} bytes (MAX_VIDEO_BYTES): cut the video, or send "
+            "it by video_url",
+        )
 
 
 def _oversized(value: object, caps: tuple[int, ...]) -> bool:
@@ -490,5 +570,12 @@ class RunResponse(ViewResult):
     anchors: AnchorFit | None = Field(
         default=None, description="with anchors in the request: the fit applied to the answer"
     )
+    sequence: dict[str, Any] | None = Field(
+        default=None,
+        description="a sequence's summary: frames, chunk_size, overlap, timestamps, and per "
+        "chunk its span, progress and alignment (scale, residual, inliers)",
+    )
+    trajectory: OutputFile | None = None
+    depth_frames: OutputFile | None = None
     timings_ms: dict[str, float] = Field(default_factory=dict)
     warnings: list[str] = Field(default_factory=list)

@@ -48,10 +48,11 @@ class AlignedChunk:
 
 
 class Assembler:
-    """Add chunks in plan order; each `add` returns the chunk's owned frames aligned."""
+    """Add chunks in plan order (each after the first overlapping the one before by
+    `overlap` frames); each `add` returns the chunk's owned frames aligned."""
 
-    def __init__(self, chunks: list[Chunk], fit_points: int = FIT_POINTS):
-        self.chunks = chunks
+    def __init__(self, overlap: int, fit_points: int = FIT_POINTS):
+        self.overlap = overlap
         self.fit_points = fit_points
         self._transform = Sim3.identity()
         self._tail: ChunkFrames | None = None  # the previous chunk's last frames, its own frame
@@ -67,16 +68,11 @@ class Assembler:
             fit = robust_sim3(*self._correspondences(head, self._tail))
             self._transform = self._transform.compose(fit.transform)
             residual, inliers = fit.residual, fit.inliers
-        following = self._next(chunk)
-        if following is not None:
-            self._tail = _frames(prediction, slice(following.start - chunk.start, len(chunk)))
+        self._tail = _frames(prediction, slice(max(len(chunk) - self.overlap, 0), len(chunk)))
         owned = _frames(prediction, slice(chunk.overlap, len(chunk)))
         return AlignedChunk(
             chunk, chunk.owned, _moved(owned, self._transform), self._transform, residual, inliers
         )
-
-    def _next(self, chunk: Chunk) -> Chunk | None:
-        return self.chunks[chunk.index + 1] if chunk.index + 1 < len(self.chunks) else None
 
     def _correspondences(self, head: ChunkFrames, tail: ChunkFrames | None):
         """The fit's arguments: the same pixels of the shared frames as 3D points in this

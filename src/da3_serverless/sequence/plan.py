@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -45,3 +49,21 @@ def plan_chunks(frames: int, chunk_size: int, overlap: int | None = None) -> lis
         start = chunks[-1].stop - overlap
         chunks.append(Chunk(len(chunks), start, min(start + chunk_size, frames), overlap))
     return chunks
+
+
+def windows(items: Iterable[T], chunk_size: int, overlap: int) -> Iterator[tuple[Chunk, list[T]]]:
+    """The chunks of `plan_chunks` over a stream whose length is not known in advance (video
+    frames decoded lazily), each with its items; only one chunk's items are held at a time."""
+    if chunk_size < 1 or not 0 < overlap < chunk_size:
+        raise ValueError(f"need 0 < overlap ({overlap}) < chunk_size ({chunk_size})")
+    iterator = iter(items)
+    held: list[T] = []
+    index, start = 0, 0
+    for item in iterator:
+        held.append(item)
+        if len(held) == chunk_size:
+            yield Chunk(index, start, start + len(held), overlap if index else 0), held
+            held = held[-overlap:]
+            index, start = index + 1, start + chunk_size - overlap
+    if len(held) > (overlap if index else 0):
+        yield Chunk(index, start, start + len(held), overlap if index else 0), held

@@ -1,0 +1,139 @@
+"""A sequence's outputs, written frame by frame: `FrameStore` keeps each aligned frame's
+depth on disk as it is produced (float32 .npy) and its camera and time in memory; once the last
+chunk fixes the depth range, `depth_frames_zip` encodes every frame with that ONE linear decode
+(16-bit PNGs) and `trajectory_zip` writes the camera-to-world poses in TUM format with a JSON
+of the cameras."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from trimesh.transformations import quaternion_from_matrix
+
+from da3_serverless.api.encoding import DEPTH_ENCODING, write_png
+
+
+@dataclass
+class FrameStore:
+    """The aligned frames of one sequence: depth files under `folder` (removed by `close`),
+    timestamps, intrinsics and world-to-camera extrinsics in memory, and the running depth
+    range over every finite value."""
+
+    folder: Path
+    timestamps: list[float] = field(default_factory=list)
+    intrinsics: list[np.ndarray] = field(default_factory=list)
+    extrinsics: list[np.ndarray] = field(default_factory=list)
+    min_depth: float = math.inf
+    max_depth: float = -math.inf
+    size: tuple[int, int] | None = None  # (width, height)
+
+    @staticmethod
+    def create(parent: Path) -> FrameStore:
+        parent.mkdir(parents=True, exist_ok=True)
+        return FrameStore(Path(tempfile.mkdtemp(prefix="sequence-", dir=parent)))
+
+    def add(self, timestamp: float, depth: np.ndarray, intrinsics, extrinsics) -> None:
+        np.save(self._path(len(self.timestamps)), np.asarray(depth, np.float32))
+        finite = depth[np.isfinite(depth)]
+        if finite.size:
+            self.min_depth = min(self.min_depth, float(finite.min()))
+            self.max_depth = max(self.max_depth, float(finite.max()))
+        self.size = (depth.shape[1], depth.shape[0])
+        self.timestamps.append(float(timestamp))
+        self.intrinsics.append(np.asarray(intrinsics, np.float64))
+        self.extrinsics.append(np.asarray(extrinsics, np.float64))
+
+    def depth(self, index: int) -> np.ndarray:
+        return np.load(self._path(index))
+
+    def __len__(self) -> int:
+        return len(self.timestamps)
+
+    def depth_range(self) -> tuple[float, float]:
+        if self.min_depth > self.max_depth:
+            return 0.0, 0.0
+        return self.min_depth, self.max_depth
+
+    def close(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def _path(self, index: int) -> Path:
+        return self.folder / f"depth-{index:06d}.npy"
+
+
+def quantize(depth: np.ndarray, low: float, high: float) -> np.ndarray:
+    """uint16 codes of `depth` on the linear scale low..high (depth = low + v (high - low) /
+    65535); NaN and -inf give 0, +inf 65535."""
+    scale = 65535.0 / (high - low) if high > low else 0.0
+    codes = (np.asarray(depth, np.float64) - low) * scale
+    codes = np.where(np.isposinf(depth), 65535.0, np.where(np.isfinite(depth), codes, 0.0))
+    return np.rint(np.clip(codes, 0, 65535)).astype(np.uint16)
+
+
+def depth_frames_zip(frames: FrameStore, units: str, target: Path) -> Path:
+    """`target`: a zip of one 16-bit PNG per frame (`frame_000000.png`, ...), all sharing one
+    linear decode, and `frames.json` (the decode, units and each frame's timestamp)."""
+    low, high = frames.depth_range()
+    with zipfile.ZipFile(target, "w", zipfile.ZIP_STORED) as archive:
+        for index in range(len(frames)):
+            codes = quantize(frames.depth(index), low, high)
+            text = {"min_depth": repr(low), "max_depth": repr(high), "units": units}
+            archive.writestr(f"frame_{index:06d}.png", write_png(codes, text))
+        archive.writestr("frames.json", json.dumps(_frames_json(frames, units), indent=1))
+    return target
+
+
+def _frames_json(frames: FrameStore, units: str) -> dict:
+    low, high = frames.depth_range()
+    return {
+        "depth_encoding": DEPTH_ENCODING,
+        "min_depth": low,
+        "max_depth": high,
+        "decode": "depth = min_depth + v * (max_depth - min_depth) / 65535",
+        "units": units,
+        "frames": [
+            {"file": f"frame_{i:06d}.png", "timestamp": t} for i, t in enumerate(frames.timestamps)
+        ],
+    }
+
+
+def tum_lines(frames: FrameStore) -> str:
+    """Camera-to-world poses, one line per frame: `timestamp tx ty tz qx qy qz qw`."""
+    lines = ["# timestamp tx ty tz qx qy qz qw (camera-to-world, OpenCV camera axes)"]
+    for timestamp, extrinsics in zip(frames.timestamps, frames.extrinsics, strict=True):
+        rotation = extrinsics[:, :3].T
+        centre = -rotation @ extrinsics[:, 3]
+        matrix = np.eye(4)
+        matrix[:3, :3] = rotation
+        w, x, y, z = quaternion_from_matrix(matrix)
+        if w < 0:
+            w, x, y, z = -w, -x, -y, -z
+        values = [timestamp, *centre, x, y, z, w]
+        lines.append(" ".join(f"{v:.9g}" for v in values))
+    return "\n".join(lines) + "\n"
+
+
+def trajectory_zip(frames: FrameStore, units: str, target: Path) -> Path:
+    """`target`: a zip of `trajectory.tum` (TUM format, read by evo) and `cameras.json`
+    (each frame's timestamp, intrinsics and world-to-camera extrinsics, the frame size)."""
+    width, height = frames.size or (0, 0)
+    cameras = {
+        "width": width,
+        "height": height,
+        "units": units,
+        "frames": [
+            {"timestamp": t, "intrinsics": k.tolist(), "extrinsics": e.tolist()}
+            for t, k, e in zip(frames.timestamps, frames.intrinsics, frames.extrinsics, strict=True)
+        ],
+    }
+    with zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("trajectory.tum", tum_lines(frames))
+        archive.writestr("cameras.json", json.dumps(cameras))
+    return target

@@ -1,0 +1,216 @@
+"""The chunked path of a sequence request (docs/ARCHITECTURE.md §8): frames in overlapping
+chunks through the predictor, each chunk aligned to the one before (`Assembler`), its owned
+frames written to disk as they come (memory stays flat), a summary per chunk to the job's
+progress, then the outputs that share one decode written in a second pass. The `Service`
+calls `run_sequence` for a request with `is_sequence`; nothing here knows a transport."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from da3_serverless.api.budget import Budget, estimate_cost
+from da3_serverless.api.errors import ServiceError
+from da3_serverless.api.job import JobInfo
+from da3_serverless.api.outputs import Artifact
+from da3_serverless.api.placement import place_outputs
+from da3_serverless.api.schema import SCHEMA_VERSION, RunRequest
+from da3_serverless.api.storage import OutputStore, Saved
+from da3_serverless.config import Settings
+from da3_serverless.inference.cancel import CancelToken
+from da3_serverless.inference.prediction import Prediction
+from da3_serverless.inference.predictor import Predictor
+from da3_serverless.sequence.assemble import AlignedChunk, Assembler
+from da3_serverless.sequence.outputs import FrameStore, depth_frames_zip, trajectory_zip
+from da3_serverless.sequence.plan import Chunk, default_overlap, windows
+from da3_serverless.sequence.source import FrameSource, open_source
+
+log = logging.getLogger(__name__)
+# The largest default chunk (DA3-Streaming's); the request budget may admit fewer.
+MAX_DEFAULT_CHUNK = 120
+
+
+@dataclass
+class SequenceContext:
+    """What the pipeline needs of the service: settings, output store, request budget, the
+    model's id and a loader that pins it (`load(pinned)`) while the stack is open."""
+
+    settings: Settings
+    store: OutputStore
+    budget: Budget
+    model_id: str
+    load: Callable[[ExitStack], Predictor]
+    cancel: CancelToken
+    job: JobInfo = field(default_factory=JobInfo)
+
+
+def run_sequence(context: SequenceContext, request: RunRequest) -> dict:
+    """Serve a sequence request: returns the response dict; raises `ServiceError` or
+    `Cancelled`. Every file of the job (its frames on disk, its saved outputs) is removed
+    when it fails or is cancelled."""
+    started = time.perf_counter()
+    frames = FrameStore.create(context.settings.workspace_dir / "sequences")
+    source = None
+    try:
+        source = open_source(request, context.settings, context.cancel)
+        size, overlap = _chunking(context, request, source)
+        with ExitStack() as pinned:
+            predictor = context.load(pinned)
+            model_id = predictor.model_id
+            summaries, is_metric, units = _run_chunks(
+                context, request, predictor, source, frames, (size, overlap)
+            )
+        context.cancel.commit()  # the last check: outputs are written from here on
+        response = _respond(context, request, frames, (model_id, is_metric, units))
+        response["sequence"] = {
+            "frames": len(frames),
+            "chunk_size": size,
+            "overlap": overlap,
+            "timestamps": frames.timestamps,
+            "chunks": summaries,
+        }
+        response["timings_ms"] = {"total": round((time.perf_counter() - started) * 1000, 3)}
+        return response
+    finally:
+        if source is not None:
+            source.close()
+        frames.close()
+
+
+def _chunking(context: SequenceContext, request: RunRequest, source: FrameSource):
+    """(chunk_size, overlap): the request's, else the largest chunk the budget admits (at
+    most MAX_DEFAULT_CHUNK) and half of it; a chunk of the chosen size must fit the budget."""
+    size = request.chunk_size or _largest_chunk(context, request, source)
+    cost = estimate_cost(
+        context.model_id, request.process_res, [(source.width, source.height)] * size
+    )
+    context.budget.check(cost)  # the budget prices a sequence per chunk
+    overlap = request.overlap or max(default_overlap(size), 1)
+    if overlap >= size:
+        raise ServiceError(
+            "invalid_input", f"overlap {overlap} must be less than chunk_size {size}"
+        )
+    return size, overlap
+
+
+def _largest_chunk(context: SequenceContext, request: RunRequest, source: FrameSource) -> int:
+    frame = (source.width, source.height)
+    best = 2
+    for size in range(2, MAX_DEFAULT_CHUNK + 1):
+        cost = estimate_cost(context.model_id, request.process_res, [frame] * size)
+        if cost.tokens > context.budget.tokens or cost.pixels > context.budget.pixels:
+            break
+        best = size
+    return best
+
+
+def _run_chunks(context, request, predictor, source, frames, chunking):
+    """Every chunk through the predictor and the assembler; its owned frames into `frames`.
+    Returns (chunk summaries, is_metric, units)."""
+    size, overlap = chunking
+    assembler = Assembler(overlap)
+    summaries: list[dict] = []
+    is_metric, units = False, "relative"
+    started = time.perf_counter()
+    for chunk, items in windows(source.frames, size, overlap):
+        context.cancel.check()
+        prediction = _predict(predictor, request, chunk, [f.image for f in items], context)
+        aligned = assembler.add(chunk, prediction)
+        timestamps = [f.timestamp for f in items[chunk.overlap :]]
+        _write(frames, aligned, timestamps)
+        is_metric, units = prediction.is_metric, prediction.units
+        summary = _summary(aligned, len(frames), source.planned, time.perf_counter() - started)
+        summaries.append(summary)
+        if context.job.progress is not None:
+            context.job.progress(summary)
+        del prediction, aligned
+    return summaries, is_metric, units
+
+
+def _predict(
+    predictor: Predictor, request: RunRequest, chunk: Chunk, images: list, context
+) -> Prediction:
+    intrinsics = None
+    if request.intrinsics is not None:
+        given = request.intrinsics
+        intrinsics = [
+            given[0] if len(given) == 1 else given[i] for i in range(chunk.start, chunk.stop)
+        ]
+    try:
+        prediction = predictor.predict(
+            images, process_res=request.process_res, use_ray_pose=request.use_ray_pose,
+            intrinsics=intrinsics, focal_length_px=request.focal_length_px,
+            metric=request.output_metric, cancel=context.cancel,
+        )  # fmt: skip
+    except ValueError as error:
+        raise ServiceError("invalid_input", str(error)) from None
+    if prediction.extrinsics is None or prediction.intrinsics is None:
+        raise ServiceError(
+            "invalid_input",
+            f"{predictor.model_id} predicts no cameras, which a sequence needs to align its "
+            "chunks: use a model with a camera (e.g. da3-small, da3-large, da3nested-giant-large)",
+        )
+    return prediction
+
+
+def _write(frames: FrameStore, aligned: AlignedChunk, timestamps: list[float]) -> None:
+    outputs = aligned.outputs
+    for offset, timestamp in enumerate(timestamps):
+        frames.add(
+            timestamp, outputs.depth[offset], outputs.intrinsics[offset], outputs.extrinsics[offset]
+        )
+
+
+def _summary(aligned: AlignedChunk, done: int, planned: int, elapsed: float) -> dict:
+    chunk = aligned.chunk
+    return {
+        "chunk": chunk.index,
+        "start": chunk.start,
+        "stop": chunk.stop,
+        "frames_done": done,
+        "frames_planned": planned,
+        "scale": float(aligned.transform.scale),
+        "residual": float(aligned.residual),
+        "inliers": float(aligned.inliers),
+        "elapsed_s": round(elapsed, 3),
+    }
+
+
+def _respond(context: SequenceContext, request: RunRequest, frames: FrameStore, model) -> dict:
+    """The response: the frames' size and depth range, the requested files placed."""
+    model_id, is_metric, units = model
+    artifacts = [_artifact(name, frames, units) for name in request.outputs]
+    saved: list[Saved] = []
+    warnings: list[str] = []
+    try:
+        placed = place_outputs(
+            artifacts, 1, context.store,
+            budget=context.settings.max_response_bytes if request.return_base64 else None,
+            order=request.outputs, saved=saved, warnings=warnings, job=context.job,
+        )  # fmt: skip
+    except BaseException:
+        context.store.discard(saved)
+        raise
+    low, high = frames.depth_range()
+    width, height = frames.size or (0, 0)
+    return {
+        "schema_version": SCHEMA_VERSION, "model_id": model_id, "is_metric": is_metric,
+        "units": units, "width": width, "height": height, "min_depth": low, "max_depth": high,
+        **placed.top, "warnings": list(dict.fromkeys(warnings)),
+    }  # fmt: skip
+
+
+def _artifact(name: str, frames: FrameStore, units: str) -> Artifact:
+    target = Path(frames.folder) / f"{name}.zip"
+    write = depth_frames_zip if name == "depth_frames" else trajectory_zip
+    data = write(frames, units, target).read_bytes()
+    target.unlink()
+    fields = {}
+    if name == "depth_frames":
+        low, high = frames.depth_range()
+        fields = {"min_depth": low, "max_depth": high}
+    return Artifact(None, name, data, ".zip", "application/zip", fields)

@@ -1,0 +1,165 @@
+"""The chunked sequence path through the real service: a synthetic video (or photos with
+`"sequence": true` past MAX_VIEWS) through the random-weight da3-small at a tiny
+`process_res`, chunk by chunk; the trajectory (TUM + cameras JSON) and the depth frames (one
+linear decode for all) read back from their zips; progress per chunk; cancel cleans up."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import zipfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import TEST_API_KEY, offline_settings
+from da3_serverless.api.errors import ServiceError
+from da3_serverless.api.job import JobInfo
+from da3_serverless.api.schema import RunResponse
+from da3_serverless.api.video import Sampling, iter_frames, open_video
+from da3_serverless.inference.cancel import CancelToken
+from da3_serverless.sequence.plan import plan_chunks
+from da3_serverless.service import Service
+from paths import IMAGES
+from videos import constant_rate, make_video
+
+PROCESS_RES = 56
+
+
+@pytest.fixture(scope="module")
+def service(hf_cache, tmp_path_factory) -> Service:
+    return Service(offline_settings(hf_cache, tmp_path_factory.mktemp("workspace"), max_views=2))
+
+
+@pytest.fixture(scope="module")
+def video() -> bytes:
+    return make_video(constant_rate(2.0, 30))
+
+
+def _request(video: bytes, **fields) -> dict:
+    return {
+        "api_key": TEST_API_KEY, "video_base64": base64.b64encode(video).decode(), "fps": 5,
+        "chunk_size": 4, "overlap": 2, "process_res": PROCESS_RES, "output_metric": False,
+        "outputs": ["trajectory", "depth_frames"], **fields,
+    }  # fmt: skip
+
+
+def _zip(entry: dict) -> zipfile.ZipFile:
+    return zipfile.ZipFile(io.BytesIO(base64.b64decode(entry["base64"])))
+
+
+def _decode_png(data: bytes, low: float, high: float) -> np.ndarray:
+    codes = np.asarray(Image.open(io.BytesIO(data))).astype(np.float64)
+    return low + codes * (high - low) / 65535
+
+
+@pytest.fixture(scope="module")
+def chunked(service, video) -> tuple[dict, list[dict]]:
+    """One video request in chunks, and the progress it reported."""
+    progress: list[dict] = []
+    response = service.handle(_request(video), job=JobInfo(progress=progress.append))
+    return response, progress
+
+
+def _depth_frames(response: dict) -> tuple[list[np.ndarray], float, float]:
+    archive = _zip(response["depth_frames"])
+    meta = json.loads(archive.read("frames.json"))
+    low, high = meta["min_depth"], meta["max_depth"]
+    depth = [_decode_png(archive.read(f["file"]), low, high) for f in meta["frames"]]
+    return depth, low, high
+
+
+def test_a_video_in_chunks(chunked):
+    response, progress = chunked
+    RunResponse.model_validate(response)
+    sequence = response["sequence"]
+    assert sequence["frames"] == 10
+    assert sequence["timestamps"] == pytest.approx([i / 5 for i in range(10)], abs=1e-3)
+    spans = [(c.start, c.stop) for c in plan_chunks(10, 4, 2)]
+    assert [(c["start"], c["stop"]) for c in sequence["chunks"]] == spans
+    assert progress == sequence["chunks"]
+    assert [c["frames_done"] for c in progress] == [4, 6, 8, 10]
+    assert sequence["chunks"][0]["scale"] == 1.0
+    assert all(c["scale"] > 0 and np.isfinite(c["residual"]) for c in sequence["chunks"])
+
+    lines = _zip(response["trajectory"]).read("trajectory.tum").decode().splitlines()
+    poses = np.array([[float(v) for v in line.split()] for line in lines[1:]])
+    assert poses.shape == (10, 8)
+    np.testing.assert_allclose(poses[:, 0], sequence["timestamps"], atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(poses[:, 4:], axis=1), 1.0, atol=1e-6)
+    np.testing.assert_allclose(poses[0, 1:], [0, 0, 0, 0, 0, 0, 1], atol=1e-5)  # first camera
+    cameras = json.loads(_zip(response["trajectory"]).read("cameras.json"))
+    assert (cameras["width"], cameras["height"]) == (64, 48) and len(cameras["frames"]) == 10
+
+    archive = _zip(response["depth_frames"])
+    meta = json.loads(archive.read("frames.json"))
+    low, high = meta["min_depth"], meta["max_depth"]
+    assert (low, high) == (response["min_depth"], response["max_depth"])
+    assert [f["timestamp"] for f in meta["frames"]] == sequence["timestamps"]
+    depth, _, _ = _depth_frames(response)
+    assert all(d.shape == (48, 64) for d in depth)
+    assert all(np.isfinite(d).all() and d.min() >= low and d.max() <= high for d in depth)
+
+
+@pytest.mark.slow
+def test_the_first_chunk_equals_a_plain_request_on_its_frames(service, video, chunked):
+    """Chunk 0 is the sequence's frame: its depth is the predictor's own on those frames (to
+    the depth PNG's quantisation step)."""
+    depth, low, high = _depth_frames(chunked[0])
+    settings = service.settings
+    opened = open_video(video, Sampling(fps=5, max_frames=4), settings)
+    images = [frame.image for frame in iter_frames(opened, settings)]
+    with service.model_cache.use(service.default_model_id) as predictor:
+        plain = predictor.predict(images, process_res=PROCESS_RES, metric=False)
+    step = (high - low) / 65535
+    for index in range(4):
+        np.testing.assert_allclose(depth[index], plain.depth[index], atol=step)
+
+
+@pytest.mark.slow
+def test_photos_as_a_sequence_past_max_views(service):
+    photo = base64.b64encode((IMAGES / "soh-000.png").read_bytes()).decode()
+    other = base64.b64encode((IMAGES / "soh-010.png").read_bytes()).decode()
+    images = [{"base64": photo}, {"base64": other}] * 3  # 6 views, MAX_VIEWS is 2
+    plain = {"api_key": TEST_API_KEY, "images": images, "process_res": PROCESS_RES}
+    with pytest.raises(ServiceError, match="sequence"):
+        service.handle(plain)
+    response = service.handle({
+        **plain, "sequence": True, "chunk_size": 3, "overlap": 1, "fps": 2,
+        "output_metric": False, "outputs": ["trajectory"],
+    })  # fmt: skip
+    assert response["sequence"]["frames"] == 6
+    assert response["sequence"]["timestamps"] == [0, 0.5, 1.0, 1.5, 2.0, 2.5]
+    assert len(response["sequence"]["chunks"]) == len(plan_chunks(6, 3, 1))
+
+
+def test_cancel_after_a_chunk_leaves_no_file(service, video):
+    token = CancelToken()
+    workspace = service.settings.workspace_dir
+
+    def cancel_after_first(summary: dict) -> None:
+        assert list((workspace / "sequences").iterdir())  # frames on disk meanwhile
+        token.cancel("cancelled by the test")
+
+    with pytest.raises(ServiceError) as caught:
+        service.handle(_request(video), cancel=token, job=JobInfo(progress=cancel_after_first))
+    assert caught.value.code == "cancelled"
+    assert not list((workspace / "sequences").iterdir())
+    outputs = service.settings.output_dir
+    assert not outputs.exists() or not [p for p in outputs.rglob("*") if p.is_file()]
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"outputs": ["depth"]}, "a sequence gives"),
+        ({"extrinsics": [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0]]}, "extrinsics"),
+        ({"chunk_size": 4, "overlap": 4}, "overlap must be less"),
+        ({"start_s": 1.0, "end_s": 0.5}, "end_s must be after"),
+    ],
+)
+def test_sequence_requests_are_checked(service, video, fields, message):
+    with pytest.raises(ServiceError, match=message):
+        service.handle(_request(video, **fields))
