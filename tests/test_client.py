@@ -46,13 +46,14 @@ def test_runpod_polling_auth_and_body():
                     poll_interval=0, transport=scripted(answers, seen))  # fmt: skip
     assert client.run({"image_url": "https://example.com/a.jpg"}) == output
     assert [str(r.url) for r in seen] == [
-        "https://api.runpod.ai/v2/abc/runsync",
+        "https://api.runpod.ai/v2/abc/runsync?wait=90000",  # answered before its deadline
         "https://api.runpod.ai/v2/abc/status/j1",
         "https://api.runpod.ai/v2/abc/status/j1",
     ]
     assert all(r.headers["authorization"] == "Bearer rp" for r in seen)
     assert json.loads(seen[0].content) == {
-        "input": {"image_url": "https://example.com/a.jpg", "api_key": "ours"}
+        "input": {"image_url": "https://example.com/a.jpg", "api_key": "ours"},
+        "policy": {"executionTimeout": 600_000, "ttl": 600_000},  # the client's 600 s timeout
     }
 
 

@@ -19,6 +19,7 @@ import pytest
 import requests
 import runpod
 
+from da3_serverless.client import Client, DA3Error, deadline_policy
 from da3_serverless.server import create_app
 from servers import app_in_thread, eventually
 from test_http_server import KEY, GatedService, req, settings
@@ -166,3 +167,18 @@ def test_runpod_fields_refused(gated, fields, wrong):
     assert answer.status_code == 400 and answer.json()["status"] == "FAILED"
     assert wrong in json.loads(answer.json()["error"])["message"]
     assert service.seen_keys == []
+
+
+def test_our_client_sends_its_deadline_and_cancels_when_it_passes(gated):
+    service, url, _ = gated
+    service.gate.clear()
+    client = Client(f"{url}/v2/{ENDPOINT_ID}", api_key=KEY, timeout=3, poll_interval=0.1)
+    with client, pytest.raises(DA3Error) as caught:
+        client.run(req("late"))
+    assert caught.value.code == "timeout" and "cancelled it" in caught.value.message
+    job_id = caught.value.message.split()[1]
+    assert status(url, job_id).json()["status"] == "CANCELLED"
+    eventually(lambda: service.stopped == 1, 30, "the job to stop")
+    assert deadline_policy(3) == {"executionTimeout": 5000, "ttl": 10_000}
+    assert deadline_policy(600) == {"executionTimeout": 600_000, "ttl": 600_000}
+    service.gate.set()

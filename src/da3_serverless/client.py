@@ -11,14 +11,17 @@ IN_QUEUE/IN_PROGRESS and turns failures (our error object, as JSON text or as an
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
+import math
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
@@ -55,6 +58,7 @@ TRANSIENT_CODES = ("overloaded", "out_of_memory")
 PENDING = ("IN_QUEUE", "IN_PROGRESS")
 # The largest bodies RunPod takes (bytes): 10 MB on /run, 20 MB on /runsync.
 RUN_MAX_BODY_BYTES, RUNSYNC_MAX_BODY_BYTES = 10_000_000, 20_000_000
+MAX_POLICY_MS = 7 * 24 * 3_600_000  # RunPod's longest ttl / executionTimeout: 7 days
 
 
 class DA3Error(Exception):
@@ -264,19 +268,26 @@ class Client:
     def close(self) -> None:
         self._http.close()
 
-    def depth(self, image: ImageInput | Sequence[ImageInput], **options: Any) -> DepthResult:
+    def depth(
+        self,
+        image: ImageInput | Sequence[ImageInput],
+        *,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+        **options: Any,
+    ) -> DepthResult:
         """Depth for one image (path, URL, bytes, PIL) or a list of views of one scene.
 
         `options` are v1 request fields: model_id, process_res, outputs, output_metric,
         use_ray_pose, focal_length_px, intrinsics, extrinsics, return_base64, and the scene
-        options conf_percentile, max_points, keep_sky, remove_edges, colmap_text."""
+        options conf_percentile, max_points, keep_sky, remove_edges, colmap_text.
+        `on_progress(progress)` is called with the job's progress while it runs (see `run`)."""
         if isinstance(image, (list, tuple)):
             payload: dict[str, Any] = {"images": [image_fields(i) for i in image]}
         else:
             source = image_fields(image)
             key = "image_url" if "url" in source else "image_base64"
             payload = {key: next(iter(source.values()))}
-        return parse_response(self.run({**payload, **options}))
+        return parse_response(self.run({**payload, **options}, on_progress=on_progress))
 
     def map(
         self,
@@ -327,19 +338,39 @@ class Client:
         """The model table (self-hosted server only: `GET /models`)."""
         return self._send("GET", "models").json()
 
-    def run(self, payload: dict[str, Any]) -> dict[str, Any]:
-        """Send one v1 request object; return the v1 response dict or raise DA3Error."""
+    def run(
+        self,
+        payload: dict[str, Any],
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
+        """Send one v1 request object; return the v1 response dict or raise DA3Error.
+
+        On RunPod's paths (`.../v2/<id>`) the job carries RunPod's `policy` from this client's
+        `timeout` (`executionTimeout` and `ttl`), so it never runs on after the client stops
+        waiting; when the deadline passes the job is cancelled. While the job runs,
+        `on_progress` gets each new progress object it reports (`{"stage", "percent",
+        "message"}`), never its result."""
         if self.api_key is not None and "api_key" not in payload:
             payload = {**payload, "api_key": self.api_key}
         deadline = time.monotonic() + self.timeout
-        body = json.dumps({"input": payload}).encode()
+        envelope: dict[str, Any] = {"input": payload}
+        path = "runsync"
+        if "/v2/" in urlsplit(self.endpoint).path + "/":
+            envelope["policy"] = deadline_policy(self.timeout)
+            # Answered before the deadline, done or not, so the client can still cancel it.
+            path += f"?wait={min(max(math.floor(self.timeout * 1000) - 2000, 1000), 90_000)}"
+        body = json.dumps(envelope).encode()
         check_body_size(body, self.max_body_bytes, "runsync")
-        job = _job(self._send("POST", "runsync", content=body, headers=JSON_HEADERS))
+        job = _job(self._send("POST", path, content=body, headers=JSON_HEADERS))
+        seen = None
         while job.get("status") in PENDING:
+            seen = _report_progress(job, seen, on_progress)
             if time.monotonic() > deadline:
+                self._cancel(job.get("id"))
                 raise DA3Error(
-                    "timeout", None, f"job {job.get('id')} unfinished after {self.timeout} s"
-                )
+                    "timeout", None,
+                    f"job {job.get('id')} unfinished after {self.timeout} s: cancelled it",
+                )  # fmt: skip
             time.sleep(self.poll_interval)
             job = _job(self._send("GET", f"status/{job['id']}"))
         if job.get("status") == "COMPLETED" and isinstance(job.get("output"), dict):
@@ -352,6 +383,14 @@ class Client:
         if job.get("status") == "CANCELLED":
             raise DA3Error("cancelled", 499, f"job {job.get('id')} was cancelled")
         raise DA3Error("runpod_failed", None, f"job ended {job.get('status')!r} without output")
+
+    def _cancel(self, job_id: object) -> None:
+        """Cancel a job this client stopped waiting for (so it stops running and billing);
+        a failure to cancel is not the caller's error (the job's policy still ends it)."""
+        if not isinstance(job_id, str):
+            return
+        with contextlib.suppress(httpx.HTTPError):
+            self._http.post(f"{self.endpoint}/cancel/{job_id}", timeout=10.0)
 
     def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         """One call, retried with backoff on 429 and on transient 503s (at most `max_retries`
@@ -370,6 +409,29 @@ class Client:
 
 
 JSON_HEADERS = {"Content-Type": "application/json"}
+
+
+def deadline_policy(timeout_s: float) -> dict[str, int]:
+    """RunPod's `policy` for a client that waits `timeout_s`: the job may neither run
+    (`executionTimeout`, at least 5 s) nor live (`ttl`, at least 10 s) longer than that."""
+    milliseconds = math.ceil(timeout_s * 1000)
+    return {
+        "executionTimeout": min(max(milliseconds, 5_000), MAX_POLICY_MS),
+        "ttl": min(max(milliseconds, 10_000), MAX_POLICY_MS),
+    }
+
+
+def _report_progress(
+    job: dict[str, Any], seen: object, on_progress: Callable[[dict[str, Any]], None] | None
+) -> object:
+    """Pass an IN_PROGRESS job's progress object (RunPod shows it as `output` while the job
+    runs) to `on_progress` when it changed; returns the latest seen."""
+    progress = job.get("output")
+    if job.get("status") != "IN_PROGRESS" or not isinstance(progress, dict):
+        return seen
+    if on_progress is not None and progress != seen and "stage" in progress:
+        on_progress(progress)
+    return progress
 
 
 def check_body_size(body: bytes, limit: int, path: str) -> None:
