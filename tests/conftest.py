@@ -77,6 +77,22 @@ def service_env(hf_cache, tmp_path) -> dict[str, str]:
     return env
 
 
+# Fixtures that run the service in another process (a server, the worker, a CLI command) or
+# give the environment for one: their tests are marked `server`, which `make test-fast` leaves
+# out. A new such fixture belongs here (test_code_shape finds those that start a server).
+PROCESS_FIXTURES = {
+    "service_env", "module_env", "transport_env", "broken_env", "hostile_env",
+    "service_env_module", "served", "self_hosted", "runpod_local", "server", "strict_server",
+    "worker", "strict_worker",
+}  # fmt: skip
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if PROCESS_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.server)
+
+
 # Bytes longer than this are files: a failed comparison names them by size and digest.
 _FILE_BYTES = 4096
 

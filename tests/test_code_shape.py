@@ -84,3 +84,24 @@ def test_modules_have_a_docstring_absolute_imports_and_named_loggers(path: Path)
     assert not relative, f"relative imports on lines {relative}: import from da3_serverless"
     loggers = re.findall(r"getLogger\(([^)]*)\)", text)
     assert all(arg == "__name__" for arg in loggers), loggers
+
+
+def test_fixtures_that_start_the_service_elsewhere_are_known_to_conftest():
+    """`make test-fast` leaves out the tests that start the service in another process; it
+    knows them by their fixtures (conftest.PROCESS_FIXTURES), so a new one must be listed."""
+    from conftest import PROCESS_FIXTURES
+
+    starts = re.compile(r"\b(serve_process|runpod_local_api|runpod_local_process)\(")
+    unlisted = []
+    for path in TEST_FILES:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.FunctionDef):
+                continue
+            is_fixture = any("fixture" in ast.unparse(d) for d in node.decorator_list)
+            if (
+                is_fixture
+                and starts.search(ast.unparse(node))
+                and node.name not in PROCESS_FIXTURES
+            ):
+                unlisted.append(f"{path.name}: {node.name}")
+    assert not unlisted, f"add to conftest.PROCESS_FIXTURES: {unlisted}"

@@ -50,6 +50,7 @@ PRESET_CASES = {
     "da3nested-giant-large": ["two_views", "ray_pose", "known_cameras"],
 }
 SLOW_PRESETS = {"da3-giant", "da3nested-giant-large"}
+LARGE_PRESETS = {"da3-large", "da3mono-large", "da3metric-large"}  # left out of test-fast
 FIELDS = ("depth", "confidence", "sky", "extrinsics", "intrinsics")
 GAUSSIAN_FIELDS = ("means", "scales", "rotations", "opacities", "harmonics")
 
@@ -142,6 +143,7 @@ def reference_gaussians(out, nested: bool) -> dict[str, torch.Tensor] | None:
 def _params():
     for preset, cases in PRESET_CASES.items():
         marks = [pytest.mark.slow] if preset in SLOW_PRESETS else []
+        marks += [pytest.mark.large] if preset in LARGE_PRESETS else []
         for case in cases:
             yield pytest.param(preset, case, marks=marks, id=f"{preset}-{case}")
 
