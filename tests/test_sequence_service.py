@@ -10,6 +10,7 @@ import io
 import json
 import zipfile
 
+import av
 import numpy as np
 import pytest
 from PIL import Image
@@ -42,7 +43,7 @@ def _request(video: bytes, **fields) -> dict:
     return {
         "api_key": TEST_API_KEY, "video_base64": base64.b64encode(video).decode(), "fps": 5,
         "chunk_size": 4, "overlap": 2, "process_res": PROCESS_RES, "output_metric": False,
-        "outputs": ["trajectory", "depth_frames"], **fields,
+        "outputs": ["trajectory", "depth_frames", "depth_video"], **fields,
     }  # fmt: skip
 
 
@@ -101,6 +102,29 @@ def test_a_video_in_chunks(chunked):
     depth, _, _ = _depth_frames(response)
     assert all(d.shape == (48, 64) for d in depth)
     assert all(np.isfinite(d).all() and d.min() >= low and d.max() <= high for d in depth)
+
+
+def test_the_depth_video_holds_the_depth_frames_codes_losslessly(chunked):
+    """FFV1 gray16le in Matroska, read back with PyAV (FFmpeg): every frame's 16-bit codes
+    equal the PNG's, at the frame's timestamp, with the decode in the container's tags."""
+    response = chunked[0]
+    archive = _zip(response["depth_frames"])
+    meta = json.loads(archive.read("frames.json"))
+    data = base64.b64decode(response["depth_video"]["base64"])
+    assert response["depth_video"]["media_type"] == "video/x-matroska"
+    with av.open(io.BytesIO(data)) as container:
+        tags = {key.lower(): value for key, value in container.metadata.items()}
+        assert float(tags["min_depth"]) == meta["min_depth"]
+        assert float(tags["max_depth"]) == meta["max_depth"]
+        stream = container.streams.video[0]
+        assert stream.codec_context.name == "ffv1"
+        decoded = list(container.decode(stream))
+    assert len(decoded) == len(meta["frames"])
+    for frame, entry in zip(decoded, meta["frames"], strict=True):
+        assert frame.format.name == "gray16le"
+        png = np.asarray(Image.open(io.BytesIO(archive.read(entry["file"]))))
+        np.testing.assert_array_equal(frame.to_ndarray(), png)
+        assert frame.time == pytest.approx(entry["timestamp"], abs=1e-3)
 
 
 @pytest.mark.slow

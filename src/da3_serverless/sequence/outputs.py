@@ -2,7 +2,8 @@
 depth on disk as it is produced (float32 .npy) and its camera and time in memory; once the last
 chunk fixes the depth range, `depth_frames_zip` encodes every frame with that ONE linear decode
 (16-bit PNGs) and `trajectory_zip` writes the camera-to-world poses in TUM format with a JSON
-of the cameras."""
+of the cameras; `depth_video_mkv` writes the same codes as a lossless 16-bit video (FFV1
+gray16le in Matroska)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ import shutil
 import tempfile
 import zipfile
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 
+import av
 import numpy as np
 from trimesh.transformations import quaternion_from_matrix
 
@@ -32,7 +35,8 @@ class FrameStore:
     extrinsics: list[np.ndarray] = field(default_factory=list)
     min_depth: float = math.inf
     max_depth: float = -math.inf
-    size: tuple[int, int] | None = None  # (width, height)
+    size: tuple[int, int] | None = None  # (width, height) of the last frame
+    sizes: set[tuple[int, int]] = field(default_factory=set)
 
     @staticmethod
     def create(parent: Path) -> FrameStore:
@@ -46,6 +50,7 @@ class FrameStore:
             self.min_depth = min(self.min_depth, float(finite.min()))
             self.max_depth = max(self.max_depth, float(finite.max()))
         self.size = (depth.shape[1], depth.shape[0])
+        self.sizes.add(self.size)
         self.timestamps.append(float(timestamp))
         self.intrinsics.append(np.asarray(intrinsics, np.float64))
         self.extrinsics.append(np.asarray(extrinsics, np.float64))
@@ -136,4 +141,32 @@ def trajectory_zip(frames: FrameStore, units: str, target: Path) -> Path:
     with zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as archive:
         archive.writestr("trajectory.tum", tum_lines(frames))
         archive.writestr("cameras.json", json.dumps(cameras))
+    return target
+
+
+def depth_video_mkv(frames: FrameStore, units: str, target: Path) -> Path:
+    """`target`: the frames' depth codes (those of `depth_frames_zip`: one linear decode) as
+    FFV1 gray16le in Matroska, lossless, each frame at its timestamp (millisecond clock; a
+    frame never shares its predecessor's tick). The decode is in the container's tags
+    (`min_depth`, `max_depth`, `units`, `depth_encoding`). Frames must share one size."""
+    low, high = frames.depth_range()
+    width, height = frames.size or (0, 0)
+    clock = Fraction(1, 1000)
+    with av.open(str(target), "w", format="matroska") as out:
+        out.metadata.update({
+            "min_depth": repr(low), "max_depth": repr(high), "units": units,
+            "depth_encoding": DEPTH_ENCODING,
+        })  # fmt: skip
+        stream = out.add_stream("ffv1", rate=30)
+        stream.width, stream.height, stream.pix_fmt = width, height, "gray16le"
+        stream.time_base = stream.codec_context.time_base = clock
+        previous = -1
+        for index, timestamp in enumerate(frames.timestamps):
+            frame = av.VideoFrame.from_ndarray(
+                quantize(frames.depth(index), low, high), format="gray16le"
+            )
+            frame.pts = previous = max(previous + 1, round(timestamp * 1000))
+            frame.time_base = clock
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode())
     return target

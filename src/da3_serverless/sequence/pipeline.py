@@ -25,7 +25,12 @@ from da3_serverless.inference.cancel import CancelToken
 from da3_serverless.inference.prediction import Prediction
 from da3_serverless.inference.predictor import Predictor
 from da3_serverless.sequence.assemble import AlignedChunk, Assembler
-from da3_serverless.sequence.outputs import FrameStore, depth_frames_zip, trajectory_zip
+from da3_serverless.sequence.outputs import (
+    FrameStore,
+    depth_frames_zip,
+    depth_video_mkv,
+    trajectory_zip,
+)
 from da3_serverless.sequence.plan import Chunk, default_overlap, windows
 from da3_serverless.sequence.source import FrameSource, open_source
 
@@ -64,6 +69,7 @@ def run_sequence(context: SequenceContext, request: RunRequest) -> dict:
             summaries, is_metric, units = _run_chunks(
                 context, request, predictor, source, frames, (size, overlap)
             )
+        _check_sizes(request, frames)
         context.cancel.commit()  # the last check: outputs are written from here on
         response = _respond(context, request, frames, (model_id, is_metric, units))
         response["sequence"] = {
@@ -79,6 +85,16 @@ def run_sequence(context: SequenceContext, request: RunRequest) -> dict:
         if source is not None:
             source.close()
         frames.close()
+
+
+def _check_sizes(request: RunRequest, frames: FrameStore) -> None:
+    """`depth_video` needs frames of one size (photos of a sequence may differ)."""
+    if "depth_video" in request.outputs and len(frames.sizes) > 1:
+        raise ServiceError(
+            "invalid_input",
+            "depth_video needs frames of one size, but the images differ: ask for "
+            "depth_frames instead, or send images of one size",
+        )
 
 
 def _chunking(context: SequenceContext, request: RunRequest, source: FrameSource):
@@ -204,13 +220,17 @@ def _respond(context: SequenceContext, request: RunRequest, frames: FrameStore, 
     }  # fmt: skip
 
 
+# sequence output -> (writer, file suffix, media type)
+WRITERS = {
+    "trajectory": (trajectory_zip, ".zip", "application/zip"),
+    "depth_frames": (depth_frames_zip, ".zip", "application/zip"),
+    "depth_video": (depth_video_mkv, ".mkv", "video/x-matroska"),
+}
+
+
 def _artifact(name: str, frames: FrameStore, units: str) -> Artifact:
-    target = Path(frames.folder) / f"{name}.zip"
-    write = depth_frames_zip if name == "depth_frames" else trajectory_zip
+    write, suffix, media_type = WRITERS[name]
+    target = Path(frames.folder) / f"{name}{suffix}"
     data = write(frames, units, target).read_bytes()
     target.unlink()
-    fields = {}
-    if name == "depth_frames":
-        low, high = frames.depth_range()
-        fields = {"min_depth": low, "max_depth": high}
-    return Artifact(None, name, data, ".zip", "application/zip", fields)
+    return Artifact(None, name, data, suffix, media_type)
