@@ -44,15 +44,20 @@ PHOTO_FILES = ("depth.png", "preview.png", "json")
 class Relay:
     """A local HTTP server forwarding to `upstream`. It answers the first POSTs to
     `/runsync` with `storm` (statuses, in order) instead of forwarding them, and holds every
-    POST after the first `hold_after` until `release` is set (then forwards it). `posts`
-    counts the POSTs to `/runsync` it received."""
+    POST after the first `hold_after` until `release` is set (then forwards it). With
+    `queue_at` (RunPod's paths on the server, `/v2/<id>`), `/runsync` goes to its `/run`,
+    which answers `IN_QUEUE` at once, and `/status/<job>` to its `/status/<job>`. `posts`
+    counts the POSTs to `/runsync` it received, `polls` the GETs of `/status`."""
 
-    def __init__(self, upstream: str, storm: list[int] = (), hold_after: int | None = None):
+    def __init__(self, upstream: str, storm: list[int] = (), hold_after: int | None = None,
+                 queue_at: str | None = None):  # fmt: skip
         self.upstream = upstream
         self.storm = list(storm)
         self.hold_after = hold_after
+        self.queue_at = queue_at
         self.release = threading.Event()
         self.posts = 0
+        self.polls = 0
         self.answered = 0
         self.lock = threading.Lock()
 
@@ -83,6 +88,7 @@ class Relay:
         counted = method == "POST" and handler.path.startswith("/runsync")
         with self.lock:
             self.posts += counted
+            self.polls += handler.path.startswith("/status/")
             storm = self.storm.pop(0) if counted and self.storm else None
             held = (counted and storm is None and self.hold_after is not None
                     and self.answered >= self.hold_after)  # fmt: skip
@@ -93,8 +99,11 @@ class Relay:
             self.release.wait(60)
         headers = {k: v for k, v in handler.headers.items() if k.lower() in
                    ("content-type", "x-api-key", "authorization")}  # fmt: skip
-        reply = httpx.request(method, self.upstream + handler.path, content=body,
-                              headers=headers, timeout=120)  # fmt: skip
+        path = handler.path
+        if self.queue_at is not None:
+            path = self.queue_at + ("/run" if counted else path)
+        reply = httpx.request(method, self.upstream + path, content=body, headers=headers,
+                              timeout=120)  # fmt: skip
         return self.answer(handler, reply.status_code, reply.content, "application/json")
 
     @staticmethod
@@ -215,6 +224,20 @@ def test_a_storm_of_429_and_5xx_is_retried(server, tmp_path):
     assert_photo_outputs(tmp_path / "out", names)
     attempts = {entry["name"]: entry["attempts"] for entry in read_record(tmp_path / "out")}
     assert sum(attempts.values()) > len(names)  # some items were sent again
+
+
+@pytest.mark.slow
+def test_jobs_answered_in_queue_are_polled(server, tmp_path):
+    names = write_photos(tmp_path / "photos", 6)
+    relay = Relay(server, queue_at="/v2/any-endpoint")
+    with relay as relay_url, Client(relay_url, api_key=TEST_API_KEY, runpod_api_key=TEST_API_KEY,
+                                    poll_interval=0.05) as client:  # fmt: skip
+        report = client.map(tmp_path / "photos", tmp_path / "out", concurrency=3,
+                            outputs=["depth", "preview"], process_res=RES,
+                            output_metric=False)  # fmt: skip
+    assert report.failures == [] and sorted(report.done) == names
+    assert relay.posts == len(names) and relay.polls >= len(names)  # each job polled
+    assert_photo_outputs(tmp_path / "out", names)
 
 
 @pytest.mark.slow
