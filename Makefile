@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 REFERENCE_SPEC ?= depth-anything-3==0.1.1
 PYTEST_ARGS ?=
 
-.PHONY: help install browser js test test-fast lint format serve worker bench lock clean
+.PHONY: help install browser js smoke test test-fast lint format serve worker bench lock clean
 
 # The first target: `make` alone lists the commands (each target's `## ` comment).
 help:
@@ -38,8 +38,20 @@ format: install  ## ruff format and fix
 	$(BIN)/ruff format $(LINT_PATHS)
 	$(BIN)/ruff check --fix $(LINT_PATHS)
 
-test: install browser js lint  ## lint and the whole test suite
+test: install browser js lint smoke  ## lint, the runtime smoke and the whole test suite
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# The runtime smoke (scripts/smoke.py: both transports, every output, a random checkpoint) in
+# its own venv built from the image's lock as the Dockerfile does, CPU torch for the CUDA build
+# (scripts/smoke_env.py), no test extras. The venv is rebuilt when the lock changes.
+SMOKE_VENV ?= .smoke-venv
+$(SMOKE_VENV)/.installed: requirements/pylock.docker.toml scripts/smoke_env.py | $(BIN)/.installed
+	$(BIN)/python scripts/smoke_env.py $(SMOKE_VENV) --python "$(PYTHON)" --torch "$(TORCH_SPEC)" --uv $(BIN)/uv
+	touch $@
+
+smoke: $(SMOKE_VENV)/.installed  ## the runtime smoke in a venv from the image's lock (CPU torch)
+	$(BIN)/uv pip install --quiet --python $(SMOKE_VENV)/bin/python --no-deps --reinstall-package da3-serverless .
+	$(SMOKE_VENV)/bin/python scripts/smoke.py
 
 # The playground test drives Debian's chromium (never Playwright's own download) and the
 # README's examples use curl. CI runs as root and installs them; elsewhere, install them
@@ -86,4 +98,4 @@ lock: install  ## re-lock the container's dependencies
 	UV=$(BIN)/uv scripts/lock.sh
 
 clean:  ## remove the venv and caches
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(SMOKE_VENV) .pytest_cache .ruff_cache .hypothesis

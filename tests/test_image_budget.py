@@ -132,3 +132,23 @@ def test_cli_reports_the_total_and_fails_over_budget(tmp_path: Path) -> None:
     )
     assert over.returncode == 1
     assert "over budget" in over.stderr
+
+
+def test_the_smoke_venv_takes_the_lock_less_its_gpu_only_packages() -> None:
+    """scripts/smoke_env.py (make smoke) installs the lock's own file minus torch's CUDA build
+    and what only it needs; the rest, hashes and all, is untouched."""
+    spec = importlib.util.spec_from_file_location("smoke_env", REPO / "scripts" / "smoke_env.py")
+    assert spec is not None and spec.loader is not None
+    smoke_env = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(smoke_env)
+    text = (REPO / "requirements" / "pylock.docker.toml").read_text()
+    full = tomllib.loads(text)
+    kept = tomllib.loads(smoke_env.without_gpu_packages(text))
+    gpu_only = {"torch", "triton"} | {
+        p["name"] for p in full["packages"] if p["name"].startswith(("nvidia-", "cuda-"))
+    }
+    assert len(gpu_only) > 10
+    assert kept["packages"] == [p for p in full["packages"] if p["name"] not in gpu_only]
+    assert {k: v for k, v in kept.items() if k != "packages"} == {
+        k: v for k, v in full.items() if k != "packages"
+    }
