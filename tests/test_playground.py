@@ -228,8 +228,8 @@ def check_depth_views(page, direct: dict) -> None:
 
 def check_downloads(page, shown: dict, direct: dict, tmp_path: Path) -> None:
     """One entry per returned output. An inline one downloads exactly the bytes the API
-    returned, under the name the Python client's save_all gives it; a stored one shows its
-    path, a file with the same bytes as the direct call's."""
+    returned, under the name the Python client's save_all gives it; a stored one downloads,
+    by the server's signed link, the bytes of the file it stored."""
     saved = parse_response(direct).save_all(tmp_path / "client", "da3")
     client_files = {path.name: path.read_bytes() for path in saved if path.suffix != ".json"}
     expected = returned_outputs(direct)
@@ -248,10 +248,12 @@ def check_downloads(page, shown: dict, direct: dict, tmp_path: Path) -> None:
             downloaded[download.suggested_filename] = Path(download.path()).read_bytes()
             assert downloaded[download.suggested_filename] == base64.b64decode(placed["base64"])
         else:
-            stored.add(output)
+            stored.add(output)  # downloaded from the server by its signed link
             assert "stored on the server" in entry.text_content()
-            shown_path = Path(entry.locator("code").text_content())
-            assert shown_path.read_bytes() == Path(placed["path"]).read_bytes()
+            with page.expect_download() as info:
+                entry.locator("a").click()
+            assert info.value.suggested_filename == entry.get_attribute("data-file")
+            assert Path(info.value.path()).read_bytes() == Path(placed["path"]).read_bytes()
     assert listed == set(expected)
     assert downloaded == client_files
     # Every format comes as a button; the views' point clouds pass MAX_RESPONSE_BYTES.

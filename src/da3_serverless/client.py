@@ -134,7 +134,8 @@ class DepthResult:
         """Write every inline output into `folder` under fixed names (VIEW_FILES and SCENE_FILES
         suffixes after `stem`), and `<stem>.json`, the response without its base64 payloads.
         Outputs the server returned only as a path or URL are not written (the JSON names
-        them; `Client.download_outputs` fetches URLs first). Returns the paths written."""
+        them; `Client.download_outputs` fetches URLs, signed links included, first). Returns
+        the paths written."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         files: dict[str, bytes] = {}
@@ -310,29 +311,47 @@ class Client:
                          retries=retries, progress=progress, stop=stop)  # fmt: skip
 
     def download_outputs(self, result: DepthResult) -> list[str]:
-        """Fetch the outputs the server returned only as a bucket URL into `result.outputs` (and
-        each view's); returns the names of those that remain without bytes (volume paths,
-        failed downloads)."""
-        missing = []
+        """Fetch the outputs the server returned only by URL (a bucket's, or the self-hosted
+        server's signed download link) into `result.outputs` (and each view's; a view's depth
+        PNG from its `file_url` into `depth_png` and `depth`); returns the names of those that
+        remain without bytes (paths with no URL, failed downloads)."""
+        missing: list[str] = []
+        fetched: dict[str, bytes | None] = {}  # by URL: view 0 is repeated at the top level
         for target in [result, *result.views]:
+            if target.depth_png is None and target.raw.get("file_path") is not None:
+                data = self._fetch(target.raw.get("file_url"), fetched)
+                if data is None:
+                    missing.append("depth")
+                else:
+                    target.depth_png = data
+                    if target.depth is None:
+                        target.depth = decode_depth_png16(data, target.min_depth, target.max_depth)
             for name, entry in target.raw.items():
                 if not isinstance(entry, dict) or "media_type" not in entry:
                     continue
                 if name in target.outputs:
                     continue
-                url = entry.get("url")
-                if not (isinstance(url, str) and url.startswith(("https://", "http://"))):
+                data = self._fetch(entry.get("url"), fetched)
+                if data is None:
                     missing.append(name)
-                    continue
-                try:
-                    # Without this client's headers: the bucket must not see the keys.
-                    response = httpx.get(url, timeout=self.timeout)
-                    response.raise_for_status()
-                except httpx.HTTPError:
-                    missing.append(name)
-                    continue
-                target.outputs[name] = response.content
+                else:
+                    target.outputs[name] = data
         return sorted(set(missing))
+
+    def _fetch(self, url: object, fetched: dict[str, bytes | None]) -> bytes | None:
+        """The bytes at an http(s) `url` (None when there is none or it fails), fetched once."""
+        if not (isinstance(url, str) and url.startswith(("https://", "http://"))):
+            return None
+        if url not in fetched:
+            try:
+                # Without this client's headers: a bucket must not see the keys, and a signed
+                # link needs none.
+                response = httpx.get(url, timeout=self.timeout)
+                response.raise_for_status()
+                fetched[url] = response.content
+            except httpx.HTTPError:
+                fetched[url] = None
+        return fetched[url]
 
     def models(self) -> list[dict[str, Any]]:
         """The model table (self-hosted server only: `GET /models`)."""

@@ -21,6 +21,10 @@ DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16",
                "bf16": "bfloat16", "float16": "float16", "fp16": "float16"}  # fmt: skip
 DEVICE_PATTERN = re.compile(r"(cpu|cuda|mps|xpu)(:\d+)?")
 RANGE_ERRORS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal")
+# What a response may carry inline (base64) by default: under RunPod's 20 MB answer cap there,
+# more on a self-hosted server (whose stored files are also downloadable by signed link).
+RUNPOD_MAX_RESPONSE_BYTES = 15_000_000
+SERVER_MAX_RESPONSE_BYTES = 50_000_000
 
 
 def _env(*names: str) -> AliasChoices:
@@ -69,9 +73,17 @@ class Settings(BaseSettings):
     output_retention_days: float = Field(
         default=14, gt=0, validation_alias=_env("OUTPUT_RETENTION_DAYS")
     )
+    # RUNPOD_MAX_RESPONSE_BYTES unless set; `for_server` gives the self-hosted default.
     max_response_bytes: int = Field(
-        default=15_000_000, ge=0, validation_alias=_env("MAX_RESPONSE_BYTES")
+        default=RUNPOD_MAX_RESPONSE_BYTES, ge=0, validation_alias=_env("MAX_RESPONSE_BYTES")
     )
+    # Self-hosted: the key that signs download links to stored outputs (derived from
+    # DA3_API_KEY when unset; random per process without either), and the server's public base
+    # URL for those links (default: the URL the request came to).
+    download_secret: str | None = Field(
+        default=None, min_length=16, validation_alias=_env("DA3_DOWNLOAD_SECRET"), repr=False
+    )
+    public_url: str | None = Field(default=None, validation_alias=_env("DA3_PUBLIC_URL"))
     bucket_endpoint_url: str | None = Field(
         default=None, validation_alias=_env("BUCKET_ENDPOINT_URL")
     )
@@ -176,6 +188,13 @@ class Settings(BaseSettings):
         if name.lower() not in DTYPE_NAMES:
             raise ValueError(f"use one of {', '.join(DTYPE_NAMES)}")
         return DTYPE_NAMES[name.lower()]
+
+    def for_server(self) -> Settings:
+        """These settings as the self-hosted server uses them: MAX_RESPONSE_BYTES, when not
+        set, is SERVER_MAX_RESPONSE_BYTES."""
+        if "max_response_bytes" in self.model_fields_set:
+            return self
+        return self.model_copy(update={"max_response_bytes": SERVER_MAX_RESPONSE_BYTES})
 
     @property
     def workspace_dir(self) -> Path:

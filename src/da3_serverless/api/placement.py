@@ -20,6 +20,7 @@ from da3_serverless.api.outputs import Artifact
 from da3_serverless.api.storage import OutputStore, Saved, StorageError
 
 BUCKET_SETTINGS = "BUCKET_ENDPOINT_URL, BUCKET_ACCESS_KEY_ID, BUCKET_SECRET_ACCESS_KEY"
+BUCKET_HINT = f"; set {BUCKET_SETTINGS} to get URLs to them"
 
 
 @dataclass
@@ -72,7 +73,7 @@ def place_outputs(
     stored = sorted({a.name for a in artifacts if id(a) not in inline})
     has_bucket = store.has_bucket or job.bucket is not None
     if budget is not None and stored:
-        where = "" if has_bucket else f"; set {BUCKET_SETTINGS} to get URLs to them"
+        where = "" if has_bucket else BUCKET_HINT
         warnings.append(
             f"{', '.join(stored)} would pass MAX_RESPONSE_BYTES ({budget} bytes) inline: "
             f"stored and returned as paths/URLs instead of base64{where}"

@@ -16,9 +16,11 @@ from fastapi import FastAPI
 
 from da3_serverless import __version__
 from da3_serverless.api.errors import ServiceError
+from da3_serverless.api.links import LinkSigner
 from da3_serverless.config import Settings
 from da3_serverless.server.batching import Batcher
 from da3_serverless.server.errors import RETRY_AFTER_S, add_error_handlers
+from da3_serverless.server.files import add_file_routes
 from da3_serverless.server.jobs import add_job_routes
 from da3_serverless.server.logs import log_json_lines
 from da3_serverless.server.metrics import Metrics
@@ -37,13 +39,14 @@ class AppState:
     """What the routes share: settings, the service, the queue, the jobs and the metrics;
     `draining` once a stop signal arrived, `start_error` the error code when the default model
     failed (the reason itself goes to the log only); `batcher` gathers requests into batches
-    (None with `MAX_BATCH=1`)."""
+    (None with `MAX_BATCH=1`); `links` signs the download links to stored outputs."""
 
     settings: Settings
     service: Service
     scheduler: Scheduler
     jobs: JobStore
     metrics: Metrics
+    links: LinkSigner
     draining: bool = False
     start_error: str | None = None
     batcher: Batcher | None = None
@@ -64,7 +67,8 @@ class AppState:
         if settings.max_batch > 1:
             wait_s = settings.batch_wait_ms / 1000
             batcher = Batcher(scheduler, service.handle_batch, settings.max_batch, wait_s)
-        return cls(settings, service, scheduler, jobs, metrics, batcher=batcher)
+        links = LinkSigner.from_settings(settings)
+        return cls(settings, service, scheduler, jobs, metrics, links, batcher=batcher)
 
     def drain(self) -> None:
         """Stop taking new work (answered 503) while running jobs finish."""
@@ -104,8 +108,10 @@ def create_app(settings: Settings, service: Service | None = None) -> FastAPI:
     """The server as an ASGI app. Without `service`, one is built from `settings`.
 
     The model loads in a background thread at startup (unless `service.ready` already), so
-    `/health` answers at once and `/ready` says 503 until the model is warm.
+    `/health` answers at once and `/ready` says 503 until the model is warm. The settings are
+    the server's (`Settings.for_server`: a larger MAX_RESPONSE_BYTES unless set).
     """
+    settings = settings.for_server()
     state = AppState.build(settings, service if service is not None else Service(settings))
     app = FastAPI(
         title="da3-serverless",
@@ -123,6 +129,7 @@ def create_app(settings: Settings, service: Service | None = None) -> FastAPI:
     add_error_handlers(app)
     add_job_routes(app, state)
     add_runpod_routes(app, state)
+    add_file_routes(app, state)
     add_operation_routes(app, state)
     add_page_routes(app)
     return app

@@ -23,6 +23,7 @@ from da3_serverless.inference.cancel import Cancelled
 from da3_serverless.server.batching import BatchItem
 from da3_serverless.server.body import in_runpod_form, max_json_structure, read_json, unwrap
 from da3_serverless.server.docs import ERRORS, RUN_ERRORS, RunPodEnvelope, request_body_doc
+from da3_serverless.server.files import deliver
 from da3_serverless.server.queue import (
     CANCELLED,
     COMPLETED,
@@ -53,6 +54,7 @@ class Admitted:
     path: str = ""  # the route, for the job's metrics
     batch_key: tuple | None = None  # may share a forward with others of the same key
     beside: dict = field(default_factory=dict)  # RunPod's fields beside `input` (/v2 paths)
+    base_url: str = "/"  # where the request came to: the base of its download links
 
 
 async def admit(request: Request, state: AppState) -> Admitted:
@@ -89,6 +91,7 @@ async def read_request(
     if envelope:
         assert isinstance(body, dict)
         admitted.beside = {name: body[name] for name in beside if name in body}
+    admitted.base_url = str(request.base_url)
     return admitted
 
 
@@ -234,12 +237,13 @@ async def _run_job(state: AppState, job: Job, admitted: Admitted) -> None:
         output = state.service.handle(
             admitted.payload, api_key=admitted.header_key, cancel=job.cancel, job=job.info
         )
-        return _finished(job, output)  # here, off the event loop
+        return _finished(job, deliver(state, admitted.base_url, output))  # off the event loop
 
     try:
         if admitted.batch_key is not None and state.batcher is not None:
             item = BatchItem(admitted.payload, admitted.header_key, job)
             output = await state.batcher.submit(admitted.batch_key, admitted.model_key, item)
+            output = deliver(state, admitted.base_url, output)
             job.output = await anyio.to_thread.run_sync(_finished, job, output)
         else:
             job.output = await state.scheduler.run(admitted.model_key, work, job)

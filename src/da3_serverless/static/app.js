@@ -417,14 +417,18 @@ function renderDownloads(result) {
   list.classList.toggle("filled", list.children.length > 0);
 }
 
-// An output the server stored instead of sending: its bucket URL as a link, else its path.
+// An output the server stored instead of sending: a download by its URL (this server's signed
+// link, or a bucket's), else its path.
 function storedLink(entry) {
   const where = document.createElement("span");
   where.className = "stored";
   if (entry.url && /^https?:\/\//.test(entry.url)) {
-    const link = element("a", { href: entry.url, textContent: entry.url, rel: "noopener noreferrer",
-                                 target: "_blank" });
-    where.append("stored in the bucket: ", link);
+    const here = new URL(entry.url).origin === location.origin;
+    const link = element("a", { href: entry.url, textContent: `Download ${entry.file}`,
+                                rel: "noopener noreferrer", className: "download" });
+    if (here) link.download = entry.file;
+    else link.target = "_blank";
+    where.append(here ? "stored on the server: " : "stored in the bucket: ", link);
   } else {
     where.append("stored on the server: ", element("code", { textContent: entry.path || "(nowhere)" }));
   }
