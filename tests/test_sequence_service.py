@@ -187,3 +187,37 @@ def test_cancel_after_a_chunk_leaves_no_file(service, video):
 def test_sequence_requests_are_checked(service, video, fields, message):
     with pytest.raises(ServiceError, match=message):
         service.handle(_request(video, **fields))
+
+
+def test_the_runpod_worker_sends_each_chunk_as_progress(service, video, monkeypatch):
+    """RunPod's handler gives the service a progress callback that calls runpod-python's
+    `progress_update` with each chunk's summary (the handler stays a plain function)."""
+    import asyncio
+
+    import runpod
+
+    from da3_serverless.runpod_worker import make_handler
+
+    sent: list[tuple[str, dict]] = []
+    monkeypatch.setattr(
+        runpod.serverless, "progress_update", lambda j, p: sent.append((j["id"], p))
+    )
+    handler = make_handler(service)
+    request = _request(video, max_frames=6, outputs=["trajectory"])
+    response = asyncio.run(handler({"id": "job-1", "input": request}))
+    assert "error" not in response, response
+    assert sent == [("job-1", chunk) for chunk in response["sequence"]["chunks"]]
+    assert len(sent) == len(plan_chunks(6, 4, 2))
+
+
+def test_status_shows_the_latest_progress_while_the_job_runs():
+    from da3_serverless.server.jobs import job_body
+    from da3_serverless.server.queue import COMPLETED, IN_PROGRESS, Job
+
+    job = Job(id="job-2")
+    job.status = IN_PROGRESS
+    job.info.progress({"chunk": 0, "frames_done": 4})
+    job.info.progress({"chunk": 1, "frames_done": 6})
+    assert job_body(job)["output"] == {"chunk": 1, "frames_done": 6}
+    job.status, job.output = COMPLETED, {"sequence": {"frames": 6}}
+    assert job_body(job)["output"] == {"sequence": {"frames": 6}}

@@ -360,7 +360,12 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _request_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("images", nargs="+", help="image files or http(s) URLs")
+    parser.add_argument("images", nargs="*", help="image files or http(s) URLs")
+    parser.add_argument("--video", help="a video file or http(s) URL, sent as a sequence "
+                        "(writes video.trajectory.zip, video.depth_frames.zip, ...)")  # fmt: skip
+    parser.add_argument("--fps", type=float, help="video: frames sampled per second")
+    parser.add_argument("--max-frames", type=int, help="video: most frames to take")
+    parser.add_argument("--chunk-size", type=int, help="video: frames per forward pass")
     parser.add_argument("--out", type=Path, default=Path("."), help="output folder")
     _field_arguments(parser)
     parser.add_argument(
@@ -403,6 +408,9 @@ def cmd_request(args: argparse.Namespace, settings: Settings) -> int:
     if not endpoint:
         print("error: give --endpoint or set DA3_ENDPOINT", file=sys.stderr)
         return 2
+    if bool(args.video) == bool(args.images):
+        print("error: give image files/URLs or --video, not both", file=sys.stderr)
+        return 2
     options = _request_options(args)
     args.out.mkdir(parents=True, exist_ok=True)
     client = Client(
@@ -411,6 +419,9 @@ def cmd_request(args: argparse.Namespace, settings: Settings) -> int:
         runpod_api_key=args.runpod_api_key or settings.runpod_api_key,
         timeout=args.timeout,
     )
+    if args.video:
+        with client:
+            return _request_video(client, args, options)
     jobs = [("scene", list(args.images))] if args.scene else [
         (Path(str(image).split("?")[0]).stem or "image", image) for image in args.images
     ]  # fmt: skip
@@ -433,9 +444,34 @@ def cmd_request(args: argparse.Namespace, settings: Settings) -> int:
     return 1 if failed else 0
 
 
+def _request_video(client: Client, args: argparse.Namespace, options: dict[str, Any]) -> int:
+    """`request --video`: one sequence request, a progress bar over its frames (from each
+    chunk's summary), the files written as `video.*`."""
+    for name in ("fps", "max_frames", "chunk_size"):
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
+    with tqdm(unit="frame", desc="video") as bar:
+
+        def progress(summary: dict[str, Any]) -> None:
+            bar.total = summary.get("frames_planned") or bar.total
+            bar.update(summary.get("frames_done", bar.n) - bar.n)
+
+        try:
+            result = client.video(args.video, on_progress=progress, **options)
+        except (DA3Error, OSError) as exc:
+            tqdm.write(f"video: {exc}", file=sys.stderr)
+            return 1
+        bar.update(result.sequence.get("frames", bar.n) - bar.n)
+    written = result.save_all(args.out, "video")
+    print(f"video: {result.sequence.get('frames')} frames; wrote {len(written)} file(s) to "
+          f"{args.out}: {', '.join(path.name for path in written)}")  # fmt: skip
+    return 0
+
+
 def _request_options(args: argparse.Namespace) -> dict[str, Any]:
     """The request fields the `request` command's flags ask for."""
-    outputs = (args.outputs or "depth,preview").split(",")
+    default = "trajectory,depth_frames" if getattr(args, "video", None) else "depth,preview"
+    outputs = (args.outputs or default).split(",")
     if args.scene:
         outputs += ["scene_ply", "scene_glb", "colmap"]
     options: dict[str, Any] = {"outputs": list(dict.fromkeys(outputs))}

@@ -17,6 +17,7 @@ import json
 import math
 import threading
 import time
+import zipfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -157,6 +158,45 @@ class DepthResult:
         return written
 
 
+class SequenceResult:
+    """A sequence's response: `sequence` (frames, timestamps, per-chunk alignment), `outputs`
+    (each inline file's bytes: `trajectory` and `depth_frames` zips, `depth_video` .mkv),
+    `raw` (the response)."""
+
+    def __init__(self, response: dict[str, Any]):
+        self.raw = response
+        self.sequence: dict[str, Any] = response.get("sequence") or {}
+        self.outputs: dict[str, bytes] = {
+            name: base64.b64decode(entry["base64"])
+            for name, entry in response.items()
+            if isinstance(entry, dict) and isinstance(entry.get("base64"), str)
+        }
+
+    def trajectory(self) -> np.ndarray | None:
+        """(N, 8) rows `timestamp tx ty tz qx qy qz qw` (camera-to-world), from the TUM file."""
+        if "trajectory" not in self.outputs:
+            return None
+        with zipfile.ZipFile(io.BytesIO(self.outputs["trajectory"])) as archive:
+            text = archive.read("trajectory.tum").decode()
+        rows = [line.split() for line in text.splitlines() if not line.startswith("#")]
+        return np.array(rows, dtype=np.float64).reshape(-1, 8)
+
+    def save_all(self, folder: str | Path, stem: str = "video") -> list[Path]:
+        """Write each inline file (`<stem>.trajectory.zip`, `<stem>.depth_frames.zip`,
+        `<stem>.depth_video.mkv`) and `<stem>.json` (the response without base64)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        written = []
+        for name, data in self.outputs.items():
+            suffix = ".mkv" if name == "depth_video" else ".zip"
+            path = folder / f"{stem}.{name}{suffix}"
+            path.write_bytes(data)
+            written.append(path)
+        path = folder / f"{stem}.json"
+        path.write_text(json.dumps(without_base64(self.raw), indent=2))
+        return [*written, path]
+
+
 def output_file_name(stem: str, output: str, view: int | None, view_count: int) -> str:
     """The fixed file name of an output (never one the server chose): `<stem>.<suffix>` for
     one view's outputs and the scene's (`view` None), `<stem>.view<i>.<suffix>` for view i of
@@ -289,6 +329,26 @@ class Client:
             key = "image_url" if "url" in source else "image_base64"
             payload = {key: next(iter(source.values()))}
         return parse_response(self.run({**payload, **options}, on_progress=on_progress))
+
+    def video(
+        self,
+        video: str | Path | bytes,
+        *,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+        **options: Any,
+    ) -> SequenceResult:
+        """A video (file path, http(s) URL or bytes) as a sequence: depth for every sampled
+        frame, one trajectory (README "Sequences"). `options` are v1 request fields: fps,
+        max_frames, start_s, end_s, chunk_size, overlap, outputs (default trajectory and
+        depth_frames), model_id, process_res, output_metric, intrinsics, return_base64.
+        `on_progress(summary)` gets each chunk's summary while the job runs."""
+        if isinstance(video, str) and video.startswith(("http://", "https://")):
+            payload: dict[str, Any] = {"video_url": video}
+        else:
+            data = video if isinstance(video, bytes) else Path(video).read_bytes()
+            payload = {"video_base64": base64.b64encode(data).decode("ascii")}
+        options.setdefault("outputs", ["trajectory", "depth_frames"])
+        return SequenceResult(self.run({**payload, **options}, on_progress=on_progress))
 
     def map(
         self,

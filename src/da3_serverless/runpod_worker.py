@@ -68,7 +68,8 @@ def make_handler(service: Service) -> Callable[[dict], Awaitable[dict]]:
     async def handler(job: dict) -> dict:
         task = Job(id=str(job.get("id")))
         try:  # RunPod passes the request's s3Config on: that job's outputs go to its bucket
-            task.info = JobInfo(task.id, bucket_from_s3_config(job.get("s3Config")))
+            bucket = bucket_from_s3_config(job.get("s3Config"))
+            task.info = JobInfo(task.id, bucket, progress=lambda update: _progress(job, update))
         except ServiceError as error:
             return {"error": error.to_json()}
         work = asyncio.ensure_future(run_job(serve, job, task))
@@ -79,6 +80,12 @@ def make_handler(service: Service) -> Callable[[dict], Awaitable[dict]]:
             raise
 
     return handler
+
+
+def _progress(job: dict, update: dict) -> None:
+    """A sequence's chunk summary to RunPod's job progress (`/status` shows it as the output
+    while the job runs); runpod-python sends it from a thread of its own."""
+    runpod.serverless.progress_update(job, update)
 
 
 async def run_job(serve: Callable[[Any, Job], Awaitable[dict]], job: dict, task: Job) -> dict:

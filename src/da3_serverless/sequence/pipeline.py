@@ -184,6 +184,9 @@ def _write(frames: FrameStore, aligned: AlignedChunk, timestamps: list[float]) -
 def _summary(aligned: AlignedChunk, done: int, planned: int, elapsed: float) -> dict:
     chunk = aligned.chunk
     return {
+        "stage": "sequence",
+        "percent": round(100 * done / planned) if planned else None,
+        "message": f"chunk {chunk.index}: {done} of at most {planned} frames",
         "chunk": chunk.index,
         "start": chunk.start,
         "stop": chunk.stop,

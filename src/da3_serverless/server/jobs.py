@@ -299,6 +299,8 @@ def job_body(job: Job) -> dict[str, Any]:
         body["executionTime"] = round((job.finished - job.started) * 1000)
     if job.output is not None:
         body["output"] = job.output
+    elif job.progress is not None and not job.done:
+        body["output"] = job.progress  # RunPod's progress_update: the output while it runs
     if job.error is not None:
         body["error"] = job.error.to_json()
     return body

@@ -145,10 +145,16 @@ class Job:
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     info: JobInfo | None = None  # what the service is told about it (JobInfo(id) by default)
     retry: Any = None  # what RunPod's /retry runs again: a FAILED or TIMED_OUT job's request
+    progress: dict[str, Any] | None = None  # the latest progress update (a sequence's chunk)
 
     def __post_init__(self) -> None:
         if self.info is None:
-            self.info = JobInfo(self.id)
+            self.info = JobInfo(self.id, progress=self.report)
+
+    def report(self, update: dict[str, Any]) -> None:
+        """The job's latest progress (from the thread running it); `/status` shows it as the
+        output while the job runs, as RunPod does."""
+        self.progress = update
 
     @property
     def done(self) -> bool:

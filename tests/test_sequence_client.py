@@ -1,0 +1,74 @@
+"""A video end to end through a real self-hosted server (a subprocess on 127.0.0.1):
+`Client.video` with a progress callback, and `da3-serverless request --video`, their files read
+back (the TUM trajectory, the depth frames' PNGs, the FFV1 video)."""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+
+import av
+import numpy as np
+import pytest
+
+from conftest import TEST_API_KEY
+from da3_serverless.cli import main
+from da3_serverless.client import Client
+from servers import serve_process
+from videos import constant_rate, make_video
+
+FIELDS = {"fps": 5, "chunk_size": 4, "overlap": 2, "process_res": 56, "output_metric": False}
+
+
+@pytest.fixture(scope="module")
+def self_hosted(hf_cache, tmp_path_factory):
+    import conftest
+
+    env = conftest.service_env.__wrapped__(hf_cache, tmp_path_factory.mktemp("sequence"))
+    with serve_process(env, tmp_path_factory.mktemp("serve") / "serve.log") as (url, _):
+        yield url
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    path = tmp_path_factory.mktemp("video") / "clip.mp4"
+    path.write_bytes(make_video(constant_rate(2.0, 30)))
+    return path
+
+
+@pytest.mark.slow
+def test_client_video(self_hosted, clip):
+    seen: list[dict] = []
+    with Client(self_hosted, api_key=TEST_API_KEY, poll_interval=0.05) as client:
+        outputs = ["trajectory", "depth_frames", "depth_video"]
+        result = client.video(clip, on_progress=seen.append, outputs=outputs, **FIELDS)
+    chunks = result.sequence["chunks"]
+    assert len(chunks) == 4 and result.sequence["frames"] == 10
+    # Whatever progress the polls caught is one of the chunks' summaries, in order.
+    assert all(update in chunks for update in seen)
+    assert [chunks.index(u) for u in seen] == sorted(chunks.index(u) for u in seen)
+    poses = result.trajectory()
+    assert poses.shape == (10, 8)
+    np.testing.assert_allclose(poses[:, 0], [i / 5 for i in range(10)], atol=1e-3)
+    with zipfile.ZipFile(io.BytesIO(result.outputs["depth_frames"])) as archive:
+        assert len([n for n in archive.namelist() if n.endswith(".png")]) == 10
+    with av.open(io.BytesIO(result.outputs["depth_video"])) as container:
+        assert sum(1 for _ in container.decode(video=0)) == 10
+
+
+@pytest.mark.slow
+def test_request_video_command(self_hosted, clip, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["request", "--video", str(clip), "--endpoint", self_hosted, "--api-key",
+            TEST_API_KEY, "--out", str(out), "--fps", "5", "--chunk-size", "4",
+            "--process-res", "56", "--relative"]  # fmt: skip
+    assert main(argv) == 0
+    assert "video: 10 frames; wrote 3 file(s)" in capsys.readouterr().out
+    with zipfile.ZipFile(out / "video.trajectory.zip") as archive:
+        lines = archive.read("trajectory.tum").decode().splitlines()
+    assert len(lines) == 11 and lines[0].startswith("# timestamp tx ty tz qx qy qz qw")
+    meta = json.loads((out / "video.json").read_text())
+    assert meta["sequence"]["chunk_size"] == 4 and meta["sequence"]["overlap"] == 2
+    assert (out / "video.depth_frames.zip").exists()
+    assert main(["request", "--video", str(clip), str(clip), "--endpoint", self_hosted]) == 2
