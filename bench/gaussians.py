@@ -7,10 +7,11 @@ and the time and size of the `gaussians_ply` export, for 4 views at process_res 
 The views are soh-000.png, soh-010.png and their mirror images (repeated for more views). One
 forward without and one with Gaussians (the giant forward takes minutes on a few cores); the
 network, head and adapter are timed by forward hooks, in wall and CPU seconds (share = head +
-adapter over the whole forward). The export is timed (median of 3) twice: through the service's
-encoder as a request runs it (`api.outputs.encode_scene` with `gaussians_ply` and the default
-scene options: the filters, the voxel cap at 200,000, the PLY), and the PLY writer alone on
-every Gaussian. Prints JSON.
+adapter over the whole forward). The export is timed (median of 3) in both layouts (INRIA's,
+with SH degree 3 records, and the compact degree-0 one): through the service's encoder as a
+request runs it (`api.outputs.encode_scene` with `gaussians_ply` and the default scene options:
+the filters, the voxel cap at 200,000, the PLY), and the PLY writer alone on every Gaussian.
+Prints JSON.
 
 `--memory` measures, with tracemalloc, the host memory of the export that the request budget
 prices (`exports.gaussians.gaussian_bytes`): the peak of selecting (with and without filters)
@@ -84,10 +85,11 @@ def timed(modules: dict[str, torch.nn.Module]) -> dict[str, np.ndarray]:
     return spent
 
 
-def export_request(views: int, res: int):
+def export_request(views: int, res: int, compact: bool = False):
     """The v1 request of the export: `gaussians_ply` with the default scene options (its images
-    only count the views: the encoder reads the prediction)."""
-    payload = {"images": [{"base64": ""}] * views, "outputs": ["gaussians_ply"], "process_res": res}
+    only count the views: the encoder reads the prediction), INRIA's layout or the compact."""
+    payload = {"images": [{"base64": ""}] * views, "outputs": ["gaussians_ply"], "process_res": res,
+               "gaussians_compact": compact}  # fmt: skip
     return parse_request(payload)
 
 
@@ -181,8 +183,13 @@ def timings(predictor: Predictor, images: list, res: int) -> dict:
     request = export_request(len(images), res)
     service_s, (artifacts, _) = median_of_3(lambda: encode_scene(request, prediction, []))
     (artifact,) = artifacts
+    compact_request = export_request(len(images), res, compact=True)
+    compact_s, (compacts, _) = median_of_3(lambda: encode_scene(compact_request, prediction, []))
     writer_s, ply = median_of_3(
         lambda: gaussians_ply(gaussians, comments=[f"units {prediction.units}"])
+    )
+    compact_writer_s, compact_ply = median_of_3(
+        lambda: gaussians_ply(gaussians, comments=[f"units {prediction.units}"], layout="compact")
     )
     branch = spent["gs_head"] + spent["gs_adapter"]
     return {
@@ -202,9 +209,14 @@ def timings(predictor: Predictor, images: list, res: int) -> dict:
         "service_export_removed": artifact.fields["gaussians"]["removed"],
         "service_export_bytes": len(artifact.data),
         "service_export_mib": round(len(artifact.data) / 2**20, 1),
+        "service_export_compact_s": round(compact_s, 3),
+        "service_export_compact_bytes": len(compacts[0].data),
         "ply_export_s": round(writer_s, 3),
         "ply_bytes": len(ply),
         "ply_mib": round(len(ply) / 2**20, 1),
+        "ply_compact_export_s": round(compact_writer_s, 3),
+        "ply_compact_bytes": len(compact_ply),
+        "ply_compact_mib": round(len(compact_ply) / 2**20, 1),
     }
 
 

@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from da3_serverless.exports.gaussians import gaussians_ply
 from da3_serverless.inference.predictor import Predictor
 from da3_serverless.inference.preprocess import load_rgb, processing_size, to_network_input
+from da3_serverless.model import spherical_harmonics
 from da3_serverless.model.camera import quaternion_to_rotation, rotation_to_quaternion
 from da3_serverless.model.checkpoint import (
     CheckpointError,
@@ -306,3 +307,12 @@ def test_gaussians_follow_given_poses(gs_predictor):
     expected_quat = rotation_to_quaternion(turned)[..., [3, 0, 1, 2]].numpy()
     sign = np.sign((expected_quat * gb.rotations).sum(-1, keepdims=True))
     np.testing.assert_allclose(gb.rotations * sign, expected_quat, atol=1e-3)
+    # The view-dependent colour (degrees 1 and 2) turns with the world: B seen along turn d is A
+    # seen along d.
+    directions = torch.nn.functional.normalize(torch.randn(16, 3, dtype=torch.float64), dim=-1)
+    seen_a = spherical_harmonics.basis(directions)[:, 1:]  # (16, 8)
+    seen_b = spherical_harmonics.basis(directions @ torch.from_numpy(turn).T)[:, 1:]
+    colour_a = np.einsum("...ck,dk->...cd", ga.sh_rest.astype(np.float64), seen_a.numpy())
+    colour_b = np.einsum("...ck,dk->...cd", gb.sh_rest.astype(np.float64), seen_b.numpy())
+    assert np.abs(colour_a).max() > 1e-3
+    np.testing.assert_allclose(colour_b, colour_a, atol=1e-3 * np.abs(colour_a).max())

@@ -47,9 +47,13 @@ PHOTOS = [IMAGES / "soh-000.png", IMAGES / "soh-010.png"]
 HEIGHT, WIDTH = 680, 1208  # both photos
 GRID_W, GRID_H = processing_size(WIDTH, HEIGHT, RES)
 CELLS = 2 * GRID_H * GRID_W
-# The standard 3DGS PLY layout (degree-0 colour), in order: what 3DGS viewers read.
-STANDARD = ["x", "y", "z", "f_dc_0", "f_dc_1", "f_dc_2", "opacity",
-            "scale_0", "scale_1", "scale_2", "rot_0", "rot_1", "rot_2", "rot_3"]  # fmt: skip
+# The 3DGS PLY layouts, in order: INRIA's (the default: what INRIA's 3DGS code, SIBR and the
+# viewers read) and the compact one (degree-0 colour, no normals).
+INRIA = ["x", "y", "z", "nx", "ny", "nz", "f_dc_0", "f_dc_1", "f_dc_2",
+         *(f"f_rest_{index}" for index in range(45)), "opacity",
+         "scale_0", "scale_1", "scale_2", "rot_0", "rot_1", "rot_2", "rot_3"]  # fmt: skip
+COMPACT = ["x", "y", "z", "f_dc_0", "f_dc_1", "f_dc_2", "opacity",
+           "scale_0", "scale_1", "scale_2", "rot_0", "rot_1", "rot_2", "rot_3"]  # fmt: skip
 # Every Gaussian: no filter, no cap (MAX_POINTS is 2 million: room for every input pixel too).
 EVERY = {"conf_percentile": 0, "keep_sky": True, "remove_edges": False, "max_points": 2_000_000}
 # Output channels of the head's last convolution: sub-pixel offset (x, y) and depth offset.
@@ -98,14 +102,20 @@ def decoded(entry: dict) -> bytes:
     return Path(entry["path"]).read_bytes()
 
 
-def read_gaussians(data: bytes) -> tuple[np.ndarray, list[str]]:
-    """The vertices of a 3DGS PLY (checked to be the standard layout) and its comments."""
+def read_gaussians(data: bytes, layout: list[str] = INRIA) -> tuple[np.ndarray, list[str]]:
+    """The vertices of a 3DGS PLY (checked to be in `layout`) and its comments."""
     ply = plyfile.PlyData.read(io.BytesIO(data))
     assert ply.header.splitlines()[1] == "format binary_little_endian 1.0"
     vertex = ply["vertex"]
-    assert [prop.name for prop in vertex.properties] == STANDARD
+    assert [prop.name for prop in vertex.properties] == layout
     assert {prop.val_dtype for prop in vertex.properties} == {"f4"}
-    return vertex.data, list(ply.comments)
+    return vertex.data, [*ply.comments, *vertex.comments]
+
+
+def sh_rest(vertices: np.ndarray) -> np.ndarray:
+    """(M, 3, 15) the f_rest coefficients, channel first (INRIA's order)."""
+    rest = np.stack([vertices[f"f_rest_{index}"] for index in range(45)], axis=-1)
+    return rest.reshape(-1, 3, 15)
 
 
 def xyz(vertices: np.ndarray) -> np.ndarray:
@@ -237,7 +247,7 @@ def test_a_batch_runs_the_branch_for_the_requests_that_ask_and_equals_their_lone
     for answer in (batched[0], batched[2]):
         got, _ = read_gaussians(decoded(answer["gaussians_ply"]))
         assert len(got) == len(want)
-        for name in STANDARD:
+        for name in INRIA:
             np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-5)
 
 
@@ -258,12 +268,26 @@ def test_given_poses_move_the_gaussians_into_their_frame_and_units(service, stil
     # (The service re-orthonormalises the given rotations: equal up to float rounding.)
     expected = prediction.gaussians.means.reshape(-1, 3)
     np.testing.assert_allclose(xyz(vertices), expected, rtol=1e-5, atol=1e-5)
+    # Degrees 1 and 2 of the colour, turned with the frame (test_gaussians.py checks the turn).
+    rest = prediction.gaussians.sh_rest.reshape(-1, 3, 8)
+    np.testing.assert_allclose(sh_rest(vertices)[:, :, :8], rest, rtol=1e-4, atol=1e-6)
+    assert not sh_rest(vertices)[:, :, 8:].any() and np.abs(rest).max() > 0
     means = xyz(vertices).reshape(2, GRID_H, GRID_W, 3)
     rows, cols = cell_pixels(HEIGHT, GRID_H), cell_pixels(WIDTH, GRID_W)
     for index, view in enumerate(body["views"]):
         depth = np.load(io.BytesIO(decoded(view["depth_npy"])))[np.ix_(rows, cols)]
         distance = np.linalg.norm(in_camera(means[index], view["extrinsics"]), axis=-1)
         assert np.median(np.abs(distance / depth - 1)) < 0.005  # as above, in the poses' units
+
+
+def test_the_compact_file_on_request(service):
+    """`gaussians_compact`: the same Gaussians without normals and higher bands."""
+    full, _ = read_gaussians(decoded(service.handle(gs_request())["gaussians_ply"]))
+    body = service.handle(gs_request(gaussians_compact=True))
+    compact, comments = read_gaussians(decoded(body["gaussians_ply"]), COMPACT)
+    assert "units relative" in comments and len(compact) == len(full) > 0
+    for name in COMPACT:
+        np.testing.assert_array_equal(compact[name], full[name])
 
 
 # ---- models without the head: the one rule ------------------------------------------------

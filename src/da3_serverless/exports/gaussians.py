@@ -1,14 +1,25 @@
-"""3D Gaussians -> a standard 3D Gaussian Splatting PLY file (bytes), and the request's filters
-applied to them (`select_gaussians`).
+"""3D Gaussians -> a 3D Gaussian Splatting PLY file (bytes), and the request's filters applied
+to them (`select_gaussians`).
 
-One binary little-endian `vertex` element with float32 properties x, y, z, f_dc_0..2, opacity,
-scale_0..2, rot_0..3: the layout 3DGS viewers read (degree-0 colour only). Values are stored
-before the activations those viewers apply, i.e. inverted:
+One binary little-endian `vertex` element of float32 properties, in one of two layouts:
+
+- "inria" (the default): the file INRIA's 3DGS code (`load_ply` at its default `sh_degree` 3)
+  and SIBR's viewer read: `element vertex` is the header's third line (SIBR reads the count
+  there; comments come after the properties), then x, y, z, nx, ny, nz (zeros), f_dc_0..2,
+  f_rest_0..44, opacity, scale_0..2, rot_0..3. f_rest holds the spherical-harmonic
+  coefficients of degrees 1 to 3 in INRIA's order, every rest coefficient of red, then of
+  green, then of blue (f_rest_{15 c + k - 1} is coefficient k of channel c): the network's
+  degrees 1 and 2 in the world frame (rotated with every frame change), zeros for degree 3.
+- "compact": x, y, z, f_dc_0..2, opacity, scale_0..2, rot_0..3 (degree-0 colour only, no
+  normals; comments before the element), about a quarter of the size.
+
+Values are stored before the activations those readers apply, i.e. inverted:
 
 - opacity: logit(opacity), opacities clipped to [1e-6, 1 - 1e-6] first;
 - scale_i: log(|scale_i|) (a Gaussian's covariance depends on scale^2), at least log(1e-12);
 - rot_0..3: the rotation quaternion (w, x, y, z) normalised ((1, 0, 0, 0) for a zero one);
-- f_dc_i: (rgb_i - 0.5) / C0, C0 = 0.28209479 the degree-0 spherical-harmonic constant.
+- f_dc_i: (rgb_i - 0.5) / C0, C0 = 0.28209479 the degree-0 spherical-harmonic constant;
+- f_rest: the coefficients as they are (no activation).
 
 Filters (`select_gaussians`): the Gaussians are one per cell of the network's grid (h, w) per
 view, while depth, confidence and sky come back at each input's size (H, W). A Gaussian is
@@ -45,21 +56,30 @@ PROPERTIES = (
     "x", "y", "z", "f_dc_0", "f_dc_1", "f_dc_2", "opacity",
     "scale_0", "scale_1", "scale_2", "rot_0", "rot_1", "rot_2", "rot_3",
 )  # fmt: skip
+REST_COUNT = 15  # coefficients of degrees 1 to 3 per colour channel
+INRIA_PROPERTIES = (
+    "x", "y", "z", "nx", "ny", "nz", "f_dc_0", "f_dc_1", "f_dc_2",
+    *(f"f_rest_{index}" for index in range(3 * REST_COUNT)),
+    "opacity", "scale_0", "scale_1", "scale_2", "rot_0", "rot_1", "rot_2", "rot_3",
+)  # fmt: skip
+LAYOUTS = ("inria", "compact")
 # Degree-0 real spherical harmonic, 1 / (2 sqrt(pi)) (`model.spherical_harmonics.SH_C0`; not
 # imported, so this writer stays free of torch).
 SH_C0 = 0.28209479177387814
 _OPACITY_EPS = 1e-6
 _MIN_SCALE = 1e-12
 # Host memory for request budgets, measured with tracemalloc (bench/gaussians.py --memory; 2
-# views of 1208 x 680 at process_res 504 and 252): the prediction holds 56 bytes per grid cell
-# (14 float32); selecting peaks at 26 bytes per input pixel (the scene's pixel filters at input
-# resolution, whose kept indices stay until the end) and about 60 per cell (reasons, masks,
-# indices, means and voxel keys); writing at 240 per Gaussian written (float64 columns, the
-# float32 file, and its base64 in the response).
-HELD_BYTES_PER_CELL = 56
+# views of 1208 x 680 at process_res 504 and 252): the prediction holds 152 bytes per grid cell
+# (38 float32: 14, and 24 spherical-harmonic coefficients of degrees 1 and 2); selecting peaks
+# at 26 bytes per input pixel (the scene's pixel filters at input resolution, whose kept indices
+# stay until the end) and about 60 per cell (reasons, masks, indices, means and voxel keys);
+# writing the INRIA layout at about 1200 per Gaussian written (float64 columns and their parts,
+# the float32 file of 248 bytes per Gaussian, and its base64 in the response; the compact
+# layout takes about a fifth of that).
+HELD_BYTES_PER_CELL = 152
 SELECT_BYTES_PER_PIXEL = 32
 SELECT_BYTES_PER_CELL = 64
-FILE_BYTES_PER_GAUSSIAN = 256
+FILE_BYTES_PER_GAUSSIAN = 1280
 
 
 def gaussian_bytes(pixels: int, cells: int, max_points: int) -> int:
@@ -75,8 +95,9 @@ def gaussian_bytes(pixels: int, cells: int, max_points: int) -> int:
 class GaussianArrays(Protocol):
     """Anything with these arrays, sharing leading dimensions (..., e.g. views x rows x columns):
     means (..., 3), scales (..., 3) standard deviations, rotations (..., 4) quaternions (w, x, y,
-    z), opacities (...) in [0, 1], colors (...,  3) RGB (DC colour, about [0, 1]). Such as
-    `inference.prediction.Gaussians`."""
+    z), opacities (...) in [0, 1], colors (...,  3) RGB (DC colour, about [0, 1]), and optionally
+    sh_rest (..., 3, n) spherical-harmonic coefficients of degrees 1 and up per channel (None:
+    degree 0 only). Such as `inference.prediction.Gaussians`."""
 
     means: np.ndarray
     scales: np.ndarray
@@ -85,47 +106,73 @@ class GaussianArrays(Protocol):
     colors: np.ndarray
 
 
-def gaussian_columns(gaussians: GaussianArrays, keep: np.ndarray | None = None) -> np.ndarray:
-    """The PLY's values as an (M, 14) float32 array in `PROPERTIES` order, activations inverted.
-
-    keep: boolean mask over the leading dimensions, which Gaussians to write (default all).
-    Gaussians with any non-finite value are left out. ValueError for mismatched shapes.
-    """
+def _check_shapes(gaussians: GaussianArrays, keep: np.ndarray | None) -> None:
+    """ValueError unless every array (and `keep`) shares the opacities' leading dimensions."""
     shape = np.shape(gaussians.opacities)
-    parts = {"means": 3, "colors": 3, "scales": 3, "rotations": 4}
-    for name, width in parts.items():
-        if np.shape(getattr(gaussians, name)) != (*shape, width):
+    parts = {"means": (3,), "colors": (3,), "scales": (3,), "rotations": (4,)}
+    rest = getattr(gaussians, "sh_rest", None)
+    if rest is not None:
+        parts["sh_rest"] = (3, min(np.shape(rest)[-1], REST_COUNT))
+    for name, tail in parts.items():
+        if np.shape(getattr(gaussians, name)) != (*shape, *tail):
             raise ValueError(
-                f"gaussians.{name} must have shape {(*shape, width)} to match opacities "
+                f"gaussians.{name} must have shape {(*shape, *tail)} to match opacities "
                 f"{shape}, got {np.shape(getattr(gaussians, name))}"
             )
     if keep is not None and np.shape(keep) != shape:
         raise ValueError(f"keep must be a boolean mask of shape {shape}, got {np.shape(keep)}")
 
-    def flat(name: str, width: int) -> np.ndarray:
-        """The kept Gaussians' values as float64 (picked first: only those are converted)."""
-        values = np.asarray(getattr(gaussians, name)).reshape(-1, width)
-        if keep is not None:
-            values = values[np.asarray(keep, dtype=bool).reshape(-1)]
-        return values.astype(np.float64)
 
-    opacity = np.clip(flat("opacities", 1), _OPACITY_EPS, 1 - _OPACITY_EPS)
-    rotations = flat("rotations", 4)
+def gaussian_columns(
+    gaussians: GaussianArrays, keep: np.ndarray | None = None, layout: str = "inria"
+) -> np.ndarray:
+    """The PLY's values as an (M, P) float32 array in the layout's property order
+    (`INRIA_PROPERTIES` or `PROPERTIES`), activations inverted.
+
+    keep: boolean mask over the leading dimensions, which Gaussians to write (default all).
+    Gaussians with any non-finite value are left out. ValueError for mismatched shapes.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    _check_shapes(gaussians, keep)
+    pick = None if keep is None else np.asarray(keep, dtype=bool).reshape(-1)
+
+    def flat(values: np.ndarray, width: int) -> np.ndarray:
+        """The kept Gaussians' values as float64 (picked first: only those are converted)."""
+        values = np.asarray(values).reshape(-1, width)
+        return (values if pick is None else values[pick]).astype(np.float64)
+
+    opacity = np.clip(flat(gaussians.opacities, 1), _OPACITY_EPS, 1 - _OPACITY_EPS)
+    rotations = flat(gaussians.rotations, 4)
     norm = np.linalg.norm(rotations, axis=1, keepdims=True)
     identity = np.array([1.0, 0.0, 0.0, 0.0])
     rotations = np.where(norm > 0, rotations / np.where(norm > 0, norm, 1.0), identity)
+    means = flat(gaussians.means, 3)
     with np.errstate(divide="ignore", invalid="ignore"):
-        columns = np.concatenate(
-            [
-                flat("means", 3),
-                (flat("colors", 3) - 0.5) / SH_C0,
-                np.log(opacity / (1 - opacity)),
-                np.log(np.maximum(np.abs(flat("scales", 3)), _MIN_SCALE)),
-                rotations,
-            ],
-            axis=1,
-        ).astype(np.float32)
+        tail = [
+            np.log(opacity / (1 - opacity)),
+            np.log(np.maximum(np.abs(flat(gaussians.scales, 3)), _MIN_SCALE)),
+            rotations,
+        ]
+    dc = (flat(gaussians.colors, 3) - 0.5) / SH_C0
+    if layout == "compact":
+        parts = [means, dc, *tail]
+    else:
+        parts = [means, np.zeros_like(means), dc, _rest_columns(gaussians, flat, len(means))]
+        parts += tail
+    columns = np.concatenate(parts, axis=1).astype(np.float32)
     return columns[np.isfinite(columns).all(axis=1)]
+
+
+def _rest_columns(gaussians: GaussianArrays, flat, count: int) -> np.ndarray:
+    """(count, 45) f_rest values: each channel's coefficients of degrees 1 to 3, red first
+    (INRIA's order), zeros where the Gaussians have no such degree."""
+    columns = np.zeros((count, 3, REST_COUNT))
+    rest = getattr(gaussians, "sh_rest", None)
+    if rest is not None:
+        n = np.shape(rest)[-1]
+        columns[:, :, :n] = flat(rest, 3 * n).reshape(count, 3, n)
+    return columns.reshape(count, 3 * REST_COUNT)
 
 
 def gaussians_ply(
@@ -133,8 +180,10 @@ def gaussians_ply(
     *,
     keep: np.ndarray | None = None,
     comments: Sequence[str] = (),
+    layout: str = "inria",
 ) -> bytes:
-    """A binary 3DGS PLY of `gaussians` (see the module docstring for the stored values).
+    """A binary 3DGS PLY of `gaussians` in `layout` ("inria" or "compact"; see the module
+    docstring for both and for the stored values).
 
     keep: boolean mask over the Gaussians to write (default all; non-finite ones are always left
     out). comments: header comment lines (e.g. "units m"), ASCII without line breaks.
@@ -142,11 +191,15 @@ def gaussians_ply(
     for comment in comments:
         if not comment.isascii() or "\n" in comment or "\r" in comment:
             raise ValueError(f"PLY comments must be one line of ASCII, got {comment!r}")
-    columns = gaussian_columns(gaussians, keep)
-    header = ["ply", "format binary_little_endian 1.0"]
-    header += [f"comment {comment}" for comment in comments]
-    header.append(f"element vertex {len(columns)}")
-    header += [f"property float {name}" for name in PROPERTIES]
+    columns = gaussian_columns(gaussians, keep, layout)
+    element = [f"element vertex {len(columns)}"]
+    remarks = [f"comment {comment}" for comment in comments]
+    if layout == "compact":
+        header = ["ply", "format binary_little_endian 1.0", *remarks, *element]
+        header += [f"property float {name}" for name in PROPERTIES]
+    else:  # the count on line 3, as SIBR reads it
+        header = ["ply", "format binary_little_endian 1.0", *element]
+        header += [f"property float {name}" for name in INRIA_PROPERTIES] + remarks
     header.append("end_header")
     body = columns.astype("<f4", copy=False).tobytes()
     return ("\n".join(header) + "\n").encode("ascii") + body

@@ -19,7 +19,10 @@ class Gaussians:
     rotations: (N, h, w, 4) float32 unit quaternions (w, x, y, z).
     opacities: (N, h, w) float32 in (0, 1).
     colors: (N, h, w, 3) float32 RGB of the view-independent (DC) colour, 0.5 + 0.2821 x DC
-        spherical-harmonic coefficient; not clipped to [0, 1]. Higher SH bands are dropped.
+        spherical-harmonic coefficient; not clipped to [0, 1].
+    sh_rest: (N, h, w, 3, n - 1) float32 spherical-harmonic coefficients of degrees 1 and up
+        (n = 9: degrees 1 and 2) per colour channel, in the world frame (the 3DGS basis,
+        `model.spherical_harmonics`), or None (degree 0 only).
     """
 
     means: np.ndarray
@@ -27,6 +30,7 @@ class Gaussians:
     rotations: np.ndarray
     opacities: np.ndarray
     colors: np.ndarray
+    sh_rest: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(np.prod(self.opacities.shape))

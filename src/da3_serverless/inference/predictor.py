@@ -619,6 +619,7 @@ def _gaussians(
         rotations=array(maps.rotations),
         opacities=array(maps.opacities),
         colors=array(0.5 + SH_C0 * maps.harmonics[..., 0]),
+        sh_rest=array(maps.harmonics[..., 1:]) if maps.harmonics.shape[-1] > 1 else None,
     )
 
 
