@@ -21,7 +21,7 @@ import plyfile
 import pycolmap
 import pytest
 import trimesh
-from PIL import Image
+from PIL import Image, JpegImagePlugin
 
 from conftest import SMALL_REPO, TEST_API_KEY, offline_settings
 from da3_serverless.api.errors import ServiceError
@@ -40,6 +40,7 @@ from js_tools import read_glb_in_node, three_js_pixels
 from paths import IMAGES
 
 PIXEL_TOLERANCE = 0.05  # px: how far a point may project from its pixel's centre
+ERROR_TOLERANCE = 1e-6  # px: a stored COLMAP error against pycolmap's own
 RES = 140
 PHOTOS = [IMAGES / "soh-000.png", IMAGES / "soh-010.png"]
 
@@ -112,12 +113,16 @@ def read_colmap(data: bytes, folder: Path, text: bool = False) -> pycolmap.Recon
 
 
 def colmap_points(reconstruction: pycolmap.Reconstruction) -> dict[str, np.ndarray]:
-    """Point id order: xyz, rgb, and each single track's view, row and column."""
+    """Point id order: xyz, rgb, and the view, row and column of each track's first element
+    (the point's own pixel); every element's 2D point names the point."""
     ids = sorted(reconstruction.points3D)
     xyz, rgb, view, row, col = [], [], [], [], []
     for point_id in ids:
         point = reconstruction.points3D[point_id]
-        (element,) = point.track.elements
+        for other in point.track.elements:
+            seen = reconstruction.images[other.image_id].points2D[other.point2D_idx]
+            assert seen.point3D_id == point_id
+        element = point.track.elements[0]
         image = reconstruction.images[element.image_id]
         observed = image.points2D[element.point2D_idx]
         assert observed.point3D_id == point_id
@@ -129,13 +134,16 @@ def colmap_points(reconstruction: pycolmap.Reconstruction) -> dict[str, np.ndarr
             "row": as_int(row), "col": as_int(col), "ids": np.array(ids)}  # fmt: skip
 
 
-def check_colmap(reconstruction, intrinsics, extrinsics, sizes, count) -> dict[str, np.ndarray]:
-    """Cameras and poses equal the given ones to 1e-6, `count` points, and every track
-    reprojects (by COLMAP's own camera model) within PIXEL_TOLERANCE."""
+def check_colmap(
+    reconstruction, intrinsics, extrinsics, sizes, count, extension="png"
+) -> dict[str, np.ndarray]:
+    """Cameras and poses equal the given ones to 1e-6, `count` points, each point's own pixel
+    (its track's first element) reprojects (by COLMAP's own camera model) within
+    PIXEL_TOLERANCE, and every stored error is the one pycolmap computes for the track."""
     assert len(reconstruction.images) == len(sizes) == len(reconstruction.cameras)
     for index, (width, height) in enumerate(sizes):
         image = reconstruction.images[index + 1]
-        assert image.name == f"view_{index:03d}.jpg"
+        assert image.name == f"view_{index:03d}.{extension}"
         camera = reconstruction.cameras[image.camera_id]
         assert camera.model == pycolmap.CameraModelId.PINHOLE
         assert (camera.width, camera.height) == (width, height)
@@ -144,8 +152,12 @@ def check_colmap(reconstruction, intrinsics, extrinsics, sizes, count) -> dict[s
         pose = image.cam_from_world().matrix()
         np.testing.assert_allclose(pose, np.asarray(extrinsics[index]), atol=1e-6)
     assert len(reconstruction.points3D) == count
+    stored = {point_id: point.error for point_id, point in reconstruction.points3D.items()}
+    reconstruction.update_point_3d_errors()
+    for point_id, point in reconstruction.points3D.items():
+        assert abs(point.error - stored[point_id]) < ERROR_TOLERANCE, (point_id, point.error)
     for point in reconstruction.points3D.values():
-        (element,) = point.track.elements
+        element = point.track.elements[0]
         image = reconstruction.images[element.image_id]
         camera = reconstruction.cameras[image.camera_id]
         projected = camera.img_from_cam(image.cam_from_world() * point.xyz)
@@ -398,10 +410,11 @@ def test_colmap_model_reads_back_with_pycolmap(tmp_path):
     with zipfile.ZipFile(io.BytesIO(data)) as archive:
         assert {i.compress_type for i in archive.infolist()} == {zipfile.ZIP_STORED}
         names = set(archive.namelist())
-        jpeg = Image.open(io.BytesIO(archive.read("images/view_001.jpg")))
-        assert jpeg.size == (64, 48) and not jpeg.getexif()
+        png = Image.open(io.BytesIO(archive.read("images/view_001.png")))
+        assert png.format == "PNG" and not png.getexif()
+        np.testing.assert_array_equal(np.asarray(png), images[1])  # lossless
     assert {f"sparse/0/{n}.{e}" for n in ("cameras", "images", "points3D") for e in ("bin", "txt")
-            } | {f"images/view_00{i}.jpg" for i in range(3)} == names  # fmt: skip
+            } | {f"images/view_00{i}.png" for i in range(3)} == names  # fmt: skip
     sizes = [(64, 48)] * 3
     binary = read_colmap(data, tmp_path / "bin")
     got = check_colmap(binary, prediction.intrinsics, prediction.extrinsics, sizes, len(points))
@@ -414,6 +427,70 @@ def test_colmap_model_reads_back_with_pycolmap(tmp_path):
                              len(points))  # fmt: skip
     np.testing.assert_array_equal(from_text["xyz"], got["xyz"])
     assert colmap_zip(points, prediction, images, text=True) == data  # byte-identical
+
+
+def test_colmap_images_as_jpeg_444_on_request(tmp_path):
+    prediction, images = synthetic(2)
+    points = fuse(prediction, images, SceneOptions(max_points=2000))
+    data = colmap_zip(points, prediction, images, image_format="jpg")
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        jpeg = Image.open(io.BytesIO(archive.read("images/view_001.jpg")))
+        assert jpeg.format == "JPEG" and JpegImagePlugin.get_sampling(jpeg) == 0  # 4:4:4
+    binary = read_colmap(data, tmp_path / "jpg")
+    check_colmap(binary, prediction.intrinsics, prediction.extrinsics, [(64, 48)] * 2,
+                 len(points), extension="jpg")  # fmt: skip
+    with pytest.raises(ValueError, match="image_format must be one of"):
+        colmap_zip(points, prediction, images, image_format="webp")
+
+
+def test_colmap_tracks_list_every_view_the_voxel_grid_merged(tmp_path):
+    """Where the voxel grid merged pixels of several views into one point, its track lists one
+    observation per view (its own pixel first), each at a pixel of that view in the point's
+    voxel; the stored error is the track's mean reprojection error (pycolmap's own, checked
+    in check_colmap), above zero for merged tracks; the text model says the same."""
+    prediction, images = synthetic(3)
+    points = fuse(prediction, images, SceneOptions(max_points=1500), tracks=True)
+    assert points.voxel_size is not None and len(points.merged) > 0
+    data = colmap_zip(points, prediction, images, text=True)
+    binary = read_colmap(data, tmp_path / "bin")
+    sizes = [(64, 48)] * 3
+    got = check_colmap(binary, prediction.intrinsics, prediction.extrinsics, sizes, len(points))
+    assert (got["view"] == points.view).all() and (got["row"] == points.row).all()
+    lengths = np.array([len(binary.points3D[i].track.elements) for i in got["ids"]])
+    assert lengths.max() == 3 and (lengths > 1).sum() > 50
+    assert len(points.merged) == (lengths - 1).sum()
+    for point_id in got["ids"][lengths > 1][:200]:
+        point = binary.points3D[point_id]
+        views = [element.image_id - 1 for element in point.track.elements]
+        assert len(set(views)) == len(views)
+        assert point.error > 0
+        for element in point.track.elements[1:]:
+            image = binary.images[element.image_id]
+            x, y = image.points2D[element.point2D_idx].xy
+            # The merged pixel's own 3D point lies in the same voxel as this point.
+            depth = prediction.depth[element.image_id - 1][int(y), int(x)]
+            pose = prediction.extrinsics[element.image_id - 1].astype(np.float64)
+            ray = np.linalg.inv(prediction.intrinsics[element.image_id - 1]) @ [x, y, 1]
+            own = pose[:, :3].T @ (depth * ray - pose[:, 3])
+            assert np.abs(own - point.xyz).max() < 1.01 * points.voxel_size
+    assert binary.compute_mean_reprojection_error() > 0
+    text = read_colmap(data, tmp_path / "txt", text=True)
+    for point_id in got["ids"]:
+        mine, theirs = binary.points3D[point_id], text.points3D[point_id]
+        assert [(e.image_id, e.point2D_idx) for e in mine.track.elements] == [
+            (e.image_id, e.point2D_idx) for e in theirs.track.elements
+        ]
+        assert abs(mine.error - theirs.error) < 1e-12  # the text is read back to ~1e-9 relative
+
+
+def test_without_thinning_every_track_is_its_own_pixel(tmp_path):
+    prediction, images = synthetic(2)
+    points = fuse(prediction, images, SceneOptions(max_points=100_000), tracks=True)
+    assert points.voxel_size is None and points.merged is None
+    binary = read_colmap(colmap_zip(points, prediction, images), tmp_path / "bin")
+    check_colmap(binary, prediction.intrinsics, prediction.extrinsics, [(64, 48)] * 2,
+                 len(points))  # fmt: skip
+    assert {len(point.track.elements) for point in binary.points3D.values()} == {1}
 
 
 def test_skewed_intrinsics_are_not_a_colmap_camera():

@@ -127,6 +127,8 @@ def _predict_request(args: argparse.Namespace, settings: Settings) -> RunRequest
         "keep_sky": args.keep_sky,
         "remove_edges": not args.no_remove_edges,
         "colmap_text": args.colmap_text,
+        "gaussians_compact": args.gaussians_compact,
+        "colmap_images": args.colmap_images,
     }
     if args.focal_length_px is not None:
         payload["focal_length_px"] = args.focal_length_px
@@ -276,6 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="scene: keep pixels at depth edges")  # fmt: skip
     predict.add_argument("--colmap-text", action="store_true",
                          help="colmap: add the .txt files to the zip")  # fmt: skip
+    predict.add_argument("--colmap-images", choices=("png", "jpg"), default="png",
+                         help="colmap: lossless PNG images (default) or JPEG 4:4:4")  # fmt: skip
+    predict.add_argument("--gaussians-compact", action="store_true",
+                         help="gaussians_ply: DC colour only, no normals (4x smaller)")  # fmt: skip
     predict.set_defaults(run=cmd_predict)
 
     warmup = commands.add_parser("warmup", help="load the model and run one forward pass")

@@ -320,7 +320,8 @@ class Client:
 
         `options` are v1 request fields: model_id, process_res, outputs, output_metric,
         use_ray_pose, focal_length_px, intrinsics, extrinsics, return_base64, and the scene
-        options conf_percentile, max_points, keep_sky, remove_edges, colmap_text.
+        options conf_percentile, max_points, keep_sky, remove_edges, colmap_text,
+        colmap_images, gaussians_compact.
         `on_progress(progress)` is called with the job's progress while it runs (see `run`)."""
         if isinstance(image, (list, tuple)):
             payload: dict[str, Any] = {"images": [image_fields(i) for i in image]}

@@ -197,6 +197,8 @@ def scene_options(request: RunRequest) -> SceneOptions:
         keep_sky=request.keep_sky,
         remove_edges=request.remove_edges,
         colmap_text=request.colmap_text,
+        colmap_images=request.colmap_images,
+        gaussians_compact=request.gaussians_compact,
     )
 
 
@@ -217,7 +219,10 @@ def encode_scene(
             "(OpenCV axes: x right, y down, z forward)",
             f"units {prediction.units}",
         ]
-        data = gaussians_ply(prediction.gaussians, keep=selection.keep, comments=comments)
+        layout = "compact" if options.gaussians_compact else "inria"
+        data = gaussians_ply(
+            prediction.gaussians, keep=selection.keep, comments=comments, layout=layout
+        )
         fields = {"gaussians": selection.summary()}
         artifacts.append(Artifact(None, GAUSSIAN_OUTPUT, data, *EXTRAS[GAUSSIAN_OUTPUT], fields))
         warnings += selection.warnings
@@ -231,12 +236,14 @@ def _encode_points(
     """The requested files of the fused points, in the order requested."""
     names = [name for name in request.outputs if name in SCENE_OUTPUTS]
     pixels = [np.asarray(image.image.convert("RGB")) for image in images]
-    points = fuse(prediction, pixels, options)
+    points = fuse(prediction, pixels, options, tracks="colmap" in names)
     fields = {"scene": points.summary()}
     writers = {
         "scene_ply": lambda: ply.scene_ply(points, prediction.units),
         "scene_glb": lambda: glb.scene_glb(points, prediction),
-        "colmap": lambda: colmap.colmap_zip(points, prediction, pixels, text=options.colmap_text),
+        "colmap": lambda: colmap.colmap_zip(
+            points, prediction, pixels, options.colmap_text, options.colmap_images
+        ),
     }
     artifacts = [Artifact(None, name, writers[name](), *EXTRAS[name], fields=fields)
                  for name in names]  # fmt: skip

@@ -127,6 +127,8 @@ class RunRequest(BaseModel):
     keep_sky: bool = False
     remove_edges: bool = True
     colmap_text: bool = False
+    colmap_images: Literal["png", "jpg"] = "png"
+    gaussians_compact: bool = False
     # Known depths or distances that fix the answer's scale (api/anchors.py).
     anchors: Anchors | None = None
 

@@ -54,6 +54,24 @@ class SceneOptions:
     keep_sky: bool = False
     remove_edges: bool = True
     colmap_text: bool = False
+    colmap_images: str = "png"  # "png" or "jpg"
+    gaussians_compact: bool = False
+
+
+@dataclass
+class MergedObservations:
+    """Pixels of other views that the voxel grid merged into kept points: for each kept point,
+    the first pixel (in row, column order) of every other view that fell in its voxel. K
+    observations sorted by (point, view): `point` (K,) int64 index into the `ScenePoints`;
+    `view`, `row`, `col` (K,) int32, the pixel."""
+
+    point: np.ndarray
+    view: np.ndarray
+    row: np.ndarray
+    col: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.point)
 
 
 @dataclass
@@ -70,6 +88,7 @@ class ScenePoints:
     confidence_threshold: float | None = None  # None: no confidence filter applied
     voxel_size: float | None = None  # None: no thinning was needed
     warnings: list[str] = field(default_factory=list)
+    merged: MergedObservations | None = None  # with `fuse(..., tracks=True)` and thinning
 
     def __len__(self) -> int:
         return len(self.xyz)
@@ -135,11 +154,16 @@ def select_pixels(prediction: Prediction, options: SceneOptions) -> PixelSelecti
 
 
 def fuse(
-    prediction: Prediction, images: Sequence[np.ndarray], options: SceneOptions
+    prediction: Prediction,
+    images: Sequence[np.ndarray],
+    options: SceneOptions,
+    tracks: bool = False,
 ) -> ScenePoints:
     """The fused, filtered cloud of all views. `images` are the upright (H, W, 3) uint8 inputs,
-    one per view at its depth map's size. Raises ValueError without intrinsics, or for several
-    views without extrinsics (no common frame)."""
+    one per view at its depth map's size. `tracks`: also the pixels of other views that the
+    voxel grid merged into each kept point (`ScenePoints.merged`; for COLMAP's tracks). Raises
+    ValueError without intrinsics, or for several views without extrinsics (no common
+    frame)."""
     if prediction.intrinsics is None:
         raise ValueError("a scene needs intrinsics: send them, or use a model with a camera")
     selection = select_pixels(prediction, options)
@@ -153,7 +177,44 @@ def fuse(
         xyz[chosen], rgb[chosen], confidence[chosen], view[chosen], row[chosen], col[chosen],
         removed, selection.threshold, voxel_size, selection.warnings,
     )  # fmt: skip
+    if tracks and voxel_size is not None:
+        points.merged = merged_observations(xyz, view, row, col, chosen, voxel_size)
     return points
+
+
+def merged_observations(
+    xyz: np.ndarray,
+    view: np.ndarray,
+    row: np.ndarray,
+    col: np.ndarray,
+    chosen: np.ndarray,
+    size: float,
+) -> MergedObservations:
+    """For the points `chosen` by `voxel_thin(xyz, ...)` with voxel `size` (each its voxel's
+    first point), the first point of every other view in the same voxel."""
+    keys = _Grid(xyz).keys(size)  # the very keys voxel_thin chose with
+    order = np.argsort(keys, kind="stable")  # within a voxel: ascending point index
+    ordered = keys[order]
+    del keys
+    new = np.concatenate([[True], ordered[1:] != ordered[:-1]])
+    del ordered
+    firsts = order[new]
+    if not np.array_equal(np.sort(firsts), chosen):
+        raise ValueError("the voxel grid does not match the chosen points")
+    voxel = np.cumsum(new) - 1  # voxel number of order[i]
+    kept_at = np.searchsorted(chosen, firsts)  # voxel -> index into the kept points
+    rep_view = view[firsts][voxel]
+    other = rep_view != view[order]  # a pixel of another view than the kept point's
+    candidates, voxels = order[other], voxel[other]
+    pair = voxels * (int(view.max()) + 1) + view[candidates]
+    _, first = np.unique(pair, return_index=True)  # by (voxel, view); first = lowest index
+    picked, voxels = candidates[first], voxels[first]
+    point = kept_at[voxels]
+    by_point = np.lexsort((view[picked], point))
+    picked = picked[by_point]
+    return MergedObservations(
+        point[by_point].astype(np.int64), view[picked], row[picked], col[picked]
+    )
 
 
 def _pixel_filters(
