@@ -270,18 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     predict.add_argument("--stem", help="file name stem (default: the image's name, or 'scene' "
                          "for several)")  # fmt: skip
-    predict.add_argument("--max-points", type=int, help="scene: most points (default 200000)")
-    predict.add_argument("--conf-percentile", type=float, help="scene: drop points below this "
-                         "confidence percentile (default 40)")  # fmt: skip
-    predict.add_argument("--keep-sky", action="store_true", help="scene: keep sky pixels")
-    predict.add_argument("--no-remove-edges", action="store_true",
-                         help="scene: keep pixels at depth edges")  # fmt: skip
-    predict.add_argument("--colmap-text", action="store_true",
-                         help="colmap: add the .txt files to the zip")  # fmt: skip
-    predict.add_argument("--colmap-images", choices=("png", "jpg"), default="png",
-                         help="colmap: lossless PNG images (default) or JPEG 4:4:4")  # fmt: skip
-    predict.add_argument("--gaussians-compact", action="store_true",
-                         help="gaussians_ply: DC colour only, no normals (4x smaller)")  # fmt: skip
+    _scene_arguments(predict)
     predict.set_defaults(run=cmd_predict)
 
     warmup = commands.add_parser("warmup", help="load the model and run one forward pass")
@@ -309,6 +298,22 @@ def build_parser() -> argparse.ArgumentParser:
     _batch_arguments(batch)
     batch.set_defaults(run=cmd_batch, scene=False)
     return parser
+
+
+def _scene_arguments(parser: argparse.ArgumentParser) -> None:
+    """`predict`'s options of the scene outputs (the request's scene fields)."""
+    parser.add_argument("--max-points", type=int, help="scene: most points (default 200000)")
+    parser.add_argument("--conf-percentile", type=float, help="scene: drop points below this "
+                         "confidence percentile (default 40)")  # fmt: skip
+    parser.add_argument("--keep-sky", action="store_true", help="scene: keep sky pixels")
+    parser.add_argument("--no-remove-edges", action="store_true",
+                         help="scene: keep pixels at depth edges")  # fmt: skip
+    parser.add_argument("--colmap-text", action="store_true",
+                         help="colmap: add the .txt files to the zip")  # fmt: skip
+    parser.add_argument("--colmap-images", choices=("png", "jpg"), default="png",
+                         help="colmap: lossless PNG images (default) or JPEG 4:4:4")  # fmt: skip
+    parser.add_argument("--gaussians-compact", action="store_true",
+                         help="gaussians_ply: DC colour only, no normals (4x smaller)")  # fmt: skip
 
 
 def _batch_arguments(parser: argparse.ArgumentParser) -> None:
