@@ -3,8 +3,10 @@
 
 Three photos go in as views of one scene (the two test photos and a crop of one, as JPEG); the
 page must load the returned scene GLB with three.js (points and one frustum per view), show
-each view's depth under the cursor, overlay the confidence, and offer every returned output as
-a download whose bytes are exactly what the API returns for the same request.
+each view's depth under the cursor and its colour legend, overlay the confidence, and offer
+every returned output as a download whose bytes are exactly what the API returns for the same
+request. Also: the models marked as /models reports them, the key kept over a reload, a
+cancelled request, and errors and warnings as a browser user should read them.
 
 Needs a Chromium: Debian's (`apt-get install -y chromium`, which the Makefile runs) or the
 Chrome/Chromium a CI image already has. Without one the test skips locally and fails under
@@ -20,6 +22,7 @@ import shutil
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -115,16 +118,20 @@ def test_playground_end_to_end(server, tmp_path):
             page.on("pageerror", lambda error: errors.append(str(error)))
             page.goto(server)
             check_empty_page(page)
+            check_key_kept(page)
             fill_form(page, photos)
+            check_cancel(page)
             page.click("#run")
             page.wait_for_selector("body[data-state=done], body[data-state=error]", timeout=300_000)
             assert page.get_attribute("body", "data-state") == "done", page.text_content("#status")
+            check_no_server_advice(page.text_content("#status"))
             request, shown = page.evaluate("[__playground.request, __playground.response]")
             direct = api_response(server, request)
             check_scene(page, shown)
             check_depth_views(page, direct)
             check_downloads(page, shown, direct, tmp_path)
             check_orbit(page)
+            check_readable_error(page)
 
             shot = tmp_path / "playground.png"
             page.screenshot(path=str(shot), full_page=True)
@@ -139,10 +146,19 @@ def test_playground_end_to_end(server, tmp_path):
 
 
 def check_empty_page(page) -> None:
-    """Before any photo: the model table is loaded, and every empty box shows its hint, not
+    """Before any photo: the model table is loaded, each model marked as /models says (only
+    da3-small is on disk, and the server is offline), and every empty box shows its hint, not
     a broken image."""
     page.wait_for_selector("#model option[value='depth-anything/DA3-SMALL']", state="attached")
     assert page.input_value("#model") == "depth-anything/DA3-SMALL"  # the default
+    marks = page.eval_on_selector_all(
+        "#model option", "options => options.map(o => [o.value, o.dataset.availability, o.text])"
+    )
+    assert {value: mark for value, mark, _ in marks}["depth-anything/DA3-SMALL"] == "available"
+    others = [(mark, text) for value, mark, text in marks if value != "depth-anything/DA3-SMALL"]
+    assert others and all(mark == "unavailable" and text.endswith("(not on this server)")
+                          for mark, text in others)  # fmt: skip
+    assert "DA3_API_KEY" not in page.get_attribute("#api-key", "placeholder")
     assert "Apache-2.0" in page.text_content("#license")
     for frame in ("input-frame", "depth-frame", "cloud", "views", "downloads"):
         assert page.evaluate(HINT_JS, frame) not in ("none", "normal", '""'), frame
@@ -159,6 +175,49 @@ def check_empty_page(page) -> None:
     assert gaussians.is_enabled()
     page.select_option("#model", "depth-anything/DA3-SMALL")
     assert gaussians.is_disabled()
+
+
+def check_key_kept(page) -> None:
+    """The key survives a reload (this tab's sessionStorage), and a new session starts without."""
+    page.fill("#api-key", TEST_API_KEY)
+    page.reload()
+    page.wait_for_selector("#model option[value='depth-anything/DA3-SMALL']", state="attached")
+    assert page.input_value("#api-key") == TEST_API_KEY
+    other = page.context.browser.new_page()
+    other.goto(page.url)
+    assert other.input_value("#api-key") == ""
+    other.close()
+
+
+def check_cancel(page) -> None:
+    """Cancel while the request is in flight (held by the test, so it cannot finish first):
+    the page says so, as no error, and can run again."""
+    page.route("**/runsync", lambda route: None)  # never answered
+    page.click("#run")
+    page.wait_for_selector("#cancel:not([hidden])")
+    page.click("#cancel")
+    page.wait_for_selector("body[data-state=cancelled]")
+    assert page.text_content("#status") == "Cancelled."
+    assert page.locator("#cancel").is_hidden() and page.locator("#run").is_enabled()
+    page.unroute("**/runsync")
+
+
+def check_no_server_advice(status: str) -> None:
+    """The views' point clouds were stored (past the response limit): the status says so
+    without telling a browser user to change server settings."""
+    assert "pointcloud" in status and "response size limit" in status
+    assert not re.search(r"\b[A-Z][A-Z0-9]*_[A-Z0-9_]+\b", status), status
+
+
+def check_readable_error(page) -> None:
+    """A model that is not on the server: one readable sentence, no server paths."""
+    page.select_option("#model", "depth-anything/DA3-BASE")
+    page.click("#run")
+    page.wait_for_selector("body[data-state=error]", timeout=120_000)
+    status = page.text_content("#status")
+    assert "DA3-BASE is not available on this server" in status and status.endswith(".")
+    assert "/tmp" not in status and "\n" not in status and "model_unavailable" not in status
+    assert page.locator("#status.error").is_visible()
 
 
 def fill_form(page, photos: list[Path]) -> None:
@@ -224,6 +283,21 @@ def check_depth_views(page, direct: dict) -> None:
         assert overlay == f"data:image/png;base64,{view.raw['confidence']['base64']}"
         page.check("input[name=overlay][value=none]")
         assert not page.locator("#overlay").is_visible()
+        check_legend(page, view)
+
+
+def check_legend(page, view) -> None:
+    """The legend names the depths the preview's colours span, near to far: the view's 2nd and
+    98th depth percentiles (the server's rule), within 1 % of the depth range (the browser
+    reads them from the 16-bit PNG and a sample of it)."""
+    page.wait_for_selector("#legend:not([hidden])")
+    near = float(page.get_attribute("#legend", "data-near"))
+    far = float(page.get_attribute("#legend", "data-far"))
+    tolerance = 0.01 * (view.max_depth - view.min_depth)
+    assert abs(near - np.percentile(view.depth, 2)) <= tolerance
+    assert abs(far - np.percentile(view.depth, 98)) <= tolerance
+    assert page.text_content("#legend-near") == f"near {near:.2f} rel."
+    assert page.text_content("#legend-far") == f"far {far:.2f} rel."
 
 
 def check_downloads(page, shown: dict, direct: dict, tmp_path: Path) -> None:

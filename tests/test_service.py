@@ -119,7 +119,17 @@ def test_unknown_and_unavailable_models(service):
     with pytest.raises(ServiceError) as error:
         service.handle(request(model_id="da3-base", output_metric=False))
     assert (error.value.code, error.value.status) == ("model_unavailable", 503)
-    assert "DA3-BASE" in error.value.message and "Hugging Face cache" in error.value.message
+    # One sentence for the caller, without the server's paths (they go to its log).
+    message = error.value.message
+    assert "DA3-BASE" in message and "GET /models" in message
+    assert "\n" not in message and "/" not in message.replace("depth-anything/", "").replace(
+        "GET /models", ""
+    )
+    table = {row["short_name"]: row["availability"] for row in service.model_table()}
+    assert (table["da3-small"], table["da3-base"]) == ("available", "unavailable")  # offline
+    online = Service(service.settings.model_copy(update={"hf_hub_offline": False}))
+    assert {row["short_name"]: row["availability"] for row in online.model_table()}["da3-base"] \
+        == "downloadable"  # fmt: skip
 
 
 def test_large_responses_go_to_the_volume(hf_cache, tmp_path):

@@ -145,9 +145,21 @@ class Service:
                 "gpu_memory_gb": info.gpu_memory_gb,
                 "default": info.repo_id == self.default_model_id,
                 "loaded": info.repo_id in loaded,
+                "availability": self._availability(info.repo_id, loaded),
             }
             for info in MODELS
         ]
+
+    def _availability(self, repo_id: str, loaded: set[str]) -> str:
+        """`available` (loaded, or its weights on disk), `downloadable` (not on disk; the first
+        request downloads it) or `unavailable` (not on disk, downloads off)."""
+        if repo_id in loaded:
+            return "available"
+        try:
+            self.locator.resolve(repo_id, download=False)
+        except ModelNotFoundError:
+            return "unavailable" if self.locator.offline else "downloadable"
+        return "available"
 
     # ---- one request ---------------------------------------------------------------------
 
@@ -388,8 +400,13 @@ class Service:
         check = cancel.check if cancel is not None else None
         try:
             return pinned.enter_context(self.model_cache.use(model_id, check))
-        except ModelNotFoundError as error:
-            raise ServiceError("model_unavailable", str(error)) from None
+        except ModelNotFoundError as error:  # the details (server paths) go to the log only
+            log.warning("%s", error)
+            raise ServiceError(
+                "model_unavailable",
+                f"{model_id} is not available on this server (its weights are not on disk and "
+                "could not be downloaded): choose a model that GET /models marks available",
+            ) from None
         except torch.cuda.OutOfMemoryError:
             self.model_cache.evict_all_except(None)
             raise ServiceError(

@@ -85,7 +85,7 @@ def _unavailable(name: str, request: RunRequest, info: ModelInfo) -> str | None:
     if name == GAUSSIAN_OUTPUT and not info.gaussians:
         # Said of the checkpoint, not the release: a snapshot folder may hold the head or not.
         return (
-            f"this server's checkpoint of {model} has no 3D-Gaussian head (gs_head weights): "
+            f"the checkpoint of {model} in use has no 3D-Gaussian head (gs_head weights): "
             f"use a model whose checkpoint has one ({_models_with('gaussians')})"
         )
     if name in ("confidence", "confidence_npy") and not info.confidence:

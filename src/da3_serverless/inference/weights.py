@@ -80,8 +80,8 @@ class WeightLocator:
         for found in self._cached(repo_id, looked):
             return found
         if self.offline or not download:
-            raise not_found(repo_id, looked, "the hub was not asked (downloads are off: "
-                            "HF_HUB_OFFLINE=1)")  # fmt: skip
+            why = " (downloads are off: HF_HUB_OFFLINE=1)" if self.offline else ""
+            raise not_found(repo_id, looked, f"the hub was not asked{why}")
         try:
             return self.download(repo_id)
         except OSError as error:  # huggingface_hub's HTTP and cache errors are OSErrors

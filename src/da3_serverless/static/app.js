@@ -1,8 +1,9 @@
 // Playground: send one photo or several views of one scene to POST /runsync; show each view's
 // colorised depth with confidence and sky overlays and the depth under the cursor, the scene
 // (the returned scene_glb, loaded by three.js's GLTFLoader: points and one frustum per camera),
-// and a download for every returned output. The API key lives only in its input field and goes
-// out as the X-API-Key header. `window.__playground` holds the last request, response and scene
+// and a download for every returned output. The API key stays in its input field and this tab's
+// sessionStorage (gone when the tab closes) and goes out as the X-API-Key header; a running
+// request can be cancelled (the server cancels a job whose client went away). `window.__playground` holds the last request, response and scene
 // (for tests and the curious).
 import * as THREE from "three";
 import { OrbitControls } from "three/addons/controls/OrbitControls.js";
@@ -34,6 +35,13 @@ const EXTRAS = [
   ["pointcloud", "each view's points (PLY)", "camera"],
 ];
 const UNITS = { m: "m", relative: "rel.", pose_units: "pose units" };
+// /models's `availability` -> the menu's words (an unavailable model is refused by the server).
+const AVAILABILITY = {
+  available: "", downloadable: " (downloads on first use)", unavailable: " (not on this server)",
+};
+// The preview's colours span these percentiles of each view's depth (api/encoding.py).
+const LEGEND_PERCENTILES = [0.02, 0.98];
+const KEY_STORAGE = "da3-api-key";
 // What each need means, for the tooltip of an output the chosen model cannot give.
 const NEEDS = {
   camera: "a camera", confidence: "confidence", meters: "meters",
@@ -49,6 +57,7 @@ const state = {
   depths: [], // per view: Promise of {width, height, values: Float32Array}
   selected: 0,
   scene: null, // {objects, points, cameras: [names]} of the loaded scene_glb
+  running: null, // the AbortController of the request in flight
 };
 window.__playground = state;
 let viewer = null;
@@ -62,13 +71,29 @@ function setStatus(text, isError = false) {
   $("status").classList.toggle("error", isError);
 }
 
+// An error for a person at a browser: one sentence, no server paths, no code names.
+function readable(message) {
+  const first = String(message).split("\n")[0].replace(/(^|[\s(])\/[^\s/,;:)]+\/[^\s,;:)]*/g, "$1…");
+  return /[.!?]$/.test(first) ? first : `${first}.`;
+}
+
+// A response warning without advice on server settings (a browser user cannot change them).
+function forBrowser(warning) {
+  const text = warning.replace(/MAX_RESPONSE_BYTES \((\d+) bytes\)/, "the response size limit");
+  const clauses = text.split("; ").filter((clause) => !/\b[A-Z][A-Z0-9]*_[A-Z0-9_]+\b/.test(clause));
+  return clauses.join("; ");
+}
+
 // ---- models and options -------------------------------------------------------------------
 
 async function loadModels() {
   const response = await fetch("/models");
   for (const model of await response.json()) {
     state.models.set(model.model_id, model);
-    const option = new Option(`${model.short_name}${model.metric ? " (metric)" : ""}`, model.model_id);
+    const availability = model.availability || "available";
+    const label = `${model.short_name}${model.metric ? " (metric)" : ""}`;
+    const option = new Option(`${label}${AVAILABILITY[availability] || ""}`, model.model_id);
+    option.dataset.availability = availability;
     option.selected = Boolean(model.default);
     $("model").append(option);
   }
@@ -198,23 +223,32 @@ async function run(event) {
   if ($("api-key").value) headers["X-API-Key"] = $("api-key").value;
   document.body.dataset.state = "running";
   $("run").disabled = true;
+  $("cancel").hidden = false;
   setStatus("running…");
+  state.running = new AbortController();
   try {
     state.request = body;
-    const response = await fetch("/runsync", { method: "POST", headers, body: JSON.stringify(body) });
+    const response = await fetch("/runsync", {
+      method: "POST", headers, body: JSON.stringify(body), signal: state.running.signal,
+    });
     const result = await response.json();
-    if (!response.ok) {
-      const error = result.error || {};
-      throw new Error(`${error.code || response.status}: ${error.message || response.statusText}`);
-    }
+    if (!response.ok) throw new Error((result.error || {}).message || response.statusText);
     await show(result);
     document.body.dataset.state = "done";
   } catch (error) {
-    document.body.dataset.state = "error";
-    setStatus(String(error.message || error), true);
+    const cancelled = error.name === "AbortError";
+    document.body.dataset.state = cancelled ? "cancelled" : "error";
+    setStatus(cancelled ? "Cancelled." : readable(error.message || error), !cancelled);
   } finally {
+    state.running = null;
     $("run").disabled = false;
+    $("cancel").hidden = true;
   }
+}
+
+// Closing the connection cancels the job on the server (it stops at its next check).
+function cancel() {
+  if (state.running) state.running.abort();
 }
 
 function clearResult() {
@@ -237,7 +271,8 @@ async function show(result) {
   const total = result.timings_ms ? ` in ${Math.round(result.timings_ms.total)} ms` : "";
   const points = (result.scene ? `, ${result.scene.points} scene points` : "")
     + (result.gaussians ? `, ${result.gaussians.points} Gaussians` : "");
-  const warnings = result.warnings && result.warnings.length ? ` (${result.warnings.join("; ")})` : "";
+  const notes = (result.warnings || []).map(forBrowser).filter(Boolean);
+  const warnings = notes.length ? ` (${notes.join("; ")})` : "";
   const range = `${result.min_depth.toFixed(2)}–${result.max_depth.toFixed(2)} ${unit}`;
   setStatus(`${result.model_id}: ${state.views.length} view(s), depth ${range}${points}${total}${warnings}`);
   await showScene(result);
@@ -270,6 +305,25 @@ function selectView(index) {
       return null;
     });
   }
+  showLegend(index);
+}
+
+// The colour legend of the selected view: the depths its preview's colours span (the 2nd and
+// 98th percentiles, as the server colours it), near to far, in the response's units.
+async function showLegend(index) {
+  $("legend").hidden = true;
+  const depth = state.depths[index] && await state.depths[index];
+  if (!depth || index !== state.selected || !state.views[index].preview) return;
+  const step = Math.max(1, Math.floor(depth.values.length / 200_000));
+  const sample = depth.values.filter((value, i) => i % step === 0 && Number.isFinite(value));
+  sample.sort();
+  const [near, far] = LEGEND_PERCENTILES.map((q) => sample[Math.floor(q * (sample.length - 1))]);
+  const unit = UNITS[state.response.units] || state.response.units;
+  $("legend-near").textContent = `near ${near.toFixed(2)} ${unit}`;
+  $("legend-far").textContent = `far ${far.toFixed(2)} ${unit}`;
+  $("legend").dataset.near = String(near);
+  $("legend").dataset.far = String(far);
+  $("legend").hidden = false;
 }
 
 function showOverlay() {
@@ -565,8 +619,15 @@ function setupDrop() {
   $("file").addEventListener("change", () => choosePhotos($("file").files));
 }
 
+function keepKey() {
+  $("api-key").value = sessionStorage.getItem(KEY_STORAGE) || "";
+  $("api-key").addEventListener("input", () => sessionStorage.setItem(KEY_STORAGE, $("api-key").value));
+}
+
 buildExtras();
 setupDrop();
+keepKey();
+$("cancel").addEventListener("click", cancel);
 $("model").addEventListener("change", modelChanged);
 $("metric").addEventListener("change", updateExtras);
 $("controls").addEventListener("submit", run);
@@ -574,4 +635,4 @@ $("depth-frame").addEventListener("mousemove", hover);
 for (const radio of $("overlays").querySelectorAll("input")) {
   radio.addEventListener("change", showOverlay);
 }
-loadModels().catch((error) => setStatus(`could not load the model list: ${error}`, true));
+loadModels().catch((error) => setStatus(readable(`could not load the model list: ${error}`), true));
