@@ -16,7 +16,8 @@ import pytest
 from PIL import Image
 
 from conftest import TEST_API_KEY, offline_settings
-from da3_serverless.api.links import LinkSigner
+from da3_serverless.api.errors import ServiceError
+from da3_serverless.api.links import LinkSigner, add_links
 from da3_serverless.cli import main
 from da3_serverless.client import Client
 from da3_serverless.config import SERVER_MAX_RESPONSE_BYTES, Settings
@@ -223,3 +224,27 @@ def test_request_scene_at_default_settings_writes_every_scene_file(hf_cache, tmp
     for index in range(3):
         with Image.open(out / f"scene.view{index}.depth.png") as depth:
             assert depth.size == (1208, 680)
+
+
+def test_links_name_only_files_in_output_images_and_keep_bucket_urls(tmp_path):
+    signer = LinkSigner(b"k" * 32, lifetime_s=60)
+    root = tmp_path / "output_images"
+    name = "a" * 32 + ".png"
+    response = {
+        "file_path": str(root / name),
+        "preview": {"path": str(tmp_path / name), "media_type": "image/png"},  # elsewhere
+        "colmap": {"path": str(root / name), "url": "https://bucket/x", "media_type": "z"},
+        "views": None,
+    }
+    add_links(response, signer, "http://host/", root)
+    assert "url" not in response["preview"] and response["colmap"]["url"] == "https://bucket/x"
+    linked, query = signed(response["file_url"])
+    assert response["file_url"].startswith(f"http://host/files/{name}?") and linked == name
+    signer.check(name, query["expires"], query["signature"])
+    with pytest.raises(ServiceError) as expired:
+        signer.check(name, query["expires"], query["signature"], now=int(query["expires"]) + 1)
+    assert expired.value.code == "not_found"
+    other = LinkSigner(b"j" * 32, lifetime_s=60)  # another server's secret
+    with pytest.raises(ServiceError) as forged:
+        other.check(name, query["expires"], query["signature"])
+    assert forged.value.code == "unauthorized"
