@@ -231,7 +231,8 @@ def cmd_prefetch(args: argparse.Namespace, settings: Settings) -> int:
     failed = 0
     for model_id in args.models or [settings.model_id]:
         try:
-            print(f"{model_id}: {locator.resolve(model_id)}")
+            folders = locator.resolve_all(model_id)  # a pair of models: both
+            print(f"{model_id}: {', '.join(map(str, folders))}")
         except ModelNotFoundError as error:
             print(f"error: {error}", file=sys.stderr)  # three lines: where, why, what next
             failed += 1

@@ -135,6 +135,10 @@ class Service:
                 "short_name": info.short_name,
                 "preset": info.preset,
                 "license": info.license,
+                # a pair of models: each repository with its own license
+                "parts": [
+                    {"model_id": part, "license": lookup_model(part).license} for part in info.parts
+                ],
                 "metric": info.metric,
                 "needs_focal_length": info.needs_focal,
                 "camera": info.camera,

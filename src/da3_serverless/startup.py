@@ -44,16 +44,16 @@ def check_workspace(settings: Settings) -> None:
         ) from None
 
 
-def check_model(settings: Settings) -> Path:
-    """The default model's snapshot folder, downloaded if need be; else StartupError with
-    ModelNotFoundError's three lines (where, the hub, what next)."""
+def check_model(settings: Settings) -> list[Path]:
+    """The default model's snapshot folders (two for a pair), downloaded if need be; else
+    StartupError with ModelNotFoundError's three lines (where, the hub, what next)."""
     try:
-        return WeightLocator.from_settings(settings).resolve(settings.model_id)
+        return WeightLocator.from_settings(settings).resolve_all(settings.model_id)
     except ModelNotFoundError as error:
         raise StartupError(str(error)) from None
 
 
-def check_start(settings: Settings) -> Path:
-    """Both checks, the workspace first; returns the model's snapshot folder."""
+def check_start(settings: Settings) -> list[Path]:
+    """Both checks, the workspace first; returns the model's snapshot folders."""
     check_workspace(settings)
     return check_model(settings)

@@ -27,10 +27,14 @@ class ModelInfo:
     # The release's checkpoint holds the 3D-Gaussian head (`model/presets.py: GAUSSIAN_RELEASES`).
     # A loaded model says what its own file holds: `Predictor.capabilities`.
     gaussians: bool = False
+    # A pair of releases loaded together (any-view network, metric network): the repos, each
+    # downloaded and cached on its own; `repo_id` then names both, joined by "+".
+    parts: tuple[str, ...] = ()
+    alias: str = ""  # the short name, where the repo's own name would not do
 
     @property
     def short_name(self) -> str:
-        return self.repo_id.split("/", 1)[1].lower()
+        return self.alias or self.repo_id.split("/", 1)[1].lower()
 
     @property
     def can_give_meters(self) -> bool:
@@ -47,6 +51,20 @@ def _any_view(
     return ModelInfo(
         f"{HF_ORG}/{name}", preset, license, metric=False, needs_focal=False, camera=True,
         confidence=True, sky=False, params_m=params_m, gpu_memory_gb=gpu_gb, gaussians=gaussians,
+    )  # fmt: skip
+
+
+METRIC_REPO = f"{HF_ORG}/DA3METRIC-LARGE"
+
+
+def _apache_pair(name: str, preset: str, params_m: int, gpu_gb: float) -> ModelInfo:
+    """An Apache-2.0 any-view network with DA3METRIC-LARGE, aligned as the nested model aligns
+    its two networks: metric multi-view depth, cameras and scene for commercial use."""
+    return ModelInfo(
+        f"{HF_ORG}/{name}+{METRIC_REPO}", f"{preset}+da3metric-large", _APACHE, metric=True,
+        needs_focal=False, camera=True, confidence=True, sky=True, params_m=params_m + 350,
+        gpu_memory_gb=gpu_gb + 2.5, parts=(f"{HF_ORG}/{name}", METRIC_REPO),
+        alias=f"{preset}-metric",
     )  # fmt: skip
 
 
@@ -75,6 +93,8 @@ MODELS: tuple[ModelInfo, ...] = (
         needs_focal=False, camera=True, confidence=True, sky=True, params_m=1500,
         gpu_memory_gb=8.0, gaussians=True,
     ),
+    _apache_pair("DA3-SMALL", "da3-small", 26, 1.5),
+    _apache_pair("DA3-BASE", "da3-base", 120, 2.0),
 )  # fmt: skip
 
 _BY_KEY: dict[str, ModelInfo] = {}

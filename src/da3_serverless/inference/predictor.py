@@ -36,7 +36,7 @@ from da3_serverless.inference.preprocess import (
     processing_size,
     to_network_input,
 )
-from da3_serverless.model.checkpoint import load_network
+from da3_serverless.model.checkpoint import load_network, load_pair
 from da3_serverless.model.gaussians import reframe
 from da3_serverless.model.layers import keep_stop_points_out_of_compile
 from da3_serverless.model.net import NetOutput
@@ -151,6 +151,12 @@ class Predictor:
         name = str(repo_id_or_path)
         info = lookup_model(name)
         folder = Path(name).expanduser()
+        if info is not None and info.parts:
+            folders = (locator or WeightLocator.from_settings()).resolve_all(name)
+            preset, network = load_pair(folders, device=device, dtype=dtype)
+            if preset != info.preset:
+                raise ValueError(f"{info.repo_id}'s snapshots hold {preset}, not {info.preset}")
+            return cls(network, preset, model_id=info.repo_id, device=device, dtype=dtype)
         if locator is not None or info is not None or not is_snapshot(folder):
             folder = (locator or WeightLocator.from_settings()).resolve(name)
         preset, network = load_network(folder, device=device, dtype=dtype)

@@ -55,12 +55,22 @@ class WeightLocator:
             token=settings.hf_token,
         )
 
+    def resolve_all(self, model_id: str, *, download: bool = True) -> list[Path]:
+        """The snapshot folders a model loads: one, or one per network of a pair (a model id
+        naming two repositories, `inference/catalog.py`), each found or downloaded on its own."""
+        info = lookup_model(model_id)
+        parts = info.parts if info is not None and info.parts else (model_id,)
+        return [self.resolve(part, download=download) for part in parts]
+
     def resolve(self, model_id: str, *, download: bool = True) -> Path:
-        """A snapshot folder for a local path, an HF repo id or a short name.
+        """A snapshot folder for a local path, an HF repo id or a short name of one network
+        (a pair's folders: `resolve_all`).
 
         Raises ModelNotFoundError naming the repo and every place looked.
         """
         info = lookup_model(model_id)
+        if info is not None and info.parts:
+            raise ValueError(f"{info.repo_id} is a pair of models: resolve_all gives its folders")
         local = Path(model_id).expanduser()
         # A model id from the table never means a folder of that name in the working directory
         # (write ./da3-small for such a folder).

@@ -14,7 +14,7 @@ import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 from pathlib import Path
 
@@ -23,6 +23,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_model
 from torch import nn
 
+from da3_serverless.model.net import NestedDepthAnything3Net
 from da3_serverless.model.precision import low_precision_names, storage_dtype
 from da3_serverless.model.presets import (
     GAUSSIAN_RELEASES,
@@ -38,6 +39,8 @@ KEY_PREFIX = "model."
 GAUSSIAN_MODULES = frozenset({"gs_head", "gs_adapter"})
 # How many offending keys an error lists before giving a count.
 MAX_LISTED_KEYS = 10
+# The networks that can be the any-view half of a pair with da3metric-large (`load_pair`).
+ANY_VIEW_PRESETS = ("da3-small", "da3-base", "da3-large", "da3-giant")
 
 
 class CheckpointError(ValueError):
@@ -187,6 +190,27 @@ def load_network(
         raise CheckpointError(f"{path} does not fit {preset}: " + "; ".join(problems))
     _check_materialised(net)
     return preset, net.eval()
+
+
+def load_pair(
+    folders: Sequence[str | Path],
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> tuple[str, nn.Module]:
+    """Two official snapshots, an any-view network and DA3METRIC-LARGE, loaded each by
+    `load_network` and joined as the nested model joins its two (`NestedDepthAnything3Net`:
+    the any-view depth and cameras brought to the metric network's metres). Returns
+    ("<any-view preset>+da3metric-large", network); CheckpointError when the folders hold
+    other networks."""
+    if len(folders) != 2:
+        raise CheckpointError(f"a pair needs two snapshot folders, got {len(folders)}")
+    any_view, metric = (load_network(folder, device, dtype) for folder in folders)
+    if metric[0] != "da3metric-large" or any_view[0] not in ANY_VIEW_PRESETS:
+        raise CheckpointError(
+            f"a pair is an any-view network ({', '.join(ANY_VIEW_PRESETS)}) and "
+            f"da3metric-large; {folders[0]} holds {any_view[0]}, {folders[1]} {metric[0]}"
+        )
+    return f"{any_view[0]}+{metric[0]}", NestedDepthAnything3Net(any_view[1], metric[1]).eval()
 
 
 @lru_cache(maxsize=32)

@@ -93,6 +93,14 @@ def da3nested_giant_large() -> NestedDepthAnything3Net:
     return NestedDepthAnything3Net(da3_giant(), da3metric_large())
 
 
+def da3_small_metric_pair() -> NestedDepthAnything3Net:
+    return NestedDepthAnything3Net(da3_small(), da3metric_large())
+
+
+def da3_base_metric_pair() -> NestedDepthAnything3Net:
+    return NestedDepthAnything3Net(da3_base(), da3metric_large())
+
+
 PRESETS: dict[str, Callable[[], nn.Module]] = {
     "da3-small": da3_small,
     "da3-base": da3_base,
@@ -101,6 +109,9 @@ PRESETS: dict[str, Callable[[], nn.Module]] = {
     "da3mono-large": da3mono_large,
     "da3metric-large": da3metric_large,
     "da3nested-giant-large": da3nested_giant_large,
+    # Two releases loaded side by side (inference/catalog.py: `parts`), never one snapshot.
+    "da3-small+da3metric-large": da3_small_metric_pair,
+    "da3-base+da3metric-large": da3_base_metric_pair,
 }
 
 
