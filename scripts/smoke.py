@@ -259,8 +259,8 @@ def check_scene(body: dict, views: int) -> None:
         needed = {f"sparse/0/{n}.bin" for n in ("cameras", "images", "points3D")}
         check(needed <= names, f"colmap: {sorted(names)}")
         for index in range(views):
-            with Image.open(io.BytesIO(colmap.read(f"images/view_{index:03d}.jpg"))) as jpg:
-                check(jpg.format == "JPEG", f"colmap: view {index}")
+            with Image.open(io.BytesIO(colmap.read(f"images/view_{index:03d}.png"))) as png:
+                check(png.format == "PNG", f"colmap: view {index}")
     gaussians = trimesh.load(io.BytesIO(payload(body["gaussians_ply"], "gaussians_ply")), "ply")
     count = len(finite(np.asarray(gaussians.vertices), "gaussians_ply"))
     check(count == body["gaussians"]["points"] > 0, f"gaussians_ply: {count} Gaussians")
