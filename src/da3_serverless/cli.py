@@ -11,7 +11,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -441,7 +441,8 @@ def cmd_request(args: argparse.Namespace, settings: Settings) -> int:
     with client, tqdm(jobs, unit="request", disable=len(jobs) < 2) as bar:
         for stem, images in bar:
             try:
-                result = client.depth(images, **options)
+                with job_progress_bar(stem) as on_progress:
+                    result = client.depth(images, on_progress=on_progress, **options)
                 missing = client.download_outputs(result)
             except (DA3Error, OSError) as exc:
                 failed += 1
@@ -478,6 +479,21 @@ def _request_video(client: Client, args: argparse.Namespace, options: dict[str, 
     print(f"video: {result.sequence.get('frames')} frames; wrote {len(written)} file(s) to "
           f"{args.out}: {', '.join(path.name for path in written)}")  # fmt: skip
     return 0
+
+
+@contextmanager
+def job_progress_bar(stem: str) -> Iterator[Callable[[dict[str, Any]], None]]:
+    """A bar of one job's progress (percent and stage, from the job's progress updates; the
+    result itself never reaches it), removed once the job ends."""
+    with tqdm(total=100, desc=stem, unit="%", leave=False, delay=0.5) as bar:
+
+        def on_progress(progress: dict[str, Any]) -> None:
+            percent = progress.get("percent")
+            if isinstance(percent, int) and percent > bar.n:
+                bar.update(percent - bar.n)
+            bar.set_postfix_str(str(progress.get("message", ""))[:60])
+
+        yield on_progress
 
 
 def _request_options(args: argparse.Namespace) -> dict[str, Any]:

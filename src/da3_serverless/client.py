@@ -429,7 +429,7 @@ class Client:
         `timeout` (`executionTimeout` and `ttl`), so it never runs on after the client stops
         waiting; when the deadline passes the job is cancelled. While the job runs,
         `on_progress` gets each new progress object it reports (`{"stage", "percent",
-        "message"}`), never its result."""
+        "message"}`, polled at `/status` after a 1 s `/runsync` wait), never its result."""
         if self.api_key is not None and "api_key" not in payload:
             payload = {**payload, "api_key": self.api_key}
         deadline = time.monotonic() + self.timeout
@@ -437,8 +437,10 @@ class Client:
         path = "runsync"
         if "/v2/" in urlsplit(self.endpoint).path + "/":
             envelope["policy"] = deadline_policy(self.timeout)
-            # Answered before the deadline, done or not, so the client can still cancel it.
-            path += f"?wait={min(max(math.floor(self.timeout * 1000) - 2000, 1000), 90_000)}"
+            # Answered before the deadline, done or not, so the client can still cancel it;
+            # within RunPod's least wait (1 s) when the caller follows the job's progress.
+            wait = 1000 if on_progress else math.floor(self.timeout * 1000) - 2000
+            path += f"?wait={min(max(wait, 1000), 90_000)}"
         body = json.dumps(envelope).encode()
         check_body_size(body, self.max_body_bytes, "runsync")
         job = _job(self._send("POST", path, content=body, headers=JSON_HEADERS))

@@ -83,8 +83,9 @@ def make_handler(service: Service) -> Callable[[dict], Awaitable[dict]]:
 
 
 def _progress(job: dict, update: dict) -> None:
-    """A sequence's chunk summary to RunPod's job progress (`/status` shows it as the output
-    while the job runs); runpod-python sends it from a thread of its own."""
+    """A job's progress (its stages, a sequence's chunk summaries) to RunPod's job progress
+    (`/status` shows it as the output while the job runs); runpod-python sends it from a
+    thread of its own."""
     runpod.serverless.progress_update(job, update)
 
 

@@ -30,7 +30,7 @@ from da3_serverless.api.budget import (
 from da3_serverless.api.cameras import checked_cameras
 from da3_serverless.api.errors import ServiceError
 from da3_serverless.api.images import DecodedImage, decode_request_images, open_request_images
-from da3_serverless.api.job import JobInfo
+from da3_serverless.api.job import JobInfo, Progress
 from da3_serverless.api.outputs import (
     Artifact,
     encode_outputs,
@@ -54,6 +54,7 @@ from da3_serverless.inference.cancel import CancelGroup, Cancelled, CancelToken
 from da3_serverless.inference.catalog import MODELS, ModelInfo, lookup_model, valid_model_ids
 from da3_serverless.inference.prediction import Prediction
 from da3_serverless.inference.predictor import Predictor, PredictRequest, default_dtype
+from da3_serverless.inference.progress import block_progress
 from da3_serverless.inference.weights import ModelNotFoundError, WeightLocator
 from da3_serverless.model.checkpoint import CheckpointError, holds_gaussians, read_preset
 from da3_serverless.sequence.pipeline import SequenceContext, run_sequence
@@ -200,7 +201,7 @@ class Service:
             with intake.timer.stage("load_model"):
                 predictor = self._predictor(intake.model_id, pinned, cancel)
             self._check_model(intake, predictor)
-            with intake.timer.stage("inference"):
+            with intake.timer.stage("inference"), _forward_progress(predictor, [intake]):
                 prediction = self._predict(predictor, intake.request, intake.images, cancel)
         return self._complete(intake, (predictor, prediction))
 
@@ -216,6 +217,7 @@ class Service:
         already checked), the outputs the model can give, the images' headers, the budget, the
         pixels and the camera numbers."""
         intake = _Intake(_Timer(), time.perf_counter(), cancel, job or JobInfo())
+        intake.progress = Progress(intake.job.progress)
         with intake.timer.stage("validate"):
             request = request or self.authorize(payload, api_key)
             if request.is_sequence:
@@ -227,6 +229,7 @@ class Service:
             if intake.capabilities is not None:
                 _check_outputs(request, intake.capabilities)
         with intake.timer.stage("decode"):
+            intake.progress.update("downloading")
             opened = open_request_images(request, self.settings, cancel)
             sizes = [(view.width, view.height) for view in opened]
             scene_points = request.max_points if wants_points(request) else None
@@ -235,6 +238,7 @@ class Service:
                 intake.model_id, request.process_res, sizes, scene_points, gaussians
             )
             self.budget.check(intake.cost)
+            intake.progress.update("decoding")
             intake.images = decode_request_images(opened, self.settings, cancel)
             sizes = [(image.width, image.height) for image in intake.images]
             intake.request = checked_cameras(request, sizes)
@@ -281,6 +285,7 @@ class Service:
             if request.anchors is not None:
                 with timer.stage("anchors"):
                     prediction, fit = fit_anchors(request.anchors, intake.anchor_maps, prediction)
+            intake.progress.update("encoding")
             with timer.stage("encode"):
                 artifacts, warnings = encode_outputs(request, prediction, images)
             if wants_scene(request):
@@ -289,6 +294,7 @@ class Service:
                     scene, scene_warnings = encode_scene(request, prediction, images)
                 artifacts, warnings = [*artifacts, *scene], [*warnings, *scene_warnings]
             cancel.commit()  # the last check: files are written from here on
+            intake.progress.update("uploading")
             response = self._respond(
                 request, predictor, prediction, artifacts, timer, saved, warnings, intake.job
             )
@@ -460,11 +466,12 @@ class Service:
             outcomes: list = [_outcome(self._check_model, i, predictor) for i in intakes]
             ready = [i for i, outcome in enumerate(outcomes) if outcome is None]
             inference_started = time.perf_counter()
-            predictions = predictor.predict_batch(
-                [_predict_request(intakes[i].request, intakes[i].images) for i in ready],
-                return_exceptions=True,
-                cancel=[intakes[i].cancel for i in ready],
-            )
+            with _forward_progress(predictor, [intakes[i] for i in ready]):
+                predictions = predictor.predict_batch(
+                    [_predict_request(intakes[i].request, intakes[i].images) for i in ready],
+                    return_exceptions=True,
+                    cancel=[intakes[i].cancel for i in ready],
+                )
             inference = time.perf_counter() - inference_started
         for index, prediction in zip(ready, predictions, strict=True):
             outcomes[index] = (
@@ -579,6 +586,7 @@ class _Intake:
     started: float
     cancel: CancelToken
     job: JobInfo = field(default_factory=JobInfo)
+    progress: Progress = field(default_factory=lambda: Progress(None))
     request: RunRequest | None = None
     model_id: str = ""
     capabilities: ModelInfo | None = None
@@ -610,6 +618,20 @@ def _batch_item(
 ) -> tuple[object, str | None, CancelToken, JobInfo]:
     """A `BatchItem` with its defaults filled in."""
     return payload, api_key, cancel or CancelToken(), job or JobInfo()
+
+
+@contextmanager
+def _forward_progress(predictor: Predictor, intakes: list[_Intake]) -> Iterator[None]:
+    """The forward's stage in each request's progress: started, then block k of n."""
+    for intake in intakes:
+        intake.progress.update("forward")
+
+    def report(done: int, total: int) -> None:
+        for intake in intakes:
+            intake.progress.update("forward", done, total)
+
+    with block_progress(predictor.network, report):
+        yield
 
 
 def _cancelled(reason: str) -> ServiceError:
