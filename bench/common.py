@@ -13,7 +13,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 IMAGES = REPO / "tests" / "data" / "images"
 SNAPSHOTS = REPO / "artifacts" / "bench-snapshots"
-sys.path.insert(0, str(REPO / "tests"))  # the reference oracle helper lives with the tests
+sys.path.insert(0, str(REPO / "tests"))  # the reference oracle and the test videos live there
 
 from da3_serverless.model.checkpoint import write_random_checkpoint  # noqa: E402
 from reference import load_reference  # noqa: E402

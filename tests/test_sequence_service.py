@@ -60,7 +60,9 @@ def _decode_png(data: bytes, low: float, high: float) -> np.ndarray:
 def chunked(service, video) -> tuple[dict, list[dict]]:
     """One video request in chunks, and the progress it reported."""
     progress: list[dict] = []
-    response = service.handle(_request(video), job=JobInfo(progress=progress.append))
+    outputs = ["trajectory", "depth_frames", "depth_video", "scene_ply"]
+    request = _request(video, outputs=outputs, max_points=3000)
+    response = service.handle(request, job=JobInfo(progress=progress.append))
     return response, progress
 
 
@@ -125,6 +127,21 @@ def test_the_depth_video_holds_the_depth_frames_codes_losslessly(chunked):
         png = np.asarray(Image.open(io.BytesIO(archive.read(entry["file"]))))
         np.testing.assert_array_equal(frame.to_ndarray(), png)
         assert frame.time == pytest.approx(entry["timestamp"], abs=1e-3)
+
+
+def test_the_scene_cloud_counts_each_frame_once(chunked):
+    """scene_ply fuses the owned frames only (10 frames, not the 16 forwarded), each chunk
+    thinned to its share of max_points; trimesh reads the PLY back."""
+    import trimesh
+
+    response = chunked[0]
+    scene = response["scene"]
+    cloud = trimesh.load(io.BytesIO(base64.b64decode(response["scene_ply"]["base64"])), "ply")
+    assert len(cloud.vertices) == scene["points"]
+    assert 0 < scene["points"] <= 3000
+    pixels = 10 * 64 * 48  # every owned frame's pixels, once
+    assert sum(scene["removed"].values()) + scene["points"] == pixels
+    assert np.isfinite(cloud.vertices).all()
 
 
 @pytest.mark.slow

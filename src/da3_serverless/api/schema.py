@@ -237,11 +237,12 @@ def _check_sequence(request: RunRequest) -> None:
     video = request.video_url is not None or request.video_base64 is not None
     if request.sequence and not video and request.images is None:
         raise ValueError('"sequence": true goes with images (a video is a sequence already)')
-    wrong = [name for name in request.outputs if name not in SEQUENCE_OUTPUTS]
+    allowed = (*SEQUENCE_OUTPUTS, "scene_ply")
+    wrong = [name for name in request.outputs if name not in allowed]
     if wrong:
         raise ValueError(
-            f"a sequence gives {', '.join(SEQUENCE_OUTPUTS)}; {', '.join(wrong)} cannot be asked "
-            "for one: remove them"
+            f"a sequence gives {', '.join(allowed)}; {', '.join(wrong)} cannot be asked for "
+            "one: remove them"
         )
     if request.extrinsics is not None or request.anchors is not None:
         raise ValueError("a sequence cannot be given extrinsics or anchors: leave them out")

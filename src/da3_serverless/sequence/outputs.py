@@ -15,6 +15,7 @@ import zipfile
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import av
 import numpy as np
@@ -37,6 +38,7 @@ class FrameStore:
     max_depth: float = -math.inf
     size: tuple[int, int] | None = None  # (width, height) of the last frame
     sizes: set[tuple[int, int]] = field(default_factory=set)
+    scene: Any = None  # the scene collector when scene_ply is asked (sequence/scene.py)
 
     @staticmethod
     def create(parent: Path) -> FrameStore:

@@ -32,6 +32,7 @@ from da3_serverless.sequence.outputs import (
     trajectory_zip,
 )
 from da3_serverless.sequence.plan import Chunk, default_overlap, windows
+from da3_serverless.sequence.scene import SceneCollector
 from da3_serverless.sequence.source import FrameSource, open_source
 
 log = logging.getLogger(__name__)
@@ -129,17 +130,25 @@ def _run_chunks(context, request, predictor, source, frames, chunking):
     Returns (chunk summaries, is_metric, units)."""
     size, overlap = chunking
     assembler = Assembler(overlap)
+    if "scene_ply" in request.outputs:
+        frames.scene = SceneCollector(request, source.planned)
     summaries: list[dict] = []
     is_metric, units = False, "relative"
     started = time.perf_counter()
     for chunk, items in windows(source.frames, size, overlap):
         context.cancel.check()
         prediction = _predict(predictor, request, chunk, [f.image for f in items], context)
+        aligning = time.perf_counter()
         aligned = assembler.add(chunk, prediction)
+        aligning = time.perf_counter() - aligning
         timestamps = [f.timestamp for f in items[chunk.overlap :]]
         _write(frames, aligned, timestamps)
+        if frames.scene is not None:
+            sky = None if prediction.sky is None else prediction.sky[chunk.overlap :]
+            frames.scene.add(aligned, sky, [f.image for f in items[chunk.overlap :]])
         is_metric, units = prediction.is_metric, prediction.units
         summary = _summary(aligned, len(frames), source.planned, time.perf_counter() - started)
+        summary["align_ms"] = round(aligning * 1000, 3)
         summaries.append(summary)
         if context.job.progress is not None:
             context.job.progress(summary)
@@ -202,7 +211,11 @@ def _summary(aligned: AlignedChunk, done: int, planned: int, elapsed: float) -> 
 def _respond(context: SequenceContext, request: RunRequest, frames: FrameStore, model) -> dict:
     """The response: the frames' size and depth range, the requested files placed."""
     model_id, is_metric, units = model
-    artifacts = [_artifact(name, frames, units) for name in request.outputs]
+    artifacts = [_artifact(name, frames, units) for name in request.outputs if name in WRITERS]
+    scene = None
+    if frames.scene is not None:
+        data, scene = frames.scene.ply(units)
+        artifacts.append(Artifact(None, "scene_ply", data, ".ply", "application/octet-stream"))
     saved: list[Saved] = []
     warnings: list[str] = []
     try:
@@ -219,7 +232,7 @@ def _respond(context: SequenceContext, request: RunRequest, frames: FrameStore, 
     return {
         "schema_version": SCHEMA_VERSION, "model_id": model_id, "is_metric": is_metric,
         "units": units, "width": width, "height": height, "min_depth": low, "max_depth": high,
-        **placed.top, "warnings": list(dict.fromkeys(warnings)),
+        **placed.top, "scene": scene, "warnings": list(dict.fromkeys(warnings)),
     }  # fmt: skip
 
 
