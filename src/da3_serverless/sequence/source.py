@@ -52,7 +52,10 @@ def open_source(request: RunRequest, settings: Settings, cancel: CancelToken) ->
         except ServiceError as error:
             raise ServiceError(error.code, f"video_url: {error.message}") from None
     else:
-        data = decode_base64(request.video_base64 or "")
+        try:
+            data = decode_base64(request.video_base64 or "")
+        except ServiceError as error:
+            raise ServiceError(error.code, f"video_base64: {error.message}") from None
     cancel.check()
     sampling = Sampling(request.fps, request.start_s, request.end_s, request.max_frames)
     video = open_video(data, sampling, settings, "the video")
