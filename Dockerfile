@@ -48,9 +48,12 @@ RUN --mount=from=ghcr.io/astral-sh/uv:0.13.9,source=/uv,target=/usr/local/bin/uv
 COPY scripts/bootstrap.sh scripts/prefetch.sh scripts/healthcheck.sh /app/scripts/
 WORKDIR /app
 
+# RUNPOD_MIN_CUDA_VERSION: runpod-python's own start check refuses, with a message, a host whose
+# driver is older than the CUDA 12.8 that torch's wheels need (its default is 11.8).
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
-    DA3_BAKED_HF_HOME=/opt/da3/hf-home
+    DA3_BAKED_HF_HOME=/opt/da3/hf-home \
+    RUNPOD_MIN_CUDA_VERSION=12.8
 
 # Optional: bake one model's snapshot into the image (zero-download cold starts, at the cost of
 # a larger image: see docs/DEPLOY.md). bootstrap.sh then serves it by default from

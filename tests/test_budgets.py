@@ -421,7 +421,7 @@ INVALID = [
     ("DOWNLOAD_TIMEOUT_S", "0", "> 0"),
     ("MAX_BODY_BYTES", "0", ">= 1"),
     ("MAX_RESPONSE_BYTES", "-1", ">= 0"),
-    ("OUTPUT_RETENTION_DAYS", "0", "> 0"),
+    ("OUTPUT_RETENTION_DAYS", "0", "0.1 to 3650"),
     ("MAX_CONNECTIONS", "0", ">= 1"),
     ("KEEP_ALIVE_S", "0", "> 0, <= 300"),
     ("MAX_HEADER_BYTES", "100", "1024 to 1048576"),

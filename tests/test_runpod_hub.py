@@ -15,8 +15,9 @@ from jsonschema import Draft202012Validator
 from PIL import Image
 
 from da3_serverless.api.schema import parse_request
-from da3_serverless.config import DEFAULT_MODEL_ID, Settings
+from da3_serverless.config import DEFAULT_MODEL_ID, Settings, SettingsError, load_settings
 from da3_serverless.inference.catalog import lookup_model, valid_model_ids
+from da3_serverless.runpod_worker import worker_settings
 
 HUB_DIR = Path(__file__).resolve().parents[1] / ".runpod"
 
@@ -257,3 +258,33 @@ def test_hub_tests_run_on_a_gpu_the_listing_allows() -> None:
     # torch 2.10.0's CUDA 12.8 wheels need a driver for CUDA 12.8 or newer.
     for version in hub["config"]["allowedCudaVersions"]:
         assert tuple(map(int, version.split("."))) >= (12, 8), version
+
+
+def test_every_hub_setting_range_is_what_the_worker_accepts() -> None:
+    """A form value the worker refuses at start would crash-loop it: each number's min and max
+    parse and a step past either is refused; each option and boolean parses."""
+    hub = load("hub.json")
+    for item in hub["config"]["env"]:
+        key, field = item["key"], item["input"]
+        if field["type"] == "number":
+            low, high = field["min"], field["max"]
+            for value in (low, high, field["default"]):
+                load_settings(**{key: str(value)})
+            for value in (low - 1e-6, high + 1e-6):
+                with pytest.raises(SettingsError, match=key):
+                    load_settings(**{key: str(value)})
+        elif field["type"] == "boolean":
+            assert load_settings(**{key: field["trueValue"]}) != load_settings(
+                **{key: field["falseValue"]}
+            )
+        for option in field.get("options", []):
+            load_settings(**{key: option["value"]})
+
+
+def test_the_worker_serves_without_its_own_key_behind_runpods() -> None:
+    """The Hub form's defaults (no DA3_API_KEY): the worker relies on RunPod's API key; a key
+    set in the form is required of every request."""
+    defaults = Settings(**hub_env_defaults(load("hub.json")))
+    assert worker_settings(defaults).allow_unauthenticated
+    keyed = worker_settings(Settings(**{**hub_env_defaults(load("hub.json")), "DA3_API_KEY": "k"}))
+    assert not keyed.allow_unauthenticated and keyed.api_key == "k"

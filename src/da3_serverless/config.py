@@ -70,8 +70,9 @@ class Settings(BaseSettings):
     # The user's data and cache folders (XDG), the workspace's home without WORKSPACE.
     data_home: Path | None = Field(default=None, validation_alias=_env("XDG_DATA_HOME"))
     cache_home: Path | None = Field(default=None, validation_alias=_env("XDG_CACHE_HOME"))
+    # 0.1 to 3650 days (the Hub form's range, .runpod/hub.json, is the same).
     output_retention_days: float = Field(
-        default=14, gt=0, validation_alias=_env("OUTPUT_RETENTION_DAYS")
+        default=14, ge=0.1, le=3650, validation_alias=_env("OUTPUT_RETENTION_DAYS")
     )
     # RUNPOD_MAX_RESPONSE_BYTES unless set; `for_server` gives the self-hosted default.
     max_response_bytes: int = Field(

@@ -29,7 +29,7 @@ import runpod
 from da3_serverless.api.budget import MIN_BUDGET_TOKENS
 from da3_serverless.api.errors import ServiceError
 from da3_serverless.api.job import JobInfo, bucket_from_s3_config
-from da3_serverless.config import SettingsError, load_settings
+from da3_serverless.config import Settings, SettingsError, load_settings
 from da3_serverless.inference.cancel import Cancelled
 from da3_serverless.server.batching import Batcher, BatchItem
 from da3_serverless.server.queue import Job, Scheduler
@@ -158,11 +158,22 @@ def quiet_runpod_logs() -> None:
     logger.log = log_without_base64  # type: ignore[method-assign]
 
 
+def worker_settings(settings: Settings) -> Settings:
+    """The worker's settings: without DA3_API_KEY it serves every request, because RunPod
+    itself refuses any request to the endpoint without the account's API key before a job
+    reaches a worker (a Hub deployment with the default form works at once; DA3_API_KEY adds
+    a second key). The self-hosted server, which nothing stands in front of, keeps refusing."""
+    if settings.api_key:
+        return settings
+    log.info("DA3_API_KEY is empty: RunPod's own API key authenticates every request")
+    return settings.model_copy(update={"allow_unauthenticated": True})
+
+
 def main() -> None:
     quiet_runpod_logs()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
-        settings = load_settings()
+        settings = worker_settings(load_settings())
     except SettingsError as error:  # a worker with impossible settings must not take jobs
         log.error("%s", error)
         sys.exit(2)
