@@ -166,3 +166,28 @@ def test_status_shows_progress_rising_then_the_result(service):
             result = running.result(120)
         assert result.views[0].width == 1208  # the result, never a progress object
         assert all(set(u) == {"stage", "percent", "message"} for u in updates)
+
+
+def test_sdk_s3_config_on_the_self_hosted_server(service, s3_endpoint, monkeypatch):
+    """RunPod's SDK against the self-hosted /v2 paths: a job's s3Config takes its outputs,
+    under `<day>/<job id>/`, with no bucket configured on the server."""
+    import boto3
+    import runpod
+
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint, aws_access_key_id="k2",
+                      aws_secret_access_key="s2", region_name="us-east-1")  # fmt: skip
+    s3.create_bucket(Bucket="sdk-jobs")
+    with app_in_thread(create_app(service.settings, service)) as url:
+        monkeypatch.setattr(runpod, "endpoint_url_base", f"{url}/v2")
+        endpoint = runpod.Endpoint("e", api_key=TEST_API_KEY)
+        job = endpoint.run({
+            "input": {"image_base64": photo(), "process_res": 140, "return_base64": False,
+                      "outputs": ["depth", "preview"]},
+            "s3Config": {"accessId": "k2", "accessSecret": "s2", "bucketName": "sdk-jobs",
+                         "endpointUrl": s3_endpoint},
+        })  # fmt: skip
+        output = job.output(timeout=300)
+    day = time.strftime("%Y-%m-%d", time.gmtime())
+    keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket="sdk-jobs")["Contents"])
+    assert keys == [f"{day}/{job.job_id}/depth.png", f"{day}/{job.job_id}/preview.png"]
+    assert httpx.get(output["preview"]["url"]).content[:8] == b"\x89PNG\r\n\x1a\n"

@@ -182,3 +182,20 @@ def test_our_client_sends_its_deadline_and_cancels_when_it_passes(gated):
     assert deadline_policy(3) == {"executionTimeout": 5000, "ttl": 10_000}
     assert deadline_policy(600) == {"executionTimeout": 600_000, "ttl": 600_000}
     service.gate.set()
+
+
+@pytest.mark.slow
+def test_ttl_ends_a_job_still_queued_as_timed_out(gated):
+    """policy.ttl counts from submission, queued included (10 s is RunPod's least)."""
+    service, url, endpoint = gated
+    service.gate.clear()
+    running = endpoint.run(req("first"))
+    assert service.entered.acquire(timeout=30)
+    queued = endpoint.run({"input": req("late"), "policy": {"ttl": 10_000}})
+    assert queued.output(timeout=60) is None and queued.status() == "TIMED_OUT"
+    body = status(url, queued.job_id).json()
+    assert body["delayTime"] >= 10_000 and "workerId" not in body  # it never started
+    assert endpoint.health()["jobs"]["inQueue"] == 0
+    service.gate.set()
+    assert running.output(timeout=60)["tag"] == "first"
+    assert len(service.seen_keys) == 1  # the timed-out job never ran
