@@ -144,6 +144,22 @@ def assert_close(ours: torch.Tensor, ref: torch.Tensor) -> None:
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5 * max(scale, 1.0))
 
 
+# The reference estimates quantiles of over this many values from this many drawn at random.
+REFERENCE_QUANTILE_SAMPLES = 100_000
+
+
+def assert_within_sampling_error(estimate: torch.Tensor, values: torch.Tensor, q: float) -> None:
+    """The parity rule for a quantile the reference estimates from a random sample of
+    `REFERENCE_QUANTILE_SAMPLES` and we take exactly: the reference's `estimate` of the q-quantile
+    of `values` lies between their exact (q - d)- and (q + d)-quantiles, d five standard errors
+    of a sample quantile's rank, sqrt(q (1 - q) / samples)."""
+    spread = 5 * (q * (1 - q) / REFERENCE_QUANTILE_SAMPLES) ** 0.5
+    low, high = (max(0.0, q - spread), min(1.0, q + spread))
+    sorted_values = values.flatten().sort().values
+    bounds = [sorted_values[round(p * (sorted_values.numel() - 1))].item() for p in (low, high)]
+    assert bounds[0] <= float(estimate) <= bounds[1], (float(estimate), bounds)
+
+
 def randomized(module: nn.Module, seed: int) -> nn.Module:
     """Perturb every parameter with seeded noise so norms, biases and scales are not trivial."""
     gen = torch.Generator().manual_seed(seed)

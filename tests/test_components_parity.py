@@ -32,6 +32,7 @@ from depth_anything_3.utils.ray_utils import get_extrinsic_from_camray
 
 from da3_serverless.model.alignment import (
     align_to_metric,
+    exact_quantile,
     fill_sky,
     least_squares_scale,
     metric_depth_from_focal,
@@ -50,7 +51,7 @@ from da3_serverless.model.camera import (
 from da3_serverless.model.dpt import DPT, DualDPT
 from da3_serverless.model.rays import camera_from_rays, pose_from_rays
 from da3_serverless.model.rng import RNG_SEED, seeded_generator
-from reference import assert_close, randomized
+from reference import assert_close, assert_within_sampling_error, randomized
 
 # (dim_in, features, out_channels) of the heads in the reference configs.
 DUALDPT_PRESETS = {
@@ -301,14 +302,15 @@ def test_ray_pose_without_consensus_keeps_best_hypothesis() -> None:
     torch.testing.assert_close(rotation @ rotation.T, torch.eye(3), atol=1e-5, rtol=0)
 
 
-def depth_scene(far: bool, seed: int = 8) -> dict[str, torch.Tensor]:
-    """Any-view and metric outputs of 2 views of 300 x 210 with sky in the top 15 % of rows:
-    over 100000 non-sky pixels, so quantiles are taken on random samples."""
+def depth_scene(far: bool, seed: int = 8, rows: int = 300) -> dict[str, torch.Tensor]:
+    """Any-view and metric outputs of 2 views of `rows` x 210 with sky in the top 15 % of rows.
+    With 300 rows there are over 100000 non-sky pixels (the reference then estimates quantiles
+    from a random sample); with 250 or fewer, under (it takes them exactly, as we always do)."""
     gen = torch.Generator().manual_seed(seed)
-    shape = (1, 2, 300, 210)
+    shape = (1, 2, rows, 210)
     depth = (0.5 * torch.randn(shape, generator=gen)).exp() * 3
     sky = 0.25 * torch.rand(shape, generator=gen)
-    sky[..., :45, :] += 0.5
+    sky[..., : rows * 15 // 100, :] += 0.5
     ext, ixt = random_cameras(2, seed)
     ixt[..., 0, 0], ixt[..., 1, 1] = 250.0, 270.0
     # Raw metric output (for a 300 px focal length) of the same scene 25x (far: sky beyond
@@ -324,6 +326,10 @@ def depth_scene(far: bool, seed: int = 8) -> dict[str, torch.Tensor]:
         "metric_depth": metric,
         "metric_sky": sky,
     }
+
+
+EXACT_ROWS = 250  # 2 x 213 x 210 = 89460 non-sky pixels: the reference's quantiles are exact
+SAMPLED_ROWS = 300  # 2 x 255 x 210 = 107100: the reference samples 100000 of them
 
 
 def reference_nested_alignment(scene: dict[str, torch.Tensor]) -> Dict:
@@ -359,9 +365,8 @@ def test_alignment_helpers_match_reference() -> None:
 
 @pytest.mark.parametrize("far", [False, True], ids=["near", "far-sky-capped"])
 def test_nested_alignment_matches_reference(far: bool) -> None:
-    scene = depth_scene(far)
+    scene = depth_scene(far, rows=EXACT_ROWS)
     inputs = {k: v.clone() for k, v in scene.items()}
-    torch.manual_seed(RNG_SEED)
     expected = reference_nested_alignment(scene)
     got = align_to_metric(**scene)
 
@@ -373,9 +378,27 @@ def test_nested_alignment_matches_reference(far: bool) -> None:
     sky_depth = got.depth[~non_sky_mask(scene["metric_sky"])]
     assert (sky_depth == sky_depth[0]).all()
     assert (sky_depth[0] == 200.0) == far
-    # The sampled quantiles depend on the random draws.
-    torch.manual_seed(RNG_SEED + 1)
-    assert not torch.equal(reference_nested_alignment(scene).depth, got.depth)
+
+
+@pytest.mark.parametrize("seed", [8, 9, 10])
+def test_nested_alignment_over_100k_pixels_is_within_the_references_sampling_error(seed):
+    # The reference estimates the median confidence (which picks the pixels the scale is fitted
+    # on) and the sky's 99th percentile from 100000 random pixels; ours are exact.
+    scene = depth_scene(far=False, seed=seed, rows=SAMPLED_ROWS)
+    torch.manual_seed(seed)
+    expected = reference_nested_alignment(scene)
+    got = align_to_metric(**scene)
+    # Half a percent of the pixels move in or out of the fit: the scale moves by far less.
+    assert got.scale_factor == pytest.approx(expected.scale_factor, rel=1e-3)
+    non_sky = non_sky_mask(scene["metric_sky"])
+    ratio = expected.scale_factor / got.scale_factor
+    assert_close(got.depth[non_sky] * ratio, expected.depth[non_sky])
+    assert_close(got.extrinsics * ratio, expected.extrinsics)
+    sky = expected.depth[~non_sky]
+    assert (sky == sky[0]).all() and (got.depth[~non_sky] == got.depth[~non_sky][0]).all()
+    # Its sky depth: the 99th percentile of a 100000-pixel sample of the scaled non-sky depth.
+    assert_within_sampling_error(sky[0], expected.depth[non_sky], 0.99)
+    assert got.depth[~non_sky][0] == exact_quantile(got.depth[non_sky], 0.99)
 
 
 def test_nested_alignment_without_enough_non_sky_pixels_uses_all() -> None:
@@ -388,27 +411,48 @@ def test_nested_alignment_without_enough_non_sky_pixels_uses_all() -> None:
     assert torch.equal(got.depth_conf, scene["depth_conf"])
 
 
-def test_mono_sky_fill_matches_reference() -> None:
-    scene = depth_scene(far=False)
+@pytest.mark.parametrize("rows", [EXACT_ROWS, SAMPLED_ROWS], ids=["exact", "sampled"])
+def test_mono_sky_fill_matches_reference(rows: int) -> None:
+    scene = depth_scene(far=False, rows=rows)
     depth, sky = scene["metric_depth"], scene["metric_sky"]
     torch.manual_seed(RNG_SEED)
     expected = DepthAnything3Net._process_mono_sky_estimation(None, Dict(depth=depth, sky=sky))
     got = mono_sky_fill(depth, sky)
-    assert_close(got, expected.depth)
-    assert not torch.equal(got, depth)
+    non_sky = non_sky_mask(sky)
+    assert torch.equal(got[non_sky], depth[non_sky])
+    fill = got[~non_sky]
+    assert (fill == fill[0]).all() and fill[0] == exact_quantile(depth[non_sky], 0.99)
+    if rows == EXACT_ROWS:
+        assert_close(got, expected.depth)
+    else:  # the reference's fill: the 99th percentile of 100000 random non-sky pixels
+        assert torch.equal(expected.depth[non_sky], depth[non_sky])
+        assert_within_sampling_error(expected.depth[~non_sky][0], depth[non_sky], 0.99)
     # With (almost) no sky, or no ground, the depth is left as it is.
     assert mono_sky_fill(depth, torch.zeros_like(sky)) is depth
     assert mono_sky_fill(depth, torch.ones_like(sky)) is depth
 
 
-def test_one_generator_reproduces_the_reference_random_stream() -> None:
-    # Nested network with ray pose: rays -> metric branch's sky -> alignment, one random stream.
-    scene = depth_scene(far=True)
+def test_exact_quantile_is_torch_quantile_without_its_size_limit() -> None:
+    gen = torch.Generator().manual_seed(11)
+    for n in (1, 2, 7, 1000):
+        values = torch.randn(n, generator=gen)
+        for q in (0.0, 0.5, 0.99, 1.0):
+            # torch.quantile interpolates in float32: within its rounding
+            torch.testing.assert_close(exact_quantile(values, q), torch.quantile(values, q))
+    many = torch.rand(17_000_000, generator=gen)  # over torch.quantile's limit (2**24)
+    assert exact_quantile(many, 0.5) == pytest.approx(0.5, abs=1e-3)
+
+
+def test_the_nested_chain_with_ray_pose_matches_reference() -> None:
+    # Nested network with ray pose: rays -> metric branch's sky -> alignment. Under 100000
+    # non-sky pixels only ray pose draws random numbers: the reference from the global
+    # generator, ours from a seeded one, the same numbers.
+    scene = depth_scene(far=True, rows=EXACT_ROWS)
     ray, conf, _ = synthetic_ray_map(12, 16, seed=9)
     ray, conf = ray.expand(1, 2, -1, -1, -1), conf.expand(1, 2, -1, -1)
     torch.manual_seed(RNG_SEED)
     ref_pose = DepthAnything3Net._process_ray_pose_estimation(
-        None, Dict(ray=ray.clone(), ray_conf=conf.clone()), 300, 210
+        None, Dict(ray=ray.clone(), ray_conf=conf.clone()), EXACT_ROWS, 210
     )
     ref_metric = DepthAnything3Net._process_mono_sky_estimation(
         None, Dict(depth=scene["metric_depth"].clone(), sky=scene["metric_sky"])
@@ -420,12 +464,11 @@ def test_one_generator_reproduces_the_reference_random_stream() -> None:
     }
     expected = reference_nested_alignment(scene)
 
-    generator = seeded_generator("cpu")
-    extrinsics, intrinsics = pose_from_rays(ray, conf, (300, 210), generator)
-    metric_depth = mono_sky_fill(scene["metric_depth"], scene["metric_sky"], generator)
+    extrinsics, intrinsics = pose_from_rays(ray, conf, (EXACT_ROWS, 210), seeded_generator("cpu"))
+    metric_depth = mono_sky_fill(scene["metric_depth"], scene["metric_sky"])
     assert_close(extrinsics, ref_pose.extrinsics)
     assert_close(metric_depth, ref_metric.depth)
     scene |= {"extrinsics": extrinsics, "intrinsics": intrinsics, "metric_depth": metric_depth}
-    got = align_to_metric(**scene, generator=generator)
+    got = align_to_metric(**scene)
     assert_close(got.depth, expected.depth)
     assert_close(got.extrinsics, expected.extrinsics)

@@ -6,29 +6,25 @@
   metric branch by least squares on confident non-sky pixels, then fills the sky.
 
 Each batch sample is one scene: quantiles, sky fill and the metric scale are taken per sample,
-never across the batch. Large maps are subsampled for quantiles with one generator per sample
-(`rng.per_sample_generators`; default: fresh seeded ones), drawing the same numbers in the same
-order as the reference does from the global generator. Inputs are never modified; results are
+never across the batch. Quantiles are exact, over every pixel of the set (`exact_quantile`),
+where the reference estimates them from 100000 pixels drawn at random: a draw over the non-sky
+pixels changes entirely when one pixel joins or leaves the set, so a float-rounding flip of one
+pixel's sky probability would move the whole sky fill. The exact quantile moves by at most one
+rank. Below 100000 values the two are the same; above, the reference's estimate lies within its
+sampling error of ours (docs/ARCHITECTURE.md, "Parity"). Inputs are never modified; results are
 new tensors. Shapes: B batch, S views, H x W depth map.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-
-from da3_serverless.model.rng import per_sample_generators
-
-Generators = torch.Generator | Sequence[torch.Generator] | None
 
 # The metric model predicts depth for a focal length of this many pixels.
 METRIC_FOCAL_PX = 300.0
 # Sky probability at or above which a pixel counts as sky.
 SKY_THRESHOLD = 0.3
-# Quantiles are taken on at most this many values (torch.quantile has a size limit).
-_QUANTILE_SAMPLES = 100_000
 # Below this many sky or non-sky pixels the sky is left alone.
 _MIN_PIXELS = 10
 # Sky depth of the nested model: the 99th percentile of the rest of the scene, capped (meters).
@@ -91,32 +87,36 @@ def fill_sky(
     return depth, depth_conf
 
 
-def mono_sky_fill(
-    depth: torch.Tensor, sky: torch.Tensor, generator: Generators = None
-) -> torch.Tensor:
+def exact_quantile(values: torch.Tensor, q: float) -> torch.Tensor:
+    """The q-quantile of values (n,), n >= 1, interpolated linearly between the two nearest
+    ranks as `torch.quantile` does, without its size limit (0-dim tensor)."""
+    position = q * (values.numel() - 1)
+    low = int(position)
+    below = values.kthvalue(low + 1).values
+    if low + 1 >= values.numel() or position == low:
+        return below
+    above = values.kthvalue(low + 2).values
+    return torch.lerp(below, above, position - low)
+
+
+def mono_sky_fill(depth: torch.Tensor, sky: torch.Tensor) -> torch.Tensor:
     """Depth (B, S, H, W) of a model with a sky head and its sky map (B, S, H, W) -> depth with
     each sample's sky pixels at the 99th percentile of its other pixels' depth. A sample is
     unchanged when either region has 10 pixels or fewer; `depth` itself comes back when all
-    are. `generator`: one per sample (see `rng.per_sample_generators`)."""
-    generators = per_sample_generators(generator, depth.shape[0], depth.device)
+    are."""
     pieces = [depth[i : i + 1] for i in range(depth.shape[0])]
-    filled = [
-        _mono_sky_fill_sample(piece, sky[i : i + 1], generators[i])
-        for i, piece in enumerate(pieces)
-    ]
+    filled = [_mono_sky_fill_sample(piece, sky[i : i + 1]) for i, piece in enumerate(pieces)]
     if all(new is old for new, old in zip(filled, pieces, strict=True)):
         return depth
     return filled[0] if len(filled) == 1 else torch.cat(filled)
 
 
-def _mono_sky_fill_sample(
-    depth: torch.Tensor, sky: torch.Tensor, generator: torch.Generator
-) -> torch.Tensor:
+def _mono_sky_fill_sample(depth: torch.Tensor, sky: torch.Tensor) -> torch.Tensor:
     """`mono_sky_fill` of one sample (1, S, H, W); returns `depth` itself when unchanged."""
     non_sky = non_sky_mask(sky)
     if non_sky.sum() <= _MIN_PIXELS or (~non_sky).sum() <= _MIN_PIXELS:
         return depth
-    far = torch.quantile(_sample_with_replacement(depth[non_sky], generator), _SKY_QUANTILE)
+    far = exact_quantile(depth[non_sky], _SKY_QUANTILE)
     return fill_sky(depth, non_sky, far)[0]
 
 
@@ -127,13 +127,12 @@ def align_to_metric(
     intrinsics: torch.Tensor,
     metric_depth: torch.Tensor,
     metric_sky: torch.Tensor,
-    generator: Generators = None,
 ) -> MetricAlignment:
     """Nested model: bring the any-view branch to the metric branch's scale, per sample.
 
     depth, depth_conf (B, S, H, W), extrinsics (B, S, 3|4, 4) world-to-camera and pixel
     intrinsics (B, S, 3, 3) of the any-view branch; metric_depth (raw, after `mono_sky_fill`) and
-    metric_sky (B, S, H, W) of the metric branch; `generator`: one per sample.
+    metric_sky (B, S, H, W) of the metric branch.
 
     Each sample is one scene with its own scale. The metric depth is converted with the any-view
     intrinsics; the scale is fitted on non-sky pixels whose confidence is at least the median
@@ -141,7 +140,6 @@ def align_to_metric(
     most 200 m) and confidence 1. With 10 non-sky pixels or fewer (the reference gives up
     there), every pixel is treated as non-sky.
     """
-    generators = per_sample_generators(generator, depth.shape[0], depth.device)
     metric = metric_depth_from_focal(metric_depth, intrinsics)
     samples = [
         _align_sample(
@@ -150,7 +148,6 @@ def align_to_metric(
             extrinsics[i : i + 1],
             metric[i : i + 1],
             metric_sky[i : i + 1],
-            generators[i],
         )
         for i in range(depth.shape[0])
     ]
@@ -170,7 +167,6 @@ def _align_sample(
     extrinsics: torch.Tensor,
     metric: torch.Tensor,
     metric_sky: torch.Tensor,
-    generator: torch.Generator,
 ) -> MetricAlignment:
     """`align_to_metric` of one sample (batch of 1), the metric depth already in meters."""
     non_sky = non_sky_mask(metric_sky)
@@ -178,7 +174,7 @@ def _align_sample(
     if not sky_present:
         non_sky = torch.ones_like(non_sky)
 
-    median_conf = torch.quantile(_sample_without_replacement(depth_conf[non_sky], generator), 0.5)
+    median_conf = exact_quantile(depth_conf[non_sky], 0.5)
     fit = (
         (depth_conf >= median_conf)
         & non_sky
@@ -191,24 +187,6 @@ def _align_sample(
     extrinsics[..., :3, 3] *= scale
 
     if sky_present:
-        far = torch.quantile(_sample_with_replacement(depth[non_sky], generator), _SKY_QUANTILE)
+        far = exact_quantile(depth[non_sky], _SKY_QUANTILE)
         depth, depth_conf = fill_sky(depth, non_sky, far.clamp_max(_MAX_SKY_DEPTH_M), depth_conf)
     return MetricAlignment(depth, depth_conf, extrinsics, scale.reshape(1))
-
-
-def _sample_without_replacement(values: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """values (n,) -> at most `_QUANTILE_SAMPLES` of them, drawn by a random permutation."""
-    if values.numel() <= _QUANTILE_SAMPLES:
-        return values
-    pick = torch.randperm(values.numel(), generator=generator, device=values.device)
-    return values[pick[:_QUANTILE_SAMPLES]]
-
-
-def _sample_with_replacement(values: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """values (n,) -> at most `_QUANTILE_SAMPLES` of them, drawn uniformly with replacement."""
-    if values.numel() <= _QUANTILE_SAMPLES:
-        return values
-    pick = torch.randint(
-        0, values.numel(), (_QUANTILE_SAMPLES,), generator=generator, device=values.device
-    )
-    return values[pick]

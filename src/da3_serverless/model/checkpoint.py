@@ -294,9 +294,17 @@ def write_random_checkpoint(
         net = build_network(preset)
         if preset in GAUSSIAN_RELEASES if gaussians is None else gaussians:
             attach_gaussian_branch(net)
+    fill_random(net, seed, device)
+    _check_materialised(net)
+    return save_network(net, preset, folder)
+
+
+def fill_random(net: nn.Module, seed: int = 0, device: torch.device | str = "cpu") -> nn.Module:
+    """Give every tensor of ``net`` (built, or on the meta device) the seeded stand-in value
+    `write_random_checkpoint` writes, on CPU; ``device`` draws the numbers. For tests of small
+    networks built by hand. Returns ``net``."""
     gen = torch.Generator(device).manual_seed(seed)
     groups = sorted(_groups(net), key=lambda g: _is_gaussian(g.names[0]))  # the head last
     for group in groups:
         group.assign(net, _random_value(group.names[0], group.tensor.shape, gen).cpu())
-    _check_materialised(net)
-    return save_network(net, preset, folder)
+    return net

@@ -231,27 +231,31 @@ class PyramidHeadBase(nn.Module):
         per_view: Sequence[torch.Tensor] = (),
         **kwargs: bool,
     ) -> dict[str, torch.Tensor]:
-        """Flatten the views of `feats` and run `frames` on at most `chunk_size` of them at once.
+        """Flatten the views of `feats` and run `frames` on at most `chunk_size` views of one
+        batch sample at once (None: all its views).
 
         feats: 4 entries whose first item is (B, S, T, dim_in) tokens; `frames(tokens,
         *per_view, (H, W), **kwargs)` maps 4 x (n, T', dim_in) patch tokens (and the same n
         views of each (B, S, ...) tensor of `per_view`, such as the input images) to a dict of
-        (n, ...) tensors. Returns the same dict with leading (B, S). `check` (raises to stop)
-        is called before every chunk; on CPU, where a view at process_res 1008 takes a second
-        or two, chunks are then `CPU_CHECKED_CHUNK` views.
+        (n, ...) tensors. Returns the same dict with leading (B, S). A chunk never mixes batch
+        samples: convolution kernels pick their algorithm (and so their rounding) by batch
+        size, and a sample's maps must not depend on its batch-mates (a sky probability near
+        the threshold would flip). `check` (raises to stop) is called before every chunk; on
+        CPU, where a view at process_res 1008 takes a second or two, chunks are then
+        `CPU_CHECKED_CHUNK` views.
         """
         B, S = feats[0][0].shape[:2]
         dtype = self.projects[0].weight.dtype  # backbone tokens may come in bf16
         tokens = [f[0].flatten(0, 1)[:, patch_start_idx:].to(dtype) for f in feats]
         extras = [v.flatten(0, 1).to(dtype) for v in per_view]
-        n = B * S
-        step = n if chunk_size is None else max(1, min(chunk_size, n))
+        step = S if chunk_size is None else max(1, min(chunk_size, S))
         if check is not None and tokens[0].device.type == "cpu":
             step = min(step, CPU_CHECKED_CHUNK)
+        starts = [(b * S + v, min(step, S - v)) for b in range(B) for v in range(0, S, step)]
         parts = []
-        for i in range(0, n, step):
+        for i, size in starts:
             if check is not None:
                 stop_point(check)
-            chunk = [t[i : i + step] for t in tokens]
-            parts.append(frames(chunk, *[v[i : i + step] for v in extras], (H, W), **kwargs))
+            chunk = [t[i : i + size] for t in tokens]
+            parts.append(frames(chunk, *[v[i : i + size] for v in extras], (H, W), **kwargs))
         return {k: torch.cat([p[k] for p in parts]).unflatten(0, (B, S)) for k in parts[0]}

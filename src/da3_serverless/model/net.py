@@ -159,7 +159,7 @@ class DepthAnything3Net(nn.Module):
                 out.gaussians = self._gaussians(feats, images, out, check)
             if "sky" in head:
                 out.sky = head["sky"]
-                out.depth = mono_sky_fill(out.depth, out.sky, generator)
+                out.depth = mono_sky_fill(out.depth, out.sky)
         return out
 
     def _gaussians(
@@ -213,9 +213,6 @@ class NestedDepthAnything3Net(nn.Module):
         check: Callable[[], None] | None = None,
     ) -> NetOutput:
         """Same arguments as DepthAnything3Net.forward; depth in meters."""
-        generator = per_sample_generators(generator, images.shape[0], images.device)
-        # One generator per sample through both branches and the alignment, in this order, so
-        # each sample's sampling follows a single random stream.
         out = self.da3(
             images,
             extrinsics,
@@ -225,7 +222,7 @@ class NestedDepthAnything3Net(nn.Module):
             gaussians=gaussians,
             check=check,
         )
-        metric = self.da3_metric(images, generator=generator, check=check)
+        metric = self.da3_metric(images, check=check)  # draws nothing: no ray pose
         with torch.autocast(images.device.type, enabled=False):
             aligned = align_to_metric(
                 out.depth,
@@ -234,7 +231,6 @@ class NestedDepthAnything3Net(nn.Module):
                 out.intrinsics,
                 metric.depth,
                 metric.sky,
-                generator=generator,
             )
         gaussians_m = None
         if out.gaussians is not None:  # each sample's Gaussians by its own scale

@@ -1,10 +1,10 @@
-"""Deterministic random sampling for the post-processing steps (ray pose, metric alignment).
+"""Deterministic random sampling for ray pose (RANSAC), the one post-processing step that draws.
 
 The reference implementation samples from torch's global generator. We draw the same numbers in
 the same order from a local generator seeded with `RNG_SEED`, so a forward pass gives the same
-answer every time and never touches (or depends on) the global random state. Steps of one forward
-pass share one generator per batch sample, in the reference's order, to reproduce its single
-random stream; each sample has its own, so a photo's answer does not depend on its batch-mates.
+answer every time and never touches (or depends on) the global random state. Each batch sample
+has its own generator, so a photo's answer does not depend on its batch-mates. (The reference
+also samples for its sky and alignment quantiles; ours are exact: `model/alignment.py`.)
 """
 
 from __future__ import annotations
