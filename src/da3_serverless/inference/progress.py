@@ -1,7 +1,8 @@
 """Counting a forward's transformer blocks as they finish, for a job's progress ("forward block
 k of n"): a forward hook on every `Block` of the network, counting only the calls made in the
 thread that installed them (another request's forward, in another thread, is not counted). A
-compiled network is left alone (a hook would change what `torch.compile` traced)."""
+compiled network, or a callable that is not a module, is left alone (a hook would change what
+`torch.compile` traced)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from da3_serverless.model.layers import Block
 def block_progress(network: nn.Module, report: Callable[[int, int], None]) -> Iterator[None]:
     """While inside, `report(k, n)` after each of the network's `n` blocks finishes (k counts
     up, at most n)."""
-    if hasattr(network, "_orig_mod"):  # compiled
+    if not isinstance(network, nn.Module) or hasattr(network, "_orig_mod"):  # compiled, wrapped
         yield
         return
     blocks = [module for module in network.modules() if isinstance(module, Block)]
