@@ -47,6 +47,7 @@ from da3_serverless.api.cameras import (
 )
 from da3_serverless.api.download import fetch_url, refusal_reason
 from da3_serverless.api.errors import ServiceError
+from da3_serverless.api.images import decode_base64
 from da3_serverless.api.schema import OUTPUT_NAMES, parse_request
 from da3_serverless.config import Settings
 from da3_serverless.inference.prediction import Prediction
@@ -308,6 +309,37 @@ def test_base64_is_capped_by_its_encoded_length() -> None:
     views = {"images": [{"base64": "A" * 6000}]}
     assert "images[0].base64" in refused("image_too_large", parse_request, views, settings)
     assert Settings(max_base64_chars=10).base64_chars_limit == 10
+
+
+# Base64 text of 15 MB: 10 million "AB" pairs (20 MB), or each followed by a line break (30 MB).
+BIG_BASE64 = {"clean": "AB" * 10_000_000, "newlines": "AB\n" * 10_000_000}
+
+
+@pytest.mark.parametrize("kind", sorted(BIG_BASE64))
+def test_decoding_base64_adds_about_one_decoded_copy(kind: str) -> None:
+    text = BIG_BASE64[kind]
+    decoded, peak = traced_peak(decode_base64, text)
+    assert isinstance(decoded, bytes) and len(decoded) == 15_000_000
+    assert decoded[:3] == base64.b64decode("ABAB")
+    # The result with its buffer's growth room (an eighth), and a few 1 MB chunks.
+    assert peak < 1.25 * len(decoded) + 4_000_000
+
+
+@pytest.mark.slow  # 40 MB bodies through a real server, traced
+@pytest.mark.parametrize("kind", sorted(BIG_BASE64))
+def test_a_30_mb_base64_request_costs_at_most_4x_its_body(kind: str, hf_cache, tmp_path) -> None:
+    """Counting the buffered body, the parsed JSON and the decoding (the text is no image:
+    400 once decoded)."""
+    body = json.dumps({"input": {"image_base64": BIG_BASE64[kind]}}).encode()
+    service = Service(offline_settings(hf_cache, tmp_path, warmup=False))
+    headers = {"X-API-Key": TEST_API_KEY, "Content-Type": "application/json"}
+    with app_in_thread(create_app(service.settings, service)) as url:
+        answer, peak = traced_peak(
+            lambda: httpx.post(f"{url}/runsync", content=body, headers=headers, timeout=120)
+        )
+    assert answer.status_code == 400, answer.text
+    assert json.loads(answer.json()["error"])["code"] == "invalid_input"  # RunPod's form
+    assert peak < 4 * len(body), f"{peak / 1e6:.0f} MB for a {len(body) / 1e6:.0f} MB body"
 
 
 # ---- camera numbers -----------------------------------------------------------------------
