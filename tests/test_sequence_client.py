@@ -72,3 +72,23 @@ def test_request_video_command(self_hosted, clip, tmp_path, capsys):
     assert meta["sequence"]["chunk_size"] == 4 and meta["sequence"]["overlap"] == 2
     assert (out / "video.depth_frames.zip").exists()
     assert main(["request", "--video", str(clip), str(clip), "--endpoint", self_hosted]) == 2
+
+
+@pytest.mark.slow
+def test_runpod_sdk_streams_a_sequence_from_the_self_hosted_server(self_hosted, clip, monkeypatch):
+    """runpod-python's `Job.stream()` against the self-hosted `/v2/<id>/stream/<job>`: every
+    chunk summary once, in order, then the final output."""
+    import base64
+
+    import runpod
+
+    monkeypatch.setattr(runpod, "endpoint_url_base", f"{self_hosted}/v2")
+    endpoint = runpod.Endpoint("local", api_key=TEST_API_KEY)
+    request = {"video_base64": base64.b64encode(clip.read_bytes()).decode(),
+               "outputs": ["trajectory"], **FIELDS}  # fmt: skip
+    job = endpoint.run({"input": request})
+    items = list(job.stream())
+    final = items[-1]
+    chunks = final["sequence"]["chunks"]
+    summaries = [item for item in items[:-1] if item.get("stage") == "sequence"]
+    assert summaries == chunks

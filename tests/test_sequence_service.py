@@ -238,3 +238,18 @@ def test_status_shows_the_latest_progress_while_the_job_runs():
     assert job_body(job)["output"] == {"chunk": 1, "frames_done": 6}
     job.status, job.output = COMPLETED, {"sequence": {"frames": 6}}
     assert job_body(job)["output"] == {"sequence": {"frames": 6}}
+
+
+def test_stream_hands_out_each_update_once_then_the_result():
+    from da3_serverless.server.queue import COMPLETED, IN_PROGRESS, Job
+
+    job = Job(id="job-3")
+    job.status = IN_PROGRESS
+    job.info.progress({"chunk": 0})
+    job.info.progress({"chunk": 1})
+    assert job.take_stream() == [{"output": {"chunk": 0}}, {"output": {"chunk": 1}}]
+    assert job.take_stream() == []
+    job.info.progress({"chunk": 2})
+    job.status, job.output, job.size = COMPLETED, {"sequence": {"frames": 6}}, 30
+    assert job.take_stream() == [{"output": {"chunk": 2}}, {"output": {"sequence": {"frames": 6}}}]
+    assert job.take_stream() == []

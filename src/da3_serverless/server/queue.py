@@ -124,6 +124,11 @@ async def _take(slot: asyncio.Semaphore, stop: asyncio.Event | None) -> bool:
     return held
 
 
+# Progress updates a job keeps for /stream, and RunPod's largest stream item.
+MAX_STREAM_BACKLOG = 256
+STREAM_CHUNK_BYTES = 1_000_000
+
+
 @dataclass
 class Job:
     """One job (`/run`, `/runsync` and RunPod's paths): RunPod's status name, times
@@ -146,6 +151,9 @@ class Job:
     info: JobInfo | None = None  # what the service is told about it (JobInfo(id) by default)
     retry: Any = None  # what RunPod's /retry runs again: a FAILED or TIMED_OUT job's request
     progress: dict[str, Any] | None = None  # the latest progress update (a sequence's chunk)
+    # Progress updates not yet fetched from RunPod's /stream (at most MAX_STREAM_BACKLOG).
+    backlog: list[dict[str, Any]] = field(default_factory=list)
+    streamed_output: bool = False  # /stream has sent the final output
 
     def __post_init__(self) -> None:
         if self.info is None:
@@ -155,6 +163,17 @@ class Job:
         """The job's latest progress (from the thread running it); `/status` shows it as the
         output while the job runs, as RunPod does."""
         self.progress = update
+        self.backlog = [*self.backlog[-(MAX_STREAM_BACKLOG - 1) :], update]
+
+    def take_stream(self) -> list[dict[str, Any]]:
+        """RunPod's /stream items since the last call: each progress update once, then the
+        final output once (when it fits RunPod's 1 MB stream chunk)."""
+        items, self.backlog = [{"output": update} for update in self.backlog], []
+        if self.status == COMPLETED and self.output is not None and not self.streamed_output:
+            self.streamed_output = True
+            if self.size <= STREAM_CHUNK_BYTES:
+                items.append({"output": self.output})
+        return items
 
     @property
     def done(self) -> bool:

@@ -150,6 +150,7 @@ def health(state: AppState) -> dict[str, Any]:
 
 def add_runpod_routes(app: FastAPI, state: AppState) -> None:
     job_doc = {200: {"model": RunPodEnvelope}, **RUNPOD_ERRORS}
+    _add_stream_route(app, state, job_doc)
 
     @app.post(f"{PREFIX}/run", summary="RunPod's /run: queue a job", responses=job_doc,
               openapi_extra=runpod_body_doc())  # fmt: skip
@@ -205,3 +206,14 @@ def add_runpod_routes(app: FastAPI, state: AppState) -> None:
         for job in queued:
             job.request_cancel("the queue was purged (POST .../purge-queue)")
         return {"removed": len(queued), "status": "completed"}
+
+
+def _add_stream_route(app: FastAPI, state: AppState, job_doc: dict) -> None:
+    """RunPod's `/stream/<job>`: the job's progress updates since the last call, then its
+    output (`Job.take_stream`), as runpod-python's `Job.stream()` reads them."""
+
+    @app.get(f"{PREFIX}/stream/{{job_id}}", summary="RunPod's /stream: the job's progress "
+             "updates since the last call, then its output", responses=job_doc)  # fmt: skip
+    async def runpod_stream(request: Request, endpoint_id: str, job_id: str) -> JSONResponse:
+        job = find_job(request, state, job_id)
+        return JSONResponse({"id": job.id, "status": job.status, "stream": job.take_stream()})
