@@ -60,7 +60,7 @@ def _decode_png(data: bytes, low: float, high: float) -> np.ndarray:
 def chunked(service, video) -> tuple[dict, list[dict]]:
     """One video request in chunks, and the progress it reported."""
     progress: list[dict] = []
-    outputs = ["trajectory", "depth_frames", "depth_video", "scene_ply"]
+    outputs = ["trajectory", "depth_frames", "depth_video", "preview_video", "scene_ply"]
     request = _request(video, outputs=outputs, max_points=3000)
     response = service.handle(request, job=JobInfo(progress=progress.append))
     return response, progress
@@ -127,6 +127,22 @@ def test_the_depth_video_holds_the_depth_frames_codes_losslessly(chunked):
         png = np.asarray(Image.open(io.BytesIO(archive.read(entry["file"]))))
         np.testing.assert_array_equal(frame.to_ndarray(), png)
         assert frame.time == pytest.approx(entry["timestamp"], abs=1e-3)
+
+
+def test_the_preview_video_is_vp9_in_webm_with_every_frame(chunked):
+    response = chunked[0]
+    assert response["preview_video"]["media_type"] == "video/webm"
+    data = base64.b64decode(response["preview_video"]["base64"])
+    with av.open(io.BytesIO(data)) as container:
+        assert container.format.name == "matroska,webm"
+        stream = container.streams.video[0]
+        assert stream.codec_context.name in ("vp9", "libvpx-vp9")
+        frames = list(container.decode(stream))
+    assert len(frames) == 10
+    assert [round(f.time, 3) for f in frames] == [
+        round(t, 3) for t in response["sequence"]["timestamps"]
+    ]
+    assert (frames[0].width, frames[0].height) == (64, 48)
 
 
 def test_the_scene_cloud_counts_each_frame_once(chunked):

@@ -188,7 +188,7 @@ class SequenceResult:
         folder.mkdir(parents=True, exist_ok=True)
         written = []
         for name, data in self.outputs.items():
-            suffix = ".mkv" if name == "depth_video" else ".zip"
+            suffix = {"depth_video": ".mkv", "preview_video": ".webm"}.get(name, ".zip")
             path = folder / f"{stem}.{name}{suffix}"
             path.write_bytes(data)
             written.append(path)

@@ -35,7 +35,7 @@ OutputName = Literal[
 ]  # fmt: skip
 OUTPUT_NAMES: tuple[str, ...] = OutputName.__args__
 # Outputs of a sequence (a video, or `images` with `sequence`): the only ones it gives.
-SequenceOutputName = Literal["trajectory", "depth_frames", "depth_video"]
+SequenceOutputName = Literal["trajectory", "depth_frames", "depth_video", "preview_video"]
 SEQUENCE_OUTPUTS: tuple[str, ...] = SequenceOutputName.__args__
 AnyOutputName = Literal[OutputName, SequenceOutputName]
 # Outputs of the whole scene: at the top level of the response only, never per view. The fused
@@ -581,5 +581,6 @@ class RunResponse(ViewResult):
     trajectory: OutputFile | None = None
     depth_frames: OutputFile | None = None
     depth_video: OutputFile | None = None
+    preview_video: OutputFile | None = None
     timings_ms: dict[str, float] = Field(default_factory=dict)
     warnings: list[str] = Field(default_factory=list)

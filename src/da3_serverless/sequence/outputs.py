@@ -21,7 +21,7 @@ import av
 import numpy as np
 from trimesh.transformations import quaternion_from_matrix
 
-from da3_serverless.api.encoding import DEPTH_ENCODING, write_png
+from da3_serverless.api.encoding import COLORMAP, DEPTH_ENCODING, write_png
 
 
 @dataclass
@@ -167,6 +167,30 @@ def depth_video_mkv(frames: FrameStore, units: str, target: Path) -> Path:
             frame = av.VideoFrame.from_ndarray(
                 quantize(frames.depth(index), low, high), format="gray16le"
             )
+            frame.pts = previous = max(previous + 1, round(timestamp * 1000))
+            frame.time_base = clock
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode())
+    return target
+
+
+def preview_video_webm(frames: FrameStore, units: str, target: Path) -> Path:
+    """`target`: the frames' depth colourised (near bright, far dark; one colour scale for the
+    whole sequence, from its depth range) as VP9 in WebM, which browsers play; libvpx is
+    BSD-licensed (no x264). Odd sizes lose their last row or column (4:2:0 chroma)."""
+    low, high = frames.depth_range()
+    width, height = frames.size or (0, 0)
+    width, height = max(width - width % 2, 2), max(height - height % 2, 2)
+    clock = Fraction(1, 1000)
+    with av.open(str(target), "w", format="webm") as out:
+        stream = out.add_stream("libvpx-vp9", rate=30)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.time_base = stream.codec_context.time_base = clock
+        previous = -1
+        for index, timestamp in enumerate(frames.timestamps):
+            codes = quantize(frames.depth(index), low, high)[:height, :width]
+            colours = COLORMAP[255 - (codes >> 8).astype(np.uint8)]  # near is bright
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(colours), format="rgb24")
             frame.pts = previous = max(previous + 1, round(timestamp * 1000))
             frame.time_base = clock
             out.mux(stream.encode(frame))

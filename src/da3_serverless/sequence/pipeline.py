@@ -29,6 +29,7 @@ from da3_serverless.sequence.outputs import (
     FrameStore,
     depth_frames_zip,
     depth_video_mkv,
+    preview_video_webm,
     trajectory_zip,
 )
 from da3_serverless.sequence.plan import Chunk, default_overlap, windows
@@ -89,11 +90,12 @@ def run_sequence(context: SequenceContext, request: RunRequest) -> dict:
 
 
 def _check_sizes(request: RunRequest, frames: FrameStore) -> None:
-    """`depth_video` needs frames of one size (photos of a sequence may differ)."""
-    if "depth_video" in request.outputs and len(frames.sizes) > 1:
+    """The videos need frames of one size (photos of a sequence may differ)."""
+    videos = [name for name in ("depth_video", "preview_video") if name in request.outputs]
+    if videos and len(frames.sizes) > 1:
         raise ServiceError(
             "invalid_input",
-            "depth_video needs frames of one size, but the images differ: ask for "
+            f"{', '.join(videos)} need frames of one size, but the images differ: ask for "
             "depth_frames instead, or send images of one size",
         )
 
@@ -241,6 +243,7 @@ WRITERS = {
     "trajectory": (trajectory_zip, ".zip", "application/zip"),
     "depth_frames": (depth_frames_zip, ".zip", "application/zip"),
     "depth_video": (depth_video_mkv, ".mkv", "video/x-matroska"),
+    "preview_video": (preview_video_webm, ".webm", "video/webm"),
 }
 
 
