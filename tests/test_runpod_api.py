@@ -24,7 +24,7 @@ import contract_cases as cases
 from conftest import TEST_API_KEY
 from da3_serverless.client import Client, DA3Error
 from da3_serverless.server import create_app
-from paths import IMAGES
+from paths import IMAGES, REPO
 from servers import app_in_thread, eventually, serve_process
 from test_http_server import KEY, GatedService, failing, req, settings
 
@@ -193,6 +193,44 @@ def test_http_semantics(gated):
     body_key = httpx.post(v2(url, "runsync"), json={"input": {**req("k"), "api_key": KEY}},
                           headers=bearer("wrong"))  # fmt: skip
     assert body_key.json()["status"] == "COMPLETED"
+
+
+@pytest.mark.parametrize(
+    ("query", "names"),
+    [
+        ("wait=abc", "query parameter 'wait' must be an integer"),
+        ("wait=" + "9" * 5000, "query parameter 'wait'"),  # never echoed, however long
+        ("wait=1.5", "query parameter 'wait' must be an integer"),
+    ],
+)
+def test_a_malformed_parameter_gets_a_short_message_in_runpods_form(gated, query, names):
+    _, url = gated
+    answer = httpx.post(f"{v2(url, 'runsync')}?{query}", json={"input": req("a")},
+                        headers=bearer())  # fmt: skip
+    assert answer.status_code == 400
+    body = answer.json()
+    assert set(body) == {"id", "status", "error"} and body["status"] == "FAILED"
+    error = json.loads(body["error"])
+    assert error["code"] == "invalid_input" and names in error["message"]
+    assert len(answer.content) < 400 and "999999" not in error["message"]
+    for leak in ("Traceback", ".py", "line ", "site-packages", "/work", "abc", "1.5"):
+        assert leak not in error["message"], leak
+
+
+def test_a_wrong_method_is_405_with_allow(gated):
+    _, url = gated
+    for method, path, allowed in (
+        ("GET", v2(url, "runsync"), "POST"),
+        ("DELETE", v2(url, "status/x"), "GET, POST"),  # two routes: both methods
+        ("GET", f"{url}/runsync", "POST"),
+    ):
+        answer = httpx.request(method, path, headers=bearer())
+        assert answer.status_code == 405, (method, path)
+        assert answer.headers["Allow"] == allowed
+        error = answer.json()["error"]
+        message = json.loads(error)["message"] if "/v2/" in path else error["message"]
+        assert f"use {allowed}" in message
+    assert "| 405 |" in (REPO / "README.md").read_text()
 
 
 def test_runsync_wait_then_poll(gated):
