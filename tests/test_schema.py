@@ -140,7 +140,8 @@ def test_image_ref_needs_exactly_one_of_url_or_base64() -> None:
         ("conf_percentile", -1, "conf_percentile: input should be greater than or equal to 0"),
         ("conf_percentile", "40", "conf_percentile must be a number"),
         ("max_points", 0, "max_points: input should be greater than or equal to 1"),
-        ("max_points", 1000.0, "max_points must be a whole number"),
+        ("max_points", 1000.5, "max_points must be a whole number"),
+        ("max_points", float("inf"), "max_points must be a whole number"),
         ("keep_sky", 1, "keep_sky must be true or false"),
         ("remove_edges", "true", "remove_edges must be true or false"),
         ("colmap_text", None, "colmap_text must be true or false"),
@@ -151,6 +152,17 @@ def test_strict_types_and_bounds(field: str, value: object, expected: str) -> No
     if field == "images":
         del payload["image_url"]
     assert expected in invalid(payload)
+
+
+def test_integer_fields_take_whole_numbers_written_with_a_fraction() -> None:
+    # JSON Schema's "integer" admits 56.0; so does the server (as the integer 56).
+    fields = {"process_res": 56.0, "max_points": 1e3, "max_frames": 3.0, "chunk_size": 4.0,
+              "overlap": 1.0}  # fmt: skip
+    payload = {"video_url": "https://example.com/a.mp4", "outputs": ["trajectory"], **fields}
+    request = parse_request(payload)
+    for field, value in fields.items():
+        got = getattr(request, field)
+        assert got == value and type(got) is int, field
 
 
 def test_every_bad_field_is_reported_at_once() -> None:

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import difflib
 import math
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     FiniteFloat,
@@ -73,6 +74,18 @@ def _check_shape(matrix: Matrix, shapes: tuple[tuple[int, int], ...], what: str)
 _STRICT = ConfigDict(extra="forbid", strict=True)
 
 
+def _integral(value: object) -> object:
+    """A whole JSON number written with a fraction (56.0) as the integer it is: JSON Schema's
+    `integer` admits it. Anything else is left for strict validation (56.5 and "56" fail)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+# An integer field: strict, but a whole number written as 56.0 counts.
+WholeNumber = Annotated[int, BeforeValidator(_integral)]
+
+
 class ImageRef(BaseModel):
     """One view of the scene: exactly one of `url` (http/https) or `base64` (raw or data URI)."""
 
@@ -104,15 +117,15 @@ class RunRequest(BaseModel):
     video_base64: str | None = None
     sequence: bool = False
     fps: FiniteFloat | None = Field(default=None, gt=0, le=240)
-    max_frames: int | None = Field(default=None, ge=1)
+    max_frames: WholeNumber | None = Field(default=None, ge=1)
     start_s: FiniteFloat = Field(default=0.0, ge=0)
     end_s: FiniteFloat | None = Field(default=None, gt=0)
-    chunk_size: int | None = Field(default=None, ge=2)
-    overlap: int | None = Field(default=None, ge=1)
+    chunk_size: WholeNumber | None = Field(default=None, ge=2)
+    overlap: WholeNumber | None = Field(default=None, ge=1)
     model_id: str | None = None
     output_metric: bool = True
     use_ray_pose: bool = False
-    process_res: int = Field(default=504, ge=MIN_PROCESS_RES)
+    process_res: WholeNumber = Field(default=504, ge=MIN_PROCESS_RES)
     # One number for every view, or a list with one per view; pixels of the input image.
     focal_length_px: FiniteFloat | list[FiniteFloat] | None = None
     # One 3x3 per view, or one 3x3 (bare or in a list) for every view; pixel units.
@@ -123,7 +136,7 @@ class RunRequest(BaseModel):
     return_base64: bool = True
     # Scene outputs (scene_ply, scene_glb, colmap, gaussians_ply); ignored without them.
     conf_percentile: FiniteFloat = Field(default=DEFAULT_CONF_PERCENTILE, ge=0, le=100)
-    max_points: int = Field(default=DEFAULT_MAX_POINTS, ge=1)
+    max_points: WholeNumber = Field(default=DEFAULT_MAX_POINTS, ge=1)
     keep_sky: bool = False
     remove_edges: bool = True
     colmap_text: bool = False
