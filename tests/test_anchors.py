@@ -229,6 +229,9 @@ def test_the_service_brings_a_relative_answer_to_the_anchors_metres(service):
         moved = np.asarray(after["extrinsics"])[:, 3]
         np.testing.assert_allclose(moved, 2.5 * np.asarray(before["extrinsics"])[:, 3], atol=1e-5)
     assert "anchors" in anchored["timings_ms"]
+    assert plain["scale"] == {"source": "none"}
+    assert anchored["scale"] == {"source": "anchors", "anchors_scale": anchored["anchors"]["scale"],
+                                 "before_anchors": {"source": "none"}}  # fmt: skip
 
 
 def test_the_service_refuses_bad_anchors_before_the_model_runs(service):

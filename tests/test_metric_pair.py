@@ -84,6 +84,8 @@ def test_the_pair_equals_the_nested_alignment_of_its_two_networks(pair, small_sn
     torch.testing.assert_close(joined.sky, metres.sky)
     prediction = pair.predict(PHOTOS, process_res=RES)
     assert prediction.is_metric and prediction.units == "m" and prediction.sky is not None
+    assert prediction.scale["source"] == "model"
+    assert abs(prediction.scale["nested_scale"] / float(oracle.scale) - 1) < TOLERANCE
 
 
 def test_a_pair_refuses_snapshots_of_other_networks(small_snapshot):

@@ -109,6 +109,7 @@ def test_pose_conditioned_input_returns_the_given_cameras(small):
     assert np.isfinite(prediction.depth).all() and (prediction.depth > 0).all()
     # The depth is in the poses' units, which the service cannot know to be meters.
     assert prediction.units == "pose_units" and not prediction.is_metric
+    assert prediction.scale["source"] == "poses" and prediction.scale["pose_scale"] > 0
 
 
 def test_normalised_extrinsics_match_the_reference(small_reference):
@@ -159,6 +160,11 @@ def test_metric_large_scales_by_focal_over_300(metric_large, tmp_path):
     intrinsics = np.array([[1208.0, 0, 604], [0, 1208.0, 340], [0, 0, 1]])
     by_intrinsics = metric_large.predict(PHOTOS[0], process_res=RES, intrinsics=intrinsics)
     np.testing.assert_allclose(by_intrinsics.depth, metric.depth, rtol=1e-5)
+    expected = {"source": "focal_length", "focal_length_px": [1208.0],
+                "focal_from": "focal_length_px", "canonical_focal_px": 300.0}  # fmt: skip
+    assert metric.scale == expected
+    assert by_intrinsics.scale["focal_from"] == "intrinsics"
+    assert relative.scale == {"source": "none"}
     photo = Image.open(PHOTOS[0]).convert("RGB")
     exif = photo.getexif()
     exif.get_ifd(0x8769)[0xA405] = 28  # 28 mm equivalent, over the 43.27 mm diagonal
@@ -166,6 +172,7 @@ def test_metric_large_scales_by_focal_over_300(metric_large, tmp_path):
     photo.save(path, exif=exif, quality=95)
     by_exif = metric_large.predict(path, process_res=RES)
     assert by_exif.is_metric
+    assert by_exif.scale["focal_from"] == "exif"
     focal_exif = 28 * math.hypot(1208, 680) / math.hypot(36, 24)
     focal_exif_net = focal_exif * (net_width / 1208 + net_height / 680) / 2
     ratio = by_exif.depth / metric_large.predict(path, process_res=RES, metric=False).depth

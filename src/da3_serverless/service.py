@@ -161,7 +161,7 @@ class Service:
         if repo_id in loaded:
             return "available"
         try:
-            self.locator.resolve(repo_id, download=False)
+            self.locator.resolve_all(repo_id, download=False)  # a pair: both on disk
         except ModelNotFoundError:
             return "unavailable" if self.locator.offline else "downloadable"
         return "available"
@@ -300,6 +300,7 @@ class Service:
             )
             if fit is not None:
                 response["anchors"] = fit
+            response["scale"] = _scale_report(prediction.scale, fit)
             check_finite(response)
         except BaseException:
             self.store.discard(saved)
@@ -632,6 +633,15 @@ def _forward_progress(predictor: Predictor, intakes: list[_Intake]) -> Iterator[
 
     with block_progress(predictor.network, report):
         yield
+
+
+def _scale_report(scale: dict | None, fit: dict | None) -> dict:
+    """Where the answer's scale came from: the prediction's own source (model, focal length,
+    poses or none), or the anchors' fit with the source it replaced."""
+    report = dict(scale or {"source": "none"})
+    if fit is not None and fit["fitted"]:
+        return {"source": "anchors", "anchors_scale": fit["scale"], "before_anchors": report}
+    return report
 
 
 def _cancelled(reason: str) -> ServiceError:

@@ -586,6 +586,12 @@ class RunResponse(ViewResult):
     anchors: AnchorFit | None = Field(
         default=None, description="with anchors in the request: the fit applied to the answer"
     )
+    scale: dict[str, Any] | None = Field(
+        default=None,
+        description="where the depth's scale came from: `source` model (with `nested_scale`), "
+        "focal_length (`focal_length_px` per view, `focal_from`, `canonical_focal_px`), poses "
+        "(`pose_scale`), anchors (`anchors_scale`, `before_anchors`) or none",
+    )
     sequence: dict[str, Any] | None = Field(
         default=None,
         description="a sequence's summary: frames, chunk_size, overlap, timestamps, and per "

@@ -49,6 +49,11 @@ class Prediction:
         view's camera (OpenCV: x right, y down, z forward), or the given extrinsics' frame.
     gaussians: 3D Gaussians (`Gaussians`) when asked for (`predict(..., gaussians=True)`), else
         None.
+    scale: where the depth's scale came from (`source`: "model" for the nested model and the
+        metric pairs, with `nested_scale`, the factor from the any-view network to metres;
+        "focal_length" for DA3METRIC-LARGE, with the `focal_length_px` per view, `focal_from`
+        ("focal_length_px", "intrinsics" or "exif") and `canonical_focal_px` 300; "poses" with
+        given extrinsics, with `pose_scale`; "none" for relative depth).
     Pixel (row i, column j) has its centre at (j + 0.5, i + 0.5) in the intrinsics' coordinates.
     """
 
@@ -60,6 +65,7 @@ class Prediction:
     is_metric: bool
     units: str  # "m", "relative" or "pose_units"
     gaussians: Gaussians | None = None
+    scale: dict | None = None
 
     def __len__(self) -> int:
         return self.depth.shape[0]

@@ -85,6 +85,7 @@ class PreparedInput:
     use_ray_pose: bool
     metric: bool
     gaussians: bool = False
+    focal_from: str | None = None  # where focal_px came from: focal_length_px, intrinsics, exif
 
 
 @dataclass
@@ -411,11 +412,11 @@ class Predictor:
         width, height = processing_size(*sizes[0], process_res)
         scales = np.array([[width / w, height / h] for w, h in sizes])  # input px -> network px
         batch = to_network_input(scene.views, (width, height)).to(self.device)
-        focal_px = (
-            self._metric_focals(scene.exif_focals, focal_length_px, scene.intrinsics)
-            if metric
-            else None
-        )
+        focal_px = focal_from = None
+        if metric:
+            focal_px, focal_from = self._metric_focals(
+                scene.exif_focals, focal_length_px, scene.intrinsics
+            )
         # Known cameras condition the network only as a pair; intrinsics alone serve the
         # metric focal length and the returned camera.
         net_extrinsics = net_intrinsics = None
@@ -424,7 +425,7 @@ class Predictor:
             net_intrinsics = _rescale(scene.intrinsics, scales)
         return PreparedInput(
             scene, sizes, batch, scales, focal_px, net_extrinsics, net_intrinsics, use_ray_pose,
-            metric,
+            metric, focal_from=focal_from,
         )  # fmt: skip
 
     def _finish(self, prepared: PreparedInput, output: NetOutput, sample: int) -> Prediction:
@@ -433,8 +434,11 @@ class Predictor:
         depth = self._metric_depth(output.depth[sample].float(), prepared)
         extrinsics = _numpy(output.extrinsics, sample)
         given = prepared.scene
+        pose_scale = None
         if given.extrinsics is not None:
-            depth, extrinsics = _align_to_given_poses(depth, extrinsics, given.extrinsics)
+            depth, extrinsics, pose_scale = _align_to_given_poses(
+                depth, extrinsics, given.extrinsics
+            )
         elif extrinsics is not None:  # world frame: the first view's camera (§7)
             extrinsics = relative_to_first_view(extrinsics)
         if given.intrinsics is not None:
@@ -461,6 +465,7 @@ class Predictor:
             is_metric=units == "m",
             units=units,
             gaussians=_gaussians(output, sample, extrinsics, given.extrinsics is not None),
+            scale=_scale_source(prepared, output, sample, units, pose_scale),
         )
 
     def _metric_depth(self, depth: torch.Tensor, prepared: PreparedInput) -> torch.Tensor:
@@ -479,17 +484,21 @@ class Predictor:
             raise ValueError("images is empty: give at least one image (PIL, array or path)")
         return [load_rgb(image, index) for index, image in enumerate(images)]
 
-    def _metric_focals(self, exif_focals, focal_length_px, intrinsics) -> np.ndarray | None:
-        """Per-view focal length in input pixels for DA3METRIC-LARGE, else None."""
+    def _metric_focals(self, exif_focals, focal_length_px, intrinsics) -> tuple:
+        """Per-view focal length in input pixels for DA3METRIC-LARGE and where it came from
+        ("focal_length_px", "intrinsics" or "exif"), else (None, None)."""
         if not self.needs_focal:
-            return None
+            return None, None
         count = len(exif_focals)
         if focal_length_px is not None:
             values = np.broadcast_to(np.asarray(focal_length_px, dtype=np.float64), (count,))
+            source = "focal_length_px"
         elif intrinsics is not None:
             values = (intrinsics[:, 0, 0] + intrinsics[:, 1, 1]) / 2
+            source = "intrinsics"
         else:
             values = np.array([np.nan if f is None else f for f in exif_focals])
+            source = "exif"
         if not (np.isfinite(values) & (values > 0)).all():
             raise ValueError(
                 f"{self.model_id} needs the camera's focal length to give meters: pass "
@@ -498,7 +507,7 @@ class Predictor:
                 "(depth-anything/DA3NESTED-GIANT-LARGE-1.1), or ask for relative depth "
                 "(output_metric false; metric=False in Python)"
             )
-        return values
+        return values, source
 
     def _forward(
         self, prepared: PreparedInput, check: Callable[[], None] | None = None
@@ -593,11 +602,31 @@ def _rescale(intrinsics: np.ndarray, scales: np.ndarray) -> np.ndarray:
 
 def _align_to_given_poses(
     depth: torch.Tensor, predicted: np.ndarray, given: np.ndarray
-) -> tuple[torch.Tensor, np.ndarray]:
+) -> tuple[torch.Tensor, np.ndarray, float]:
     """Known poses fix the scale: the depth in their units (Umeyama scale between the
-    predicted and the given camera centres) and the given poses as (N, 3, 4) float32."""
+    predicted and the given camera centres), the given poses as (N, 3, 4) float32 and the
+    factor applied to the depth."""
     scale = umeyama_scale(camera_centers(predicted), camera_centers(given[:, :3]))
-    return depth / scale, given[:, :3].astype(np.float32)
+    return depth / scale, given[:, :3].astype(np.float32), 1.0 / float(scale)
+
+
+def _scale_source(
+    prepared: PreparedInput, output: NetOutput, sample: int, units: str, pose_scale
+) -> dict:
+    """Where a prediction's scale came from (`Prediction.scale`)."""
+    if units == "pose_units":
+        return {"source": "poses", "pose_scale": pose_scale}
+    if units != "m":
+        return {"source": "none"}
+    if prepared.focal_px is not None:
+        return {
+            "source": "focal_length",
+            "focal_length_px": [float(f) for f in prepared.focal_px],
+            "focal_from": prepared.focal_from,
+            "canonical_focal_px": CANONICAL_FOCAL_PX,
+        }
+    scale = output.metric_scale
+    return {"source": "model", "nested_scale": None if scale is None else float(scale[sample])}
 
 
 def _gaussians(

@@ -34,7 +34,8 @@ class NetOutput:
     depth (B, N, H, W); confidence (B, N, H, W) or None; sky probability (B, N, H, W) or None;
     extrinsics (B, N, 3, 4) world-to-camera or None; intrinsics (B, N, 3, 3) in pixels or None;
     is_metric: depth is in meters; gaussians: (B, N, H, W, ...) 3D Gaussians in the frame and
-    units of depth and extrinsics, when asked for.
+    units of depth and extrinsics, when asked for; metric_scale (B,): the nested model's scale
+    from its any-view branch to metres, per sample (None for the other networks).
     """
 
     depth: torch.Tensor
@@ -44,6 +45,7 @@ class NetOutput:
     intrinsics: torch.Tensor | None = None
     is_metric: bool = False
     gaussians: GaussianMaps | None = None
+    metric_scale: torch.Tensor | None = None
 
 
 def check_inputs(
@@ -243,4 +245,5 @@ class NestedDepthAnything3Net(nn.Module):
             intrinsics=out.intrinsics,
             is_metric=True,
             gaussians=gaussians_m,
+            metric_scale=aligned.scale,
         )
