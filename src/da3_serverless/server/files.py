@@ -31,7 +31,8 @@ def deliver(state: AppState, base_url: str, output: dict[str, Any]) -> dict[str,
     base = state.settings.public_url or base_url
     base = base if base.endswith("/") else f"{base}/"
     hint = "; each has a download link (url) from this server"
-    output["warnings"] = [w.replace(BUCKET_HINT, hint) for w in output.get("warnings", [])]
+    if "warnings" in output:  # an answer without the field stays without it
+        output["warnings"] = [w.replace(BUCKET_HINT, hint) for w in output["warnings"]]
     return add_links(output, state.links, base, state.service.settings.output_dir)
 
 
