@@ -190,10 +190,12 @@ def small(small_snapshot) -> Predictor:
     return Predictor.from_pretrained(small_snapshot, device="cpu")
 
 
+@pytest.mark.slow  # over 30 s on two busy cores
 def test_small_batch_of_8_equals_one_by_one(small, photos):
     batch_against_one_by_one(small, photos)
 
 
+@pytest.mark.slow  # over 30 s on two busy cores
 def test_small_batch_of_8_with_ray_pose_equals_one_by_one(small, photos):
     batch_against_one_by_one(small, photos, use_ray_pose=True)
 
@@ -212,6 +214,7 @@ def test_nested_batch_of_8_equals_one_by_one(photos, tmp_path_factory):
     batch_against_one_by_one(Predictor.from_pretrained(folder, device="cpu"), photos)
 
 
+@pytest.mark.slow  # over 30 s on two busy cores
 def test_what_cannot_share_a_forward_runs_alone(small, photos):
     two_views = PredictRequest([photos[0], photos[1]], process_res=RES)
     posed = PredictRequest(
@@ -326,6 +329,7 @@ def gs_small(tmp_path_factory) -> Predictor:
     )
 
 
+@pytest.mark.slow  # over 30 s on two busy cores
 def test_gaussians_batch_apart_from_depth_only_and_equal_one_by_one(gs_small, photos):
     requests = [PredictRequest(photo, process_res=RES, gaussians=True) for photo in photos[:3]]
     requests.append(PredictRequest(photos[3], process_res=RES))  # another forward flag

@@ -49,7 +49,8 @@ PRESET_CASES = {
     "da3nested-giant-large": ["two_views", "ray_pose", "known_cameras"],
 }
 SLOW_PRESETS = {"da3-giant", "da3nested-giant-large"}
-LARGE_PRESETS = {"da3-large", "da3mono-large", "da3metric-large"}  # left out of test-fast
+# Left out of test-fast (marked `large`): every preset above da3-small.
+LARGE_PRESETS = {"da3-base", "da3-large", "da3mono-large", "da3metric-large"}
 FIELDS = ("depth", "confidence", "sky", "extrinsics", "intrinsics")
 GAUSSIAN_FIELDS = ("means", "scales", "rotations", "opacities", "harmonics")
 
