@@ -18,6 +18,7 @@ import time
 from typing import Any
 
 import httpx
+import jsonschema
 import numpy as np
 import pytest
 
@@ -149,6 +150,40 @@ def test_health_ready_models_openapi(gated):
     assert docs.status_code == 200 and "/static/vendor/swagger-ui/" in docs.text
     assert "cdn" not in docs.text  # works offline
     assert httpx.get(f"{url}/static/vendor/swagger-ui/swagger-ui-bundle.js").status_code == 200
+
+
+def test_the_published_document_says_what_the_server_does(gated):
+    _, url = gated
+    doc = httpx.get(f"{url}/openapi.json").json()
+    operations = [op for ops in doc["paths"].values() for op in ops.values()]
+    assert not any("422" in op["responses"] for op in operations)  # refusals are 400
+    assert doc["components"]["securitySchemes"] == {
+        "bearerAuth": {"type": "http", "scheme": "bearer"},
+        "apiKeyHeader": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+    }
+    for op in operations:  # a route that may answer 401 takes either key form
+        assert ("security" in op) == ("401" in op["responses"]), op["summary"]
+    # Requests the server takes and refuses, judged by the published schema.
+    schemas = doc["components"]["schemas"]
+    registry = {"components": {"schemas": schemas}}
+    validator = jsonschema.Draft202012Validator({**schemas["RunRequest"], **registry})
+    k = [[500.0, 0, 320], [0, 500, 240], [0, 0, 1]]
+    accepted = [
+        {"image_url": "https://x.test/a.png", "process_res": 56},
+        {"images": [{"url": "https://x.test/a.png"}, {"base64": "AAAA"}], "intrinsics": k},
+        {"images": [{"url": "https://x.test/a.png"}], "intrinsics": [k], "image_url": None},
+    ]
+    refused = [
+        {},
+        {"image_url": "https://x.test/a.png", "image_base64": "AAAA"},
+        {"images": [{"url": "https://x.test/a.png", "base64": "AAAA"}]},
+    ]
+    for payload in accepted:
+        assert validator.is_valid(payload), payload
+    for payload in refused:
+        assert not validator.is_valid(payload), payload
+        answer = post(url, payload)
+        assert answer.status_code == 400 and answer.json()["error"]["code"] == "invalid_input"
 
 
 def test_bare_and_runpod_forms(gated):

@@ -113,8 +113,45 @@ def runpod_body_doc() -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
+# The request's image sources: exactly one is given (and not null).
+IMAGE_SOURCES = ("image_url", "image_base64", "images", "video_url", "video_base64")
+# How a key is sent: `Authorization: Bearer <key>` or `X-API-Key: <key>`.
+SECURITY_SCHEMES = {
+    "bearerAuth": {"type": "http", "scheme": "bearer"},
+    "apiKeyHeader": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+}
+
+
+def _exactly_one(names: tuple[str, ...]) -> list[dict[str, Any]]:
+    """`oneOf` branches: each names one field as present and not null."""
+    return [{"required": [name], "properties": {name: {"not": {"type": "null"}}}} for name in names]
+
+
+def _describe_what_the_server_does(doc: dict[str, Any]) -> None:
+    """What FastAPI cannot infer: no 422 is ever sent (validation errors are 400), the routes
+    that answer 401 take a key, a request has exactly one image source, and one 3x3
+    `intrinsics` matrix may stand for every view."""
+    components = doc["components"]
+    for operations in doc["paths"].values():
+        for operation in operations.values():
+            responses = operation.get("responses", {})
+            responses.pop("422", None)
+            if "401" in responses:
+                operation["security"] = [{name: []} for name in SECURITY_SCHEMES]
+    for name in ("HTTPValidationError", "ValidationError"):
+        components["schemas"].pop(name, None)
+    components["securitySchemes"] = SECURITY_SCHEMES
+    schemas = components["schemas"]
+    schemas["RunRequest"]["oneOf"] = _exactly_one(IMAGE_SOURCES)
+    schemas["ImageRef"]["oneOf"] = _exactly_one(("url", "base64"))
+    intrinsics = schemas["RunRequest"]["properties"]["intrinsics"]
+    matrix = {"type": "array", "items": {"type": "array", "items": {"type": "number"}}}
+    intrinsics["anyOf"] = [matrix, *intrinsics.get("anyOf", [])]
+
+
 def openapi_document(app: FastAPI) -> dict[str, Any]:
-    """FastAPI's document plus the request models that the hand-read bodies use."""
+    """FastAPI's document plus the request models that the hand-read bodies use, and what the
+    server does beyond them (`_describe_what_the_server_does`)."""
     if app.openapi_schema is None:
         doc = get_openapi(
             title=app.title, version=app.version, summary=app.summary, routes=app.routes
@@ -124,5 +161,6 @@ def openapi_document(app: FastAPI) -> dict[str, Any]:
             schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
             components.update(schema.pop("$defs", {}))
             components[model.__name__] = schema
+        _describe_what_the_server_does(doc)
         app.openapi_schema = doc
     return app.openapi_schema
