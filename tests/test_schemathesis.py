@@ -2,8 +2,9 @@
 `/openapi.json` (valid and invalid ones) and checks that none makes it answer 500, and that every
 answer matches the status codes, content types and schemas the document declares.
 
-Runs in-process (ASGI) against the real service with a random-weight da3-small, keyless so the
-generated requests reach validation.
+Runs in-process (ASGI) against the real service with a random-weight da3-small and an API key,
+which every generated request carries (so it reaches validation); schemathesis's own auth
+check sends some without it and expects 401, as the document's securitySchemes say.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from schemathesis import GenerationMode
 from schemathesis.config import SchemathesisConfig
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
+from conftest import TEST_API_KEY
 from da3_serverless.config import Settings
 from da3_serverless.server import create_app
 from da3_serverless.service import Service
@@ -26,8 +28,17 @@ EXAMPLES = 25  # per operation and mode
 # Invalid data must be rejected with a 4xx. 413 counts: the server refuses bodies nested too
 # deeply or too rich in JSON structure before parsing them (a generated invalid body can be
 # either).
+# Either key form of the document's securitySchemes, which schemathesis fills in.
 CONFIG = SchemathesisConfig.from_dict(
-    {"checks": {"negative_data_rejection": {"expected-statuses": [400, 401, 404, 413]}}}
+    {
+        "checks": {"negative_data_rejection": {"expected-statuses": [400, 401, 404, 413]}},
+        "auth": {
+            "openapi": {
+                "bearerAuth": {"bearer": TEST_API_KEY},
+                "apiKeyHeader": {"api_key": TEST_API_KEY},
+            }
+        },
+    }
 )
 
 
@@ -35,8 +46,8 @@ CONFIG = SchemathesisConfig.from_dict(
 def app(hf_cache, tmp_path_factory):
     config = Settings(
         model_id="depth-anything/DA3-SMALL", hf_home=hf_cache, hf_hub_offline=True,
-        workspace=tmp_path_factory.mktemp("workspace"), device="cpu", api_key=None,
-        allow_unauthenticated=True, warmup=False, max_process_res=140, download_timeout_s=1.0,
+        workspace=tmp_path_factory.mktemp("workspace"), device="cpu", api_key=TEST_API_KEY,
+        warmup=False, max_process_res=140, download_timeout_s=1.0,
         max_body_bytes=2_000_000,
     )  # fmt: skip
     service = Service(config)
