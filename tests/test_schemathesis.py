@@ -21,8 +21,10 @@ from da3_serverless.config import Settings
 from da3_serverless.server import create_app
 from da3_serverless.service import Service
 
-# Schema-valid is not service-valid (random base64 is no image; exactly one source...), so
-# "valid data must be accepted" does not hold here; every other default check does.
+# Schema-valid is not service-valid: random base64 is no image, a generated URL cannot be
+# fetched, a random 3x3 is no camera, a random `outputs` list may ask what da3-small cannot
+# give. So "valid data must be accepted" does not hold here; every other check does (the
+# document's one-image-source rule, key schemes and status codes included).
 EXCLUDED = [positive_data_acceptance]
 EXAMPLES = 25  # per operation and mode
 # Invalid data must be rejected with a 4xx. 413 counts: the server refuses bodies nested too
