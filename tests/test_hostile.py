@@ -526,16 +526,6 @@ def test_intrinsics_within_the_rules_pass_as_exact_pinholes(case) -> None:
 
 
 @pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    moto_server = pytest.importorskip("moto.server")
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def bucket_service(hf_cache, s3_endpoint, tmp_path_factory) -> Iterator[tuple[Service, object]]:
     """A real service (random da3-small) that uploads outputs to a bucket on moto's S3."""
     import boto3

@@ -13,7 +13,6 @@ import base64
 import concurrent.futures
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -39,16 +38,6 @@ def service(hf_cache, tmp_path_factory) -> Service:
     service = Service(settings)
     service.start()
     return service
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    moto_server = pytest.importorskip("moto.server")
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
 
 
 def photo() -> str:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -196,16 +195,6 @@ def test_upload_without_bucket(store: OutputStore) -> None:
     assert not store.has_bucket
     with pytest.raises(StorageError, match="BUCKET_ENDPOINT_URL"):
         store.upload(b"x", "depth.png", "image/png")
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    moto_server = pytest.importorskip("moto.server")
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
 
 
 def bucket_settings(endpoint: str, tmp_path: Path, bucket: str, secret: str = "secret") -> Settings:
