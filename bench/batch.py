@@ -117,6 +117,7 @@ def overhead(url: str, photo_folder: Path, photos: list[Path], res: int, rounds:
         "loop_ms_per_request": round(loop_s / len(photos) * 1000, 2),
         "map_c1_ms_per_request": round(map_s / len(photos) * 1000, 2),
         "overhead_ms_per_request": round((map_s - loop_s) / len(photos) * 1000, 2),
+        "rounds_s": {"loop": [round(t, 3) for t in loops], "map": [round(t, 3) for t in maps]},
     }
 
 
