@@ -23,7 +23,9 @@ from da3_serverless.api.video import Sampling, iter_frames, open_video
 from da3_serverless.inference.cancel import CancelToken
 from da3_serverless.sequence.plan import plan_chunks
 from da3_serverless.service import Service
+from js_tools import read_glb_in_node
 from paths import IMAGES
+from test_scene import check_colmap, read_colmap, read_glb, read_ply
 from videos import constant_rate, make_video
 
 PROCESS_RES = 56
@@ -60,7 +62,10 @@ def _decode_png(data: bytes, low: float, high: float) -> np.ndarray:
 def chunked(service, video) -> tuple[dict, list[dict]]:
     """One video request in chunks, and the progress it reported."""
     progress: list[dict] = []
-    outputs = ["trajectory", "depth_frames", "depth_video", "preview_video", "scene_ply"]
+    outputs = [
+        "trajectory", "depth_frames", "depth_video", "preview_video", "scene_ply", "scene_glb",
+        "colmap",
+    ]  # fmt: skip
     request = _request(video, outputs=outputs, max_points=3000)
     response = service.handle(request, job=JobInfo(progress=progress.append))
     return response, progress
@@ -158,6 +163,57 @@ def test_the_scene_cloud_counts_each_frame_once(chunked):
     pixels = 10 * 64 * 48  # every owned frame's pixels, once
     assert sum(scene["removed"].values()) + scene["points"] == pixels
     assert np.isfinite(cloud.vertices).all()
+
+
+def _cameras(response: dict) -> tuple[np.ndarray, np.ndarray]:
+    """The frames' intrinsics and world-to-camera extrinsics, from the trajectory's JSON."""
+    frames = json.loads(_zip(response["trajectory"]).read("cameras.json"))["frames"]
+    return (
+        np.array([f["intrinsics"] for f in frames]),
+        np.array([f["extrinsics"] for f in frames]),
+    )
+
+
+def test_the_scene_glb_has_a_camera_per_frame(chunked, tmp_path):
+    """Khronos' validator finds no error in the sequence's GLB; three.js builds one camera per
+    owned frame (10), each with that frame's intrinsics and size; the cloud is scene_ply's."""
+    response = chunked[0]
+    data = base64.b64decode(response["scene_glb"]["base64"])
+    read = read_glb_in_node(data, tmp_path)
+    assert read["validator"]["errors"] == 0, read["validator"]["messages"]
+    intrinsics, _ = _cameras(response)
+    cameras = read["cameras"]
+    assert [c["name"] for c in cameras] == [f"view_{i:03d}" for i in range(10)]
+    for index, camera in enumerate(cameras):
+        extras = camera["extras"]
+        assert (extras["view"], extras["width"], extras["height"]) == (index, 64, 48)
+        np.testing.assert_allclose(extras["intrinsics"], intrinsics[index], atol=1e-9)
+    cloud, frustums = read_glb(data)
+    ply = read_ply(base64.b64decode(response["scene_ply"]["base64"]))
+    assert len(frustums) == 10
+    np.testing.assert_allclose(cloud.vertices, np.c_[ply["x"], -ply["y"], -ply["z"]], atol=1e-6)
+
+
+def test_the_colmap_model_has_an_image_per_frame(chunked, tmp_path):
+    """pycolmap reads the sequence's model: one PINHOLE camera and image per owned frame with
+    the trajectory's cameras and poses, scene_ply's points, each on its own pixel; the images
+    are the frames' RGB (each point's colour is its pixel's in its image)."""
+    response = chunked[0]
+    reconstruction = read_colmap(base64.b64decode(response["colmap"]["base64"]), tmp_path)
+    intrinsics, extrinsics = _cameras(response)
+    count = response["scene"]["points"]
+    points = check_colmap(reconstruction, intrinsics, extrinsics, [(64, 48)] * 10, count)
+    images = [np.asarray(Image.open(tmp_path / "images" / f"view_{i:03d}.png")) for i in range(10)]
+    assert all(image.shape == (48, 64, 3) for image in images)
+    view, row, col = points["view"], points["row"], points["col"]
+    colours = np.stack([images[v][r, c] for v, r, c in zip(view, row, col, strict=True)])
+    np.testing.assert_array_equal(colours, points["rgb"])
+    ply = read_ply(base64.b64decode(response["scene_ply"]["base64"]))
+    np.testing.assert_allclose(
+        np.sort(points["xyz"], axis=0),
+        np.sort(np.c_[ply["x"], ply["y"], ply["z"]], axis=0),
+        atol=1e-5,
+    )
 
 
 @pytest.mark.slow

@@ -22,13 +22,16 @@ import numpy as np
 from trimesh.transformations import quaternion_from_matrix
 
 from da3_serverless.api.encoding import COLORMAP, DEPTH_ENCODING, write_png
+from da3_serverless.inference.prediction import Prediction
 
 
 @dataclass
 class FrameStore:
     """The aligned frames of one sequence: depth files under `folder` (removed by `close`),
-    timestamps, intrinsics and world-to-camera extrinsics in memory, and the running depth
-    range over every finite value."""
+    with `keep_images` each frame's RGB input too (uint8 .npy, for COLMAP's images: the
+    cheapest copy to write and read back, encoded once when the zip is written), timestamps,
+    intrinsics and world-to-camera extrinsics in memory, and the running depth range over
+    every finite value."""
 
     folder: Path
     timestamps: list[float] = field(default_factory=list)
@@ -38,14 +41,19 @@ class FrameStore:
     max_depth: float = -math.inf
     size: tuple[int, int] | None = None  # (width, height) of the last frame
     sizes: set[tuple[int, int]] = field(default_factory=set)
-    scene: Any = None  # the scene collector when scene_ply is asked (sequence/scene.py)
+    scene: Any = None  # the scene collector when a scene file is asked (sequence/scene.py)
+    keep_images: bool = False
+    shapes: list[tuple[int, int]] = field(default_factory=list)  # each frame's (height, width)
 
     @staticmethod
     def create(parent: Path) -> FrameStore:
         parent.mkdir(parents=True, exist_ok=True)
         return FrameStore(Path(tempfile.mkdtemp(prefix="sequence-", dir=parent)))
 
-    def add(self, timestamp: float, depth: np.ndarray, intrinsics, extrinsics) -> None:
+    def add(self, timestamp: float, depth: np.ndarray, intrinsics, extrinsics, image=None) -> None:
+        """One frame; `image` (its upright RGB input) is saved with `keep_images`."""
+        if self.keep_images:
+            np.save(self._path(len(self.timestamps), "image"), np.asarray(image, np.uint8))
         np.save(self._path(len(self.timestamps)), np.asarray(depth, np.float32))
         finite = depth[np.isfinite(depth)]
         if finite.size:
@@ -53,12 +61,28 @@ class FrameStore:
             self.max_depth = max(self.max_depth, float(finite.max()))
         self.size = (depth.shape[1], depth.shape[0])
         self.sizes.add(self.size)
+        self.shapes.append(depth.shape)
         self.timestamps.append(float(timestamp))
         self.intrinsics.append(np.asarray(intrinsics, np.float64))
         self.extrinsics.append(np.asarray(extrinsics, np.float64))
 
     def depth(self, index: int) -> np.ndarray:
         return np.load(self._path(index))
+
+    def image(self, index: int) -> np.ndarray:
+        return np.load(self._path(index, "image"))
+
+    def cameras(self, units: str) -> Prediction:
+        """Every frame's camera as a `Prediction` for the scene exports, which read of the
+        depth only each frame's size: its depth is one zero-stride NaN placeholder per frame
+        (no memory per pixel), its intrinsics and extrinsics the frames' own."""
+        depth = np.empty(len(self), dtype=object)
+        for index, shape in enumerate(self.shapes):
+            depth[index] = np.broadcast_to(np.float32(np.nan), shape)
+        return Prediction(
+            depth, None, None, np.stack(self.intrinsics), np.stack(self.extrinsics),
+            is_metric=False, units=units,
+        )  # fmt: skip
 
     def __len__(self) -> int:
         return len(self.timestamps)
@@ -71,8 +95,8 @@ class FrameStore:
     def close(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
 
-    def _path(self, index: int) -> Path:
-        return self.folder / f"depth-{index:06d}.npy"
+    def _path(self, index: int, kind: str = "depth") -> Path:
+        return self.folder / f"{kind}-{index:06d}.npy"
 
 
 def quantize(depth: np.ndarray, low: float, high: float) -> np.ndarray:

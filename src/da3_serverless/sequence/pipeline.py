@@ -16,9 +16,9 @@ from pathlib import Path
 from da3_serverless.api.budget import Budget, estimate_cost
 from da3_serverless.api.errors import ServiceError
 from da3_serverless.api.job import JobInfo
-from da3_serverless.api.outputs import Artifact
+from da3_serverless.api.outputs import EXTRAS, Artifact
 from da3_serverless.api.placement import place_outputs
-from da3_serverless.api.schema import SCHEMA_VERSION, RunRequest
+from da3_serverless.api.schema import SCENE_OUTPUTS, SCHEMA_VERSION, RunRequest
 from da3_serverless.api.storage import OutputStore, Saved
 from da3_serverless.config import Settings
 from da3_serverless.inference.cancel import CancelToken
@@ -132,8 +132,9 @@ def _run_chunks(context, request, predictor, source, frames, chunking):
     Returns (chunk summaries, is_metric, units)."""
     size, overlap = chunking
     assembler = Assembler(overlap)
-    if "scene_ply" in request.outputs:
+    if any(name in SCENE_OUTPUTS for name in request.outputs):
         frames.scene = SceneCollector(request, source.planned)
+    frames.keep_images = "colmap" in request.outputs
     summaries: list[dict] = []
     is_metric, units = False, "relative"
     started = time.perf_counter()
@@ -144,10 +145,11 @@ def _run_chunks(context, request, predictor, source, frames, chunking):
         aligned = assembler.add(chunk, prediction)
         aligning = time.perf_counter() - aligning
         timestamps = [f.timestamp for f in items[chunk.overlap :]]
-        _write(frames, aligned, timestamps)
+        owned = [f.image for f in items[chunk.overlap :]]
+        _write(frames, aligned, timestamps, owned)
         if frames.scene is not None:
             sky = None if prediction.sky is None else prediction.sky[chunk.overlap :]
-            frames.scene.add(aligned, sky, [f.image for f in items[chunk.overlap :]])
+            frames.scene.add(aligned, sky, owned)
         is_metric, units = prediction.is_metric, prediction.units
         summary = _summary(aligned, len(frames), source.planned, time.perf_counter() - started)
         summary["align_ms"] = round(aligning * 1000, 3)
@@ -184,12 +186,13 @@ def _predict(
     return prediction
 
 
-def _write(frames: FrameStore, aligned: AlignedChunk, timestamps: list[float]) -> None:
+def _write(frames: FrameStore, aligned: AlignedChunk, timestamps: list[float], images) -> None:
     outputs = aligned.outputs
     for offset, timestamp in enumerate(timestamps):
         frames.add(
-            timestamp, outputs.depth[offset], outputs.intrinsics[offset], outputs.extrinsics[offset]
-        )
+            timestamp, outputs.depth[offset], outputs.intrinsics[offset],
+            outputs.extrinsics[offset], images[offset],
+        )  # fmt: skip
 
 
 def _summary(aligned: AlignedChunk, done: int, planned: int, elapsed: float) -> dict:
@@ -216,8 +219,10 @@ def _respond(context: SequenceContext, request: RunRequest, frames: FrameStore, 
     artifacts = [_artifact(name, frames, units) for name in request.outputs if name in WRITERS]
     scene = None
     if frames.scene is not None:
-        data, scene = frames.scene.ply(units)
-        artifacts.append(Artifact(None, "scene_ply", data, ".ply", "application/octet-stream"))
+        scene = frames.scene.summary()
+        for name in (name for name in request.outputs if name in SCENE_OUTPUTS):
+            data = frames.scene.write(name, frames, units)
+            artifacts.append(Artifact(None, name, data, *EXTRAS[name]))
     saved: list[Saved] = []
     warnings: list[str] = []
     try:

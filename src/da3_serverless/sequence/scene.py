@@ -1,31 +1,42 @@
-"""A sequence's scene cloud (`scene_ply`): each chunk's OWNED frames (overlap frames counted
-once, so chunk seams do not double a surface), already in the first chunk's frame, fused with
-the scene filters of `exports/points.py` as the chunk comes, each chunk thinned to its share
-of `max_points`; only the kept points stay in memory (bounded by `max_points`, not by the
-sequence's length)."""
+"""A sequence's scene files (`scene_ply`, `scene_glb`, `colmap`): each chunk's OWNED frames
+(overlap frames counted once, so chunk seams do not double a surface), already in the first
+chunk's frame, fused with the scene filters of `exports/points.py` as the chunk comes, each
+chunk thinned to its share of `max_points`; only the kept points stay in memory (bounded by
+`max_points`, not by the sequence's length). The files are the single-request exports
+(`exports/ply.py`, `exports/glb.py`, `exports/colmap.py`) of those points and of every frame's
+camera (`FrameStore.cameras`); COLMAP's images are the frames' RGB, kept on disk by the
+`FrameStore` (`keep_images`). A point's COLMAP track is its own pixel only: chunks are fused
+apart, so no merged pixels of other frames are tracked."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 
 from da3_serverless.api.schema import RunRequest
+from da3_serverless.exports.colmap import colmap_zip
+from da3_serverless.exports.glb import scene_glb
 from da3_serverless.exports.ply import scene_ply
 from da3_serverless.exports.points import FILTERS, SceneOptions, ScenePoints, fuse
 from da3_serverless.inference.prediction import Prediction
 from da3_serverless.sequence.assemble import AlignedChunk
+from da3_serverless.sequence.outputs import FrameStore
 
 
 class SceneCollector:
-    """Collects the owned frames' points chunk by chunk; `ply` writes them."""
+    """Collects the owned frames' points chunk by chunk; `write` gives each scene file."""
 
     def __init__(self, request: RunRequest, planned_frames: int):
         self.max_points = request.max_points
         self.planned = max(planned_frames, 1)
         self.options = SceneOptions(
-            request.conf_percentile, request.max_points, request.keep_sky, request.remove_edges
-        )
+            request.conf_percentile, request.max_points, request.keep_sky, request.remove_edges,
+            request.colmap_text, request.colmap_images,
+        )  # fmt: skip
         self.parts: list[ScenePoints] = []
         self.removed = dict.fromkeys(FILTERS, 0)
+        self._points: ScenePoints | None = None
 
     def add(self, aligned: AlignedChunk, sky: np.ndarray | None, images: list) -> None:
         """The chunk's owned frames (`images`: their upright RGB inputs)."""
@@ -45,6 +56,12 @@ class SceneCollector:
         self.parts.append(points)
 
     def points(self) -> ScenePoints:
+        """Every chunk's points, at most `max_points` (computed once)."""
+        if self._points is None:
+            self._points = self._merge()
+        return self._points
+
+    def _merge(self) -> ScenePoints:
         columns = ("xyz", "rgb", "confidence", "view", "row", "col")
         merged = {
             name: np.concatenate([getattr(part, name) for part in self.parts]) for name in columns
@@ -56,7 +73,35 @@ class SceneCollector:
             self.removed["voxel"] += extra
         return ScenePoints(**merged, removed=dict(self.removed))
 
-    def ply(self, units: str) -> tuple[bytes, dict]:
-        """The PLY and the response's `scene` summary."""
+    def write(self, name: str, frames: FrameStore, units: str) -> bytes:
+        """The file `name` ("scene_ply", "scene_glb" or "colmap") of the points and every
+        frame of `frames`; "colmap" needs the store's images (`keep_images`)."""
         points = self.points()
-        return scene_ply(points, units), points.summary()
+        if name == "scene_ply":
+            return scene_ply(points, units)
+        cameras = frames.cameras(units)
+        if name == "scene_glb":
+            return scene_glb(points, cameras)
+        images = FrameImages(frames)
+        return colmap_zip(
+            points, cameras, images, self.options.colmap_text, self.options.colmap_images
+        )
+
+    def summary(self) -> dict:
+        """The response's `scene` object."""
+        return self.points().summary()
+
+
+class FrameImages(Sequence):
+    """The RGB of every frame of a store, read from disk one at a time."""
+
+    def __init__(self, frames: FrameStore):
+        self.frames = frames
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    def __getitem__(self, index):
+        if not 0 <= index < len(self.frames):
+            raise IndexError(index)
+        return self.frames.image(index)
