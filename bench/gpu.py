@@ -11,12 +11,15 @@ load time through the real loading path (`Predictor.from_pretrained`, bf16 weigh
 page cache warm: the file is read once before timing), `predict` latency at process_res 504
 for 1, 4 and 16 views, a batch of 8 unrelated photos with batching on (one forward, batch
 dimension 8) and off (8 forwards), peak GPU memory and whether allocated memory returns to its
-post-load value after each request, bf16 against fp32 (depth relative error p99 / max, fp32
-load and latency), the reference's default path (its autocast wrapper, fp32 weights) on the
-same batches, and, for one preset and one shape, the compiled path's speed-up. Every
-measurement is one JSON line in DIR/rows.jsonl, flushed as it is taken (a run cut short still
-reports); at the end a Markdown table (with the torch version) goes to stdout and
-DIR/table.md. Past `--budget-s` the remaining measurements are skipped, and say so.
+post-load value after each request, a short synthetic video through the sequence path's
+device part (frames/s: overlapping chunks through `predict` and the chunk alignment, without
+video decoding or output files, which `bench/sequence.py` measures on CPU), bf16 against
+fp32 (depth relative error p99 / max, fp32 load and latency), the reference's default path (its
+autocast wrapper, fp32 weights) on the same batches, and, for one preset and one shape, the
+compiled path's speed-up. Every measurement is one JSON line in DIR/rows.jsonl, flushed as it
+is taken (a run cut short still reports); at the end a Markdown table (with the torch
+version) goes to stdout and DIR/table.md. Past `--budget-s` the remaining measurements are
+skipped, and say so.
 
 Imports only what the network, the predictor and the reference need (no pydantic, FastAPI or
 runpod): on a machine without a registry, `scripts/gpu_wheels.sh` brings the reference's
@@ -45,6 +48,8 @@ sys.path.insert(0, str(REPO / "tests"))  # the reference oracle helper lives wit
 from da3_serverless.inference.predictor import Predictor, PredictRequest  # noqa: E402
 from da3_serverless.model.alignment import SKY_THRESHOLD  # noqa: E402
 from da3_serverless.model.checkpoint import write_random_checkpoint  # noqa: E402
+from da3_serverless.sequence.assemble import Assembler  # noqa: E402
+from da3_serverless.sequence.plan import windows  # noqa: E402
 from reference import load_reference  # noqa: E402
 
 IMAGES = REPO / "tests" / "data" / "images"
@@ -67,6 +72,8 @@ class Plan:
     views: tuple[int, ...] = (1, 4, 16)
     batch: int = 8
     runs: int = 3
+    sequence_frames: int = 32  # frames of the synthetic pan, in chunks overlapping by half
+    sequence_chunk: int = 16
     compile_preset: str | None = "da3-large"
     budget_s: float = 225.0
     snapshots: Path = REPO / "artifacts" / "bench-snapshots"
@@ -180,6 +187,18 @@ def unrelated_photos(count: int) -> list[Image.Image]:
     changes = [lambda im: im, ImageOps.mirror, ImageOps.flip, lambda im: im.rotate(180)]
     photos = [Image.open(path).convert("RGB") for path in PHOTOS]
     return [changes[(i // 2) % 4](photos[i % 2]) for i in range(count)]
+
+
+def pan_frames(count: int) -> list[Image.Image]:
+    """`count` frames of a synthetic pan: a window of 3/4 of the first photo's width sliding
+    across it from left to right."""
+    photo = Image.open(PHOTOS[0]).convert("RGB")
+    width, height = photo.size
+    window = width * 3 // 4
+    step = (width - window) / max(count - 1, 1)
+    return [
+        photo.crop((round(i * step), 0, round(i * step) + window, height)) for i in range(count)
+    ]
 
 
 def snapshot(plan: Plan, preset: str, rows: Rows) -> Path:
@@ -303,6 +322,36 @@ def measure_batching(
     )
 
 
+def sequence_chunks(predictor: Predictor, frames: list[Image.Image], plan: Plan) -> int:
+    """The device part of `sequence/pipeline.py`: `frames` in chunks of `plan.sequence_chunk`
+    overlapping by half (`sequence/plan.windows`), each through `predict` and aligned to the
+    one before (`Assembler`); returns the frames owned (each frame once)."""
+    overlap = plan.sequence_chunk // 2
+    assembler = Assembler(overlap)
+    owned = 0
+    for chunk, items in windows(frames, plan.sequence_chunk, overlap):
+        prediction = predictor.predict(
+            items, process_res=plan.process_res, focal_length_px=FOCAL_PX
+        )
+        owned += len(assembler.add(chunk, prediction).outputs.depth)
+    return owned
+
+
+def measure_sequence(
+    plan: Plan, predictor: Predictor, post_load: int | None, preset: str, rows: Rows
+) -> None:
+    """Frames per second of the synthetic pan through `sequence_chunks` (one warm-up run)."""
+    frames = pan_frames(plan.sequence_frames)
+    shape = f"{len(frames)} frames, chunks of {plan.sequence_chunk} @ {plan.process_res}"
+    if rows.over_budget(preset, "sequence"):
+        return
+    owned: list[int] = []
+    run = lambda: owned.append(sequence_chunks(predictor, frames, plan))  # noqa: E731
+    fields = measured(run, plan, post_load, runs=1)
+    per_s = round(owned[-1] / fields["seconds"], 3)
+    rows.add(preset, "sequence", shape=shape, frames=owned[-1], frames_per_s=per_s, **fields)
+
+
 def relative_error(low: np.ndarray, reference: np.ndarray) -> dict:
     """Depth relative error |low - reference| / |reference| per pixel: p99 and max."""
     relative = np.abs(low - reference) / np.maximum(np.abs(reference), 1e-12)
@@ -419,6 +468,7 @@ def measure_preset(plan: Plan, preset: str, rows: Rows) -> None:
     post_load = allocated(plan.device)
     forwards = measure_views(plan, predictor, post_load, preset, rows)
     measure_batching(plan, predictor, post_load, preset, rows)
+    measure_sequence(plan, predictor, post_load, preset, rows)
     measure_fp32(plan, folder, predictor, preset, rows)
     free(plan.device)  # the fp32 copy
     measure_reference(plan, folder, predictor, forwards, preset, rows)
@@ -446,6 +496,8 @@ def describe(row: dict) -> str:
         return f"{_ms(row['seconds'])}; weights {_gib(row['weight_bytes'])}"
     if measure.startswith("batching"):
         return f"{_ms(row['seconds'])}; {row['photos_per_s']} photos/s"
+    if measure == "sequence":
+        return f"{_ms(row['seconds'])}; {row['frames_per_s']} frames/s"
     if measure == "bf16 vs fp32":
         text = f"p99 {row['error_p99']:.2%}, max {row['error_max']:.2%}"
         if "sky_flipped_fraction" in row:
@@ -542,6 +594,8 @@ def parse(argv: list[str] | None) -> tuple[Plan, Path]:
             views=(1, 2),
             batch=2,
             runs=1,
+            sequence_frames=6,
+            sequence_chunk=4,
             budget_s=600.0,
         )
     # Compiling takes minutes on a CPU: the quick run leaves it out unless asked.

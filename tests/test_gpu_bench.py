@@ -60,6 +60,9 @@ def test_quick_cpu_run_measures_everything_and_reports(tmp_path):
     for name in ("batching on", "batching off"):
         (row,) = measures[name]
         assert row["photos"] == 2 and row["photos_per_s"] > 0
+    (sequence,) = measures["sequence"]  # 6 frames in chunks of 4: 2 chunks, each frame once
+    assert sequence["frames"] == 6 and sequence["frames_per_s"] > 0
+    assert "frames/s" in done.stdout
     (error,) = measures["bf16 vs fp32"]
     assert 0 < error["error_p99"] < BF16_DEPTH_REL_P99 and error["error_max"] < BF16_DEPTH_REL_MAX
     references = measures["reference forward"]
