@@ -248,6 +248,21 @@ def test_photos_as_a_sequence_past_max_views(service):
     assert len(response["sequence"]["chunks"]) == len(plan_chunks(6, 3, 1))
 
 
+def test_photos_of_another_size_in_a_sequence_are_refused_leaving_nothing(service):
+    photo = (IMAGES / "soh-000.png").read_bytes()
+    buffer = io.BytesIO()
+    Image.open(IMAGES / "soh-010.png").resize((604, 340)).save(buffer, format="PNG")
+    images = [{"base64": base64.b64encode(data).decode()}
+              for data in (photo, photo, photo, buffer.getvalue())]  # fmt: skip
+    with pytest.raises(ServiceError, match=r"images\[3\] is 604x340 .* first frame is 1208x680"):
+        service.handle({
+            "api_key": TEST_API_KEY, "images": images, "process_res": PROCESS_RES,
+            "sequence": True, "chunk_size": 2, "overlap": 1, "output_metric": False,
+            "outputs": ["trajectory"],
+        })  # fmt: skip
+    assert not list((service.settings.workspace_dir / "sequences").iterdir())
+
+
 def test_cancel_after_a_chunk_leaves_no_file(service, video):
     token = CancelToken()
     workspace = service.settings.workspace_dir

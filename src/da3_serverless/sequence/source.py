@@ -70,9 +70,18 @@ def _image_source(request: RunRequest, settings: Settings, cancel: CancelToken) 
     count = min(len(refs), request.max_frames or len(refs))
 
     def frames() -> Iterator[Frame]:
+        size = None
         for index in range(count):
             opened = first if index == 0 else _open(request, index, settings, cancel)
             image = decode_opened(opened, settings).image
+            size = size or image.size
+            if image.size != size:  # chunks are aligned frame to frame at one size
+                raise ServiceError(
+                    "invalid_input",
+                    f"images[{index}] is {image.size[0]}x{image.size[1]} (upright) but the "
+                    f"sequence's first frame is {size[0]}x{size[1]}: a sequence's frames share "
+                    "one size, so resize them to one size or send them as a video",
+                )
             yield Frame(image, index / request.fps if request.fps else float(index))
 
     return FrameSource(first.width, first.height, count, frames())
