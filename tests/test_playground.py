@@ -8,6 +8,9 @@ every returned output as a download whose bytes are exactly what the API returns
 request. Also: the models marked as /models reports them, the key kept over a reload, a
 cancelled request, and errors and warnings as a browser user should read them.
 
+A tiny synthetic video goes in as a sequence job (/run, /status polled): the page shows each
+chunk's progress, then plays the preview_video and draws the trajectory's camera centres.
+
 Needs a Chromium: Debian's (`apt-get install -y chromium`, which the Makefile runs) or the
 Chrome/Chromium a CI image already has. Without one the test skips locally and fails under
 CI=true. Never `playwright install`: it downloads browsers.
@@ -27,9 +30,10 @@ import pytest
 from PIL import Image
 
 from conftest import TEST_API_KEY
-from da3_serverless.client import SCENE_FILES, parse_response
+from da3_serverless.client import SCENE_FILES, SequenceResult, parse_response
 from paths import IMAGES, REPO
 from servers import serve_process
+from videos import constant_rate, make_video
 
 CHROMIUM = next(
     (Path(found) for name in ("chromium", "chromium-browser", "google-chrome")
@@ -363,3 +367,103 @@ def check_orbit(page) -> None:
     page.mouse.up()
     page.wait_for_timeout(300)  # let the animation loop draw the rotated view
     assert cloud.screenshot() != before  # it orbits
+
+
+@pytest.mark.slow
+def test_playground_video(server, tmp_path):
+    """A 2 s pan at 10 fps, sampled at 5 fps (10 frames) in chunks of 3 overlapping by 1: the
+    page shows every chunk summary it polled while the job ran, then the finished sequence;
+    the WebM preview plays in the video element; the line in the three.js scene runs through
+    the camera centres the API returns for the same request (its TUM file, in three.js's
+    axes)."""
+    chromium = chromium_or_skip()
+    from playwright.sync_api import sync_playwright
+
+    clip = tmp_path / "pan.mp4"
+    clip.write_bytes(make_video(constant_rate(2.0, 10)))
+    polled: list[dict] = []
+    errors: list[str] = []
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(chromium), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1400})
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            page.on("response", lambda r: "/status/" in r.url and polled.append(r.json()))
+            page.goto(server)
+            page.wait_for_selector(
+                "#model option[value='depth-anything/DA3-SMALL']", state="attached"
+            )
+            page.fill("#api-key", TEST_API_KEY)
+            page.fill("#process-res", "56")
+            page.fill("#max-points", "2000")
+            page.fill("#fps", "5")
+            page.fill("#chunk-size", "3")
+            page.set_input_files("#file", str(clip))
+            page.wait_for_function(
+                "document.getElementById('status').textContent.includes('video')"
+            )
+            page.click("#run")
+            page.wait_for_selector("body[data-state=done], body[data-state=error]", timeout=120_000)
+            assert page.get_attribute("body", "data-state") == "done", page.text_content("#status")
+            request, response, shown = page.evaluate(
+                "[__playground.request, __playground.response, __playground.progress]"
+            )
+            check_video_progress(polled, shown, response)
+            chunks = len(response["sequence"]["chunks"])
+            assert page.text_content("#status").startswith(
+                f"depth-anything/DA3-SMALL: 10 frames in {chunks} chunk(s)"
+            )
+            check_trajectory(page, server, request)
+            # The WebM preview decodes in the browser: its frames' size is the depth's.
+            page.wait_for_function("document.getElementById('preview-video').videoWidth > 0")
+            size = page.evaluate(
+                "[...['videoWidth', 'videoHeight']].map(k => "
+                "document.getElementById('preview-video')[k])"
+            )
+            assert size == [response["width"] - response["width"] % 2,
+                            response["height"] - response["height"] % 2]  # fmt: skip
+            files = page.eval_on_selector_all(
+                "#downloads li", "items => items.map(i => i.dataset.file)"
+            )
+            assert sorted(files) == [
+                "da3.preview_video.webm",
+                "da3.scene.ply",
+                "da3.trajectory.zip",
+            ]
+            page.screenshot(path=str(tmp_path / "video.png"), full_page=True)
+            ARTIFACTS.mkdir(exist_ok=True)
+            shutil.copy(tmp_path / "video.png", ARTIFACTS / "playground-video.png")
+        finally:
+            browser.close()
+    assert errors == []
+
+
+def check_video_progress(polled: list[dict], shown: list[str], response: dict) -> None:
+    """Each chunk summary polled while the job ran was shown, in order, and is one of the
+    response's chunks; the last poll is the finished job."""
+    assert polled and polled[-1]["status"] == "COMPLETED"
+    running = [
+        body["output"] for body in polled if body["status"] == "IN_PROGRESS" and "output" in body
+    ]
+    expected = list(dict.fromkeys(
+        f"{s['frames_done']} of at most {s['frames_planned']} frames done (chunk {s['chunk']})…"
+        for s in running
+    ))  # fmt: skip
+    assert shown == expected
+    chunks = response["sequence"]["chunks"]
+    assert all(summary["chunk"] < len(chunks) for summary in running)
+    assert [c["frames_done"] for c in chunks][-1] == response["sequence"]["frames"] == 10
+
+
+def check_trajectory(page, server: str, request: dict) -> None:
+    """The line through the camera centres is the API's trajectory for the same request, in
+    three.js's axes: diag(1, -1, -1) of the TUM file's tx ty tz."""
+    body = httpx.post(f"{server}/runsync", json=request, headers={"X-API-Key": TEST_API_KEY},
+                      timeout=300)  # fmt: skip
+    assert body.status_code == 200, body.text
+    centres = SequenceResult(body.json()).trajectory()[:, 1:4]
+    drawn = np.array(page.evaluate("window.__trajectoryPoints"), np.float64)
+    np.testing.assert_allclose(drawn, centres * [1, -1, -1], rtol=0, atol=1e-5)
+    assert page.get_attribute("#cloud", "data-cameras") == "10"
+    assert page.get_attribute("#cloud", "data-objects") == "2"  # the line and the points
+    assert int(page.get_attribute("#cloud", "data-points")) > 100

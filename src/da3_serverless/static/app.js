@@ -3,8 +3,11 @@
 // (the returned scene_glb, loaded by three.js's GLTFLoader: points and one frustum per camera),
 // and a download for every returned output. The API key stays in its input field and this tab's
 // sessionStorage (gone when the tab closes) and goes out as the X-API-Key header; a running
-// request can be cancelled (the server cancels a job whose client went away). `window.__playground` holds the last request, response and scene
-// (for tests and the curious).
+// request can be cancelled (the server cancels a job whose client went away). A video goes as a
+// sequence job through POST /run, its progress polled on GET /status (frames done, chunk); then
+// its preview_video plays and its camera trajectory (the trajectory zip's TUM poses) is drawn
+// as a line beside the scene_ply points. `window.__playground` holds the last request, response
+// and scene, `window.__trajectoryPoints` the trajectory line's vertices in the 3D scene (for tests and the curious).
 import * as THREE from "three";
 import { OrbitControls } from "three/addons/controls/OrbitControls.js";
 import { GLTFLoader } from "three/addons/loaders/GLTFLoader.js";
@@ -22,6 +25,14 @@ const VIEW_FILES = {
 const SCENE_FILES = {
   scene_ply: "scene.ply", scene_glb: "glb", colmap: "colmap.zip", gaussians_ply: "gaussians.ply",
 };
+// A sequence's outputs -> "da3.<suffix>", as the Python client's `VideoResult.save_all` names them.
+const SEQUENCE_FILES = {
+  trajectory: "trajectory.zip", depth_frames: "depth_frames.zip", depth_video: "depth_video.mkv",
+  preview_video: "preview_video.webm",
+};
+// What a video asks for: the camera path, the depth to play, the scene's points.
+const VIDEO_OUTPUTS = ["trajectory", "preview_video", "scene_ply"];
+const POLL_MS = 250; // between two GET /status of a running video job
 // Optional outputs offered as downloads: [name, label, what the model needs (see /models)]; the
 // whole scene's first, as the request asks for them.
 const EXTRAS = [
@@ -51,6 +62,9 @@ const NEEDS = {
 const state = {
   models: new Map(), // model_id -> its /models row
   photos: [], // {name, dataUri}
+  video: null, // {name, dataUri} of a chosen video (then no photos)
+  job: null, // the id of the video job in flight
+  progress: [], // every progress line shown while the last video job ran
   request: null, // the last request body sent
   response: null, // its response
   views: [], // per view of the response: its fields
@@ -152,9 +166,12 @@ function readFile(file) {
 }
 
 async function choosePhotos(files) {
+  const video = [...files].find((file) => file.type.startsWith("video/"));
+  if (video) return chooseVideo(video);
   const images = [...files].filter((file) => file.type.startsWith("image/") || file.type === "");
   if (!images.length) return;
   state.photos = await Promise.all(images.map(readFile));
+  state.video = null;
   state.response = null;
   state.views = [];
   state.depths = [];
@@ -165,6 +182,19 @@ async function choosePhotos(files) {
   const kib = Math.round(images.reduce((sum, file) => sum + file.size, 0) / 1024);
   const what = images.length === 1 ? images[0].name : `${images.length} views of one scene`;
   setStatus(`${what} (${kib} KiB) ready`);
+}
+
+async function chooseVideo(file) {
+  state.video = await readFile(file);
+  state.photos = [];
+  state.response = null;
+  state.views = [];
+  state.depths = [];
+  renderThumbnails();
+  selectView(0);
+  clearResult();
+  $("run").disabled = false;
+  setStatus(`${file.name} (${Math.round(file.size / 1024)} KiB) ready: a video, sent as a sequence`);
 }
 
 function renderThumbnails() {
@@ -215,12 +245,17 @@ function buildRequest() {
   };
 }
 
-async function run(event) {
-  event.preventDefault();
-  if (!state.photos.length) return;
-  const body = buildRequest();
+function keyHeaders() {
   const headers = { "Content-Type": "application/json" };
   if ($("api-key").value) headers["X-API-Key"] = $("api-key").value;
+  return headers;
+}
+
+async function run(event) {
+  event.preventDefault();
+  if (!state.photos.length && !state.video) return;
+  const body = state.video ? buildVideoRequest() : buildRequest();
+  const headers = keyHeaders();
   document.body.dataset.state = "running";
   $("run").disabled = true;
   $("cancel").hidden = false;
@@ -228,12 +263,16 @@ async function run(event) {
   state.running = new AbortController();
   try {
     state.request = body;
-    const response = await fetch("/runsync", {
-      method: "POST", headers, body: JSON.stringify(body), signal: state.running.signal,
-    });
-    const result = await response.json();
-    if (!response.ok) throw new Error((result.error || {}).message || response.statusText);
-    await show(result);
+    if (state.video) {
+      await showSequence(await runJob(body, headers, state.running.signal));
+    } else {
+      const response = await fetch("/runsync", {
+        method: "POST", headers, body: JSON.stringify(body), signal: state.running.signal,
+      });
+      const result = await response.json();
+      if (!response.ok) throw new Error((result.error || {}).message || response.statusText);
+      await show(result);
+    }
     document.body.dataset.state = "done";
   } catch (error) {
     const cancelled = error.name === "AbortError";
@@ -241,13 +280,16 @@ async function run(event) {
     setStatus(cancelled ? "Cancelled." : readable(error.message || error), !cancelled);
   } finally {
     state.running = null;
+    state.job = null;
     $("run").disabled = false;
     $("cancel").hidden = true;
   }
 }
 
-// Closing the connection cancels the job on the server (it stops at its next check).
+// Closing the connection cancels a /runsync job on the server (it stops at its next check); a
+// video job is cancelled by POST /cancel/<id>.
 function cancel() {
+  if (state.job) fetch(`/cancel/${state.job}`, { method: "POST", headers: keyHeaders() });
   if (state.running) state.running.abort();
 }
 
@@ -258,6 +300,9 @@ function clearResult() {
   clearScene();
   setFrame($("cloud"), false, "The 3D scene shows here once estimated");
   for (const name of ["points", "objects", "cameras"]) delete $("cloud").dataset[name];
+  $("preview-video").removeAttribute("src");
+  setFrame($("video-frame"), false, "A video's depth plays here once estimated");
+  window.__trajectoryPoints = null;
 }
 
 async function show(result) {
@@ -276,6 +321,177 @@ async function show(result) {
   const range = `${result.min_depth.toFixed(2)}–${result.max_depth.toFixed(2)} ${unit}`;
   setStatus(`${result.model_id}: ${state.views.length} view(s), depth ${range}${points}${total}${warnings}`);
   await showScene(result);
+}
+
+// ---- a video: one sequence job through /run and /status ------------------------------------------
+
+function buildVideoRequest() {
+  const chunk = Number($("chunk-size").value);
+  return {
+    video_base64: state.video.dataUri,
+    fps: Number($("fps").value),
+    max_frames: Number($("max-frames").value),
+    chunk_size: chunk || undefined,
+    model_id: $("model").value || undefined,
+    process_res: Number($("process-res").value),
+    output_metric: $("metric").checked,
+    use_ray_pose: $("ray-pose").checked,
+    outputs: VIDEO_OUTPUTS,
+    max_points: Number($("max-points").value),
+    conf_percentile: Number($("conf-percentile").value),
+  };
+}
+
+// Queue the job, then poll its status, showing each chunk's progress, until it ends: its output.
+async function runJob(body, headers, signal) {
+  state.progress = [];
+  const response = await fetch("/run", { method: "POST", headers, body: JSON.stringify(body), signal });
+  const queued = await response.json();
+  if (!response.ok) throw new Error((queued.error || {}).message || response.statusText);
+  state.job = queued.id;
+  setStatus("queued…");
+  for (;;) {
+    const answer = await fetch(`/status/${queued.id}`, { headers, signal });
+    const job = await answer.json();
+    if (!answer.ok) throw new Error((job.error || {}).message || answer.statusText);
+    if (job.status === "COMPLETED") return job.output;
+    if (job.error) throw new Error(JSON.parse(job.error).message || job.status);
+    if (job.status === "IN_PROGRESS" && job.output) showProgress(job.output);
+    await pause(POLL_MS, signal);
+  }
+}
+
+function pause(ms, signal) {
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(resolve, ms);
+    signal.addEventListener("abort", () => {
+      clearTimeout(timer);
+      reject(new DOMException("cancelled", "AbortError"));
+    }, { once: true });
+  });
+}
+
+// One chunk's summary (sequence/pipeline.py): frames done of those planned, the chunk's index.
+function progressText(summary) {
+  return `${summary.frames_done} of at most ${summary.frames_planned} frames done (chunk ${summary.chunk})…`;
+}
+
+function showProgress(summary) {
+  const text = progressText(summary);
+  if (state.progress[state.progress.length - 1] !== text) state.progress.push(text);
+  setStatus(text);
+}
+
+async function showSequence(result) {
+  clearResult();
+  state.response = result;
+  state.views = [];
+  renderDownloads(result);
+  const { frames, chunks } = result.sequence;
+  const unit = UNITS[result.units] || result.units;
+  const range = `${result.min_depth.toFixed(2)}–${result.max_depth.toFixed(2)} ${unit}`;
+  const notes = (result.warnings || []).map(forBrowser).filter(Boolean);
+  const warnings = notes.length ? ` (${notes.join("; ")})` : "";
+  const total = result.timings_ms ? ` in ${Math.round(result.timings_ms.total)} ms` : "";
+  setStatus(`${result.model_id}: ${frames} frames in ${chunks.length} chunk(s), depth ${range}` +
+            `${total}${warnings}`);
+  showPreviewVideo(result.preview_video);
+  await showTrajectory(result);
+}
+
+function showPreviewVideo(entry) {
+  const source = entry && (entry.base64
+    ? URL.createObjectURL(new Blob([base64Bytes(entry.base64)], { type: "video/webm" }))
+    : entry.url);
+  if (source) $("preview-video").src = source;
+  setFrame($("video-frame"), Boolean(source), "The depth video was stored, not sent: see Downloads");
+}
+
+// The camera centres (the TUM file's tx ty tz) as a line, and the scene_ply points, both turned
+// from OpenCV's axes into three.js's (y up, z towards the viewer): diag(1, -1, -1).
+async function showTrajectory(result) {
+  const entry = result.trajectory;
+  if (!entry || !entry.base64) {
+    setFrame($("cloud"), false, "The trajectory was stored, not sent: see Downloads");
+    return;
+  }
+  const tum = new TextDecoder().decode(await unzip(base64Bytes(entry.base64), "trajectory.tum"));
+  const centres = tum.split("\n").filter((line) => line && !line.startsWith("#"))
+    .map((line) => line.trim().split(/\s+/).slice(1, 4).map(Number));
+  const path = new Float32Array(centres.flatMap(([x, y, z]) => [x, -y, -z]));
+  const geometry = new THREE.BufferGeometry();
+  geometry.setAttribute("position", new THREE.BufferAttribute(path, 3));
+  const line = new THREE.Line(geometry, new THREE.LineBasicMaterial({ color: 0xffa040 }));
+  line.name = "trajectory";
+  const group = new THREE.Group();
+  group.add(line);
+  const cloud = result.scene_ply && result.scene_ply.base64
+    ? plyPoints(base64Bytes(result.scene_ply.base64)) : null;
+  if (cloud) group.add(cloud);
+  const v = getViewer();
+  v.content = group;
+  v.scene.add(group);
+  // The line's vertices as the scene holds them, for tests: [[x, y, z], ...] in three.js's axes.
+  const drawn = v.scene.getObjectByName("trajectory").geometry.attributes.position.array;
+  window.__trajectoryPoints = centres.map((_, i) => [...drawn.subarray(3 * i, 3 * i + 3)]);
+  const count = cloud ? cloud.geometry.attributes.position.count : 0;
+  state.scene = { objects: group.children.length, points: count, cameras: centres.length };
+  for (const [name, value] of Object.entries(state.scene)) $("cloud").dataset[name] = String(value);
+  setFrame($("cloud"), true);
+  const [x, y, z] = centres[0] || [0, 0, 0];
+  frameScene(v, cloud || line, new THREE.Vector3(x, -y, -z));
+}
+
+// One file of a zip (stored or deflated), found by its central directory.
+async function unzip(bytes, wanted) {
+  const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  let end = bytes.length - 22;
+  while (end >= 0 && view.getUint32(end, true) !== 0x06054b50) end--;
+  if (end < 0) throw new Error("the trajectory is not a zip file");
+  let at = view.getUint32(end + 16, true);
+  for (let i = 0; i < view.getUint16(end + 10, true); i++) {
+    const [method, size] = [view.getUint16(at + 10, true), view.getUint32(at + 20, true)];
+    const [nameLength, extra, comment] = [28, 30, 32].map((offset) => view.getUint16(at + offset, true));
+    const name = new TextDecoder().decode(bytes.subarray(at + 46, at + 46 + nameLength));
+    if (name === wanted) {
+      const local = view.getUint32(at + 42, true);
+      const start = local + 30 + view.getUint16(local + 26, true) + view.getUint16(local + 28, true);
+      const data = bytes.subarray(start, start + size);
+      if (method === 0) return data;
+      const stream = new Blob([data]).stream().pipeThrough(new DecompressionStream("deflate-raw"));
+      return new Uint8Array(await new Response(stream).arrayBuffer());
+    }
+    at += 46 + nameLength + extra + comment;
+  }
+  throw new Error(`the zip holds no ${wanted}`);
+}
+
+// The scene PLY the server writes (exports/ply.py: binary little-endian float x y z, uchar
+// red green blue, float confidence; 19 bytes a vertex) as coloured three.js points.
+const PLY_VERTEX = "property float x\nproperty float y\nproperty float z\nproperty uchar red\n" +
+  "property uchar green\nproperty uchar blue\nproperty float confidence\nend_header\n";
+function plyPoints(bytes) {
+  const header = new TextDecoder().decode(bytes.subarray(0, Math.min(bytes.length, 4096)));
+  const count = Number((/element vertex (\d+)\n/.exec(header) || [])[1]);
+  const start = header.indexOf(PLY_VERTEX) + PLY_VERTEX.length;
+  if (!header.includes("binary_little_endian") || !(count >= 0) || start < PLY_VERTEX.length) {
+    throw new Error("the scene PLY is not in the server's layout");
+  }
+  const view = new DataView(bytes.buffer, bytes.byteOffset + start, count * 19);
+  const positions = new Float32Array(count * 3);
+  const colors = new Float32Array(count * 3);
+  for (let i = 0; i < count; i++) {
+    const at = i * 19;
+    positions.set([view.getFloat32(at, true), -view.getFloat32(at + 4, true),
+                   -view.getFloat32(at + 8, true)], i * 3);
+    colors.set([view.getUint8(at + 12) / 255, view.getUint8(at + 13) / 255,
+                view.getUint8(at + 14) / 255], i * 3);
+  }
+  const geometry = new THREE.BufferGeometry();
+  geometry.setAttribute("position", new THREE.BufferAttribute(positions, 3));
+  geometry.setAttribute("color", new THREE.BufferAttribute(colors, 3));
+  const material = new THREE.PointsMaterial({ size: 2, sizeAttenuation: false, vertexColors: true });
+  return Object.assign(new THREE.Points(geometry, material), { name: "scene_ply" });
 }
 
 // ---- the depth view ---------------------------------------------------------------------------
@@ -425,7 +641,7 @@ function unfilter(filter, line, up, bpp) {
 
 // Every returned output: {output, view (null for the scene), file, base64 | path | url, media}.
 function outputEntries(result) {
-  const views = result.views || [result];
+  const views = result.sequence ? [] : result.views || [result];
   const entries = [];
   views.forEach((view, index) => {
     const name = views.length === 1 ? STEM : `${STEM}.view${index}`;
@@ -438,7 +654,7 @@ function outputEntries(result) {
       entries.push({ output, view: index, file: `${name}.${suffix}`, ...placed(view[output]) });
     }
   });
-  for (const [output, suffix] of Object.entries(SCENE_FILES)) {
+  for (const [output, suffix] of Object.entries({ ...SCENE_FILES, ...SEQUENCE_FILES })) {
     if (!result[output]) continue;
     entries.push({ output, view: null, file: `${STEM}.${suffix}`, ...placed(result[output]) });
   }
@@ -534,11 +750,12 @@ async function showScene(result) {
   const counts = { objects: objects.length, points: count, cameras: cameras.length };
   for (const [name, value] of Object.entries(counts)) $("cloud").dataset[name] = String(value);
   setFrame($("cloud"), true);
-  frameScene(v, points, result);
+  frameScene(v, points, firstCamera(result));
 }
 
-// Orbit around the scene's centre (the median point), starting behind the first camera.
-function frameScene(v, points, result) {
+// Orbit around the scene's centre (the median point of `points`, any object with a position
+// attribute), starting behind `eye` (the first camera's centre).
+function frameScene(v, points, eye) {
   const center = new THREE.Vector3();
   let radius = 1;
   if (points) {
@@ -553,7 +770,6 @@ function frameScene(v, points, result) {
       Math.hypot(axes[0][i] - center.x, axes[1][i] - center.y, axes[2][i] - center.z));
     radius = Math.max(distances.sort((a, b) => a - b)[Math.floor(distances.length * 0.95)] || 1, 1e-6);
   }
-  const eye = firstCamera(result);
   const away = eye.clone().sub(center);
   if (away.length() < radius * 0.1) away.set(0, 0, radius);
   v.camera.position.copy(center).add(away.multiplyScalar(1.5));
