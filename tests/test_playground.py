@@ -22,6 +22,7 @@ import base64
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 
 import httpx
@@ -402,6 +403,7 @@ def test_playground_video(server, tmp_path):
             page.wait_for_function(
                 "document.getElementById('status').textContent.includes('video')"
             )
+            check_video_cancel(page, server)
             page.click("#run")
             page.wait_for_selector("body[data-state=done], body[data-state=error]", timeout=120_000)
             assert page.get_attribute("body", "data-state") == "done", page.text_content("#status")
@@ -436,6 +438,27 @@ def test_playground_video(server, tmp_path):
         finally:
             browser.close()
     assert errors == []
+
+
+def check_video_cancel(page, server: str) -> None:
+    """Cancel while the video job runs (its status polls held by the test): the page sends
+    POST /cancel/<id>, says so as no error, and the server's job ends CANCELLED."""
+    page.route("**/status/**", lambda route: None)  # never answered
+    with page.expect_response("**/run") as queued:
+        page.click("#run")
+    job = queued.value.json()["id"]
+    with page.expect_request(f"**/cancel/{job}"):
+        page.click("#cancel")
+    page.wait_for_selector("body[data-state=cancelled]")
+    assert page.text_content("#status") == "Cancelled."
+    page.unroute("**/status/**")
+    headers = {"X-API-Key": TEST_API_KEY}
+    for _ in range(600):
+        body = httpx.get(f"{server}/status/{job}", headers=headers).json()
+        if body["status"] not in ("IN_QUEUE", "IN_PROGRESS"):
+            break
+        time.sleep(0.1)
+    assert body["status"] == "CANCELLED", body
 
 
 def check_video_progress(polled: list[dict], shown: list[str], response: dict) -> None:
