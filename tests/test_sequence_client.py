@@ -62,9 +62,12 @@ def test_request_video_command(self_hosted, clip, tmp_path, capsys):
     out = tmp_path / "out"
     argv = ["request", "--video", str(clip), "--endpoint", self_hosted, "--api-key",
             TEST_API_KEY, "--out", str(out), "--fps", "5", "--chunk-size", "4",
-            "--process-res", "56", "--relative"]  # fmt: skip
+            "--process-res", "56", "--relative", "--outputs",
+            "trajectory,depth_frames,preview_video,scene_ply,scene_glb"]  # fmt: skip
     assert main(argv) == 0
-    assert "video: 10 frames; wrote 3 file(s)" in capsys.readouterr().out
+    assert "video: 10 frames; wrote 6 file(s)" in capsys.readouterr().out
+    for name in ("preview_video.webm", "scene.ply", "glb"):  # each by its own kind
+        assert (out / f"video.{name}").stat().st_size > 0
     with zipfile.ZipFile(out / "video.trajectory.zip") as archive:
         lines = archive.read("trajectory.tum").decode().splitlines()
     assert len(lines) == 11 and lines[0].startswith("# timestamp tx ty tz qx qy qz qw")

@@ -54,6 +54,14 @@ SCENE_FILES = {
     "colmap": "colmap.zip",
     "gaussians_ply": "gaussians.ply",
 }
+# A sequence's files (`SequenceResult.save_all`): its own outputs, and the scene's as above.
+SEQUENCE_FILES = {
+    "trajectory": "trajectory.zip",
+    "depth_frames": "depth_frames.zip",
+    "depth_video": "depth_video.mkv",
+    "preview_video": "preview_video.webm",
+    **SCENE_FILES,
+}
 # Worth retrying: the server is busy or out of memory for now (a missing model is not).
 TRANSIENT_CODES = ("overloaded", "out_of_memory")
 PENDING = ("IN_QUEUE", "IN_PROGRESS")
@@ -182,14 +190,14 @@ class SequenceResult:
         return np.array(rows, dtype=np.float64).reshape(-1, 8)
 
     def save_all(self, folder: str | Path, stem: str = "video") -> list[Path]:
-        """Write each inline file (`<stem>.trajectory.zip`, `<stem>.depth_frames.zip`,
-        `<stem>.depth_video.mkv`) and `<stem>.json` (the response without base64)."""
+        """Write each inline file, named by `SEQUENCE_FILES` (`<stem>.trajectory.zip`,
+        `<stem>.depth_video.mkv`, `<stem>.scene.ply`, ...), and `<stem>.json` (the response
+        without base64)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         written = []
         for name, data in self.outputs.items():
-            suffix = {"depth_video": ".mkv", "preview_video": ".webm"}.get(name, ".zip")
-            path = folder / f"{stem}.{name}{suffix}"
+            path = folder / f"{stem}.{SEQUENCE_FILES[name]}"
             path.write_bytes(data)
             written.append(path)
         path = folder / f"{stem}.json"
