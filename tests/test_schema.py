@@ -232,6 +232,34 @@ def test_limits_from_settings() -> None:
         check_limits(request, settings)
 
 
+def test_default_process_res_is_capped_at_the_server_limit() -> None:
+    """Left out, process_res is 504 capped at the limit (the published default); said, it is
+    checked against the limit."""
+    small = Settings(max_process_res=140)
+    assert parse_request({"image_url": "u"}, small).process_res == 140
+    assert parse_request({"image_url": "u"}, Settings()).process_res == 504
+    assert "above this server's limit of 140" in invalid(
+        {"image_url": "u", "process_res": 504}, small
+    )
+
+
+def test_integer_bounds_are_json_schema_minimums() -> None:
+    """Optional whole-number fields publish `minimum` (JSON Schema), not pydantic's `ge`."""
+    fields = RunRequest.model_json_schema()["properties"]
+    for name, low in (("max_frames", 1), ("chunk_size", 2), ("overlap", 1)):
+        assert {"type": "integer", "minimum": low} in fields[name]["anyOf"]
+    assert parse_request({"video_url": "u", "max_frames": 3.0}).max_frames == 3
+
+
+def test_a_sequence_left_without_outputs_gets_its_own_default() -> None:
+    """`outputs` left out of a video or `sequence` request: trajectory and depth frames (the
+    client's default), not `depth`, which a sequence cannot give."""
+    assert parse_request({"video_url": "u"}).outputs == ["trajectory", "depth_frames"]
+    images = {"images": [{"url": "u"}] * 2, "sequence": True}
+    assert parse_request(images).outputs == ["trajectory", "depth_frames"]
+    assert "depth cannot be asked" in invalid({"video_url": "u", "outputs": ["depth"]})
+
+
 def test_output_names_match_the_schema() -> None:
     assert set(OUTPUT_NAMES) == {
         "depth",

@@ -39,6 +39,9 @@ OUTPUT_NAMES: tuple[str, ...] = OutputName.__args__
 SequenceOutputName = Literal["trajectory", "depth_frames", "depth_video", "preview_video"]
 SEQUENCE_OUTPUTS: tuple[str, ...] = SequenceOutputName.__args__
 AnyOutputName = Literal[OutputName, SequenceOutputName]
+# Left out, a sequence's `outputs` (the client's and the CLI's default too): `depth` is no
+# output of a sequence.
+SEQUENCE_DEFAULT_OUTPUTS: tuple[str, ...] = ("trajectory", "depth_frames")
 # Outputs of the whole scene: at the top level of the response only, never per view. The fused
 # point cloud's files (any model with a camera), and the 3D Gaussians (models with the head).
 SCENE_OUTPUTS: tuple[str, ...] = ("scene_ply", "scene_glb", "colmap")
@@ -117,11 +120,12 @@ class RunRequest(BaseModel):
     video_base64: str | None = None
     sequence: bool = False
     fps: FiniteFloat | None = Field(default=None, gt=0, le=240)
-    max_frames: WholeNumber | None = Field(default=None, ge=1)
+    # Whole numbers with the bound before the validator, so the JSON schema says `minimum`.
+    max_frames: Annotated[int, Field(ge=1), BeforeValidator(_integral)] | None = None
     start_s: FiniteFloat = Field(default=0.0, ge=0)
     end_s: FiniteFloat | None = Field(default=None, gt=0)
-    chunk_size: WholeNumber | None = Field(default=None, ge=2)
-    overlap: WholeNumber | None = Field(default=None, ge=1)
+    chunk_size: Annotated[int, Field(ge=2), BeforeValidator(_integral)] | None = None
+    overlap: Annotated[int, Field(ge=1), BeforeValidator(_integral)] | None = None
     model_id: str | None = None
     output_metric: bool = True
     use_ray_pose: bool = False
@@ -132,7 +136,10 @@ class RunRequest(BaseModel):
     intrinsics: list[Matrix] | None = None
     # One world-to-camera 3x4 (or 4x4 with last row 0 0 0 1) per view; stored as 3x4.
     extrinsics: list[Matrix] | None = None
-    outputs: list[AnyOutputName] = Field(default_factory=lambda: ["depth"], min_length=1)
+    # At most one entry per output name (the payload check says so first, before parsing).
+    outputs: list[AnyOutputName] = Field(
+        default_factory=lambda: ["depth"], min_length=1, max_length=len(OUTPUT_NAMES)
+    )
     return_base64: bool = True
     # Scene outputs (scene_ply, scene_glb, colmap, gaussians_ply); ignored without them.
     conf_percentile: FiniteFloat = Field(default=DEFAULT_CONF_PERCENTILE, ge=0, le=100)
@@ -211,6 +218,8 @@ class RunRequest(BaseModel):
                 f"(got {'none' if not any(given) else sum(given)})"
             )
         if self.is_sequence:
+            if "outputs" not in self.model_fields_set:
+                self.outputs = list(SEQUENCE_DEFAULT_OUTPUTS)
             _check_sequence(self)
             return self
         wrong = [name for name in self.outputs if name in SEQUENCE_OUTPUTS]
@@ -292,7 +301,10 @@ def _one_or_per_view(focals: list[float], views: int) -> float | list[float]:
 def check_limits(request: RunRequest, settings: Settings) -> None:
     """Refuse a request past the server's limits: `process_res` above `settings.max_process_res`,
     `max_points` above `settings.max_points` or more views than `settings.max_views`
-    (`ServiceError("invalid_input")`)."""
+    (`ServiceError("invalid_input")`). Left out, `process_res` is the native 504 capped at
+    the server's limit (the default the OpenAPI document publishes)."""
+    if "process_res" not in request.model_fields_set:
+        request.process_res = min(request.process_res, settings.max_process_res)
     problems = []
     if request.process_res > settings.max_process_res:
         problems.append(

@@ -131,7 +131,7 @@ def create_app(settings: Settings, service: Service | None = None) -> FastAPI:
     add_runpod_routes(app, state)
     add_file_routes(app, state)
     add_operation_routes(app, state)
-    add_page_routes(app)
+    add_page_routes(app, settings)
     return app
 
 

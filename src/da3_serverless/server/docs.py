@@ -10,6 +10,7 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel, ConfigDict
 
 from da3_serverless.api.schema import RunRequest, RunResponse
+from da3_serverless.config import Settings
 
 
 class ErrorDetail(BaseModel):
@@ -34,6 +35,9 @@ class RunPodEnvelope(BaseModel):
 
 
 class RunPodRequest(BaseModel):
+    """A v1 request in RunPod's form: `{"input": {...}}` and nothing beside it."""
+
+    model_config = ConfigDict(extra="forbid")
     input: RunRequest
 
 
@@ -130,7 +134,7 @@ def _exactly_one(names: tuple[str, ...]) -> list[dict[str, Any]]:
 def _describe_what_the_server_does(doc: dict[str, Any]) -> None:
     """What FastAPI cannot infer: no 422 is ever sent (validation errors are 400), the routes
     that answer 401 take a key, a request has exactly one image source, and one 3x3
-    `intrinsics` matrix may stand for every view."""
+    `intrinsics` matrix may stand for every view, and extrinsics come with intrinsics."""
     components = doc["components"]
     for operations in doc["paths"].values():
         for operation in operations.values():
@@ -147,11 +151,29 @@ def _describe_what_the_server_does(doc: dict[str, Any]) -> None:
     intrinsics = schemas["RunRequest"]["properties"]["intrinsics"]
     matrix = {"type": "array", "items": {"type": "array", "items": {"type": "number"}}}
     intrinsics["anyOf"] = [matrix, *intrinsics.get("anyOf", [])]
+    schemas["RunRequest"]["properties"]["outputs"]["description"] = (
+        'Left out: ["depth"], or ["trajectory", "depth_frames"] for a sequence.'
+    )
+    # Poses condition the model only with cameras: extrinsics need intrinsics.
+    no_poses = {"properties": {"extrinsics": {"type": "null"}}}
+    schemas["RunRequest"]["allOf"] = [{"anyOf": [no_poses, *_exactly_one(("intrinsics",))]}]
 
 
-def openapi_document(app: FastAPI) -> dict[str, Any]:
-    """FastAPI's document plus the request models that the hand-read bodies use, and what the
-    server does beyond them (`_describe_what_the_server_does`)."""
+def _publish_limits(doc: dict[str, Any], settings: Settings) -> None:
+    """This server's own limits on a request (`check_limits`), as the schema's maxima."""
+    fields = doc["components"]["schemas"]["RunRequest"]["properties"]
+    process_res = fields["process_res"]
+    process_res["maximum"] = settings.max_process_res
+    process_res["default"] = min(process_res["default"], settings.max_process_res)
+    fields["max_points"]["maximum"] = settings.max_points
+    for branch in fields["max_frames"].get("anyOf", [fields["max_frames"]]):
+        if branch.get("type") == "integer":
+            branch["maximum"] = settings.max_video_frames
+
+
+def openapi_document(app: FastAPI, settings: Settings) -> dict[str, Any]:
+    """FastAPI's document plus the request models that the hand-read bodies use, what the
+    server does beyond them (`_describe_what_the_server_does`) and this server's limits."""
     if app.openapi_schema is None:
         doc = get_openapi(
             title=app.title, version=app.version, summary=app.summary, routes=app.routes
@@ -162,5 +184,6 @@ def openapi_document(app: FastAPI) -> dict[str, Any]:
             components.update(schema.pop("$defs", {}))
             components[model.__name__] = schema
         _describe_what_the_server_does(doc)
+        _publish_limits(doc, settings)
         app.openapi_schema = doc
     return app.openapi_schema

@@ -10,12 +10,13 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
+from da3_serverless.config import Settings
 from da3_serverless.server.docs import openapi_document
 
 STATIC_DIR = Path(__file__).resolve().parents[1] / "static"
 
 
-def add_page_routes(app: FastAPI) -> None:
+def add_page_routes(app: FastAPI, settings: Settings) -> None:
     @app.get("/docs", include_in_schema=False)
     async def docs() -> HTMLResponse:
         return get_swagger_ui_html(
@@ -30,4 +31,4 @@ def add_page_routes(app: FastAPI) -> None:
         return FileResponse(STATIC_DIR / "index.html")
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-    app.openapi = lambda: openapi_document(app)  # type: ignore[method-assign]
+    app.openapi = lambda: openapi_document(app, settings)  # type: ignore[method-assign]
