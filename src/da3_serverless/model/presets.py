@@ -109,7 +109,10 @@ PRESETS: dict[str, Callable[[], nn.Module]] = {
     "da3mono-large": da3mono_large,
     "da3metric-large": da3metric_large,
     "da3nested-giant-large": da3nested_giant_large,
-    # Two releases loaded side by side (inference/catalog.py: `parts`), never one snapshot.
+}
+# Two releases loaded side by side (inference/catalog.py: `parts`, `checkpoint.load_pair`),
+# never one snapshot: buildable (for their memory), not a snapshot's `model_name`.
+PAIRS: dict[str, Callable[[], nn.Module]] = {
     "da3-small+da3metric-large": da3_small_metric_pair,
     "da3-base+da3metric-large": da3_base_metric_pair,
 }
@@ -145,7 +148,9 @@ def attach_gaussian_branch(net: nn.Module) -> DepthAnything3Net:
 
 
 def build_network(preset: str) -> nn.Module:
-    """The network of ``preset`` (a key of PRESETS) with its default init, in eval mode."""
-    if preset not in PRESETS:
+    """The network of ``preset`` (a key of PRESETS, or of PAIRS) with its default init, in
+    eval mode."""
+    builder = PRESETS.get(preset) or PAIRS.get(preset)
+    if builder is None:
         raise ValueError(f"unknown DA3 preset {preset!r}; valid presets: {', '.join(PRESETS)}")
-    return PRESETS[preset]().eval()
+    return builder().eval()
