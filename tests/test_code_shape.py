@@ -105,3 +105,74 @@ def test_fixtures_that_start_the_service_elsewhere_are_known_to_conftest():
             ):
                 unlisted.append(f"{path.name}: {node.name}")
     assert not unlisted, f"add to conftest.PROCESS_FIXTURES: {unlisted}"
+
+
+# `make test-fast` leaves out these marks; every module must still be run by the tests it keeps.
+LEFT_OUT_MARKS = re.compile(r"\bmark\.(slow|server|large)\b")
+
+
+def _kept_by_test_fast(node: ast.AST, process_fixtures: set[str]) -> bool:
+    """Whether `make test-fast` keeps a test function: no left-out mark, no fixture that
+    starts the service in another process (conftest marks those `server`)."""
+    marked = any(LEFT_OUT_MARKS.search(ast.unparse(d)) for d in node.decorator_list)
+    return not marked and not process_fixtures & {a.arg for a in node.args.args}
+
+
+def _imported(tree: ast.Module, process_fixtures: set[str]) -> set[str]:
+    """The modules a file imports at module level, in its helpers and fixtures and in the tests
+    that `make test-fast` keeps (not in the tests it leaves out). `from a import b` counts
+    both `a` and `a.b` (b may be a module)."""
+    names, todo = set(), list(tree.body)
+    while todo:
+        node = todo.pop()
+        is_test = isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name.startswith(
+            "test_"
+        )
+        if is_test and not _kept_by_test_fast(node, process_fixtures):
+            continue
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+        todo.extend(ast.iter_child_nodes(node))
+    return names
+
+
+def _with_packages(names: set[str]) -> set[str]:
+    """Importing `a.b.c` also runs `a` and `a.b`."""
+    return {".".join(n.split(".")[:i]) for n in names for i in range(1, n.count(".") + 2)}
+
+
+def test_every_module_is_imported_by_the_fast_tier():
+    """Each module under src/ is imported, directly or through other modules and test helpers,
+    by a test file that `make test-fast` runs: a file without a module-level slow, server or
+    large mark, through its tests that the fast tier keeps."""
+    from conftest import PROCESS_FIXTURES
+
+    def module_name(path: Path) -> str:
+        parts = path.relative_to(SRC.parent).with_suffix("").parts
+        return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+    graph = {module_name(p): _imported(ast.parse(p.read_text()), PROCESS_FIXTURES) for p in MODULES}
+    roots = set()
+    for path in TEST_FILES:
+        tree = ast.parse(path.read_text())
+        marks = [
+            n for n in tree.body if isinstance(n, ast.Assign) and "pytestmark" in ast.unparse(n)
+        ]
+        if path.name.startswith("test_") and any(
+            LEFT_OUT_MARKS.search(ast.unparse(m)) for m in marks
+        ):
+            continue
+        imported = _imported(tree, PROCESS_FIXTURES)
+        if path.name.startswith("test_") or path.name == "conftest.py":
+            roots |= imported
+        else:  # a helper module (servers.py, reference.py): reached when a kept file imports it
+            graph[path.stem] = imported
+    reached, todo = set(), list(roots)
+    while todo:
+        for name in _with_packages({todo.pop()}) - reached:
+            reached.add(name)
+            todo.extend(graph.get(name, ()))
+    missing = sorted(set(map(module_name, MODULES)) - reached)
+    assert not missing, f"modules no test in `make test-fast` imports: {missing}"
