@@ -70,11 +70,13 @@ $(JS_TESTS)/node_modules/.installed: $(JS_TESTS)/package.json $(JS_TESTS)/packag
 
 js: $(JS_TESTS)/node_modules/.installed  ## the Node test tools (glTF validator) into tests/js
 
-# The quick local loop (a few minutes on two cores): leaves out the slow tests (giant presets,
-# browser, load test), those that start the service in another process (`server`) and those
-# that build the large presets (`large`); every module is still run.
+# The quick local loop (README: its time on two cores): leaves out the slow tests (giant
+# presets, browser, load test, anything over ~10 s), those that start the service in another
+# process (`server`) and those that build the large presets (`large`); runs in two processes
+# (pytest-xdist) with a tenth of the property tests' examples (conftest's `fast` Hypothesis
+# profile). Every module is still run (test_code_shape checks that each is imported).
 test-fast: install  ## the quick loop: no servers, no large checkpoints
-	$(BIN)/pytest -m "not slow and not server and not large" $(PYTEST_ARGS)
+	$(BIN)/pytest -n 2 --hypothesis-profile=fast -m "not slow and not server and not large" $(PYTEST_ARGS)
 
 # The self-hosted server (playground at /, API docs at /docs, also RunPod's {"input": ...} form
 # and /v2 paths) on 127.0.0.1:$(PORT) with MODEL_ID (default: the nested metric model,

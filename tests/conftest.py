@@ -10,12 +10,26 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings as hypothesis_settings
 
 from da3_serverless.config import Settings
 
 SMALL_REPO = "depth-anything/DA3-SMALL"
 TEST_API_KEY = "test-key-0123456789"
 FAKE_REVISION = "0" * 40
+
+# `make test-fast` loads this Hypothesis profile (--hypothesis-profile=fast): the property
+# tests draw a tenth of their examples there; the full suite draws them all.
+FAST_PROFILE = "fast"
+hypothesis_settings.register_profile(FAST_PROFILE, max_examples=20)
+
+
+def examples(full: int) -> int:
+    """A property test's example count: `full`, or a tenth of it (at least 20) under the
+    fast profile."""
+    if hypothesis_settings.get_current_profile_name() == FAST_PROFILE:
+        return max(20, full // 10)
+    return full
 
 
 def offline_settings(hf_cache: Path | None, workspace: Path, **overrides) -> Settings:

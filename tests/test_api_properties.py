@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import array_shapes, arrays
 from PIL import Image
 
+from conftest import examples
 from da3_serverless.api.encoding import decode_depth_png16, encode_depth_png16
 from da3_serverless.api.errors import ServiceError
 from da3_serverless.api.images import decode_image
@@ -33,7 +34,7 @@ payloads = st.dictionaries(st.sampled_from(FIELDS), json_values, max_size=8) | j
 
 
 @given(payloads)
-@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(400), suppress_health_check=[HealthCheck.too_slow])
 def test_parse_request_only_raises_service_error(payload: object) -> None:
     try:
         request = parse_request(payload, Settings())
@@ -74,7 +75,7 @@ def _check(data: bytes) -> None:
 
 
 @given(st.binary(max_size=2000))
-@settings(max_examples=300)
+@settings(max_examples=examples(300))
 def test_decode_image_arbitrary_bytes(data: bytes) -> None:
     _check(data)
 
@@ -84,7 +85,7 @@ def test_decode_image_arbitrary_bytes(data: bytes) -> None:
     st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), min_size=1, max_size=8),
     st.integers(0, 10**6),
 )
-@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(400), suppress_health_check=[HealthCheck.too_slow])
 def test_decode_image_mutated_real_files(sample: bytes, edits: list, cut: int) -> None:
     data = bytearray(sample)
     for position, value in edits:
@@ -99,7 +100,7 @@ def test_decode_image_mutated_real_files(sample: bytes, edits: list, cut: int) -
         elements=st.floats(-1e6, 1e6, width=32),
     )
 )
-@settings(max_examples=200)
+@settings(max_examples=examples(200))
 def test_depth_png16_round_trip(depth: np.ndarray) -> None:
     encoded = encode_depth_png16(depth)
     back = decode_depth_png16(encoded.png)

@@ -37,7 +37,9 @@ def build_pair(config: dict, seed: int = 0) -> tuple[torch.nn.Module, torch.nn.M
         (SMALL_ANYVIEW, 2, (70, 98), False),
         (SMALL_ANYVIEW, 4, (56, 42), False),  # reference view selection and reordering
         (SMALL_ANYVIEW, 3, (70, 98), True),  # given camera tokens: no reordering
-        (SMALL_ANYVIEW, 1, (518, 518), False),  # trained grid: position embedding not resized
+        pytest.param(  # trained grid: position embedding not resized (over 10 s on two cores)
+            SMALL_ANYVIEW, 1, (518, 518), False, marks=pytest.mark.slow
+        ),
         (SMALL_MONO, 2, (70, 98), False),
     ],
 )

@@ -78,6 +78,7 @@ def test_quick_cpu_run_measures_everything_and_reports(tmp_path):
     assert "| preset | measurement | shape | result | peak memory | back |" in done.stdout
 
 
+@pytest.mark.slow  # runs bench/gpu.py in a fresh interpreter: over 10 s on two cores
 def test_a_run_past_its_budget_still_reports(tmp_path):
     """Past --budget-s every measurement left is a row saying it was skipped, and the table
     is still written: a run cut short reports what it has."""
@@ -88,6 +89,7 @@ def test_a_run_past_its_budget_still_reports(tmp_path):
     assert not (tmp_path / "snapshots").exists()  # nothing written for skipped presets
 
 
+@pytest.mark.slow  # runs bench/gpu.py in a fresh interpreter: over 10 s on two cores
 def test_unknown_arguments_are_refused(tmp_path):
     done = subprocess.run(
         [sys.executable, str(BENCH), "--out", str(tmp_path), "--bogus"],

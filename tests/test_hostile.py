@@ -36,7 +36,7 @@ from hypothesis.extra import numpy as hnp
 from PIL import Image
 
 import hostile_cases as hc
-from conftest import SMALL_REPO, TEST_API_KEY, offline_settings
+from conftest import SMALL_REPO, TEST_API_KEY, examples, offline_settings
 from da3_serverless.api import download, encoding
 from da3_serverless.api.cameras import (
     FOCAL_RANGE,
@@ -492,7 +492,7 @@ def camera_cases(draw):
     return size, k, pose, depth
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(300), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(camera_cases())
 def test_any_camera_that_passes_gives_finite_outputs(case) -> None:
     size, k, pose, depth = case
@@ -505,7 +505,7 @@ def test_any_camera_that_passes_gives_finite_outputs(case) -> None:
     finite_outputs(depth, checked_k, checked_pose)
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=examples(100), deadline=None)
 @given(SIZES.flatmap(lambda size: st.tuples(st.just(size), plausible_intrinsics(size))))
 def test_intrinsics_within_the_rules_pass_as_exact_pinholes(case) -> None:
     (width, height), k = case

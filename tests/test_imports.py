@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from da3_serverless.model import layers
@@ -29,6 +30,7 @@ ENTRY_POINTS = [
 ]
 
 
+@pytest.mark.slow  # a fresh interpreter imports all the serving code: over 10 s on two cores
 def test_importing_the_serving_code_loads_no_compile_machinery() -> None:
     code = (
         "import importlib, json, sys\n"

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from conftest import SMALL_REPO, TEST_API_KEY, offline_settings
+from conftest import SMALL_REPO, TEST_API_KEY, examples, offline_settings
 from da3_serverless.api.errors import ServiceError
 from da3_serverless.api.schema import OUTPUT_NAMES, RunRequest, RunResponse
 from da3_serverless.config import Settings
@@ -234,7 +234,9 @@ field_names = st.sampled_from([*RunRequest.model_fields, "extra"])
 
 
 @settings(
-    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=examples(150),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 @given(payload=st.dictionaries(field_names, json_values, max_size=6) | json_values)
 def test_no_payload_raises_anything_but_service_errors(service, payload):
