@@ -172,21 +172,14 @@ async function choosePhotos(files) {
   if (!images.length) return;
   state.photos = await Promise.all(images.map(readFile));
   state.video = null;
-  state.response = null;
-  state.views = [];
-  state.depths = [];
-  renderThumbnails();
-  selectView(0);
-  clearResult();
-  $("run").disabled = false;
+  inputChosen();
   const kib = Math.round(images.reduce((sum, file) => sum + file.size, 0) / 1024);
   const what = images.length === 1 ? images[0].name : `${images.length} views of one scene`;
   setStatus(`${what} (${kib} KiB) ready`);
 }
 
-async function chooseVideo(file) {
-  state.video = await readFile(file);
-  state.photos = [];
+// A new input (photos or a video) was chosen: forget the last answer and show the input.
+function inputChosen() {
   state.response = null;
   state.views = [];
   state.depths = [];
@@ -194,6 +187,12 @@ async function chooseVideo(file) {
   selectView(0);
   clearResult();
   $("run").disabled = false;
+}
+
+async function chooseVideo(file) {
+  state.video = await readFile(file);
+  state.photos = [];
+  inputChosen();
   setStatus(`${file.name} (${Math.round(file.size / 1024)} KiB) ready: a video, sent as a sequence`);
 }
 
