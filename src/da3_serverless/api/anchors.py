@@ -17,8 +17,6 @@ reported, not fitted.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import io
 from dataclasses import dataclass, field, replace
 
@@ -119,11 +117,13 @@ def _bad(message: str) -> ServiceError:
 
 
 def _decode_map(entry: SparseDepth, where: str) -> np.ndarray:
-    text = entry.base64.split(",", 1)[1] if entry.base64.startswith("data:") else entry.base64
+    # api/images imports the schema, which imports this module: imported when first used
+    from da3_serverless.api.images import decode_base64
+
     try:
-        data = base64.b64decode(text, validate=False)
-    except (binascii.Error, ValueError):
-        raise _bad(f"{where}.base64 is not valid base64") from None
+        data = decode_base64(entry.base64)
+    except ServiceError as error:
+        raise _bad(f"{where}.base64: {error.message}") from None
     if data.startswith(b"\x93NUMPY"):
         try:
             values = np.load(io.BytesIO(data), allow_pickle=False)
