@@ -279,6 +279,31 @@ def test_cancel_after_a_chunk_leaves_no_file(service, video):
     assert not outputs.exists() or not [p for p in outputs.rglob("*") if p.is_file()]
 
 
+def test_a_stream_without_duration_runs_or_stops_at_the_limit_leaving_no_file(hf_cache, tmp_path):
+    """Matroska written as a live stream declares no duration, so only decoding finds its
+    length: a short one runs with its exact frames and times; a longer one than
+    MAX_VIDEO_DURATION_S stops with the documented error at the first frame past it, after the
+    chunks of the frames within it were on disk, and leaves no file."""
+    settings = offline_settings(hf_cache, tmp_path / "workspace", max_video_duration_s=1.0)
+    service = Service(settings)
+    short = make_video(constant_rate(1.0, 30), container="matroska", seekable=False)
+    response = service.handle(_request(short, outputs=["trajectory"]))
+    assert response["sequence"]["timestamps"] == pytest.approx([0, 0.2, 0.4, 0.6, 0.8], abs=1e-3)
+    assert [(c["start"], c["stop"]) for c in response["sequence"]["chunks"]] == [(0, 4), (2, 5)]
+
+    written: list[int] = []
+    long = make_video(constant_rate(4.0, 30), container="matroska", seekable=False)
+    progress = JobInfo(progress=lambda summary: written.append(summary["frames_done"]))
+    with pytest.raises(ServiceError) as caught:
+        service.handle(_request(long), job=progress)
+    assert caught.value.code == "request_too_large"
+    assert "MAX_VIDEO_DURATION_S" in caught.value.message
+    assert written == [4, 6]  # the frames at 0 to 1.0 s ran; the one at 1.033 s stopped it
+    assert not list((settings.workspace_dir / "sequences").iterdir())
+    outputs = settings.output_dir
+    assert not outputs.exists() or not [p for p in outputs.rglob("*") if p.is_file()]
+
+
 @pytest.mark.parametrize(
     ("fields", "message"),
     [

@@ -5,7 +5,9 @@ frame is decoded; hostile videos get their documented errors."""
 from __future__ import annotations
 
 import time
+from io import BytesIO
 
+import av
 import numpy as np
 import pytest
 
@@ -134,3 +136,46 @@ def test_hostile_videos_get_documented_errors_fast(two_seconds):
 def test_a_span_without_frames_and_a_start_past_the_end(two_seconds):
     assert "past the end" in _error(two_seconds, start_s=5.0).message
     assert "no frame in the sampled span" in _error(two_seconds, start_s=0.51, end_s=0.52).message
+
+
+def _declared_durations(data: bytes) -> tuple[object, object]:
+    with av.open(BytesIO(data)) as container:
+        return container.duration, container.streams.video[0].duration
+
+
+def test_a_stream_without_duration_decodes_exactly():
+    """Matroska written as a live stream (no seekable output): no duration in the container
+    or the stream, no cues; every frame and its time still come out exactly."""
+    data = make_video(constant_rate(1.0, 30), container="matroska", seekable=False)
+    assert _declared_durations(data) == (None, None)
+    frames = _frames(data)
+    assert [f.timestamp for f in frames] == pytest.approx([i / 30 for i in range(30)], abs=1e-3)
+    assert [f.index for f in frames] == list(range(30))
+    sampled = _frames(data, fps=5)
+    assert [f.timestamp for f in sampled] == pytest.approx([0, 0.2, 0.4, 0.6, 0.8], abs=1e-3)
+
+
+@pytest.mark.parametrize("seconds", [3.0, 12.0])
+@pytest.mark.parametrize("fps", [None, 2, 0.05])
+def test_a_stream_without_duration_past_the_limit_is_refused_while_decoding(seconds, fps):
+    """The headers declare no duration, so opening it passes; decoding stops with the
+    documented error at the first frame past MAX_VIDEO_DURATION_S, however sparse the
+    sampling (a frame skipped between ticks is still decoded) and however long the stream:
+    what it yields before, and so the work and memory, depend on the limit, not the stream."""
+    data = make_video(constant_rate(seconds, 30), container="matroska", seekable=False)
+    assert _declared_durations(data) == (None, None)
+    settings = _limited(max_video_duration_s=1.0)
+    started = time.perf_counter()
+    video = open_video(data, Sampling(fps=fps), settings)
+    taken: list[float] = []
+    try:
+        with pytest.raises(ServiceError) as caught:
+            for frame in iter_frames(video, settings):
+                taken.append(frame.timestamp)
+    finally:
+        video.close()
+    assert caught.value.code == "request_too_large"
+    assert "MAX_VIDEO_DURATION_S" in caught.value.message
+    step = 1 / (fps or 30)
+    assert taken == pytest.approx([i * step for i in range(int(1.0 / step + 1e-9) + 1)], abs=1e-3)
+    assert time.perf_counter() - started < 5

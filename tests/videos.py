@@ -1,6 +1,6 @@
 """Synthetic videos for the tests, made with PyAV: a camera panning across the repository's
 photos, at exact frame times (constant or variable rate), optionally with rotation metadata or
-an audio-only stream."""
+no declared duration (a live stream), or an audio-only stream."""
 
 from __future__ import annotations
 
@@ -35,11 +35,15 @@ def make_video(
     codec: str = "h264",
     rotation: int = 0,
     frames: list[np.ndarray] | None = None,
+    seekable: bool = True,
 ) -> bytes:
     """A video with one frame at each of `times` (seconds, exact to the millisecond: the
-    stream's time base is 1/1000 s), panning across a photo unless `frames` are given."""
+    stream's time base is 1/1000 s), panning across a photo unless `frames` are given.
+    `seekable=False` writes it as a live stream is written, to an output the muxer cannot seek
+    back in: Matroska then declares no duration (neither the container nor the stream) and no
+    cues, so a reader learns the length only by decoding to the end."""
     frames = frames if frames is not None else pan_frames(len(times), width, height)
-    buffer = BytesIO()
+    buffer = BytesIO() if seekable else _WriteOnly()
     with av.open(buffer, "w", format=container) as out:
         stream = out.add_stream(codec, rate=30)
         stream.width, stream.height = frames[0].shape[1], frames[0].shape[0]
@@ -55,6 +59,20 @@ def make_video(
             out.mux(stream.encode(frame))
         out.mux(stream.encode())
     return buffer.getvalue()
+
+
+class _WriteOnly:
+    """A file PyAV can only write to (no `seek`, so FFmpeg treats it as a stream)."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    def write(self, chunk: bytes) -> int:
+        self.data += chunk
+        return len(chunk)
+
+    def getvalue(self) -> bytes:
+        return bytes(self.data)
 
 
 def constant_rate(seconds: float, fps: int) -> list[float]:

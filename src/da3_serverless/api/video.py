@@ -27,7 +27,8 @@ from da3_serverless.inference.cancel import CancelToken
 CONTAINERS = ("mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm")
 CODECS = ("h264", "hevc", "vp8", "vp9", "av1", "libdav1d", "mpeg4", "mjpeg", "ffv1")
 CONTAINERS_TEXT = "MP4, MOV, WebM or MKV"
-# The most frames a second a stream may hold (bounds the decoding of a stream without duration).
+# The most frames a second a stream may hold: bounds the decoding of frames without times (or
+# whose times do not advance), which the duration limit cannot stop.
 MAX_STREAM_FPS = 240
 # Frame times are rounded to the container's clock (often milliseconds): a frame this close
 # before a sampling tick counts as on it.
@@ -216,10 +217,10 @@ def iter_frames(
         time = (frame.pts - origin) * stream.time_base
         if end is not None and time >= end - TIME_TOLERANCE:
             break
+        if time > settings.max_video_duration_s:  # every decoded frame, sampled or not
+            raise _too_long(video.source, settings)
         if time < target:
             continue
-        if time > settings.max_video_duration_s:
-            raise _too_long(video.source, settings)
         yield VideoFrame(_upright(frame, settings, video.source), float(time), taken)
         taken += 1
         if taken >= video.frames:
