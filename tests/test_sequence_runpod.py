@@ -17,9 +17,8 @@ so what can be tested here:
   self-hosted server's `/stream` is tested with runpod-python's `Job.stream()`
   (tests/test_sequence_client.py).
 - There is no `/cancel`: a job cannot be cancelled through the local API. The worker's cancel
-  (RunPod's `JobScaler` cancelling the handler's task) is tested in process in
-  tests/test_cancel.py, and a sequence's cancel through the service in
-  tests/test_sequence_service.py.
+  of a sequence (runpod-python's own `JobScaler` cancelling the real handler's task after the
+  first chunk) is tested in process in tests/test_sequence_service.py.
 """
 
 from __future__ import annotations
