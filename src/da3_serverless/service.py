@@ -257,11 +257,18 @@ class Service:
                 f"{model_id} predicts no cameras, which a sequence needs to align its chunks: "
                 "use a model with a camera (e.g. da3-small or da3-large)",
             )
+        if info is not None:
+            _check_outputs(request, info)  # e.g. gaussians_ply without the head
+
+        def load(pinned: ExitStack) -> Predictor:
+            predictor = self._predictor(model_id, pinned, cancel)
+            _check_outputs(request, predictor.capabilities)  # what the loaded file holds
+            return predictor
+
         self.store.maybe_prune()
         context = SequenceContext(
-            self.settings, self.store, self.budget, model_id,
-            lambda pinned: self._predictor(model_id, pinned, cancel), cancel, job,
-        )  # fmt: skip
+            self.settings, self.store, self.budget, model_id, load, cancel, job
+        )
         return run_sequence(context, request)
 
     def _check_model(self, intake: _Intake, predictor: Predictor) -> None:

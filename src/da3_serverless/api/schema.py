@@ -259,7 +259,7 @@ def _check_sequence(request: RunRequest) -> None:
     video = request.video_url is not None or request.video_base64 is not None
     if request.sequence and not video and request.images is None:
         raise ValueError('"sequence": true goes with images (a video is a sequence already)')
-    allowed = (*SEQUENCE_OUTPUTS, *SCENE_OUTPUTS)
+    allowed = (*SEQUENCE_OUTPUTS, *TOP_LEVEL_OUTPUTS)
     wrong = [name for name in request.outputs if name not in allowed]
     if wrong:
         raise ValueError(

@@ -27,6 +27,7 @@ from da3_serverless.inference.cameras import (
 )
 from da3_serverless.inference.cancel import CancelGroup, Cancelled, CancelToken
 from da3_serverless.inference.catalog import ModelInfo, lookup_model
+from da3_serverless.inference.gaussians import gaussian_arrays
 from da3_serverless.inference.prediction import Gaussians, Prediction
 from da3_serverless.inference.preprocess import (
     MAX_PROCESS_RES,
@@ -40,7 +41,6 @@ from da3_serverless.model.checkpoint import load_network, load_pair
 from da3_serverless.model.gaussians import reframe
 from da3_serverless.model.layers import keep_stop_points_out_of_compile
 from da3_serverless.model.net import NetOutput
-from da3_serverless.model.spherical_harmonics import SH_C0
 
 # DA3METRIC-LARGE predicts depth for a canonical focal length of 300 px.
 CANONICAL_FOCAL_PX = 300.0
@@ -643,19 +643,7 @@ def _gaussians(
     if given:
         scale = umeyama_scale(camera_centers(predicted.cpu().numpy()), camera_centers(extrinsics))
     target = torch.as_tensor(extrinsics, dtype=torch.float32, device=predicted.device)
-    maps = reframe(output.gaussians.entry(sample), predicted, target, scale)
-
-    def array(tensor: torch.Tensor) -> np.ndarray:
-        return tensor.float().cpu().numpy()
-
-    return Gaussians(
-        means=array(maps.means),
-        scales=array(maps.scales),
-        rotations=array(maps.rotations),
-        opacities=array(maps.opacities),
-        colors=array(0.5 + SH_C0 * maps.harmonics[..., 0]),
-        sh_rest=array(maps.harmonics[..., 1:]) if maps.harmonics.shape[-1] > 1 else None,
-    )
+    return gaussian_arrays(reframe(output.gaussians.entry(sample), predicted, target, scale))
 
 
 def _numpy(tensor: torch.Tensor | None, sample: int) -> np.ndarray | None:

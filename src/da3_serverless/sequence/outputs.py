@@ -42,6 +42,7 @@ class FrameStore:
     size: tuple[int, int] | None = None  # (width, height) of the last frame
     sizes: set[tuple[int, int]] = field(default_factory=set)
     scene: Any = None  # the scene collector when a scene file is asked (sequence/scene.py)
+    gaussians: Any = None  # the Gaussians' collector with gaussians_ply (sequence/gaussians.py)
     keep_images: bool = False
     shapes: list[tuple[int, int]] = field(default_factory=list)  # each frame's (height, width)
 

@@ -16,15 +16,16 @@ from pathlib import Path
 from da3_serverless.api.budget import Budget, estimate_cost
 from da3_serverless.api.errors import ServiceError
 from da3_serverless.api.job import JobInfo
-from da3_serverless.api.outputs import EXTRAS, Artifact
+from da3_serverless.api.outputs import EXTRAS, Artifact, wants_gaussians
 from da3_serverless.api.placement import place_outputs
-from da3_serverless.api.schema import SCENE_OUTPUTS, SCHEMA_VERSION, RunRequest
+from da3_serverless.api.schema import GAUSSIAN_OUTPUT, SCENE_OUTPUTS, SCHEMA_VERSION, RunRequest
 from da3_serverless.api.storage import OutputStore, Saved
 from da3_serverless.config import Settings
 from da3_serverless.inference.cancel import CancelToken
 from da3_serverless.inference.prediction import Prediction
 from da3_serverless.inference.predictor import Predictor
 from da3_serverless.sequence.assemble import AlignedChunk, Assembler
+from da3_serverless.sequence.gaussians import GaussianCollector
 from da3_serverless.sequence.outputs import (
     FrameStore,
     depth_frames_zip,
@@ -104,10 +105,7 @@ def _chunking(context: SequenceContext, request: RunRequest, source: FrameSource
     """(chunk_size, overlap): the request's, else the largest chunk the budget admits (at
     most MAX_DEFAULT_CHUNK) and half of it; a chunk of the chosen size must fit the budget."""
     size = request.chunk_size or _largest_chunk(context, request, source)
-    cost = estimate_cost(
-        context.model_id, request.process_res, [(source.width, source.height)] * size
-    )
-    context.budget.check(cost)  # the budget prices a sequence per chunk
+    context.budget.check(_chunk_cost(context, request, source, size))  # priced per chunk
     overlap = request.overlap or max(default_overlap(size), 1)
     if overlap >= size:
         raise ServiceError(
@@ -117,14 +115,22 @@ def _chunking(context: SequenceContext, request: RunRequest, source: FrameSource
 
 
 def _largest_chunk(context: SequenceContext, request: RunRequest, source: FrameSource) -> int:
-    frame = (source.width, source.height)
     best = 2
     for size in range(2, MAX_DEFAULT_CHUNK + 1):
-        cost = estimate_cost(context.model_id, request.process_res, [frame] * size)
-        if cost.tokens > context.budget.tokens or cost.pixels > context.budget.pixels:
+        cost = _chunk_cost(context, request, source, size)
+        if cost.tokens > context.budget.tokens or cost.host_pixels > context.budget.pixels:
             break
         best = size
     return best
+
+
+def _chunk_cost(context: SequenceContext, request: RunRequest, source: FrameSource, size: int):
+    """A chunk of `size` frames priced as a request of those frames, with its Gaussians as a
+    single request prices `gaussians_ply` (every frame's cells held and filtered, up to
+    `max_points` written)."""
+    gaussians = request.max_points if wants_gaussians(request) else None
+    frames = [(source.width, source.height)] * size
+    return estimate_cost(context.model_id, request.process_res, frames, None, gaussians)
 
 
 def _run_chunks(context, request, predictor, source, frames, chunking):
@@ -134,6 +140,8 @@ def _run_chunks(context, request, predictor, source, frames, chunking):
     assembler = Assembler(overlap)
     if any(name in SCENE_OUTPUTS for name in request.outputs):
         frames.scene = SceneCollector(request, source.planned)
+    if wants_gaussians(request):
+        frames.gaussians = GaussianCollector(request, source.planned)
     frames.keep_images = "colmap" in request.outputs
     summaries: list[dict] = []
     is_metric, units = False, "relative"
@@ -150,6 +158,8 @@ def _run_chunks(context, request, predictor, source, frames, chunking):
         if frames.scene is not None:
             sky = None if prediction.sky is None else prediction.sky[chunk.overlap :]
             frames.scene.add(aligned, sky, owned)
+        if frames.gaussians is not None:
+            frames.gaussians.add(aligned, prediction)
         is_metric, units = prediction.is_metric, prediction.units
         summary = _summary(aligned, len(frames), source.planned, time.perf_counter() - started)
         summary["align_ms"] = round(aligning * 1000, 3)
@@ -174,6 +184,7 @@ def _predict(
             images, process_res=request.process_res, use_ray_pose=request.use_ray_pose,
             intrinsics=intrinsics, focal_length_px=request.focal_length_px,
             metric=request.output_metric, cancel=context.cancel,
+            gaussians=wants_gaussians(request),
         )  # fmt: skip
     except ValueError as error:
         raise ServiceError("invalid_input", str(error)) from None
@@ -223,8 +234,13 @@ def _respond(context: SequenceContext, request: RunRequest, frames: FrameStore, 
         for name in (name for name in request.outputs if name in SCENE_OUTPUTS):
             data = frames.scene.write(name, frames, units)
             artifacts.append(Artifact(None, name, data, *EXTRAS[name]))
-    saved: list[Saved] = []
     warnings: list[str] = []
+    if frames.gaussians is not None:
+        data = frames.gaussians.write(units)
+        fields = {"gaussians": frames.gaussians.summary()}
+        artifacts.append(Artifact(None, GAUSSIAN_OUTPUT, data, *EXTRAS[GAUSSIAN_OUTPUT], fields))
+        warnings += frames.gaussians.warnings
+    saved: list[Saved] = []
     try:
         placed = place_outputs(
             artifacts, 1, context.store,
