@@ -23,6 +23,7 @@ import torch
 from scipy.spatial.transform import Rotation
 
 from conftest import TEST_API_KEY, offline_settings
+from da3_serverless.api.budget import Budget, estimate_cost
 from da3_serverless.api.errors import ServiceError
 from da3_serverless.api.job import JobInfo
 from da3_serverless.api.schema import RunResponse, parse_request
@@ -30,12 +31,14 @@ from da3_serverless.inference.cancel import CancelToken
 from da3_serverless.inference.gaussians import moved_gaussians
 from da3_serverless.inference.prediction import Gaussians, Prediction
 from da3_serverless.inference.preprocess import processing_size
-from da3_serverless.model.spherical_harmonics import basis
+from da3_serverless.model.spherical_harmonics import SH_C0, basis
 from da3_serverless.sequence.assemble import Assembler, world_points
 from da3_serverless.sequence.gaussians import GaussianCollector
+from da3_serverless.sequence.pipeline import run_sequence
 from da3_serverless.sequence.plan import plan_chunks
 from da3_serverless.service import Service
 from sequence_scene import HEIGHT, WIDTH, oracle_chunk, random_sim3, room_scene
+from sequence_standin import standin_context
 from test_gaussians_output import COMPACT, INRIA, read_gaussians, still_snapshot, xyz  # noqa: F401
 from videos import constant_rate, make_video
 
@@ -59,7 +62,7 @@ def _matrices(quaternions: np.ndarray) -> np.ndarray:
 def _colour(gaussians: Gaussians, directions: np.ndarray) -> np.ndarray:
     """Each Gaussian's SH colour (degrees 0..2) seen along its own direction: (M, 3)."""
     coefficients = np.concatenate(
-        [((gaussians.colors - 0.5) / 0.28209479177387814)[..., None], gaussians.sh_rest], -1
+        [((gaussians.colors - 0.5) / SH_C0)[..., None], gaussians.sh_rest], -1
     ).reshape(-1, 3, 9)
     values = basis(torch.from_numpy(directions)).numpy()  # (M, 9)
     return np.einsum("mcn,mn->mc", coefficients, values)
@@ -236,3 +239,28 @@ def test_gaussians_of_a_sequence_need_the_head(hf_cache, tmp_path, video):
         service.handle(_video_request(video))
     assert caught.value.code == "invalid_input"
     assert not _files(service)
+
+
+def test_a_chunk_is_priced_with_its_gaussians(tmp_path, video):
+    """The budget prices a sequence per chunk, and a chunk with its Gaussians as a single
+    request of its frames with gaussians_ply: a budget that admits the chunk's maps but not its
+    Gaussians refuses the request before any frame is predicted, naming gaussians_ply."""
+    frames = [(VIDEO_W, VIDEO_H)] * CHUNK
+    plain = estimate_cost("stand-in", PROCESS_RES, frames)
+    with_gaussians = estimate_cost("stand-in", PROCESS_RES, frames, None, 3000)
+    assert with_gaussians.host_pixels > plain.host_pixels
+    context = standin_context(offline_settings(None, tmp_path))
+    context.budget = Budget(10**9, with_gaussians.host_pixels - 1)
+    fields = {"max_points": 3000, "api_key": None}
+    response = run_sequence(
+        context, parse_request(_video_request(video, **fields, outputs=["trajectory"]))
+    )
+    assert response["sequence"]["chunk_size"] == CHUNK
+    with pytest.raises(ServiceError, match="gaussians_ply") as caught:
+        run_sequence(context, parse_request(_video_request(video, **fields)))
+    assert caught.value.code == "request_too_large"
+    assert not _files_in(tmp_path)
+
+
+def _files_in(workspace) -> list:
+    return [p for p in (workspace / "sequences").rglob("*") if p.is_file()]
