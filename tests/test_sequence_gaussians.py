@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import math
 import zipfile
 
 import numpy as np
@@ -23,11 +24,12 @@ import torch
 from scipy.spatial.transform import Rotation
 
 from conftest import TEST_API_KEY, offline_settings
-from da3_serverless.api.budget import Budget, estimate_cost
+from da3_serverless.api.budget import HOST_BYTES_PER_PIXEL, Budget, estimate_cost
 from da3_serverless.api.errors import ServiceError
 from da3_serverless.api.job import JobInfo
 from da3_serverless.api.schema import RunResponse, parse_request
-from da3_serverless.inference.cancel import CancelToken
+from da3_serverless.exports.gaussians import FILE_BYTES_PER_GAUSSIAN
+from da3_serverless.inference.cancel import Cancelled, CancelToken
 from da3_serverless.inference.gaussians import moved_gaussians
 from da3_serverless.inference.prediction import Gaussians, Prediction
 from da3_serverless.inference.preprocess import processing_size
@@ -241,24 +243,33 @@ def test_gaussians_of_a_sequence_need_the_head(hf_cache, tmp_path, video):
     assert not _files(service)
 
 
-def test_a_chunk_is_priced_with_its_gaussians(tmp_path, video):
+@pytest.mark.parametrize("max_points", [3000, 20_000])
+def test_a_chunk_is_priced_with_its_gaussians(tmp_path, video, max_points):
     """The budget prices a sequence per chunk, and a chunk with its Gaussians as a single
-    request of its frames with gaussians_ply: a budget that admits the chunk's maps but not its
-    Gaussians refuses the request before any frame is predicted, naming gaussians_ply."""
+    request of its frames with gaussians_ply, its file holding up to max_points of every planned
+    frame's cells (3000: fewer than a chunk's 4 x CELLS; 20,000: more, past one chunk's). A
+    budget one pixel short refuses the request before any frame is predicted, naming
+    gaussians_ply; the exact price passes the budget (and stops at the cancel after it)."""
     frames = [(VIDEO_W, VIDEO_H)] * CHUNK
-    plain = estimate_cost("stand-in", PROCESS_RES, frames)
-    with_gaussians = estimate_cost("stand-in", PROCESS_RES, frames, None, 3000)
-    assert with_gaussians.host_pixels > plain.host_pixels
+    chunk = estimate_cost("stand-in", PROCESS_RES, frames, None, max_points)
+    written = min(max_points, FRAMES * CELLS) - min(max_points, CHUNK * CELLS)
+    price = chunk.host_pixels + math.ceil(written * FILE_BYTES_PER_GAUSSIAN / HOST_BYTES_PER_PIXEL)
+    assert chunk.host_pixels > estimate_cost("stand-in", PROCESS_RES, frames).host_pixels
+    assert (price > chunk.host_pixels) == (max_points > CHUNK * CELLS)
+    fields = {"max_points": max_points, "api_key": None}
+    request = parse_request(_video_request(video, **fields))
+    trajectory = parse_request(_video_request(video, **fields, outputs=["trajectory"]))
     context = standin_context(offline_settings(None, tmp_path))
-    context.budget = Budget(10**9, with_gaussians.host_pixels - 1)
-    fields = {"max_points": 3000, "api_key": None}
-    response = run_sequence(
-        context, parse_request(_video_request(video, **fields, outputs=["trajectory"]))
-    )
-    assert response["sequence"]["chunk_size"] == CHUNK
+    context.budget = Budget(10**9, price - 1)
+    assert run_sequence(context, trajectory)["sequence"]["chunk_size"] == CHUNK
     with pytest.raises(ServiceError, match="gaussians_ply") as caught:
-        run_sequence(context, parse_request(_video_request(video, **fields)))
+        run_sequence(context, request)
     assert caught.value.code == "request_too_large"
+    context.budget = Budget(10**9, price)
+    context.cancel = CancelToken()  # the first run committed its token
+    context.cancel.cancel("after the budget")
+    with pytest.raises(Cancelled):
+        run_sequence(context, request)
     assert not _files_in(tmp_path)
 
 

@@ -7,13 +7,14 @@ calls `run_sequence` for a request with `is_sequence`; nothing here knows a tran
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from da3_serverless.api.budget import Budget, estimate_cost
+from da3_serverless.api.budget import HOST_BYTES_PER_PIXEL, Budget, estimate_cost
 from da3_serverless.api.errors import ServiceError
 from da3_serverless.api.job import JobInfo
 from da3_serverless.api.outputs import EXTRAS, Artifact, wants_gaussians
@@ -21,6 +22,7 @@ from da3_serverless.api.placement import place_outputs
 from da3_serverless.api.schema import GAUSSIAN_OUTPUT, SCENE_OUTPUTS, SCHEMA_VERSION, RunRequest
 from da3_serverless.api.storage import OutputStore, Saved
 from da3_serverless.config import Settings
+from da3_serverless.exports.gaussians import FILE_BYTES_PER_GAUSSIAN
 from da3_serverless.inference.cancel import CancelToken
 from da3_serverless.inference.prediction import Prediction
 from da3_serverless.inference.predictor import Predictor
@@ -127,10 +129,17 @@ def _largest_chunk(context: SequenceContext, request: RunRequest, source: FrameS
 def _chunk_cost(context: SequenceContext, request: RunRequest, source: FrameSource, size: int):
     """A chunk of `size` frames priced as a request of those frames, with its Gaussians as a
     single request prices `gaussians_ply` (every frame's cells held and filtered, up to
-    `max_points` written)."""
+    `max_points` written), except that the one file written at the end holds up to
+    `max_points` of every planned frame's cells, not of one chunk's."""
     gaussians = request.max_points if wants_gaussians(request) else None
     frames = [(source.width, source.height)] * size
-    return estimate_cost(context.model_id, request.process_res, frames, None, gaussians)
+    cost = estimate_cost(context.model_id, request.process_res, frames, None, gaussians)
+    if gaussians is None:
+        return cost
+    per_frame = cost.grid[0] * cost.grid[1]
+    written = min(gaussians, source.planned * per_frame) - min(gaussians, size * per_frame)
+    extra = math.ceil(max(written, 0) * FILE_BYTES_PER_GAUSSIAN / HOST_BYTES_PER_PIXEL)
+    return replace(cost, gaussian_pixels=cost.gaussian_pixels + extra)
 
 
 def _run_chunks(context, request, predictor, source, frames, chunking):
