@@ -149,6 +149,33 @@ def test_the_collector_writes_each_owned_frame_once_on_the_truth():
     assert collector.summary()["removed"] == dict.fromkeys(collector.removed, 0)
 
 
+def test_the_collector_holds_at_most_max_points_however_long_the_sequence():
+    """Memory bounded by max_points, not by the sequence's length: over 40 frames (19 chunks)
+    only the kept Gaussians stay (each chunk at most its share, max_points x frames owned /
+    frames planned, rounded), and the file holds at most max_points."""
+    rng = np.random.default_rng(5)
+    frames, max_points = 40, 600
+    scene = room_scene(frames)
+    assembler = Assembler(OVERLAP)
+    collector = GaussianCollector(_request(max_points=max_points), frames)
+    chunks = plan_chunks(frames, CHUNK, OVERLAP)
+    for chunk in chunks:
+        prediction = _oracle_chunk_prediction(scene, chunk, random_sim3(rng), rng)
+        collector.add(assembler.add(chunk, prediction), prediction)
+        share = round(max_points * len(chunk.owned) / frames)
+        assert 0 < len(collector.parts[-1]) <= share
+    held = sum(len(part) for part in collector.parts)
+    assert held <= max_points + len(chunks)  # each share rounded at most half a Gaussian up
+    per_gaussian = sum(np.asarray(v).nbytes for v in vars(collector.parts[0]).values()) / len(
+        collector.parts[0]
+    )
+    assert per_gaussian == 4 * (3 + 3 + 4 + 1 + 3 + 3 * 8)  # float32, degrees 1-2 kept
+    vertices, _ = read_gaussians(collector.write("relative"))
+    assert 0 < len(vertices) == collector.summary()["points"] <= max_points
+    removed = collector.summary()["removed"]
+    assert sum(removed.values()) + len(vertices) == frames * HEIGHT * WIDTH
+
+
 # ---- through the service: a random da3-small with the Gaussian head, a synthetic video ------
 
 PROCESS_RES = 56
