@@ -3,6 +3,7 @@ leaves the folder, and uploads to a real S3 API (moto's server on 127.0.0.1)."""
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 import time
@@ -66,6 +67,89 @@ def test_disk_full_leaves_nothing_behind(
         store.save(b"x" * 100_000, ".png")
     assert made and not made[0].exists()
     assert list(store.root.iterdir()) == []
+
+
+def _other_filesystem(monkeypatch: pytest.MonkeyPatch, root: Path) -> None:
+    """Renames from outside `root` fail with EXDEV, as the kernel answers a rename across
+    filesystems (the volume on another disk than the sequence's scratch folder)."""
+    rename = os.replace
+
+    def replace(source, target) -> None:
+        if Path(source).parent != root:
+            raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+        rename(source, target)
+
+    monkeypatch.setattr(os, "replace", replace)
+
+
+def test_save_file_moves_it_into_the_folder(store: OutputStore, tmp_path: Path) -> None:
+    source = tmp_path / "scratch" / "depth_video.mkv"
+    source.parent.mkdir()
+    source.write_bytes(b"matroska" * 1000)
+    os.chmod(source, 0o600)
+    path = store.save_file(source, ".mkv")
+    assert path.parent == store.root and path.suffix == ".mkv" and len(path.stem) == 32
+    assert path.read_bytes() == b"matroska" * 1000
+    assert oct(path.stat().st_mode & 0o777) == oct(0o644)
+    assert not source.exists()
+    assert list(store.root.iterdir()) == [path]
+
+
+def test_save_file_copies_across_filesystems(
+    store: OutputStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Across filesystems the file is copied in chunks into a temporary file, renamed, and
+    the source removed; the copy is byte-identical, several chunks long."""
+    data = os.urandom(2 * storage.COPY_CHUNK + 123)
+    source = tmp_path / "frames.zip"
+    source.write_bytes(data)
+    _other_filesystem(monkeypatch, store.root)
+    path = store.save_file(source, ".zip")
+    assert path.read_bytes() == data
+    assert oct(path.stat().st_mode & 0o777) == oct(0o644)
+    assert not source.exists()
+    assert list(store.root.iterdir()) == [path]
+
+
+def test_save_file_to_unwritable_folder_keeps_the_source(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_bytes(b"")
+    source = tmp_path / "frames.zip"
+    source.write_bytes(b"zip")
+    store = OutputStore(Settings(workspace=blocker))
+    with pytest.raises(StorageError, match="could not save an output file"):
+        store.save_file(source, ".zip")
+    assert source.read_bytes() == b"zip"
+
+
+def test_save_file_missing_source_is_a_storage_error(store: OutputStore, tmp_path: Path) -> None:
+    with pytest.raises(StorageError, match="No such file"):
+        store.save_file(tmp_path / "gone.zip", ".zip")
+    assert list(store.root.iterdir()) == []
+
+
+def test_save_file_disk_full_leaves_no_partial_copy(
+    store: OutputStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A copy across filesystems onto a full disk (/dev/full) leaves nothing in the folder and
+    the source in place."""
+    source = tmp_path / "frames.zip"
+    source.write_bytes(b"x" * 100_000)
+    _other_filesystem(monkeypatch, store.root)
+    made: list[Path] = []
+
+    def full_mkstemp(dir: Path, prefix: str, suffix: str) -> tuple[int, str]:
+        path = Path(dir) / f"{prefix}full{suffix}"
+        path.touch()
+        made.append(path)
+        return os.open("/dev/full", os.O_WRONLY), str(path)
+
+    monkeypatch.setattr(tempfile, "mkstemp", full_mkstemp)
+    with pytest.raises(StorageError, match="No space left on device"):
+        store.save_file(source, ".zip")
+    assert made and not made[0].exists()
+    assert list(store.root.iterdir()) == []
+    assert source.stat().st_size == 100_000
 
 
 def age(path: Path, days: float, now: float) -> None:
@@ -226,6 +310,32 @@ def test_upload_to_s3(s3_endpoint: str, tmp_path: Path) -> None:
     assert response.status_code == 200
     assert response.content == b"\x89PNG depth"
     assert response.headers["content-type"] == "image/png"
+
+
+def test_upload_a_file_to_s3(s3_endpoint: str, tmp_path: Path) -> None:
+    """A file is streamed to the bucket (past boto3's 8 MB threshold: in parts) under the same
+    key as bytes would be, listed in `saved`, and read back whole through its URL; the file
+    stays where it was. A missing file is a StorageError."""
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint, aws_access_key_id="testing",
+                      aws_secret_access_key="secret", region_name="us-east-1")  # fmt: skip
+    s3.create_bucket(Bucket="da3-outputs")
+    store = OutputStore(bucket_settings(s3_endpoint, tmp_path, "da3-outputs"))
+    data = os.urandom(9 * 1024 * 1024)
+    source = tmp_path / "depth_video.mkv"
+    source.write_bytes(data)
+    saved: list = []
+    url = store.upload(source, "depth_video.mkv", "video/x-matroska", saved, job_id="job-7")
+    day = time.strftime("%Y-%m-%d", time.gmtime())
+    assert saved == [storage.BucketObject(f"{day}/job-7/depth_video.mkv")]
+    response = httpx.get(url)
+    assert response.status_code == 200 and response.content == data
+    assert response.headers["content-type"] == "video/x-matroska"
+    assert source.read_bytes() == data
+    with pytest.raises(StorageError, match="could not upload an output to bucket 'da3-outputs'"):
+        store.upload(tmp_path / "gone.mkv", "gone.mkv", "video/x-matroska", saved)
+    assert len(saved) == 1
 
 
 def test_upload_failure_is_a_storage_error_without_secrets(

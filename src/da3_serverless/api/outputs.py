@@ -5,6 +5,7 @@ of the prediction; where each output goes is `api/placement.py`'s job."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -39,14 +40,26 @@ DEPTH_MEDIA = (".png", "image/png")
 @dataclass
 class Artifact:
     """One encoded output, before it is placed inline, on the volume or a bucket: of one view,
-    or of the whole scene (`view` None, top level of the response only)."""
+    or of the whole scene (`view` None, top level of the response only). `data` is the bytes,
+    or a file on disk (`Path`) for outputs that grow with a sequence's length: placement sizes
+    the file by its length, reads it only to put it inline and otherwise moves it to the volume
+    (the file is the artifact's own: placement may move it away)."""
 
     view: int | None
     name: str  # "depth" or an EXTRAS key
-    data: bytes
+    data: bytes | Path
     suffix: str
     media_type: str
     fields: dict = field(default_factory=dict)  # response fields that go with it (depth range)
+
+    @property
+    def size(self) -> int:
+        """The encoded output's length in bytes (of the file: its size on disk)."""
+        return len(self.data) if isinstance(self.data, bytes) else self.data.stat().st_size
+
+    def read(self) -> bytes:
+        """The encoded output in memory (a file's whole content: for inline outputs only)."""
+        return self.data if isinstance(self.data, bytes) else self.data.read_bytes()
 
 
 def view_skeleton(prediction: Prediction, index: int) -> dict:

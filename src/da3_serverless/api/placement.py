@@ -7,6 +7,10 @@ view 0 at the top level, so its payloads count twice, while the scene outputs (t
 `scene_ply`, `scene_glb`, `colmap`, `gaussians_ply`) count once. What does not fit is saved on
 the volume and uploaded to the bucket when one is configured. The depth PNG is always saved on
 the volume too, and goes inline regardless when it cannot be stored anywhere: it is the answer.
+
+An artifact may be a file on disk (a sequence's outputs, whose size grows with its length): it
+is sized from the file, read into memory only when it goes inline (so within the response
+budget), and otherwise streamed to the bucket and moved onto the volume, never read whole.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ def fit_inline(
     rank = {name: position for position, name in enumerate(order)}
     inline = set()
     for artifact in sorted(artifacts, key=lambda a: (a.name != "depth", rank.get(a.name, 0))):
-        size = 4 * ((len(artifact.data) + 2) // 3)
+        size = 4 * ((artifact.size + 2) // 3)
         if artifact.view is not None and artifact.view == repeated_view:
             size *= 2
         if size <= budget:
@@ -89,7 +93,7 @@ def place_outputs(
             continue
         if not entry.keys() & {"base64", "path", "url"}:
             # Nowhere to store it: the depth map is the answer, so it goes inline.
-            entry["base64"] = base64.b64encode(artifact.data).decode("ascii")
+            entry["base64"] = base64.b64encode(artifact.read()).decode("ascii")
             warnings.append("the depth map could not be stored, so it is inline")
         target["image_base64"] = entry.get("base64")
         target["file_path"] = entry.get("path")
@@ -117,7 +121,7 @@ def _place(
     saved, warnings, job, name = context
     entry: dict = {"media_type": artifact.media_type}
     if inline:
-        entry["base64"] = base64.b64encode(artifact.data).decode("ascii")
+        entry["base64"] = base64.b64encode(artifact.read()).decode("ascii")
     if not inline and (store.has_bucket or job.bucket is not None):
         try:
             entry["url"] = store.upload(
@@ -127,7 +131,10 @@ def _place(
             warnings.append(f"could not upload {artifact.name} to the bucket: {error}")
     if artifact.name == "depth" or not inline:
         try:
-            path = store.save(artifact.data, artifact.suffix)
+            if isinstance(artifact.data, bytes):
+                path = store.save(artifact.data, artifact.suffix)
+            else:  # moved, after any upload above read it
+                path = store.save_file(artifact.data, artifact.suffix)
             saved.append(path)
             entry["path"] = str(path)
         except StorageError as error:

@@ -8,18 +8,21 @@ comes back. Files are only ever written, removed or pruned directly inside `outp
 from __future__ import annotations
 
 import contextlib
+import errno
+import io
 import logging
 import os
 import re
+import shutil
 import stat
 import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 from urllib.parse import urlsplit
 
 from da3_serverless.config import Settings
@@ -30,6 +33,10 @@ PRUNE_INTERVAL_S = 3600.0
 PRESIGNED_URL_TTL_S = 7 * 24 * 3600  # the longest S3 allows, as RunPod's own upload helper uses
 _SUFFIX = re.compile(r"\.[A-Za-z0-9]{1,16}(\.[A-Za-z0-9]{1,16})?")
 _OBJECT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+COPY_CHUNK = 1 << 20  # bytes read at a time when a file is copied
+# Parts of a large upload in flight at once (8 MB each, boto3's default part size): an upload
+# holds at most about this many parts in memory, whatever the file's size.
+UPLOAD_THREADS = 4
 
 
 class StorageError(Exception):
@@ -65,9 +72,15 @@ def _check_suffix(suffix: str) -> None:
         raise ValueError(f"suffix must look like '.png' or '.tar.gz', got {suffix!r}")
 
 
+def _copy(source: Path, out: BinaryIO) -> None:
+    with open(source, "rb") as data:
+        shutil.copyfileobj(data, out, COPY_CHUNK)
+
+
 class OutputStore:
-    """Output files of requests: `save`/`discard` in `settings.output_dir`, `prune` of old ones,
-    optional `upload` to the bucket of `settings.bucket_endpoint_url`."""
+    """Output files of requests: `save` (bytes), `save_file` (a file moved in) and `discard` in
+    `settings.output_dir`, `prune` of old ones, optional `upload` (bytes or a file) to the
+    bucket of `settings.bucket_endpoint_url`."""
 
     def __init__(self, settings: Settings):
         self.root = settings.output_dir
@@ -84,29 +97,62 @@ class OutputStore:
         """Write `data` to `<root>/<uuid4 hex><suffix>` atomically (a temporary file in the same
         folder, fsync, rename) and return the path. Raises `StorageError` (read-only or missing
         volume, disk full, ...), leaving no partial file behind."""
-        _check_suffix(suffix)
-        final = self.root / f"{uuid.uuid4().hex}{suffix}"
+        return self._write(suffix, lambda out: out.write(data))
+
+    def save_file(self, source: Path, suffix: str) -> Path:
+        """Move the file `source` to `<root>/<uuid4 hex><suffix>` and return the new path,
+        without reading it into memory: a rename when it is on the volume's filesystem (after
+        an fsync), else a copy in chunks as `save` writes (temporary file, fsync, rename), then
+        the source is removed. Raises `StorageError`, leaving no partial file behind and the
+        source where it was."""
+        final = self._new_path(suffix)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with open(source, "rb") as data:
+                os.fsync(data.fileno())
+            os.chmod(source, 0o644)
+            os.replace(source, final)
+            return final
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise self._error(exc) from None
+        final = self._write(suffix, lambda out: _copy(source, out))
+        with contextlib.suppress(OSError):
+            os.unlink(source)
+        return final
+
+    def _write(self, suffix: str, write: Callable[[BinaryIO], object]) -> Path:
+        """`write` into a temporary file in the root, fsync, then rename it to `<root>/<uuid4
+        hex><suffix>`: the one way `save` and `save_file` write. Raises `StorageError`."""
+        final = self._new_path(suffix)
         tmp: str | None = None
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp-", suffix=suffix)
             with os.fdopen(fd, "wb") as out:
-                out.write(data)
+                write(out)
                 out.flush()
                 os.fsync(out.fileno())
             os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs are meant to be read by others
             os.replace(tmp, final)
             tmp = None
         except OSError as exc:
-            raise StorageError(
-                f"could not save an output file in {self.root}: {exc.strerror or exc} "
-                "(check that the volume is mounted, writable and not full)"
-            ) from None
+            raise self._error(exc) from None
         finally:
             if tmp is not None:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
         return final
+
+    def _new_path(self, suffix: str) -> Path:
+        _check_suffix(suffix)
+        return self.root / f"{uuid.uuid4().hex}{suffix}"
+
+    def _error(self, exc: OSError) -> StorageError:
+        return StorageError(
+            f"could not save an output file in {self.root}: {exc.strerror or exc} "
+            "(check that the volume is mounted, writable and not full)"
+        )
 
     def _inside(self, path: Path) -> bool:
         """True when `path` names an entry directly inside the root (the entry itself may be a
@@ -175,7 +221,7 @@ class OutputStore:
 
     def upload(
         self,
-        data: bytes,
+        data: bytes | Path,
         name: str,
         media_type: str,
         saved: list | None = None,
@@ -183,8 +229,9 @@ class OutputStore:
         job_id: str | None = None,
         bucket: Bucket | None = None,
     ) -> str:
-        """Put `data` in the bucket as `<YYYY-MM-DD>/<job_id>/<name>` (a fresh id when there is
-        no job; the date first, for lifecycle rules) and return a presigned GET URL valid for 7
+        """Put `data` (bytes, or a file streamed from disk) in the bucket as
+        `<YYYY-MM-DD>/<job_id>/<name>` (a fresh id when there is no job; the date first, for
+        lifecycle rules; large files in parts) and return a presigned GET URL valid for 7
         days; the object is appended to `saved` (as a `BucketObject`) once it is in the bucket.
         `bucket`: the job's own (RunPod's s3Config) instead of the configured one. Raises
         `StorageError`."""
@@ -195,6 +242,7 @@ class OutputStore:
                 "no bucket configured: set BUCKET_ENDPOINT_URL, BUCKET_ACCESS_KEY_ID and "
                 "BUCKET_SECRET_ACCESS_KEY to upload outputs"
             )
+        from boto3.s3.transfer import TransferConfig
         from botocore.exceptions import BotoCoreError, ClientError
 
         folder = job_id if job_id and _OBJECT_NAME.fullmatch(job_id) else uuid.uuid4().hex
@@ -204,14 +252,18 @@ class OutputStore:
             target = bucket or self._configured_bucket()  # a malformed endpoint fails here
             where = target.name
             client = self._client(target)
-            client.put_object(Bucket=target.name, Key=key, Body=data, ContentType=media_type)
+            with io.BytesIO(data) if isinstance(data, bytes) else open(data, "rb") as body:
+                client.upload_fileobj(
+                    body, target.name, key, ExtraArgs={"ContentType": media_type},
+                    Config=TransferConfig(max_concurrency=UPLOAD_THREADS),
+                )  # fmt: skip
             if saved is not None:
                 saved.append(BucketObject(key, bucket))
             return client.generate_presigned_url(
                 "get_object", Params={"Bucket": target.name, "Key": key},
                 ExpiresIn=PRESIGNED_URL_TTL_S,
             )  # fmt: skip
-        except (BotoCoreError, ClientError, ValueError) as exc:
+        except (BotoCoreError, ClientError, ValueError, OSError) as exc:
             endpoint = bucket.endpoint if bucket else self._settings.bucket_endpoint_url
             host = urlsplit(endpoint or "").hostname
             setting = "the job's s3Config" if bucket else "BUCKET_ENDPOINT_URL"
