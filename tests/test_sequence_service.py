@@ -9,6 +9,7 @@ import base64
 import io
 import json
 import zipfile
+from pathlib import Path
 
 import av
 import numpy as np
@@ -18,13 +19,15 @@ from PIL import Image
 from conftest import TEST_API_KEY, offline_settings
 from da3_serverless.api.errors import ServiceError
 from da3_serverless.api.job import JobInfo
-from da3_serverless.api.schema import RunResponse
+from da3_serverless.api.schema import RunResponse, parse_request
 from da3_serverless.api.video import Sampling, iter_frames, open_video
 from da3_serverless.inference.cancel import CancelToken
+from da3_serverless.sequence.pipeline import run_sequence
 from da3_serverless.sequence.plan import plan_chunks
 from da3_serverless.service import Service
 from js_tools import read_glb_in_node
 from paths import IMAGES
+from sequence_standin import standin_context
 from test_scene import check_colmap, read_colmap, read_glb, read_ply
 from videos import constant_rate, make_video
 
@@ -302,6 +305,69 @@ def test_a_stream_without_duration_runs_or_stops_at_the_limit_leaving_no_file(hf
     assert not list((settings.workspace_dir / "sequences").iterdir())
     outputs = settings.output_dir
     assert not outputs.exists() or not [p for p in outputs.rglob("*") if p.is_file()]
+
+
+def test_outputs_as_paths_are_files_moved_from_the_frames_folder(service, video, chunked):
+    """With `return_base64` false each output is a file on the volume, moved there from the
+    job's frames folder (never read whole into memory), with the inline answer's content."""
+    outputs = service.settings.output_dir
+    before = set(outputs.iterdir()) if outputs.exists() else set()
+    response = service.handle(_request(video, return_base64=False))
+    entries = [response[name] for name in ("trajectory", "depth_frames", "depth_video")]
+    assert all("base64" not in entry for entry in entries)
+    paths = {Path(entry["path"]) for entry in entries}
+    assert set(outputs.iterdir()) - before == paths
+    with zipfile.ZipFile(response["depth_frames"]["path"]) as archive:
+        inline = _zip(chunked[0]["depth_frames"])
+        assert archive.namelist() == inline.namelist()
+        assert archive.read("frames.json") == inline.read("frames.json")
+    with av.open(response["depth_video"]["path"]) as container:
+        assert sum(1 for _ in container.decode(video=0)) == 10
+    assert not list((service.settings.workspace_dir / "sequences").iterdir())
+
+
+def _standin(tmp_path, video: bytes, **settings) -> tuple[dict, object]:
+    """A sequence request through the stand-in network (no model): 10 frames in chunks of 4."""
+    config = offline_settings(None, tmp_path / "ws", **settings)
+    payload = {key: value for key, value in _request(video).items() if key != "api_key"}
+    payload["return_base64"] = settings.get("max_response_bytes") is not None
+    response = run_sequence(standin_context(config), parse_request(payload, config))
+    return response, config
+
+
+def test_outputs_that_cannot_be_saved_leave_no_file(tmp_path, video):
+    """An unwritable volume (its folder is a file): each output is reported in a warning, and
+    the frames folder with the outputs' files in it is gone."""
+    (tmp_path / "ws").mkdir()
+    (tmp_path / "ws" / "output_images").write_bytes(b"")  # not a folder
+    response, config = _standin(tmp_path, video)
+    for name in ("trajectory", "depth_frames", "depth_video"):
+        assert response[name] == {"media_type": response[name]["media_type"]}
+        assert any(f"could not save {name} on the volume" in w for w in response["warnings"])
+    assert not list((config.workspace_dir / "sequences").iterdir())
+
+
+def test_outputs_past_the_response_budget_go_to_the_bucket_and_volume(tmp_path, video, s3_endpoint):
+    """Under a small MAX_RESPONSE_BYTES the trajectory goes inline (read from its file) and
+    the rest is uploaded from the file, then moved to the volume: the URL serves the file."""
+    import boto3
+    import httpx
+
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint, aws_access_key_id="testing",
+                      aws_secret_access_key="secret", region_name="us-east-1")  # fmt: skip
+    s3.create_bucket(Bucket="sequences")
+    response, config = _standin(
+        tmp_path, video, max_response_bytes=20_000, bucket_endpoint_url=f"{s3_endpoint}/sequences",
+        bucket_access_key_id="testing", bucket_secret_access_key="secret",
+    )  # fmt: skip
+    trajectory = zipfile.ZipFile(io.BytesIO(base64.b64decode(response["trajectory"]["base64"])))
+    assert len(trajectory.read("trajectory.tum").decode().splitlines()) == 11
+    for name in ("depth_frames", "depth_video"):
+        entry = response[name]
+        assert "base64" not in entry
+        assert httpx.get(entry["url"]).content == Path(entry["path"]).read_bytes()
+    assert len(s3.list_objects_v2(Bucket="sequences")["Contents"]) == 2
+    assert not list((config.workspace_dir / "sequences").iterdir())
 
 
 @pytest.mark.parametrize(

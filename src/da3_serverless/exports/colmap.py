@@ -23,6 +23,7 @@ import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from io import BytesIO
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image
@@ -77,6 +78,21 @@ def colmap_zip(
     """The zip file; `images` are the upright (H, W, 3) uint8 inputs; `text` adds the .txt
     versions of the model; `image_format` "png" (lossless) or "jpg" (JPEG 4:4:4). Raises
     ValueError for intrinsics with skew (not PINHOLE) or another image format."""
+    out = BytesIO()
+    write_colmap_zip(out, points, prediction, images, text, image_format)
+    return out.getvalue()
+
+
+def write_colmap_zip(
+    out: BinaryIO,
+    points: ScenePoints,
+    prediction: Prediction,
+    images: Sequence[np.ndarray],
+    text: bool = False,
+    image_format: str = "png",
+) -> None:
+    """`colmap_zip` written into `out` (a file, for a sequence's many frames): each image is
+    encoded as it is written, so only one is in memory at a time."""
     if image_format not in IMAGE_FORMATS:
         raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, got {image_format!r}")
     cameras = _cameras(prediction)
@@ -94,15 +110,17 @@ def colmap_zip(
         files["sparse/0/cameras.txt"] = _cameras_txt(cameras)
         files["sparse/0/images.txt"] = _images_txt(prediction, names, quaternions, tracks)
         files["sparse/0/points3D.txt"] = _points3d_txt(points, tracks)
-    for name, pixels in zip(names, images, strict=True):
-        files[f"images/{name}"] = _encode_image(pixels, image_format)
-    out = BytesIO()
     with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as archive:
         for name, data in files.items():
-            info = zipfile.ZipInfo(name, date_time=ZIP_DATE)
-            info.external_attr = 0o644 << 16
-            archive.writestr(info, data)
-    return out.getvalue()
+            _add(archive, name, data)
+        for name, pixels in zip(names, images, strict=True):
+            _add(archive, f"images/{name}", _encode_image(pixels, image_format))
+
+
+def _add(archive: zipfile.ZipFile, name: str, data: bytes) -> None:
+    info = zipfile.ZipInfo(name, date_time=ZIP_DATE)
+    info.external_attr = 0o644 << 16
+    archive.writestr(info, data)
 
 
 def _encode_image(pixels: np.ndarray, image_format: str) -> bytes:

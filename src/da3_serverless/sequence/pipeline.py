@@ -278,8 +278,8 @@ WRITERS = {
 
 
 def _artifact(name: str, frames: FrameStore, units: str) -> Artifact:
+    """The output `name` as a file in the store's folder, never read here: placement reads it
+    only to put it inline, else moves it to the volume (the folder goes with `close`)."""
     write, suffix, media_type = WRITERS[name]
-    target = Path(frames.folder) / f"{name}{suffix}"
-    data = write(frames, units, target).read_bytes()
-    target.unlink()
-    return Artifact(None, name, data, suffix, media_type)
+    target = write(frames, units, Path(frames.folder) / f"{name}{suffix}")
+    return Artifact(None, name, target, suffix, media_type)

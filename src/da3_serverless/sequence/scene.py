@@ -5,17 +5,19 @@ chunk thinned to its share of `max_points`; only the kept points stay in memory 
 `max_points`, not by the sequence's length). The files are the single-request exports
 (`exports/ply.py`, `exports/glb.py`, `exports/colmap.py`) of those points and of every frame's
 camera (`FrameStore.cameras`); COLMAP's images are the frames' RGB, kept on disk by the
-`FrameStore` (`keep_images`). A point's COLMAP track is its own pixel only: chunks are fused
-apart, so no merged pixels of other frames are tracked."""
+`FrameStore` (`keep_images`) and written into a zip on disk one at a time. A point's COLMAP
+track is its own pixel only: chunks are fused apart, so no merged pixels of other frames are
+tracked."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
 from da3_serverless.api.schema import RunRequest
-from da3_serverless.exports.colmap import colmap_zip
+from da3_serverless.exports.colmap import write_colmap_zip
 from da3_serverless.exports.glb import scene_glb
 from da3_serverless.exports.ply import scene_ply
 from da3_serverless.exports.points import FILTERS, SceneOptions, ScenePoints, fuse
@@ -73,19 +75,25 @@ class SceneCollector:
             self.removed["voxel"] += extra
         return ScenePoints(**merged, removed=dict(self.removed))
 
-    def write(self, name: str, frames: FrameStore, units: str) -> bytes:
+    def write(self, name: str, frames: FrameStore, units: str) -> bytes | Path:
         """The file `name` ("scene_ply", "scene_glb" or "colmap") of the points and every
-        frame of `frames`; "colmap" needs the store's images (`keep_images`)."""
+        frame of `frames`. The PLY and GLB are bytes: their size is bounded by `max_points`
+        (and a few numbers per camera). "colmap" carries every frame's image, so it grows with
+        the sequence: it is written into the store's folder, one image at a time, and its path
+        returned (it needs the store's images: `keep_images`)."""
         points = self.points()
         if name == "scene_ply":
             return scene_ply(points, units)
         cameras = frames.cameras(units)
         if name == "scene_glb":
             return scene_glb(points, cameras)
-        images = FrameImages(frames)
-        return colmap_zip(
-            points, cameras, images, self.options.colmap_text, self.options.colmap_images
-        )
+        target = Path(frames.folder) / "colmap.zip"
+        with open(target, "wb") as out:
+            write_colmap_zip(
+                out, points, cameras, FrameImages(frames), self.options.colmap_text,
+                self.options.colmap_images,
+            )  # fmt: skip
+        return target
 
     def summary(self) -> dict:
         """The response's `scene` object."""
