@@ -324,6 +324,7 @@ def test_outputs_as_paths_are_files_moved_from_the_frames_folder(service, video,
     with av.open(response["depth_video"]["path"]) as container:
         assert sum(1 for _ in container.decode(video=0)) == 10
     assert not list((service.settings.workspace_dir / "sequences").iterdir())
+    service.store.discard(paths)  # other tests of the module check that no file is left
 
 
 def _standin(tmp_path, video: bytes, **settings) -> tuple[dict, object]:
