@@ -8,8 +8,9 @@ overlaps, the alignment's time per chunk, and peak memory against video length.
 The video is a synthetic 30 fps pan across tests/data/images/soh-000.png (640 x 360, H.264),
 sampled at `--fps`, in chunks of `--chunk-size` overlapping by half. `--memory` runs 10, 30 and
 60 s videos (320 x 240, sampled at 10 fps, chunks of 20 overlapping by 5) through the stand-in
-network of the tests and reports tracemalloc's peak (Python and numpy allocations; FFmpeg's
-buffers are not traced). Prints JSON.
+network of the tests, asking for `trajectory`, `depth_frames` and `depth_video` as paths, and
+reports tracemalloc's peak (Python and numpy allocations; FFmpeg's buffers are not traced)
+beside the size of those output files (placed from disk, never read into memory). Prints JSON.
 """
 
 from __future__ import annotations
@@ -65,17 +66,22 @@ def speed(args: argparse.Namespace, settings: Settings) -> dict:
     }  # fmt: skip
 
 
+MEMORY_OUTPUTS = ["trajectory", "depth_frames", "depth_video"]
+
+
 def memory(settings: Settings) -> dict:
     peaks = {}
     for seconds in (10, 30, 60):
         video = make_video(constant_rate(seconds, 30), width=320, height=240)
         request = _request(video, settings, fps=10, chunk_size=20, overlap=5,
-                           outputs=["trajectory"])  # fmt: skip
+                           outputs=MEMORY_OUTPUTS, return_base64=False)  # fmt: skip
         del video
         tracemalloc.start()
-        run_sequence(standin_context(settings), request)
+        response = run_sequence(standin_context(settings), request)
         peaks[f"{seconds}s_peak_mib"] = round(tracemalloc.get_traced_memory()[1] / 2**20, 2)
         tracemalloc.stop()
+        files = sum(Path(response[name]["path"]).stat().st_size for name in MEMORY_OUTPUTS)
+        peaks[f"{seconds}s_output_files_mib"] = round(files / 2**20, 2)
     return peaks
 
 
