@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-from da3_serverless.api.encoding import (
+from da3_serverless.exports.encoding import (
     decode_depth_png16,
     encode_confidence,
     encode_depth_png16,

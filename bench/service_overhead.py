@@ -29,8 +29,8 @@ import torch
 from PIL import Image
 
 from common import IMAGES, REPO, interleaved_medians, snapshot
-from da3_serverless.api.encoding import encode_depth_png16
 from da3_serverless.config import Settings
+from da3_serverless.exports.encoding import encode_depth_png16
 from da3_serverless.inference.predictor import Predictor
 from da3_serverless.service import Service
 

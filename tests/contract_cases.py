@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from da3_serverless.api.encoding import decode_depth_png16
+from da3_serverless.exports.encoding import decode_depth_png16
 
 Call = Callable[[dict[str, Any], "dict[str, str] | None"], "tuple[int | None, dict[str, Any]]"]
 PROCESS_RES = 140  # small: the cases run a real (random-weight) model on CPU

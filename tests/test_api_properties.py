@@ -11,11 +11,11 @@ from hypothesis.extra.numpy import array_shapes, arrays
 from PIL import Image
 
 from conftest import examples
-from da3_serverless.api.encoding import decode_depth_png16, encode_depth_png16
 from da3_serverless.api.errors import ServiceError
 from da3_serverless.api.images import decode_image
 from da3_serverless.api.schema import RunRequest, parse_request
 from da3_serverless.config import Settings
+from da3_serverless.exports.encoding import decode_depth_png16, encode_depth_png16
 from paths import IMAGES
 
 SETTINGS = Settings(max_image_side=512)

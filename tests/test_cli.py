@@ -24,9 +24,9 @@ import trimesh
 from PIL import Image
 
 from conftest import SMALL_REPO, TEST_API_KEY, offline_settings
-from da3_serverless.api.encoding import decode_depth_png16
 from da3_serverless.cli import interruptible
 from da3_serverless.client import parse_response
+from da3_serverless.exports.encoding import decode_depth_png16
 from da3_serverless.service import Service
 from paths import IMAGES
 from servers import free_port

@@ -1,5 +1,6 @@
 """The shape of the code, checked: the public face, where tests read data from, function
-length, module docstrings, one import style and one way to name loggers."""
+length, module docstrings, one import style and one way to name loggers, imports that point
+only down the layers."""
 
 from __future__ import annotations
 
@@ -84,6 +85,41 @@ def test_modules_have_a_docstring_absolute_imports_and_named_loggers(path: Path)
     assert not relative, f"relative imports on lines {relative}: import from da3_serverless"
     loggers = re.findall(r"getLogger\(([^)]*)\)", text)
     assert all(arg == "__name__" for arg in loggers), loggers
+
+
+# The layers of docs/ARCHITECTURE.md §1, lowest first: a module imports only its own layer or
+# those below (`config`, the one reader of the environment, sits under all). The package's
+# `__init__` is the public face over all of them.
+LAYERS = {
+    "config": 0, "model": 1, "inference": 2, "exports": 3, "api": 4, "sequence": 5,
+    "service": 6, "startup": 7, "server": 7, "runpod_worker": 7, "client": 7, "batch": 7,
+    "cli": 9,
+}  # fmt: skip
+
+
+def _layer(parts: list[str]) -> int:
+    return LAYERS[parts[0].removesuffix(".py")]
+
+
+def test_imports_point_only_downward():
+    upward = []
+    for path in MODULES:
+        parts = list(path.relative_to(SRC).parts)
+        if parts == ["__init__.py"]:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            module = node.module if isinstance(node, ast.ImportFrom) else None
+            if not module or not module.startswith("da3_serverless."):
+                continue
+            if _layer(module.split(".")[1:]) > _layer(parts):
+                upward.append(f"{'/'.join(parts)}:{node.lineno} imports {module}")
+    assert not upward, upward
+
+
+def test_server_routes_share_their_state_without_importing_the_app():
+    routes = [p for p in (SRC / "server").glob("*.py") if p.name not in ("app.py", "__init__.py")]
+    importers = [p.name for p in routes if "da3_serverless.server.app" in p.read_text()]
+    assert not importers, importers
 
 
 def test_fixtures_that_start_the_service_elsewhere_are_known_to_conftest():

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from da3_serverless.api.encoding import (
+from da3_serverless.exports.encoding import (
     COLORMAP,
     DEPTH_ENCODING,
     decode_depth_png16,

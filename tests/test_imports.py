@@ -26,6 +26,7 @@ ENTRY_POINTS = [
     "da3_serverless.service",
     "da3_serverless.runpod_worker",
     "da3_serverless.server.app",
+    "da3_serverless.server.state",
     "da3_serverless.cli",
 ]
 

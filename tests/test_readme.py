@@ -31,11 +31,11 @@ import pytest
 from PIL import Image
 
 from conftest import SMALL_REPO, TEST_API_KEY
-from da3_serverless.api.encoding import decode_depth_png16
 from da3_serverless.api.errors import STATUS_BY_CODE
 from da3_serverless.api.schema import OUTPUT_NAMES, RunRequest, RunResponse
 from da3_serverless.cli import build_parser
 from da3_serverless.config import DEFAULT_MODEL_ID, Settings
+from da3_serverless.exports.encoding import decode_depth_png16
 from da3_serverless.inference.catalog import MODELS
 from paths import IMAGES, REPO
 from servers import free_port, runpod_local_api, serve_process, wait_ready

@@ -28,7 +28,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from da3_serverless.api.encoding import decode_depth_png16
+from da3_serverless.exports.encoding import decode_depth_png16
 
 if TYPE_CHECKING:
     from da3_serverless.batch import BatchItem, BatchReport

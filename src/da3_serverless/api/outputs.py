@@ -9,10 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from da3_serverless.api import encoding
 from da3_serverless.api.images import DecodedImage
 from da3_serverless.api.schema import GAUSSIAN_OUTPUT, SCENE_OUTPUTS, TOP_LEVEL_OUTPUTS, RunRequest
-from da3_serverless.exports import colmap, exr, glb, maps, ply
+from da3_serverless.exports import colmap, encoding, exr, glb, maps, ply
 from da3_serverless.exports.gaussians import gaussians_ply, select_gaussians
 from da3_serverless.exports.points import SceneOptions, fuse
 from da3_serverless.inference.catalog import MODELS, ModelInfo

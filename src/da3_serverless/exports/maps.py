@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from da3_serverless.api.encoding import encode_npy, write_png
+from da3_serverless.exports.encoding import encode_npy, write_png
 
 MAX_MM = 65535  # the largest uint16: 65.535 m
 

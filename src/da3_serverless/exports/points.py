@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from da3_serverless.api.encoding import SKY_THRESHOLD
+from da3_serverless.exports.encoding import SKY_THRESHOLD
 from da3_serverless.inference.prediction import Prediction
 
 EDGE_TOLERANCE = 0.05  # relative depth jump to a 3x3 neighbour that marks an edge

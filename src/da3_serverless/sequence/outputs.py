@@ -21,7 +21,7 @@ import av
 import numpy as np
 from trimesh.transformations import quaternion_from_matrix
 
-from da3_serverless.api.encoding import COLORMAP, DEPTH_ENCODING, write_png
+from da3_serverless.exports.encoding import COLORMAP, DEPTH_ENCODING, write_png
 from da3_serverless.inference.prediction import Prediction
 
 

@@ -20,10 +20,12 @@ from typing import TYPE_CHECKING, Any
 __all__ = ["AppState", "create_app", "serve"]
 
 if TYPE_CHECKING:
-    from da3_serverless.server.app import AppState, create_app, serve
+    from da3_serverless.server.app import create_app, serve
+    from da3_serverless.server.state import AppState
 
 
 def __getattr__(name: str) -> Any:
     if name in __all__:
-        return getattr(importlib.import_module("da3_serverless.server.app"), name)
+        module = "state" if name == "AppState" else "app"
+        return getattr(importlib.import_module(f"da3_serverless.server.{module}"), name)
     raise AttributeError(f"module 'da3_serverless.server' has no attribute {name!r}")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import mimetypes
 import os
 import stat
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fastapi import FastAPI, Query
 from fastapi.responses import FileResponse
@@ -16,9 +16,7 @@ from da3_serverless.api.errors import ServiceError
 from da3_serverless.api.links import ROUTE, add_links
 from da3_serverless.api.placement import BUCKET_HINT
 from da3_serverless.server.docs import ERRORS
-
-if TYPE_CHECKING:
-    from da3_serverless.server.app import AppState
+from da3_serverless.server.state import AppState
 
 # Suffixes mimetypes may not know, as the outputs' media types name them.
 MEDIA_TYPES = {".npy": "application/octet-stream", ".exr": "image/x-exr",

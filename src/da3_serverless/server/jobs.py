@@ -10,7 +10,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import anyio.to_thread
 from fastapi import FastAPI, Request
@@ -32,10 +32,8 @@ from da3_serverless.server.queue import (
     Job,
     result_bytes,
 )
+from da3_serverless.server.state import AppState
 from da3_serverless.service import check_finite
-
-if TYPE_CHECKING:
-    from da3_serverless.server.app import AppState
 
 log = logging.getLogger(__name__)
 # This server is one worker: its id in RunPod's `workerId`, new at each start.

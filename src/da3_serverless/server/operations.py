@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 
 from da3_serverless.inference.catalog import lookup_model
 from da3_serverless.server.docs import Ready
-
-if TYPE_CHECKING:
-    from da3_serverless.server.app import AppState
+from da3_serverless.server.state import AppState
 
 
 def add_operation_routes(app: FastAPI, state: AppState) -> None:

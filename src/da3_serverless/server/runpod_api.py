@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse
@@ -43,9 +43,7 @@ from da3_serverless.server.jobs import (
 )
 from da3_serverless.server.queue import COMPLETED, FAILED, TIMED_OUT, Job
 from da3_serverless.server.runpod_policy import FIELDS, RunPodOptions, follow, parse_options
-
-if TYPE_CHECKING:
-    from da3_serverless.server.app import AppState
+from da3_serverless.server.state import AppState
 
 PREFIX = "/v2/{endpoint_id}"
 _FOLLOWERS: set[asyncio.Task] = set()  # each /v2 job's follower, held until it ends

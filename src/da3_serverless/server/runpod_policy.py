@@ -22,7 +22,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import anyio.to_thread
 
@@ -32,9 +32,7 @@ from da3_serverless.api.job import bucket_from_s3_config
 from da3_serverless.api.storage import Bucket
 from da3_serverless.server.jobs import Admitted, job_body
 from da3_serverless.server.queue import FAILED, TIMED_OUT, Job, result_bytes
-
-if TYPE_CHECKING:
-    from da3_serverless.server.app import AppState
+from da3_serverless.server.state import AppState
 
 log = logging.getLogger(__name__)
 

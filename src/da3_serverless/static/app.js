@@ -50,7 +50,7 @@ const UNITS = { m: "m", relative: "rel.", pose_units: "pose units" };
 const AVAILABILITY = {
   available: "", downloadable: " (downloads on first use)", unavailable: " (not on this server)",
 };
-// The preview's colours span these percentiles of each view's depth (api/encoding.py).
+// The preview's colours span these percentiles of each view's depth (exports/encoding.py).
 const LEGEND_PERCENTILES = [0.02, 0.98];
 const KEY_STORAGE = "da3-api-key";
 // What each need means, for the tooltip of an output the chosen model cannot give.

@@ -1,5 +1,5 @@
-"""Turning prediction arrays into files: 16-bit depth PNG, colour preview, confidence and sky
-PNGs, float32 .npy and a binary PLY point cloud.
+"""Turning prediction arrays into files (the formats every export and the API share): 16-bit
+depth PNG, colour preview, confidence and sky PNGs, float32 .npy and a binary PLY point cloud.
 
 PNGs are written by `write_png` below rather than by Pillow: Pillow tries every PNG filter on
 every row and compresses with zlib, which takes 1.5-2 s for a 4096 x 4096 16-bit map on a small
