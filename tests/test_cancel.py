@@ -10,13 +10,10 @@ import asyncio
 import base64
 import gc
 import threading
-import time
 import weakref
 
 import pytest
 import torch
-from runpod.serverless.modules.rp_job import run_job
-from runpod.serverless.modules.rp_scale import JobScaler
 
 from conftest import SMALL_REPO, offline_settings
 from da3_serverless.api.errors import ServiceError
@@ -26,6 +23,7 @@ from da3_serverless.model.presets import build_network
 from da3_serverless.runpod_worker import make_handler
 from da3_serverless.service import Service
 from paths import IMAGES
+from runpod_scaler import stop_one_job
 
 PHOTO = base64.b64encode((IMAGES / "soh-000.png").read_bytes()).decode()
 OTHER = base64.b64encode((IMAGES / "soh-010.png").read_bytes()).decode()
@@ -193,42 +191,8 @@ def test_runpods_stop_signal_stops_the_computation(service):
         network.head.register_forward_pre_hook(lambda m, a: head_ran.append(True)),
     ]
     job = {"id": "job-stopped", "input": request(process_res=504)}
-    reported: list[dict] = []
-    timings: dict[str, float] = {}
-
-    async def jobs_fetcher(session, count):
-        if not timings:
-            timings["taken"] = time.monotonic()
-            return [job]
-        await asyncio.sleep(0.1)
-        return None
-
-    async def stop_signals_fetcher(session):
-        if "stopped" in timings:
-            await asyncio.sleep(0.1)
-            return []
-        await asyncio.to_thread(in_network.wait, 300)
-        timings["stopped"] = time.monotonic()
-        return [job["id"]]
-
-    async def jobs_handler(session, config, taken):
-        reported.append(await run_job(config["handler"], taken))
-
-    async def scenario() -> None:
-        scaler = JobScaler({"handler": make_handler(service), "jobs_fetcher": jobs_fetcher,
-                            "jobs_handler": jobs_handler,
-                            "stop_signals_fetcher": stop_signals_fetcher})  # fmt: skip
-        running = asyncio.create_task(scaler.run())
-        deadline = time.monotonic() + 300
-        while "stopped" not in timings or job["id"] in scaler.jobs_tasks:
-            assert time.monotonic() < deadline and not running.done()
-            await asyncio.sleep(0.02)
-        timings["free"] = time.monotonic()
-        scaler.kill_worker()
-        await asyncio.wait_for(running, 60)
-
     try:
-        asyncio.run(scenario())
+        reported, timings = stop_one_job(make_handler(service), job, in_network)
     finally:
         for hook in hooks:
             hook.remove()

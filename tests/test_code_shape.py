@@ -101,6 +101,15 @@ def _layer(parts: list[str]) -> int:
     return LAYERS[parts[0].removesuffix(".py")]
 
 
+def _modules_named(node: ast.AST) -> list[str]:
+    """The modules an import statement names (`import a.b` and `from a.b import c` alike)."""
+    if isinstance(node, ast.ImportFrom):
+        return [node.module] if node.module and not node.level else []
+    if isinstance(node, ast.Import):
+        return [alias.name for alias in node.names]
+    return []
+
+
 def test_imports_point_only_downward():
     upward = []
     for path in MODULES:
@@ -108,11 +117,10 @@ def test_imports_point_only_downward():
         if parts == ["__init__.py"]:
             continue
         for node in ast.walk(ast.parse(path.read_text())):
-            module = node.module if isinstance(node, ast.ImportFrom) else None
-            if not module or not module.startswith("da3_serverless."):
-                continue
-            if _layer(module.split(".")[1:]) > _layer(parts):
-                upward.append(f"{'/'.join(parts)}:{node.lineno} imports {module}")
+            for module in _modules_named(node):
+                target = module.split(".")[1:]
+                if module.startswith("da3_serverless.") and _layer(target) > _layer(parts):
+                    upward.append(f"{'/'.join(parts)}:{node.lineno} imports {module}")
     assert not upward, upward
 
 

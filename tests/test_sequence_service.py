@@ -413,15 +413,13 @@ def test_runpods_stop_signal_after_a_chunk_leaves_no_file(service, video, monkey
     job stops at its next check, reports nothing, and leaves no file, the frames of the chunk
     already announced included. The summary waits in `progress_update` until RunPod's cancel
     reached the job, so the moment is exact rather than timed."""
-    import asyncio
     import threading
 
     import runpod
-    from runpod.serverless.modules.rp_job import run_job
-    from runpod.serverless.modules.rp_scale import JobScaler
 
     from da3_serverless.runpod_worker import make_handler
     from da3_serverless.server.queue import Job
+    from runpod_scaler import stop_one_job
 
     workspace = service.settings.workspace_dir
     announced, cancelled = threading.Event(), threading.Event()
@@ -442,40 +440,7 @@ def test_runpods_stop_signal_after_a_chunk_leaves_no_file(service, video, monkey
     monkeypatch.setattr(runpod.serverless, "progress_update", progress_update)
     monkeypatch.setattr(Job, "request_cancel", request_cancel)
     job = {"id": "video-stopped", "input": _request(video)}
-    reported: list[dict] = []
-    steps: list[str] = []
-
-    async def jobs_fetcher(session, count):
-        if not steps:
-            steps.append("taken")
-            return [job]
-        await asyncio.sleep(0.1)
-        return None
-
-    async def stop_signals_fetcher(session):
-        if "stopped" in steps:
-            await asyncio.sleep(0.1)
-            return []
-        await asyncio.to_thread(announced.wait, 300)
-        steps.append("stopped")
-        return [job["id"]]
-
-    async def jobs_handler(session, config, taken):
-        reported.append(await run_job(config["handler"], taken))
-
-    async def scenario() -> None:
-        scaler = JobScaler({"handler": make_handler(service), "jobs_fetcher": jobs_fetcher,
-                            "jobs_handler": jobs_handler,
-                            "stop_signals_fetcher": stop_signals_fetcher})  # fmt: skip
-        running = asyncio.create_task(scaler.run())
-        deadline = asyncio.get_running_loop().time() + 300
-        while "stopped" not in steps or job["id"] in scaler.jobs_tasks:
-            assert asyncio.get_running_loop().time() < deadline and not running.done()
-            await asyncio.sleep(0.02)
-        scaler.kill_worker()
-        await asyncio.wait_for(running, 60)
-
-    asyncio.run(scenario())
+    reported, _ = stop_one_job(make_handler(service), job, announced)
     assert reported == [] and cancelled.is_set()
     assert [update["chunk"] for update in sent] == [0] and on_disk == [True]
     assert not list((workspace / "sequences").iterdir())

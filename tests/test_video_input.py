@@ -4,7 +4,6 @@ frame is decoded; hostile videos get their documented errors."""
 
 from __future__ import annotations
 
-import time
 from io import BytesIO
 
 import av
@@ -114,7 +113,7 @@ def test_limits_from_the_headers_before_decoding(two_seconds):
     assert len(_frames(two_seconds, _limited(max_video_frames=59), fps=10)) == 20
 
 
-def test_hostile_videos_get_documented_errors_fast(two_seconds):
+def test_hostile_videos_get_documented_errors(two_seconds):
     damaged = bytearray(two_seconds)
     middle = len(damaged) // 2
     damaged[middle : middle + 400] = b"\xff" * 400
@@ -126,11 +125,9 @@ def test_hostile_videos_get_documented_errors_fast(two_seconds):
         "damaged packets": (bytes(damaged), "truncated or damaged"),
     }
     for name, (data, message) in cases.items():
-        started = time.perf_counter()
         error = _error(data)
         assert error.code == "invalid_input", name
         assert message in error.message, (name, error.message)
-        assert time.perf_counter() - started < 5, name
 
 
 def test_a_span_without_frames_and_a_start_past_the_end(two_seconds):
@@ -165,7 +162,6 @@ def test_a_stream_without_duration_past_the_limit_is_refused_while_decoding(seco
     data = make_video(constant_rate(seconds, 30), container="matroska", seekable=False)
     assert _declared_durations(data) == (None, None)
     settings = _limited(max_video_duration_s=1.0)
-    started = time.perf_counter()
     video = open_video(data, Sampling(fps=fps), settings)
     taken: list[float] = []
     try:
@@ -178,4 +174,3 @@ def test_a_stream_without_duration_past_the_limit_is_refused_while_decoding(seco
     assert "MAX_VIDEO_DURATION_S" in caught.value.message
     step = 1 / (fps or 30)
     assert taken == pytest.approx([i * step for i in range(int(1.0 / step + 1e-9) + 1)], abs=1e-3)
-    assert time.perf_counter() - started < 5
