@@ -38,6 +38,7 @@ from da3_serverless.sequence.assemble import Assembler, world_points
 from da3_serverless.sequence.gaussians import GaussianCollector
 from da3_serverless.sequence.pipeline import run_sequence
 from da3_serverless.sequence.plan import plan_chunks
+from da3_serverless.sequence.share import HOLD
 from da3_serverless.service import Service
 from sequence_scene import HEIGHT, WIDTH, oracle_chunk, random_sim3, room_scene
 from sequence_standin import standin_context
@@ -134,7 +135,7 @@ def test_the_collector_writes_each_owned_frame_once_on_the_truth():
     rng = np.random.default_rng(3)
     scene = room_scene(FRAMES)
     assembler = Assembler(OVERLAP)
-    collector = GaussianCollector(_request(**EVERY), FRAMES)
+    collector = GaussianCollector(_request(**EVERY))
     frames = [random_sim3(rng) for _ in plan_chunks(FRAMES, CHUNK, OVERLAP)]
     for chunk, frame in zip(plan_chunks(FRAMES, CHUNK, OVERLAP), frames, strict=True):
         prediction = _oracle_chunk_prediction(scene, chunk, frame, rng)
@@ -149,29 +150,32 @@ def test_the_collector_writes_each_owned_frame_once_on_the_truth():
     assert collector.summary()["removed"] == dict.fromkeys(collector.removed, 0)
 
 
-def test_the_collector_holds_at_most_max_points_however_long_the_sequence():
-    """Memory bounded by max_points, not by the sequence's length: over 40 frames (19 chunks)
-    only the kept Gaussians stay (each chunk at most its share, max_points x frames owned /
-    frames planned, rounded), and the file holds at most max_points."""
+def test_the_collector_holds_a_bounded_count_however_long_the_sequence():
+    """Memory bounded by max_points, not by the sequence's length: over 80 frames (39 chunks)
+    at max_points 600, after every chunk the collector holds at most HOLD x max_points
+    Gaussians (sequence/share.py; the first chunk alone keeps max_points, so it passes
+    max_points and is thinned on the way), and the file holds max_points, evenly per frame
+    (600 / 80: 8 for the first 40 frames, 7 for the others)."""
     rng = np.random.default_rng(5)
-    frames, max_points = 40, 600
+    frames, max_points = 80, 600
     scene = room_scene(frames)
     assembler = Assembler(OVERLAP)
-    collector = GaussianCollector(_request(max_points=max_points), frames)
-    chunks = plan_chunks(frames, CHUNK, OVERLAP)
-    for chunk in chunks:
+    collector = GaussianCollector(_request(max_points=max_points))
+    held = []
+    for chunk in plan_chunks(frames, CHUNK, OVERLAP):
         prediction = _oracle_chunk_prediction(scene, chunk, random_sim3(rng), rng)
         collector.add(assembler.add(chunk, prediction), prediction)
-        share = round(max_points * len(chunk.owned) / frames)
-        assert 0 < len(collector.parts[-1]) <= share
-    held = sum(len(part) for part in collector.parts)
-    assert held <= max_points + len(chunks)  # each share rounded at most half a Gaussian up
-    per_gaussian = sum(np.asarray(v).nbytes for v in vars(collector.parts[0]).values()) / len(
-        collector.parts[0]
-    )
+        held.append(collector.kept.held)
+    assert max_points < max(held) <= HOLD * max_points
+    part = collector.kept.parts[0]
+    per_gaussian = sum(values.nbytes for values in part.values()) / len(part["opacities"])
     assert per_gaussian == 4 * (3 + 3 + 4 + 1 + 3 + 3 * 8)  # float32, degrees 1-2 kept
+    gaussians = collector.gaussians()
+    frame = collector.kept.frames[0]
+    assert np.bincount(frame, minlength=frames).tolist() == [8] * 40 + [7] * 40
     vertices, _ = read_gaussians(collector.write("relative"))
-    assert 0 < len(vertices) == collector.summary()["points"] <= max_points
+    assert len(vertices) == len(gaussians) == collector.summary()["points"] == max_points
+    np.testing.assert_array_equal(xyz(vertices), gaussians.means)
     removed = collector.summary()["removed"]
     assert sum(removed.values()) + len(vertices) == frames * HEIGHT * WIDTH
 

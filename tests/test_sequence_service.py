@@ -155,7 +155,7 @@ def test_the_preview_video_is_vp9_in_webm_with_every_frame(chunked):
 
 def test_the_scene_cloud_counts_each_frame_once(chunked):
     """scene_ply fuses the owned frames only (10 frames, not the 16 forwarded), each chunk
-    thinned to its share of max_points; trimesh reads the PLY back."""
+    thinned evenly per frame to its share of max_points; trimesh reads the PLY back."""
     import trimesh
 
     response = chunked[0]

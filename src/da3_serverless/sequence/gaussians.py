@@ -3,13 +3,13 @@ counted once, so chunk seams do not double a surface) brought into the first chu
 the chunk's Sim(3) (`inference.gaussians.moved_gaussians`: the model's one frame-change code,
 from the chunk's predicted cameras to its aligned ones), filtered with the scene's filters as
 the single request does (`exports.gaussians.select_gaussians` on the aligned frames: invalid,
-sky, edges, confidence per chunk, then the voxel grid at the chunk's share of `max_points`).
-Only the kept Gaussians stay in memory (bounded by `max_points`, not by the sequence's
-length); `write` gives one PLY of them in the request's layout (INRIA's or the compact one)."""
+sky, edges, confidence per chunk, then the voxel grid at `max_points`), then thinned evenly
+per frame to the chunk's share as the scene's points are (`sequence/share.py`: up to
+`max_points` over every frame however long the sequence turns out, what is held bounded by a
+few times `max_points`, not by the sequence's length); `write` gives one PLY of them in the
+request's layout (INRIA's or the compact one)."""
 
 from __future__ import annotations
-
-from dataclasses import replace
 
 import numpy as np
 
@@ -20,6 +20,7 @@ from da3_serverless.exports.points import FILTERS
 from da3_serverless.inference.gaussians import moved_gaussians
 from da3_serverless.inference.prediction import Gaussians, Prediction
 from da3_serverless.sequence.assemble import AlignedChunk
+from da3_serverless.sequence.share import EvenShare
 
 _FIELDS = ("means", "scales", "rotations", "opacities", "colors", "sh_rest")
 
@@ -27,12 +28,11 @@ _FIELDS = ("means", "scales", "rotations", "opacities", "colors", "sh_rest")
 class GaussianCollector:
     """Collects the owned frames' kept Gaussians chunk by chunk; `write` gives the file."""
 
-    def __init__(self, request: RunRequest, planned_frames: int):
+    def __init__(self, request: RunRequest):
         self.max_points = request.max_points
-        self.planned = max(planned_frames, 1)
         self.options = scene_options(request)
         self.layout = "compact" if request.gaussians_compact else "inria"
-        self.parts: list[Gaussians] = []
+        self.kept = EvenShare(request.max_points)
         self.removed = dict.fromkeys(FILTERS, 0)
         self.removed["voxel"] = 0
         self.warnings: list[str] = []
@@ -54,13 +54,18 @@ class GaussianCollector:
             frames.depth, frames.confidence, sky, frames.intrinsics, frames.extrinsics,
             is_metric=False, units="", gaussians=moved,
         )  # fmt: skip
-        share = max(1, round(self.max_points * len(frames.depth) / self.planned))
-        selection = select_gaussians(chunk, replace(self.options, max_points=share))
+        selection = select_gaussians(chunk, self.options)
         for name, count in selection.removed.items():
             self.removed[name] += count
         self.warnings += selection.warnings
-        kept = _part(moved, selection.keep.reshape(-1), flat=True)
-        self.parts.append(replace(kept, sh_rest=None) if self.layout == "compact" else kept)
+        keep = selection.keep.reshape(-1)
+        kept = _part(moved, keep, flat=True)
+        fields = {name: getattr(kept, name) for name in _FIELDS}
+        if self.layout == "compact":
+            fields.pop("sh_rest")
+        columns = {name: values for name, values in fields.items() if values is not None}
+        frame = aligned.frames.start + np.flatnonzero(keep) // (keep.size // len(frames.depth))
+        self.kept.add(columns, frame, len(frames.depth))
 
     def gaussians(self) -> Gaussians:
         """Every chunk's kept Gaussians, at most `max_points` (merged once)."""
@@ -69,22 +74,14 @@ class GaussianCollector:
         return self._merged
 
     def _merge(self) -> Gaussians:
-        if not self.parts:  # no frame: no Gaussian
-            empty = {name: np.zeros((0, 4 if name == "rotations" else 3), np.float32)
-                     for name in ("means", "scales", "rotations", "colors")}  # fmt: skip
-            return Gaussians(**empty, opacities=np.zeros(0, np.float32))
-        merged = {
-            name: None if getattr(self.parts[0], name) is None
-            else np.concatenate([getattr(part, name) for part in self.parts])
-            for name in _FIELDS
-        }  # fmt: skip
-        count = len(merged["opacities"])
-        if count > self.max_points:  # more frames than planned gave Gaussians: thin evenly
-            keep = np.linspace(0, count - 1, self.max_points).round().astype(int)
-            merged = {k: None if v is None else v[keep] for k, v in merged.items()}
-            self.removed["voxel"] += count - self.max_points
-        self.parts = []  # only the merged copy stays
-        return Gaussians(**merged)
+        kept = self.kept.final()
+        if kept is None:  # no frame: no Gaussian
+            kept = {name: np.zeros((0, 4 if name == "rotations" else 3), np.float32)
+                    for name in ("means", "scales", "rotations", "colors")}  # fmt: skip
+            kept["opacities"] = np.zeros(0, np.float32)
+        self.removed["voxel"] += self.kept.thinned
+        self.kept.thinned = 0
+        return Gaussians(**kept)
 
     def write(self, units: str) -> bytes:
         comments = [

@@ -148,9 +148,9 @@ def _run_chunks(context, request, predictor, source, frames, chunking):
     size, overlap = chunking
     assembler = Assembler(overlap)
     if any(name in SCENE_OUTPUTS for name in request.outputs):
-        frames.scene = SceneCollector(request, source.planned)
+        frames.scene = SceneCollector(request)
     if wants_gaussians(request):
-        frames.gaussians = GaussianCollector(request, source.planned)
+        frames.gaussians = GaussianCollector(request)
     frames.keep_images = "colmap" in request.outputs
     summaries: list[dict] = []
     is_metric, units = False, "relative"

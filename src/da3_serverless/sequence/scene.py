@@ -1,13 +1,15 @@
 """A sequence's scene files (`scene_ply`, `scene_glb`, `colmap`): each chunk's OWNED frames
 (overlap frames counted once, so chunk seams do not double a surface), already in the first
-chunk's frame, fused with the scene filters of `exports/points.py` as the chunk comes, each
-chunk thinned to its share of `max_points`; only the kept points stay in memory (bounded by
-`max_points`, not by the sequence's length). The files are the single-request exports
-(`exports/ply.py`, `exports/glb.py`, `exports/colmap.py`) of those points and of every frame's
-camera (`FrameStore.cameras`); COLMAP's images are the frames' RGB, kept on disk by the
-`FrameStore` (`keep_images`) and written into a zip on disk one at a time. A point's COLMAP
-track is its own pixel only: chunks are fused apart, so no merged pixels of other frames are
-tracked."""
+chunk's frame, fused with the scene filters of `exports/points.py` as the chunk comes (as a
+single request of its frames: the voxel grid at `max_points`), then thinned evenly per frame
+to the chunk's share (`sequence/share.py`: up to `max_points` over every frame however long
+the sequence turns out, what is held bounded by a few times `max_points`, not by the
+sequence's length). The files
+are the single-request exports (`exports/ply.py`, `exports/glb.py`, `exports/colmap.py`) of
+those points and of every frame's camera (`FrameStore.cameras`); COLMAP's images are the
+frames' RGB, kept on disk by the `FrameStore` (`keep_images`) and written into a zip on disk
+one at a time. A point's COLMAP track is its own pixel only: chunks are fused apart, so no
+merged pixels of other frames are tracked."""
 
 from __future__ import annotations
 
@@ -24,19 +26,23 @@ from da3_serverless.exports.points import FILTERS, SceneOptions, ScenePoints, fu
 from da3_serverless.inference.prediction import Prediction
 from da3_serverless.sequence.assemble import AlignedChunk
 from da3_serverless.sequence.outputs import FrameStore
+from da3_serverless.sequence.share import EvenShare
+
+_COLUMNS = ("xyz", "rgb", "confidence", "view", "row", "col")
+_EMPTY = (np.zeros((0, 3), np.float32), np.zeros((0, 3), np.uint8), np.zeros(0, np.float32),
+          *[np.zeros(0, np.int32)] * 3)  # fmt: skip
 
 
 class SceneCollector:
     """Collects the owned frames' points chunk by chunk; `write` gives each scene file."""
 
-    def __init__(self, request: RunRequest, planned_frames: int):
+    def __init__(self, request: RunRequest):
         self.max_points = request.max_points
-        self.planned = max(planned_frames, 1)
         self.options = SceneOptions(
             request.conf_percentile, request.max_points, request.keep_sky, request.remove_edges,
             request.colmap_text, request.colmap_images,
         )  # fmt: skip
-        self.parts: list[ScenePoints] = []
+        self.kept = EvenShare(request.max_points)
         self.removed = dict.fromkeys(FILTERS, 0)
         self._points: ScenePoints | None = None
 
@@ -49,13 +55,12 @@ class SceneCollector:
             frames.depth, frames.confidence, sky, frames.intrinsics, frames.extrinsics,
             is_metric=False, units="",
         )  # fmt: skip
-        share = max(1, round(self.max_points * len(frames.depth) / self.planned))
-        options = SceneOptions(**{**vars(self.options), "max_points": share})
-        points = fuse(owned, [np.asarray(image) for image in images], options)
+        points = fuse(owned, [np.asarray(image) for image in images], self.options)
         points.view = points.view + aligned.frames.start
         for name, count in points.removed.items():
             self.removed[name] += count
-        self.parts.append(points)
+        columns = {name: getattr(points, name) for name in _COLUMNS}
+        self.kept.add(columns, points.view, len(frames.depth))
 
     def points(self) -> ScenePoints:
         """Every chunk's points, at most `max_points` (computed once)."""
@@ -64,16 +69,11 @@ class SceneCollector:
         return self._points
 
     def _merge(self) -> ScenePoints:
-        columns = ("xyz", "rgb", "confidence", "view", "row", "col")
-        merged = {
-            name: np.concatenate([getattr(part, name) for part in self.parts]) for name in columns
-        }
-        extra = len(merged["xyz"]) - self.max_points
-        if extra > 0:  # more frames than planned gave points: thin evenly
-            keep = np.linspace(0, len(merged["xyz"]) - 1, self.max_points).round().astype(int)
-            merged = {name: values[keep] for name, values in merged.items()}
-            self.removed["voxel"] += extra
-        return ScenePoints(**merged, removed=dict(self.removed))
+        kept = self.kept.final()
+        if kept is None:  # no frame: no point
+            kept = dict(zip(_COLUMNS, _EMPTY, strict=True))
+        removed = {**self.removed, "voxel": self.removed["voxel"] + self.kept.thinned}
+        return ScenePoints(**kept, removed=removed)
 
     def write(self, name: str, frames: FrameStore, units: str) -> bytes | Path:
         """The file `name` ("scene_ply", "scene_glb" or "colmap") of the points and every
