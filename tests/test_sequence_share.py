@@ -2,7 +2,7 @@
 planned frame count (`sequence/share.py`): a video stream that declares no duration plans
 MAX_VIDEO_FRAMES (2000) frames, and used to give a 30-frame stream's scene 30 / 2000 of
 `max_points`. What the collectors hold stays bounded by a few times `max_points` however long
-the sequence."""
+the sequence; a chunk is priced with its scene outputs."""
 
 from __future__ import annotations
 
@@ -12,7 +12,10 @@ import numpy as np
 import pytest
 
 from conftest import offline_settings
+from da3_serverless.api.budget import Budget, estimate_cost
+from da3_serverless.api.errors import ServiceError
 from da3_serverless.api.schema import parse_request
+from da3_serverless.inference.cancel import Cancelled, CancelToken
 from da3_serverless.inference.prediction import Prediction
 from da3_serverless.sequence.assemble import Assembler
 from da3_serverless.sequence.pipeline import run_sequence
@@ -138,3 +141,31 @@ def test_a_stream_gets_max_points_from_every_frame_whatever_it_planned(tmp_path,
     reconstruction = read_colmap(base64.b64decode(response["colmap"]["base64"]), tmp_path / "c")
     counts = np.bincount(colmap_points(reconstruction)["view"], minlength=30)
     assert counts.tolist() == [100] * 30
+
+
+@pytest.mark.parametrize("outputs", [["scene_ply"], ["scene_glb", "colmap"]])
+def test_a_chunk_is_priced_with_its_scene_outputs(tmp_path, outputs):
+    """A chunk with scene outputs is priced as a single request of its frames with them:
+    every pixel fused, the files' max_points once. A budget one pixel short refuses the request
+    before any frame is predicted, naming the outputs, and leaves no file; without the scene
+    outputs the same budget runs; the exact price passes (and stops at the cancel after it)."""
+    video = make_video(constant_rate(2.0, 30))
+    frames = [(64, 48)] * CHUNK
+    price = estimate_cost("stand-in", PROCESS_RES, frames, 3000).host_pixels
+    assert price > estimate_cost("stand-in", PROCESS_RES, frames).host_pixels
+    config = offline_settings(None, tmp_path / "ws")
+    context = standin_context(config)
+    context.budget = Budget(10**9, price - 1)
+    plain = parse_request(_payload(video, fps=5, outputs=["trajectory"]), config)
+    assert run_sequence(context, plain)["sequence"]["chunk_size"] == CHUNK
+    request = parse_request(_payload(video, fps=5, outputs=outputs), config)
+    with pytest.raises(ServiceError, match=outputs[0]) as caught:
+        run_sequence(context, request)
+    assert caught.value.code == "request_too_large"
+    assert not [p for p in (tmp_path / "ws" / "sequences").rglob("*") if p.is_file()]
+    context.budget = Budget(10**9, price)
+    context.cancel = CancelToken()  # the first run committed its token
+    context.cancel.cancel("after the budget")
+    with pytest.raises(Cancelled):
+        run_sequence(context, request)
+    assert not [p for p in (tmp_path / "ws" / "sequences").rglob("*") if p.is_file()]

@@ -17,7 +17,7 @@ from pathlib import Path
 from da3_serverless.api.budget import HOST_BYTES_PER_PIXEL, Budget, estimate_cost
 from da3_serverless.api.errors import ServiceError
 from da3_serverless.api.job import JobInfo
-from da3_serverless.api.outputs import EXTRAS, Artifact, wants_gaussians
+from da3_serverless.api.outputs import EXTRAS, Artifact, wants_gaussians, wants_points
 from da3_serverless.api.placement import place_outputs
 from da3_serverless.api.schema import GAUSSIAN_OUTPUT, SCENE_OUTPUTS, SCHEMA_VERSION, RunRequest
 from da3_serverless.api.storage import OutputStore, Saved
@@ -127,13 +127,18 @@ def _largest_chunk(context: SequenceContext, request: RunRequest, source: FrameS
 
 
 def _chunk_cost(context: SequenceContext, request: RunRequest, source: FrameSource, size: int):
-    """A chunk of `size` frames priced as a request of those frames, with its Gaussians as a
-    single request prices `gaussians_ply` (every frame's cells held and filtered, up to
-    `max_points` written), except that the one file written at the end holds up to
-    `max_points` of every planned frame's cells, not of one chunk's."""
+    """A chunk of `size` frames priced as a request of those frames, with its scene outputs
+    and Gaussians as a single request prices them: `scene_ply`, `scene_glb`, `colmap` (every
+    pixel fused, up to `max_points` in the files: the files' bound counted once, as the
+    sequence writes them once) and `gaussians_ply` (every frame's cells held and filtered, up
+    to `max_points` written), except that the one Gaussians' file written at the end holds up
+    to `max_points` of every planned frame's cells, not of one chunk's. What the collectors
+    hold between chunks (at most (HOLD + 1) x max_points kept items, `sequence/share.py`)
+    fits in the files' price, which is not held until the files are written."""
+    points = request.max_points if wants_points(request) else None
     gaussians = request.max_points if wants_gaussians(request) else None
     frames = [(source.width, source.height)] * size
-    cost = estimate_cost(context.model_id, request.process_res, frames, None, gaussians)
+    cost = estimate_cost(context.model_id, request.process_res, frames, points, gaussians)
     if gaussians is None:
         return cost
     per_frame = cost.grid[0] * cost.grid[1]
