@@ -18,8 +18,9 @@ from __future__ import annotations
 import numpy as np
 
 # What is kept is thinned back to max_points once it passes HOLD x max_points: between chunks
-# it holds at most HOLD x max_points items; while a chunk's items (at most max_points) join
-# and are thinned, at most (HOLD + 2) x max_points.
+# it holds at most HOLD x max_points items; while a chunk joins, at most (HOLD + 2) x
+# max_points (its share, and what a thinning picks before it frees), besides the chunk's own
+# fused items (at most max_points, priced with the chunk's pixels or cells).
 HOLD = 2
 
 
