@@ -6,6 +6,8 @@ by the sequence path (a chunk's Gaussians into the first chunk's frame by its Si
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 import numpy as np
 import torch
 
@@ -54,12 +56,24 @@ def moved_gaussians(
     that of the `target` cameras (both (N, 3, 4) world-to-camera), lengths divided by `scale`
     (`reframe`): each keeps its place in its own view's camera frame, as the depth does. For a
     Sim(3) x -> s R x + t that moved the cameras (`Sim3.move_extrinsics`), `scale` is 1 / s:
-    means become s R x + t, scales s times, rotations R composed, harmonics rotated by R."""
-    with torch.no_grad():
-        moved = reframe(
-            gaussian_maps(gaussians),
-            torch.from_numpy(np.asarray(source, dtype=np.float32)),
-            torch.from_numpy(np.asarray(target, dtype=np.float32)),
-            scale,
-        )
-    return gaussian_arrays(moved)
+    means become s R x + t, scales s times, rotations R composed, harmonics rotated by R.
+
+    One view at a time into arrays of the result, so the memory beyond the input and the
+    result is one view's worth of torch copies, not the whole chunk's."""
+    names = [
+        field.name for field in fields(Gaussians) if getattr(gaussians, field.name) is not None
+    ]
+    result = {name: np.empty_like(getattr(gaussians, name), dtype=np.float32) for name in names}
+    for view in range(len(gaussians.means)):
+        one = Gaussians(**{name: getattr(gaussians, name)[view : view + 1] for name in names})
+        with torch.no_grad():
+            moved = reframe(
+                gaussian_maps(one),
+                torch.from_numpy(np.asarray(source[view : view + 1], dtype=np.float32)),
+                torch.from_numpy(np.asarray(target[view : view + 1], dtype=np.float32)),
+                scale,
+            )
+        for name, values in vars(gaussian_arrays(moved)).items():
+            if name in result:
+                result[name][view] = values[0]
+    return Gaussians(**result)
