@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import io
 import logging
 import os
 import re
-import shutil
 import stat
 import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -34,8 +32,10 @@ PRESIGNED_URL_TTL_S = 7 * 24 * 3600  # the longest S3 allows, as RunPod's own up
 _SUFFIX = re.compile(r"\.[A-Za-z0-9]{1,16}(\.[A-Za-z0-9]{1,16})?")
 _OBJECT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 COPY_CHUNK = 1 << 20  # bytes read at a time when a file is copied
-# Parts of a large upload in flight at once (8 MB each, boto3's default part size): an upload
-# holds at most about this many parts in memory, whatever the file's size.
+# A file past UPLOAD_PART bytes goes up in parts of that size, UPLOAD_THREADS at a time. boto3's
+# `upload_file` reads each part from the file as it is sent (never a whole part in memory);
+# `upload_fileobj` would buffer up to 10 parts plus those in flight, so it is not used.
+UPLOAD_PART = 8 * 1024 * 1024
 UPLOAD_THREADS = 4
 
 
@@ -72,9 +72,30 @@ def _check_suffix(suffix: str) -> None:
         raise ValueError(f"suffix must look like '.png' or '.tar.gz', got {suffix!r}")
 
 
+def _unreadable(source: Path, exc: OSError) -> StorageError:
+    """The error for an output file that cannot be read: the service's own temporary file (not
+    the request's, nor the volume's or the bucket's fault); its full path goes to the log."""
+    log.warning("could not read the output file %s: %s", source, exc)
+    return StorageError(
+        f"could not read the output file {source.name} before saving it: "
+        f"{exc.strerror or type(exc).__name__} (a temporary file this service wrote itself, "
+        "not part of the request; the server log has its path)"
+    )
+
+
+def _chunks(source: Path) -> Iterator[bytes]:
+    """`source`'s content, COPY_CHUNK bytes at a time; failing to read it is `_unreadable`."""
+    try:
+        with open(source, "rb") as data:
+            while chunk := data.read(COPY_CHUNK):
+                yield chunk
+    except OSError as exc:
+        raise _unreadable(source, exc) from None
+
+
 def _copy(source: Path, out: BinaryIO) -> None:
-    with open(source, "rb") as data:
-        shutil.copyfileobj(data, out, COPY_CHUNK)
+    for chunk in _chunks(source):
+        out.write(chunk)  # a failure here is an OSError: the volume's
 
 
 class OutputStore:
@@ -107,10 +128,13 @@ class OutputStore:
         source where it was."""
         final = self._new_path(suffix)
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
             with open(source, "rb") as data:
                 os.fsync(data.fileno())
             os.chmod(source, 0o644)
+        except OSError as exc:
+            raise _unreadable(source, exc) from None
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
             os.replace(source, final)
             return final
         except OSError as exc:
@@ -231,10 +255,11 @@ class OutputStore:
     ) -> str:
         """Put `data` (bytes, or a file streamed from disk) in the bucket as
         `<YYYY-MM-DD>/<job_id>/<name>` (a fresh id when there is no job; the date first, for
-        lifecycle rules; large files in parts) and return a presigned GET URL valid for 7
-        days; the object is appended to `saved` (as a `BucketObject`) once it is in the bucket.
+        lifecycle rules) and return a presigned GET URL valid for 7 days; the object is
+        appended to `saved` (as a `BucketObject`) once it is in the bucket. Bytes go in one
+        PUT; a file past UPLOAD_PART bytes in parts, read from disk as they are sent.
         `bucket`: the job's own (RunPod's s3Config) instead of the configured one. Raises
-        `StorageError`."""
+        `StorageError` (a file that cannot be read says so, not the bucket)."""
         if not _OBJECT_NAME.fullmatch(name):
             raise ValueError(f"an object name is letters, digits, '_', '.', '-': got {name!r}")
         if bucket is None and not self.has_bucket:
@@ -242,7 +267,7 @@ class OutputStore:
                 "no bucket configured: set BUCKET_ENDPOINT_URL, BUCKET_ACCESS_KEY_ID and "
                 "BUCKET_SECRET_ACCESS_KEY to upload outputs"
             )
-        from boto3.s3.transfer import TransferConfig
+        from boto3.exceptions import S3UploadFailedError
         from botocore.exceptions import BotoCoreError, ClientError
 
         folder = job_id if job_id and _OBJECT_NAME.fullmatch(job_id) else uuid.uuid4().hex
@@ -252,18 +277,18 @@ class OutputStore:
             target = bucket or self._configured_bucket()  # a malformed endpoint fails here
             where = target.name
             client = self._client(target)
-            with io.BytesIO(data) if isinstance(data, bytes) else open(data, "rb") as body:
-                client.upload_fileobj(
-                    body, target.name, key, ExtraArgs={"ContentType": media_type},
-                    Config=TransferConfig(max_concurrency=UPLOAD_THREADS),
-                )  # fmt: skip
+            _put(client, data, target.name, key, media_type)
             if saved is not None:
                 saved.append(BucketObject(key, bucket))
             return client.generate_presigned_url(
                 "get_object", Params={"Bucket": target.name, "Key": key},
                 ExpiresIn=PRESIGNED_URL_TTL_S,
             )  # fmt: skip
-        except (BotoCoreError, ClientError, ValueError, OSError) as exc:
+        except (BotoCoreError, ClientError, S3UploadFailedError, ValueError, OSError) as exc:
+            # Some of botocore's network errors are OSErrors too; any other is the file's.
+            local = isinstance(exc, OSError) and not isinstance(exc, BotoCoreError)
+            if local and isinstance(data, Path):
+                raise _unreadable(data, exc) from None
             endpoint = bucket.endpoint if bucket else self._settings.bucket_endpoint_url
             host = urlsplit(endpoint or "").hostname
             setting = "the job's s3Config" if bucket else "BUCKET_ENDPOINT_URL"
@@ -299,6 +324,20 @@ class OutputStore:
             while len(self._s3) > 8:
                 self._s3.pop(next(iter(self._s3)))
         return client
+
+
+def _put(client: Any, data: bytes | Path, bucket: str, key: str, media_type: str) -> None:
+    """Bytes in one PUT (a depth PNG starts no thread pool); a file through `upload_file`."""
+    if isinstance(data, bytes):
+        client.put_object(Bucket=bucket, Key=key, Body=data, ContentType=media_type)
+        return
+    from boto3.s3.transfer import TransferConfig
+
+    config = TransferConfig(
+        multipart_threshold=UPLOAD_PART, multipart_chunksize=UPLOAD_PART,
+        max_concurrency=UPLOAD_THREADS,
+    )  # fmt: skip
+    client.upload_file(str(data), bucket, key, ExtraArgs={"ContentType": media_type}, Config=config)
 
 
 def _s3_client(bucket: Bucket) -> Any:
