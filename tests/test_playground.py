@@ -469,7 +469,7 @@ def check_video_progress(polled: list[dict], shown: list[str], response: dict) -
         body["output"] for body in polled if body["status"] == "IN_PROGRESS" and "output" in body
     ]
     expected = list(dict.fromkeys(
-        f"{s['frames_done']} of at most {s['frames_planned']} frames done (chunk {s['chunk']})…"
+        f"{s['frames_done']} of {s['frames_planned']} frames done (chunk {s['chunk']})…"
         for s in running
     ))  # fmt: skip
     assert shown == expected

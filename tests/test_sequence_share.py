@@ -133,7 +133,11 @@ def test_a_stream_gets_max_points_from_every_frame_whatever_it_planned(tmp_path,
     video = make_video(constant_rate(1.0, 30), container="matroska", seekable=seekable)
     config = offline_settings(None, tmp_path / "ws")
     response = run_sequence(standin_context(config), parse_request(_payload(video), config))
-    assert response["sequence"]["chunks"][0]["frames_planned"] == (30 if seekable else 2000)
+    chunks = response["sequence"]["chunks"]
+    assert chunks[0]["frames_planned"] == (30 if seekable else 2000)
+    # A count the headers gave has a percent; a cap (no duration) has none.
+    assert chunks[-1]["percent"] == (100 if seekable else None)
+    assert ("declares no length" in chunks[-1]["message"]) is not seekable
     assert response["sequence"]["frames"] == 30
     vertices = read_ply(base64.b64decode(response["scene_ply"]["base64"]))
     assert len(vertices) == response["scene"]["points"] == 3000

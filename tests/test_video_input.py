@@ -174,3 +174,29 @@ def test_a_stream_without_duration_past_the_limit_is_refused_while_decoding(seco
     assert "MAX_VIDEO_DURATION_S" in caught.value.message
     step = 1 / (fps or 30)
     assert taken == pytest.approx([i * step for i in range(int(1.0 / step + 1e-9) + 1)], abs=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("sampling", "planned", "known"),
+    [
+        ({"fps": 10}, 20, True),  # 2 s at 10 frames/s, from the declared duration
+        ({"fps": 10, "max_frames": 500}, 20, True),  # max_frames past the video: the video's
+        ({"fps": 10, "max_frames": 7}, 7, True),
+    ],
+)
+def test_the_planned_count_comes_from_the_headers(two_seconds, sampling, planned, known):
+    video = open_video(two_seconds, Sampling(**sampling), SETTINGS)
+    try:
+        assert (video.frames, video.frames_known) == (planned, known)
+    finally:
+        video.close()
+
+
+@pytest.mark.parametrize(("max_frames", "planned"), [(None, 2000), (500, 500)])
+def test_a_stream_without_duration_plans_only_a_cap(max_frames, planned):
+    data = make_video(constant_rate(1.0, 30), container="matroska", seekable=False)
+    video = open_video(data, Sampling(max_frames=max_frames), _limited(max_video_frames=2000))
+    try:
+        assert (video.frames, video.frames_known) == (planned, False)
+    finally:
+        video.close()

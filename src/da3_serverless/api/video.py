@@ -59,7 +59,9 @@ class VideoFrame:
 @dataclass
 class OpenedVideo:
     """A video whose headers are read and checked; `frames` is the most frames the sampling
-    can give (what the request is priced by), `width` x `height` the stored frame size."""
+    can give (what the request is priced by), `frames_known` whether the headers gave that
+    count (else it is a cap: the stream declares no duration), `width` x `height` the stored
+    frame size."""
 
     container: av.container.InputContainer
     stream: av.video.stream.VideoStream
@@ -69,6 +71,7 @@ class OpenedVideo:
     frames: int
     sampling: Sampling
     source: str
+    frames_known: bool = True
 
     def close(self) -> None:
         self.container.close()
@@ -123,8 +126,10 @@ def _checked(container, sampling: Sampling, settings: Settings, source: str) -> 
     stream.thread_type = "AUTO"
     duration = _declared_duration(container, stream)
     _check_span(duration, sampling, settings, source)
-    frames = _planned_frames(stream, duration, sampling, settings, source)
-    return OpenedVideo(container, stream, width, height, duration, frames, sampling, source)
+    frames, known = _planned_frames(stream, duration, sampling, settings, source)
+    return OpenedVideo(
+        container, stream, width, height, duration, frames, sampling, source, frames_known=known
+    )
 
 
 def _check_pixels(width: int, height: int, settings: Settings, source: str) -> None:
@@ -163,26 +168,30 @@ def _check_span(duration: float | None, sampling: Sampling, settings: Settings, 
         )
 
 
-def _planned_frames(stream, duration, sampling: Sampling, settings: Settings, source: str) -> int:
-    """The most frames the sampling can take, from the headers; refused past the limit."""
+def _planned_frames(
+    stream, duration, sampling: Sampling, settings: Settings, source: str
+) -> tuple[int, bool]:
+    """(the most frames the sampling can take, whether the headers gave that count): from the
+    declared duration and rate, at most `max_frames`; without a duration (or rate) the cap,
+    `max_frames` or MAX_VIDEO_FRAMES, and False. Refused past MAX_VIDEO_FRAMES."""
     cap = settings.max_video_frames
-    if sampling.max_frames is not None:
-        return min(sampling.max_frames, cap)
+    limit = cap if sampling.max_frames is None else min(sampling.max_frames, cap)
     end = sampling.end_s if sampling.end_s is not None else duration
     if end is not None and duration is not None:
         end = min(end, duration)
     rate = sampling.fps or (float(stream.average_rate) if stream.average_rate else None)
     if end is None or rate is None:
-        return cap
-    planned = math.ceil((end - sampling.start_s) * rate - 1e-9)
-    if planned > cap:
+        return limit, False
+    # A hundredth of a frame of slack: containers round their durations (2.0003 s for 2 s).
+    planned = max(math.ceil((end - sampling.start_s) * rate - 0.01), 0)
+    if planned > cap and sampling.max_frames is None:
         raise ServiceError(
             "request_too_large",
             f"{source} gives {planned} frames at {rate:g} frames per second; this server takes "
             f"at most {cap} (MAX_VIDEO_FRAMES): lower fps, set max_frames, or narrow "
             "start_s/end_s",
         )
-    return max(planned, 0)
+    return min(planned, limit), True
 
 
 def _unreadable(source: str) -> ServiceError:

@@ -175,7 +175,7 @@ def _run_chunks(context, request, predictor, source, frames, chunking):
         if frames.gaussians is not None:
             frames.gaussians.add(aligned, prediction)
         is_metric, units = prediction.is_metric, prediction.units
-        summary = _summary(aligned, len(frames), source.planned, time.perf_counter() - started)
+        summary = _summary(aligned, len(frames), source, time.perf_counter() - started)
         summary["align_ms"] = round(aligning * 1000, 3)
         summaries.append(summary)
         if context.job.progress is not None:
@@ -220,12 +220,18 @@ def _write(frames: FrameStore, aligned: AlignedChunk, timestamps: list[float], i
         )  # fmt: skip
 
 
-def _summary(aligned: AlignedChunk, done: int, planned: int, elapsed: float) -> dict:
-    chunk = aligned.chunk
+def _summary(aligned: AlignedChunk, done: int, source: FrameSource, elapsed: float) -> dict:
+    """A chunk's progress: `percent` only when the source knows its frame count (a stream
+    that declares no duration has only a cap: `frames_planned` is then that cap)."""
+    chunk, planned = aligned.chunk, source.planned
+    known = source.planned_known and planned > 0
+    message = f"chunk {chunk.index}: {done} of {planned} frames"
+    if not known:
+        message = f"chunk {chunk.index}: {done} frames (the video declares no length)"
     return {
         "stage": "sequence",
-        "percent": round(100 * done / planned) if planned else None,
-        "message": f"chunk {chunk.index}: {done} of at most {planned} frames",
+        "percent": min(100, round(100 * done / planned)) if known else None,
+        "message": message,
         "chunk": chunk.index,
         "start": chunk.start,
         "stop": chunk.stop,

@@ -28,13 +28,15 @@ class Frame:
 @dataclass
 class FrameSource:
     """A sequence's frames, lazily: `width` x `height` from the first frame's header,
-    `planned` the most frames it can give, `frames` the stream; `close` frees the input."""
+    `planned` the most frames it can give (`planned_known`: the headers gave that count, not
+    a cap), `frames` the stream; `close` frees the input."""
 
     width: int
     height: int
     planned: int
     frames: Iterator[Frame]
     video: OpenedVideo | None = field(default=None)
+    planned_known: bool = True
 
     def close(self) -> None:
         if self.video is not None:
@@ -61,7 +63,7 @@ def open_source(request: RunRequest, settings: Settings, cancel: CancelToken) ->
     video = open_video(data, sampling, settings, "the video")
     del data  # the container holds what it needs
     frames = (Frame(f.image, f.timestamp) for f in iter_frames(video, settings, cancel))
-    return FrameSource(video.width, video.height, video.frames, frames, video)
+    return FrameSource(video.width, video.height, video.frames, frames, video, video.frames_known)
 
 
 def _image_source(request: RunRequest, settings: Settings, cancel: CancelToken) -> FrameSource:

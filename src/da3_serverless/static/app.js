@@ -370,9 +370,11 @@ function pause(ms, signal) {
   });
 }
 
-// One chunk's summary (sequence/pipeline.py): frames done of those planned, the chunk's index.
+// One chunk's summary (sequence/pipeline.py): frames done of those planned (a video that
+// declares no length has no percent, and its planned count is only a cap), the chunk's index.
 function progressText(summary) {
-  return `${summary.frames_done} of at most ${summary.frames_planned} frames done (chunk ${summary.chunk})…`;
+  const of = summary.percent === null ? "" : ` of ${summary.frames_planned}`;
+  return `${summary.frames_done}${of} frames done (chunk ${summary.chunk})…`;
 }
 
 function showProgress(summary) {
