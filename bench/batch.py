@@ -28,7 +28,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import tempfile
 import threading
 import time
@@ -38,9 +37,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from common import IMAGES, REPO, snapshot
+from common import IMAGES, snapshot, start_server
 from da3_serverless.client import Client
-from servers import free_port, serve_command, wait_ready
 
 OUTPUTS = ["depth", "preview"]
 
@@ -56,24 +54,6 @@ def write_photos(folder: Path, count: int, size: tuple[int, int]) -> list[Path]:
         sources[index % 2].crop((x, y, x + size[0], y + size[1])).save(path, quality=90)
         paths.append(path)
     return paths
-
-
-def start_server(snapshot_folder: Path, workspace: Path) -> tuple[str, subprocess.Popen]:
-    env = {
-        **os.environ, "PYTHONPATH": str(REPO / "src"), "MODEL_ID": str(snapshot_folder),
-        "WORKSPACE": str(workspace), "DA3_ALLOW_UNAUTHENTICATED": "1", "MAX_QUEUE": "64",
-        "PYTHONUNBUFFERED": "1",
-    }  # fmt: skip
-    port = free_port()
-    log_path = workspace / "serve.log"
-    with open(log_path, "wb") as log:
-        server = subprocess.Popen(
-            serve_command("serve", "--host", "127.0.0.1", "--port", str(port)),
-            env=env, stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    wait_ready(url, server, log_path)
-    return url, server
 
 
 @contextmanager

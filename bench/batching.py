@@ -21,8 +21,6 @@ import argparse
 import base64
 import concurrent.futures
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,10 +30,9 @@ from pathlib import Path
 import httpx
 import torch
 
-from common import REPO, interleaved_medians, snapshot
+from common import interleaved_medians, snapshot, start_server
 from da3_serverless.inference.predictor import Predictor, PredictRequest
 from da3_serverless.inference.preprocess import load_rgb, processing_size, to_network_input
-from servers import free_port, serve_command, wait_ready
 
 CLIENTS = 8
 
@@ -86,20 +83,10 @@ def server_throughput(folder: Path, photos: list[Path], res: int, rounds: int, m
     ]
     with tempfile.TemporaryDirectory() as workspace:
         log_path = Path(workspace) / "serve.log"
-        env = {
-            **os.environ, "PYTHONPATH": str(REPO / "src"), "MODEL_ID": str(folder),
-            "WORKSPACE": workspace, "DA3_ALLOW_UNAUTHENTICATED": "1", "MAX_QUEUE": "64",
-            "MAX_BATCH": str(max_batch), "BATCH_WAIT_MS": "10", "PYTHONUNBUFFERED": "1",
-        }  # fmt: skip
-        port = free_port()
-        with open(log_path, "wb") as log:
-            server = subprocess.Popen(
-                serve_command("serve", "--host", "127.0.0.1", "--port", str(port)),
-                env=env, stdout=log, stderr=subprocess.STDOUT,
-            )  # fmt: skip
-        url = f"http://127.0.0.1:{port}"
+        url, server = start_server(
+            folder, Path(workspace), MAX_BATCH=str(max_batch), BATCH_WAIT_MS="10"
+        )
         try:
-            wait_ready(url, server, log_path)
 
             def client(body: dict) -> None:
                 with httpx.Client(timeout=600) as http:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -17,8 +19,9 @@ sys.path.insert(0, str(REPO / "tests"))  # the reference oracle and the test vid
 
 from da3_serverless.model.checkpoint import write_random_checkpoint  # noqa: E402
 from reference import load_reference  # noqa: E402
+from servers import free_port, serve_command, wait_ready  # noqa: E402
 
-__all__ = ["IMAGES", "load_reference", "median_seconds", "snapshot"]
+__all__ = ["IMAGES", "load_reference", "median_seconds", "snapshot", "start_server"]
 
 
 def snapshot(preset: str, seed: int = 0) -> Path:
@@ -27,6 +30,28 @@ def snapshot(preset: str, seed: int = 0) -> Path:
     if not (folder / "model.safetensors").is_file():
         write_random_checkpoint(preset, folder, seed=seed)
     return folder
+
+
+def start_server(snapshot_folder: Path, workspace: Path, **env: str):
+    """`da3-serverless serve` on a free port of 127.0.0.1 with the snapshot as its model, no
+    key needed, `env` added; its log in `workspace/serve.log`. Returns (URL, process) once
+    it is ready; the caller terminates it."""
+    workspace.mkdir(parents=True, exist_ok=True)
+    env = {
+        **os.environ, "PYTHONPATH": str(REPO / "src"), "MODEL_ID": str(snapshot_folder),
+        "WORKSPACE": str(workspace), "DA3_ALLOW_UNAUTHENTICATED": "1", "MAX_QUEUE": "64",
+        "PYTHONUNBUFFERED": "1", **env,
+    }  # fmt: skip
+    port = free_port()
+    log_path = workspace / "serve.log"
+    with open(log_path, "wb") as log:
+        server = subprocess.Popen(
+            serve_command("serve", "--host", "127.0.0.1", "--port", str(port)),
+            env=env, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    wait_ready(url, server, log_path)
+    return url, server
 
 
 def median_seconds(fn: Callable[[], object], runs: int = 5, warmup: int = 1) -> float:
