@@ -327,25 +327,49 @@ def test_outputs_as_paths_are_files_moved_from_the_frames_folder(service, video,
     service.store.discard(paths)  # other tests of the module check that no file is left
 
 
-def _standin(tmp_path, video: bytes, **settings) -> tuple[dict, object]:
-    """A sequence request through the stand-in network (no model): 10 frames in chunks of 4."""
+def _standin(tmp_path, video: bytes, paths: bool | None = None, **settings) -> tuple[dict, object]:
+    """A sequence request through the stand-in network (no model): 10 frames in chunks of 4;
+    as paths unless MAX_RESPONSE_BYTES is set (or `paths` says)."""
     config = offline_settings(None, tmp_path / "ws", **settings)
     payload = {key: value for key, value in _request(video).items() if key != "api_key"}
-    payload["return_base64"] = settings.get("max_response_bytes") is not None
+    if paths is None:
+        paths = settings.get("max_response_bytes") is None
+    payload["return_base64"] = not paths
     response = run_sequence(standin_context(config), parse_request(payload, config))
     return response, config
 
 
-def test_outputs_that_cannot_be_saved_leave_no_file(tmp_path, video):
-    """An unwritable volume (its folder is a file): each output is reported in a warning, and
-    the frames folder with the outputs' files in it is gone."""
+def test_outputs_stored_nowhere_go_inline_and_leave_no_file(tmp_path, video):
+    """Paths asked for, but the volume is unwritable (its folder is a file) and there is no
+    bucket: each output goes inline after all (within MAX_RESPONSE_BYTES), with warnings that
+    say so, and the frames folder with the outputs' files in it is gone."""
     (tmp_path / "ws").mkdir()
     (tmp_path / "ws" / "output_images").write_bytes(b"")  # not a folder
     response, config = _standin(tmp_path, video)
     for name in ("trajectory", "depth_frames", "depth_video"):
-        assert response[name] == {"media_type": response[name]["media_type"]}
+        assert response[name].keys() == {"media_type", "base64"}
         assert any(f"could not save {name} on the volume" in w for w in response["warnings"])
+        assert f"{name} could not be stored, so it is inline" in response["warnings"]
+    frames = _zip(response["depth_frames"])
+    assert len([n for n in frames.namelist() if n.endswith(".png")]) == 10
     assert not list((config.workspace_dir / "sequences").iterdir())
+
+
+def test_outputs_stored_nowhere_past_the_budget_fail_the_request(tmp_path, video):
+    """Stored nowhere and too large to go inline: the request fails with `request_too_large`
+    naming what to set, instead of "succeeding" with nothing; no file is left anywhere."""
+    (tmp_path / "ws").mkdir()
+    (tmp_path / "ws" / "output_images").write_bytes(b"")
+    with pytest.raises(ServiceError) as caught:
+        _standin(tmp_path, video, paths=True, max_response_bytes=100)
+    assert caught.value.code == "request_too_large"
+    message = caught.value.message
+    assert message.startswith("trajectory could not be stored (could not save trajectory on")
+    assert "(100 of 100 bytes)" in message and "no bucket is configured" in message
+    assert "writable volume (WORKSPACE" in message and "BUCKET_ENDPOINT_URL" in message
+    workspace = tmp_path / "ws"
+    assert not list((workspace / "sequences").iterdir())
+    assert [p.name for p in workspace.rglob("*") if p.is_file()] == ["output_images"]
 
 
 def test_outputs_past_the_response_budget_go_to_the_bucket_and_volume(tmp_path, video, s3_endpoint):

@@ -289,15 +289,32 @@ def test_multi_view_responses_count_the_repeated_first_view(service):
     assert len(fit_inline(artifacts, budget=12000, repeated_view=0)) == 2
 
 
-def test_the_depth_map_is_never_lost(hf_cache, tmp_path):
-    """Paths asked for, but the volume is unusable and there is no bucket: inline after all."""
+def test_outputs_stored_nowhere_go_inline_within_the_budget(hf_cache, tmp_path):
+    """Paths asked for, but the volume is unusable and there is no bucket: the depth map and
+    the extras go inline after all, within MAX_RESPONSE_BYTES; past it the request fails
+    (`request_too_large`, naming what to set) rather than answer without them."""
     workspace = tmp_path / "ws"
     workspace.mkdir()
     (workspace / "output_images").write_text("a file where the folder should be")
     service = Service(offline_settings(hf_cache, workspace))
-    body = service.handle(request(return_base64=False))
+    body = service.handle(request(return_base64=False, outputs=["depth", "depth_npy"]))
     assert body["image_base64"] and body["file_path"] is None
-    assert "the depth map could not be stored, so it is inline" in body["warnings"]
+    assert np.load(io.BytesIO(base64.b64decode(body["depth_npy"]["base64"]))).shape == (
+        body["height"], body["width"],
+    )  # fmt: skip
+    assert "depth could not be stored, so it is inline" in body["warnings"]
+    assert "depth_npy could not be stored, so it is inline" in body["warnings"]
+    budget = len(body["image_base64"]) + 1000  # the depth PNG fits, the float map does not
+    assert len(body["depth_npy"]["base64"]) > 2000
+    small = Service(offline_settings(hf_cache, workspace, max_response_bytes=budget))
+    with pytest.raises(ServiceError) as error:
+        small.handle(request(return_base64=False, outputs=["depth", "depth_npy"]))
+    assert error.value.code == "request_too_large"
+    message = error.value.message
+    assert message.startswith("depth_npy could not be stored (could not save depth_npy on the")
+    assert "no bucket is configured" in message and f" of {budget} bytes)" in message
+    assert "writable volume (WORKSPACE" in message and "BUCKET_ENDPOINT_URL" in message
+    assert (workspace / "output_images").read_text() == "a file where the folder should be"
 
 
 def test_process_res_limit_cannot_pass_the_predictors_ceiling():

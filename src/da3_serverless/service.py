@@ -521,7 +521,7 @@ class Service:
         with timer.stage("save"):
             placed = place_outputs(
                 artifacts, len(views), self.store,
-                budget=self.settings.max_response_bytes if request.return_base64 else None,
+                budget=self.settings.max_response_bytes, paths=not request.return_base64,
                 order=request.outputs, saved=saved, warnings=warnings, job=job,
             )  # fmt: skip
         for view, fields in zip(views, placed.views, strict=True):

@@ -1,12 +1,15 @@
 """Where each encoded output goes: inline base64, a file on the volume, a bucket URL
 (docs/ARCHITECTURE.md §7, decision 3).
 
-Under the response budget (`MAX_RESPONSE_BYTES`, 0 when the request asked for paths) the depth
-PNGs go inline first, then the extras in the order requested; a multi-view response repeats
-view 0 at the top level, so its payloads count twice, while the scene outputs (top level only:
-`scene_ply`, `scene_glb`, `colmap`, `gaussians_ply`) count once. What does not fit is saved on
-the volume and uploaded to the bucket when one is configured. The depth PNG is always saved on
-the volume too, and goes inline regardless when it cannot be stored anywhere: it is the answer.
+Under the response budget (`MAX_RESPONSE_BYTES`; nothing by choice when the request asked for
+paths) the depth PNGs go inline first, then the extras in the order requested; a multi-view
+response repeats view 0 at the top level, so its payloads count twice, while the scene outputs
+(top level only: `scene_ply`, `scene_glb`, `colmap`, `gaussians_ply`) count once. What does
+not fit is saved on the volume and uploaded to the bucket when one is configured; the depth PNG
+is always saved on the volume too. One rule for every output, of a single request or a
+sequence: one that could be stored nowhere (no writable volume, no bucket) goes inline after all
+when it fits what remains of the budget, with a warning, else the request fails
+(`request_too_large`, naming the settings that give the server somewhere to store it).
 
 An artifact may be a file on disk (a sequence's outputs, whose size grows with its length): it
 is sized from the file, read into memory only when it goes inline (so within the response
@@ -19,12 +22,14 @@ import base64
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from da3_serverless.api.errors import ServiceError
 from da3_serverless.api.job import JobInfo
 from da3_serverless.api.outputs import Artifact
 from da3_serverless.api.storage import OutputStore, Saved, StorageError
 
 BUCKET_SETTINGS = "BUCKET_ENDPOINT_URL, BUCKET_ACCESS_KEY_ID, BUCKET_SECRET_ACCESS_KEY"
 BUCKET_HINT = f"; set {BUCKET_SETTINGS} to get URLs to them"
+STORED = frozenset(("base64", "path", "url"))  # an entry with none of these: stored nowhere
 
 
 @dataclass
@@ -48,13 +53,18 @@ def fit_inline(
     rank = {name: position for position, name in enumerate(order)}
     inline = set()
     for artifact in sorted(artifacts, key=lambda a: (a.name != "depth", rank.get(a.name, 0))):
-        size = 4 * ((artifact.size + 2) // 3)
-        if artifact.view is not None and artifact.view == repeated_view:
-            size *= 2
+        size = inline_size(artifact, repeated_view)
         if size <= budget:
             inline.add(id(artifact))
             budget -= size
     return inline
+
+
+def inline_size(artifact: Artifact, repeated_view: int | None) -> int:
+    """The bytes of base64 `artifact` adds to the response: twice for `repeated_view`'s."""
+    size = 4 * ((artifact.size + 2) // 3)
+    repeated = artifact.view is not None and artifact.view == repeated_view
+    return 2 * size if repeated else size
 
 
 def place_outputs(
@@ -62,21 +72,26 @@ def place_outputs(
     view_count: int,
     store: OutputStore,
     *,
-    budget: int | None,
+    budget: int,
+    paths: bool,
     order: Sequence[str],
     saved: list[Saved],
     warnings: list[str],
     job: JobInfo | None = None,
 ) -> Placed:
-    """Place every artifact (inline within `budget` bytes, or None when the request asked for
-    paths; volume; bucket: the job's own when it gave one) and return its response fields.
-    Files saved on the volume and objects put in the bucket are appended to `saved` (the
-    caller removes them if the request fails later); problems are appended to `warnings`."""
+    """Place every artifact (inline within `budget` bytes, MAX_RESPONSE_BYTES, unless `paths`:
+    the request asked for paths; volume; bucket: the job's own when it gave one) and return its
+    response fields. Files saved on the volume and objects put in the bucket are appended to
+    `saved` (the caller removes them if the request fails, here or later); problems are
+    appended to `warnings`. Raises `ServiceError` for an output stored nowhere that does not
+    fit what remains of `budget` inline."""
     job = job or JobInfo()
-    inline = fit_inline(artifacts, budget or 0, 0 if view_count > 1 else None, order)
+    repeated = 0 if view_count > 1 else None
+    inline = fit_inline(artifacts, 0 if paths else budget, repeated, order)
+    left = budget - sum(inline_size(a, repeated) for a in artifacts if id(a) in inline)
     stored = sorted({a.name for a in artifacts if id(a) not in inline})
     has_bucket = store.has_bucket or job.bucket is not None
-    if budget is not None and stored:
+    if not paths and stored:
         where = "" if has_bucket else BUCKET_HINT
         warnings.append(
             f"{', '.join(stored)} would pass MAX_RESPONSE_BYTES ({budget} bytes) inline: "
@@ -85,21 +100,46 @@ def place_outputs(
     placed = Placed([{} for _ in range(view_count)])
     for artifact in artifacts:
         name = object_name(artifact, view_count)
-        entry = _place(artifact, id(artifact) in inline, store, (saved, warnings, job, name))
+        problems: list[str] = []
+        entry = _place(artifact, id(artifact) in inline, store, (saved, problems, job, name))
+        warnings += problems
+        if not entry.keys() & STORED:
+            size = inline_size(artifact, repeated)
+            if size > left:
+                raise _stored_nowhere(artifact, size, (left, budget), problems, has_bucket)
+            entry["base64"] = base64.b64encode(artifact.read()).decode("ascii")
+            left -= size
+            warnings.append(f"{artifact.name} could not be stored, so it is inline")
         target = placed.top if artifact.view is None else placed.views[artifact.view]
         target.update(artifact.fields)
         if artifact.name != "depth":
             target[artifact.name] = entry
             continue
-        if not entry.keys() & {"base64", "path", "url"}:
-            # Nowhere to store it: the depth map is the answer, so it goes inline.
-            entry["base64"] = base64.b64encode(artifact.read()).decode("ascii")
-            warnings.append("the depth map could not be stored, so it is inline")
         target["image_base64"] = entry.get("base64")
         target["file_path"] = entry.get("path")
         if "url" in entry:
             target["file_url"] = entry["url"]
     return placed
+
+
+def _stored_nowhere(
+    artifact: Artifact,
+    size: int,
+    budget: tuple[int, int],
+    problems: list[str],
+    has_bucket: bool,
+) -> ServiceError:
+    """The error for an output that could be stored nowhere and is too large to go inline:
+    what went wrong, and the settings that give the server somewhere to put it."""
+    left, total = budget
+    why = [*problems, *([] if has_bucket else ["no bucket is configured"])]
+    return ServiceError(
+        "request_too_large",
+        f"{artifact.name} could not be stored ({'; '.join(why)}), and inline its {size} bytes "
+        f"of base64 would pass what remains of MAX_RESPONSE_BYTES ({left} of {total} bytes): "
+        "the server needs a writable volume (WORKSPACE, whose output_images/ folder holds the "
+        f"outputs) or a bucket ({BUCKET_SETTINGS}); or ask for fewer or smaller outputs",
+    )
 
 
 def object_name(artifact: Artifact, view_count: int) -> str:

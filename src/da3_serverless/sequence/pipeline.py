@@ -264,7 +264,7 @@ def _respond(context: SequenceContext, request: RunRequest, frames: FrameStore, 
     try:
         placed = place_outputs(
             artifacts, 1, context.store,
-            budget=context.settings.max_response_bytes if request.return_base64 else None,
+            budget=context.settings.max_response_bytes, paths=not request.return_base64,
             order=request.outputs, saved=saved, warnings=warnings, job=context.job,
         )  # fmt: skip
     except BaseException:
