@@ -56,10 +56,9 @@ def test_unwritable_folder_raises_storage_error(tmp_path: Path) -> None:
         store.save(b"data", ".png")
 
 
-def test_disk_full_leaves_nothing_behind(
-    store: OutputStore, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The temporary file's descriptor is /dev/full, so the real write fails with ENOSPC."""
+def _full_disk(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """Every temporary file the store makes from now on writes to /dev/full (ENOSPC); returns
+    the list of their paths as they are made."""
     made: list[Path] = []
 
     def full_mkstemp(dir: Path, prefix: str, suffix: str) -> tuple[int, str]:
@@ -69,6 +68,14 @@ def test_disk_full_leaves_nothing_behind(
         return os.open("/dev/full", os.O_WRONLY), str(path)
 
     monkeypatch.setattr(tempfile, "mkstemp", full_mkstemp)
+    return made
+
+
+def test_disk_full_leaves_nothing_behind(
+    store: OutputStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The temporary file's descriptor is /dev/full, so the real write fails with ENOSPC."""
+    made = _full_disk(monkeypatch)
     with pytest.raises(StorageError, match="No space left on device"):
         store.save(b"x" * 100_000, ".png")
     assert made and not made[0].exists()
@@ -150,15 +157,7 @@ def test_save_file_disk_full_leaves_no_partial_copy(
     source = tmp_path / "frames.zip"
     source.write_bytes(b"x" * 100_000)
     _other_filesystem(monkeypatch, store.root)
-    made: list[Path] = []
-
-    def full_mkstemp(dir: Path, prefix: str, suffix: str) -> tuple[int, str]:
-        path = Path(dir) / f"{prefix}full{suffix}"
-        path.touch()
-        made.append(path)
-        return os.open("/dev/full", os.O_WRONLY), str(path)
-
-    monkeypatch.setattr(tempfile, "mkstemp", full_mkstemp)
+    made = _full_disk(monkeypatch)
     with pytest.raises(StorageError, match="No space left on device"):
         store.save_file(source, ".zip")
     assert made and not made[0].exists()
