@@ -89,6 +89,11 @@ def _integral(value: object) -> object:
 WholeNumber = Annotated[int, BeforeValidator(_integral)]
 
 
+# The request's sources: exactly one is given. A video or a zip of frames is a sequence.
+STREAMS = ("video_url", "video_base64", "frames_zip_url", "frames_zip_base64")
+SOURCES = ("image_url", "image_base64", "images", *STREAMS)
+
+
 class ImageRef(BaseModel):
     """One view of the scene: exactly one of `url` (http/https) or `base64` (raw or data URI)."""
 
@@ -115,9 +120,12 @@ class RunRequest(BaseModel):
     image_url: str | None = None
     image_base64: str | None = None
     images: list[ImageRef] | None = Field(default=None, min_length=1)
-    # A sequence (docs/ARCHITECTURE.md §8): a video, or `images` in order with `sequence`.
+    # A sequence (docs/ARCHITECTURE.md §8): a video, a zip of frames, or `images` in order
+    # with `sequence`.
     video_url: str | None = None
     video_base64: str | None = None
+    frames_zip_url: str | None = None
+    frames_zip_base64: str | None = None
     sequence: bool = False
     fps: FiniteFloat | None = Field(default=None, gt=0, le=240)
     # Whole numbers with the bound before the validator, so the JSON schema says `minimum`.
@@ -210,12 +218,11 @@ class RunRequest(BaseModel):
 
     @model_validator(mode="after")
     def _one_source_and_camera_per_view(self) -> RunRequest:
-        sources = ("image_url", "image_base64", "images", "video_url", "video_base64")
-        given = [getattr(self, name) is not None for name in sources]
-        if sum(given) != 1:
+        given = [name for name in SOURCES if getattr(self, name) is not None]
+        if len(given) != 1:
             raise ValueError(
-                f"give exactly one of {', '.join(sources)} "
-                f"(got {'none' if not any(given) else sum(given)})"
+                f"give exactly one of {', '.join(SOURCES)} "
+                f"(got {', '.join(given) if given else 'none'})"
             )
         if self.is_sequence:
             if "outputs" not in self.model_fields_set:
@@ -225,8 +232,8 @@ class RunRequest(BaseModel):
         wrong = [name for name in self.outputs if name in SEQUENCE_OUTPUTS]
         if wrong:
             raise ValueError(
-                f"{', '.join(wrong)} are outputs of a sequence: send video_url, video_base64 "
-                'or images with "sequence": true'
+                f"{', '.join(wrong)} are outputs of a sequence: send video_url, video_base64, "
+                'frames_zip_url, frames_zip_base64 or images with "sequence": true'
             )
         n = self.view_count
         if isinstance(self.focal_length_px, list):
@@ -249,16 +256,19 @@ class RunRequest(BaseModel):
 
     @property
     def is_sequence(self) -> bool:
-        """A video, or images to run as a sequence (in chunks, past `MAX_VIEWS`)."""
-        return self.sequence or self.video_url is not None or self.video_base64 is not None
+        """A video, a zip of frames, or images to run as a sequence (in chunks, past
+        `MAX_VIEWS`)."""
+        return self.sequence or any(getattr(self, name) is not None for name in STREAMS)
 
 
 def _check_sequence(request: RunRequest) -> None:
     """What a sequence may ask: its own outputs, one intrinsics for all frames (or, for
     images, one per image), no given poses, and `sequence` only with `images`."""
-    video = request.video_url is not None or request.video_base64 is not None
+    video = any(getattr(request, name) is not None for name in STREAMS)
     if request.sequence and not video and request.images is None:
-        raise ValueError('"sequence": true goes with images (a video is a sequence already)')
+        raise ValueError(
+            '"sequence": true goes with images (a video or a frames zip is a sequence already)'
+        )
     allowed = (*SEQUENCE_OUTPUTS, *TOP_LEVEL_OUTPUTS)
     wrong = [name for name in request.outputs if name not in allowed]
     if wrong:
@@ -459,7 +469,8 @@ def check_sizes(payload: dict, settings: Settings | None = None) -> None:
                 f"{name} must be one matrix per view (at most {most}), each a list "
                 f"of at most {MAX_MATRIX_SIDE} rows of at most {MAX_MATRIX_SIDE} numbers"
             )
-    texts = [(name, payload.get(name), MAX_URL_CHARS) for name in ("image_url", "video_url")]
+    urls = ("image_url", "video_url", "frames_zip_url")
+    texts = [(name, payload.get(name), MAX_URL_CHARS) for name in urls]
     texts += [(f"{where}.url", ref.get("url"), MAX_URL_CHARS) for where, ref in refs]
     texts.append(("model_id", payload.get("model_id"), MAX_MODEL_ID_CHARS))
     for where, text, cap in texts:
@@ -468,15 +479,16 @@ def check_sizes(payload: dict, settings: Settings | None = None) -> None:
     if problems:
         raise ServiceError("invalid_input", "invalid request: " + "; ".join(problems))
     _check_base64_lengths(payload, refs, limits.base64_chars_limit)
-    video = payload.get("video_base64")
     video_limit = -(-limits.max_video_bytes // 3) * 4 * 103 // 100 + 1024
-    if isinstance(video, str) and len(video) > video_limit:
-        raise ServiceError(
-            "request_too_large",
-            f"video_base64 is {len(video)} characters; this server accepts the base64 of at "
-            f"most {limits.max_video_bytes} bytes (MAX_VIDEO_BYTES): cut the video, or send "
-            "it by video_url",
-        )
+    for kind, advice in (("video", "cut the video"), ("frames_zip", "send fewer frames")):
+        text = payload.get(f"{kind}_base64")
+        if isinstance(text, str) and len(text) > video_limit:
+            raise ServiceError(
+                "request_too_large",
+                f"{kind}_base64 is {len(text)} characters; this server accepts the base64 of "
+                f"at most {limits.max_video_bytes} bytes (MAX_VIDEO_BYTES): {advice}, or send "
+                f"it by {kind}_url",
+            )
 
 
 def _oversized(value: object, caps: tuple[int, ...]) -> bool:

@@ -77,6 +77,7 @@ def run_sequence(context: SequenceContext, request: RunRequest) -> dict:
         _check_sizes(request, frames)
         context.cancel.commit()  # the last check: outputs are written from here on
         response = _respond(context, request, frames, (model_id, is_metric, units))
+        response["warnings"] = list(dict.fromkeys([*source.warnings, *response["warnings"]]))
         response["sequence"] = {
             "frames": len(frames),
             "chunk_size": size,

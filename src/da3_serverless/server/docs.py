@@ -9,7 +9,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel, ConfigDict
 
-from da3_serverless.api.schema import RunRequest, RunResponse
+from da3_serverless.api.schema import SOURCES, RunRequest, RunResponse
 from da3_serverless.config import Settings
 
 
@@ -118,7 +118,7 @@ def runpod_body_doc() -> dict[str, Any]:
 
 
 # The request's image sources: exactly one is given (and not null).
-IMAGE_SOURCES = ("image_url", "image_base64", "images", "video_url", "video_base64")
+IMAGE_SOURCES = SOURCES
 # How a key is sent: `Authorization: Bearer <key>` or `X-API-Key: <key>`.
 SECURITY_SCHEMES = {
     "bearerAuth": {"type": "http", "scheme": "bearer"},

@@ -1,0 +1,241 @@
+"""A zip of frames as a sequence (`frames_zip_base64`, `frames_zip_url`): real zips built here
+from the repository's photos (small crops), read back in natural name order with folders,
+`__MACOSX/` and hidden entries skipped; through the chunked path with the stand-in network;
+by URL through the safe download; and hostile zips (bombs, too many entries, no frames,
+damage, mixed sizes, two sources) refused with their documented codes, leaving no file."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import random
+import struct
+import tracemalloc
+import zipfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import TEST_API_KEY, offline_settings
+from contract_cases import serve_directory
+from da3_serverless.api.errors import ServiceError
+from da3_serverless.api.schema import parse_request
+from da3_serverless.inference.cancel import CancelToken
+from da3_serverless.sequence.pipeline import run_sequence
+from da3_serverless.sequence.source import open_source
+from da3_serverless.service import Service
+from paths import IMAGES
+from sequence_standin import standin_context
+
+SIZE = (32, 24)
+COUNT = 12
+FIELDS = {"chunk_size": 4, "overlap": 2, "process_res": 56, "output_metric": False,
+          "outputs": ["trajectory", "depth_frames"]}  # fmt: skip
+
+
+def frame(index: int, size: tuple[int, int] = SIZE) -> Image.Image:
+    """Frame `index`: a crop of one of the repository's photos, a different one per index."""
+    photos = sorted(IMAGES.glob("*.png"))
+    with Image.open(photos[index % len(photos)]) as photo:
+        left = 40 * index
+        return photo.convert("RGB").crop((left, 0, left + 320, 240)).resize(size)
+
+
+def png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def frames_zip(count: int = COUNT, extras: bool = True, size=SIZE) -> bytes:
+    """`count` frames as clip/frame_<i>.png in shuffled entry order; with `extras`, a folder
+    entry, macOS's `__MACOSX/` twins, a `.DS_Store` and a `notes.txt`."""
+    entries = [(f"clip/frame_{i}.png", png(frame(i, size))) for i in range(count)]
+    if extras:
+        entries += [(f"__MACOSX/clip/._frame_{i}.png", b"\x00\x05\x16\x07") for i in range(2)]
+        entries += [("clip/.DS_Store", b"\x00" * 8), ("clip/notes.txt", b"shot on a phone")]
+    random.Random(0).shuffle(entries)
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        if extras:
+            archive.writestr(zipfile.ZipInfo("clip/"), b"")
+        for name, data in entries:
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _settings(tmp_path, **overrides):
+    return offline_settings(None, tmp_path / "workspace", **overrides)
+
+
+def _frames(payload: dict, settings) -> list:
+    request = parse_request(payload, settings)
+    source = open_source(request, settings, CancelToken())
+    try:
+        return source, list(source.frames)
+    finally:
+        source.close()
+
+
+def test_frames_come_in_natural_order_with_index_timestamps(tmp_path):
+    settings = _settings(tmp_path)
+    source, frames = _frames({"frames_zip_base64": b64(frames_zip())}, settings)
+    assert (source.width, source.height, source.planned) == (*SIZE, COUNT)
+    assert [f.timestamp for f in frames] == [float(i) for i in range(COUNT)]
+    for index, item in enumerate(frames):  # frame_2 before frame_10, PNG is lossless
+        np.testing.assert_array_equal(np.asarray(item.image), np.asarray(frame(index)))
+    assert len(source.warnings) == 1 and "'clip/notes.txt'" in source.warnings[0]
+    payload = {"frames_zip_base64": b64(frames_zip()), "fps": 4, "max_frames": 5}
+    _, frames = _frames(payload, settings)
+    assert [f.timestamp for f in frames] == [i / 4 for i in range(5)]
+
+
+def test_a_frames_zip_runs_in_chunks_with_the_stand_in(tmp_path):
+    settings = _settings(tmp_path)
+    payload = {"frames_zip_base64": b64(frames_zip()), "fps": 2, **FIELDS}
+    response = run_sequence(standin_context(settings), parse_request(payload, settings))
+    assert response["sequence"]["frames"] == COUNT
+    assert response["sequence"]["timestamps"] == [i / 2 for i in range(COUNT)]
+    assert (response["width"], response["height"]) == SIZE
+    assert any("notes.txt" in warning for warning in response["warnings"])
+    depth = base64.b64decode(response["depth_frames"]["base64"])
+    with zipfile.ZipFile(io.BytesIO(depth)) as archive:
+        assert len([n for n in archive.namelist() if n.endswith(".png")]) == COUNT
+    assert not list((settings.workspace_dir / "sequences").iterdir())
+
+
+@pytest.fixture(scope="module")
+def zip_server(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("zips")
+    (folder / "frames.zip").write_bytes(frames_zip(6))
+    with contextlib.ExitStack() as stack:
+        yield stack.enter_context(serve_directory(folder))
+
+
+def test_frames_zip_url_goes_through_the_safe_download(tmp_path, zip_server):
+    url = f"{zip_server}/frames.zip"
+    refused = _error(_settings(tmp_path), {"frames_zip_url": url})
+    assert refused.code == "invalid_input" and refused.message.startswith("frames_zip_url: ")
+    small = _error(_settings(tmp_path, allow_private_urls=True, max_video_bytes=500),
+                   {"frames_zip_url": url})  # fmt: skip
+    assert small.code == "image_too_large" and "frames_zip_url" in small.message
+    missing = _error(_settings(tmp_path, allow_private_urls=True),
+                     {"frames_zip_url": f"{zip_server}/none.zip"})  # fmt: skip
+    assert missing.code == "fetch_failed"
+    settings = _settings(tmp_path, allow_private_urls=True)
+    payload = {"frames_zip_url": url, **FIELDS}
+    response = run_sequence(standin_context(settings), parse_request(payload, settings))
+    assert response["sequence"]["timestamps"] == [float(i) for i in range(6)]
+
+
+def _error(settings, payload: dict) -> ServiceError:
+    """The error of a request through the service, which must load no model and leave no file."""
+    service = Service(settings)
+    with pytest.raises(ServiceError) as caught:
+        service.handle({"api_key": TEST_API_KEY, **FIELDS, **payload})
+    assert service.model_cache.loaded() == []
+    assert not list((settings.workspace_dir / "sequences").iterdir())
+    return caught.value
+
+
+def bomb(expanded: int) -> bytes:
+    """One frame entry of `expanded` zero bytes, deflated (about a thousandth of that)."""
+    buffer = io.BytesIO()
+    archive = zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED)
+    with archive, archive.open("frame_0.png", "w", force_zip64=True) as entry:
+        for _ in range(expanded >> 20):
+            entry.write(bytes(1 << 20))
+    return buffer.getvalue()
+
+
+def lie_about_size(data: bytes, declared: int) -> bytes:
+    """The zip with its first entry's uncompressed size in the central directory set to
+    `declared` (the entry's data unchanged)."""
+    at = data.index(b"PK\x01\x02")
+    return data[: at + 24] + struct.pack("<I", declared) + data[at + 28 :]
+
+
+def _traced(settings, payload: dict) -> tuple[ServiceError, int]:
+    tracemalloc.start()
+    try:
+        error = _error(settings, payload)
+        return error, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_a_zip_bomb_is_refused_with_bounded_memory(tmp_path):
+    expanded = 256 << 20
+    data = bomb(expanded)
+    settings = _settings(tmp_path, max_download_bytes=1 << 20)
+    text = b64(data)
+    error, peak = _traced(settings, {"frames_zip_base64": text})
+    assert error.code == "image_too_large", error
+    assert "'frame_0.png' is 268435456 bytes uncompressed" in error.message
+    assert peak < expanded // 20, peak  # the bytes in hand and a few copies, never the frame
+    small = b64(bomb(8 << 20))
+    error, peak = _traced(settings, {"frames_zip_base64": small})
+    assert error.code == "image_too_large" and "MAX_DOWNLOAD_BYTES" in error.message
+    lying = b64(lie_about_size(bomb(8 << 20), 1000))  # declares 1000 bytes, inflates to 8 MiB
+    error, peak = _traced(settings, {"frames_zip_base64": lying})
+    assert error.code == "invalid_input" and "could not be read" in error.message, error
+    assert peak < (8 << 20) // 4, peak
+
+
+def _zip(entries: list[tuple[str, bytes]], method: int = zipfile.ZIP_DEFLATED) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", method) as archive:
+        for name, data in entries:
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+def _count_says(data: bytes, entries: int) -> bytes:
+    """The zip with its end record claiming `entries` entries."""
+    at = data.rindex(b"PK\x05\x06")
+    return data[: at + 8] + struct.pack("<HH", entries, entries) + data[at + 12 :]
+
+
+def test_hostile_zips_get_their_documented_errors(tmp_path):
+    settings = _settings(tmp_path, max_video_frames=3)  # at most 70 entries
+    many = _zip([(f"f{i}.txt", b"") for i in range(80)])
+    good = _zip([(f"frame_{i}.png", png(frame(i))) for i in range(2)])
+    damaged = bytearray(good)
+    damaged[60:90] = bytes(30)  # inside frame_0.png's deflated data
+    cases = [
+        (many, "request_too_large", "has 80 entries"),
+        (_count_says(many, 1), "request_too_large", "has 80 entries"),
+        (frames_zip(5, extras=False), "request_too_large", "holds 5 frames"),
+        (_zip([("readme.txt", b"hi"), ("__MACOSX/._a.png", b"")]), "invalid_input",
+         "no image entries"),
+        (b"PK\x03\x04" + bytes(200), "invalid_input", "not a zip archive"),
+        (good[: len(good) // 2], "invalid_input", "not a zip archive"),
+        (bytes(damaged), "invalid_input", "could not be read"),
+        (_zip([("a.png", b"not a png")]), "invalid_input", "'a.png' is not an image"),
+        (_zip([("a.png", png(frame(0)))], zipfile.ZIP_BZIP2), "invalid_input",
+         "stored or deflate"),
+    ]  # fmt: skip
+    for data, code, message in cases:
+        error = _error(settings, {"frames_zip_base64": b64(data)})
+        assert (error.code, message in error.message) == (code, True), error
+    error = _error(settings, {"frames_zip_base64": b64(good), "video_base64": b64(good)})
+    assert error.code == "invalid_input"
+    assert "(got video_base64, frames_zip_base64)" in error.message
+    error = _error(settings, {"frames_zip_base64": b64(good), "max_frames": 4})
+    assert error.code == "invalid_input" and "max_frames 4" in error.message
+
+
+def test_frames_of_two_sizes_are_refused_leaving_no_file(tmp_path):
+    settings = _settings(tmp_path)
+    entries = [(f"frame_{i}.png", png(frame(i))) for i in range(4)]
+    entries.append(("frame_4.png", png(frame(4, (24, 32)))))
+    payload = {"frames_zip_base64": b64(_zip(entries)), **FIELDS}
+    with pytest.raises(ServiceError, match=r"'frame_4.png' is 24x32 .* first frame is 32x24"):
+        run_sequence(standin_context(settings), parse_request(payload, settings))
+    assert not list((settings.workspace_dir / "sequences").iterdir())
