@@ -2,13 +2,15 @@
 from the repository's photos (small crops), read back in natural name order with folders,
 `__MACOSX/` and hidden entries skipped; through the chunked path with the stand-in network;
 by URL through the safe download; and hostile zips (bombs, too many entries, no frames,
-damage, mixed sizes, two sources) refused with their documented codes, leaving no file."""
+damage, mixed sizes, two sources) refused with their documented codes, leaving no file; and
+`request --frames-zip` through a real self-hosted server with a random da3-small."""
 
 from __future__ import annotations
 
 import base64
 import contextlib
 import io
+import json
 import random
 import struct
 import tracemalloc
@@ -22,12 +24,14 @@ from conftest import TEST_API_KEY, offline_settings
 from contract_cases import serve_directory
 from da3_serverless.api.errors import ServiceError
 from da3_serverless.api.schema import parse_request
+from da3_serverless.cli import main
 from da3_serverless.inference.cancel import CancelToken
 from da3_serverless.sequence.pipeline import run_sequence
 from da3_serverless.sequence.source import open_source
 from da3_serverless.service import Service
 from paths import IMAGES
 from sequence_standin import standin_context
+from servers import serve_process
 
 SIZE = (32, 24)
 COUNT = 12
@@ -239,3 +243,34 @@ def test_frames_of_two_sizes_are_refused_leaving_no_file(tmp_path):
     with pytest.raises(ServiceError, match=r"'frame_4.png' is 24x32 .* first frame is 32x24"):
         run_sequence(standin_context(settings), parse_request(payload, settings))
     assert not list((settings.workspace_dir / "sequences").iterdir())
+
+
+@pytest.fixture(scope="module")
+def self_hosted(hf_cache, tmp_path_factory):
+    import conftest
+
+    env = conftest.service_env.__wrapped__(hf_cache, tmp_path_factory.mktemp("frames"))
+    with serve_process(env, tmp_path_factory.mktemp("serve") / "serve.log") as (url, _):
+        yield url
+
+
+@pytest.mark.slow
+def test_request_frames_zip_through_the_self_hosted_server(self_hosted, tmp_path, capsys):
+    """`request --frames-zip` (Client.frames_zip) with the random da3-small in a real server."""
+    path = tmp_path / "frames.zip"
+    path.write_bytes(frames_zip(6))
+    out = tmp_path / "out"
+    argv = ["request", "--frames-zip", str(path), "--endpoint", self_hosted, "--api-key",
+            TEST_API_KEY, "--out", str(out), "--fps", "5", "--chunk-size", "4",
+            "--process-res", "56", "--relative"]  # fmt: skip
+    assert main(argv) == 0
+    assert "frames: 6 frames; wrote 3 file(s)" in capsys.readouterr().out
+    with zipfile.ZipFile(out / "frames.trajectory.zip") as archive:
+        rows = archive.read("trajectory.tum").decode().splitlines()[1:]
+    assert [float(row.split()[0]) for row in rows] == pytest.approx([i / 5 for i in range(6)])
+    meta = json.loads((out / "frames.json").read_text())
+    assert (meta["width"], meta["height"]) == SIZE and meta["sequence"]["frames"] == 6
+    assert any("notes.txt" in warning for warning in meta["warnings"])
+    both = ["request", "--frames-zip", str(path), "--video", str(path), "--endpoint", self_hosted]
+    assert main(both) == 2
+    assert "--video or --frames-zip (one of them)" in capsys.readouterr().err

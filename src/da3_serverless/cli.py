@@ -375,9 +375,12 @@ def _request_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("images", nargs="*", help="image files or http(s) URLs")
     parser.add_argument("--video", help="a video file or http(s) URL, sent as a sequence "
                         "(writes video.trajectory.zip, video.depth_frames.zip, ...)")  # fmt: skip
-    parser.add_argument("--fps", type=float, help="video: frames sampled per second")
-    parser.add_argument("--max-frames", type=int, help="video: most frames to take")
-    parser.add_argument("--chunk-size", type=int, help="video: frames per forward pass")
+    parser.add_argument("--frames-zip", help="a zip of frames (file or http(s) URL), sent as "
+                        "a sequence in natural name order (writes frames.*)")  # fmt: skip
+    parser.add_argument("--fps", type=float, help="video: frames sampled per second "
+                        "(--frames-zip: frame i's timestamp is i / fps)")  # fmt: skip
+    parser.add_argument("--max-frames", type=int, help="sequence: most frames to take")
+    parser.add_argument("--chunk-size", type=int, help="sequence: frames per forward pass")
     parser.add_argument("--out", type=Path, default=Path("."), help="output folder")
     _field_arguments(parser)
     parser.add_argument(
@@ -420,8 +423,9 @@ def cmd_request(args: argparse.Namespace, settings: Settings) -> int:
     if not endpoint:
         print("error: give --endpoint or set DA3_ENDPOINT", file=sys.stderr)
         return 2
-    if bool(args.video) == bool(args.images):
-        print("error: give image files/URLs or --video, not both", file=sys.stderr)
+    if sum(map(bool, (args.images, args.video, args.frames_zip))) != 1:
+        print("error: give image files/URLs, --video or --frames-zip (one of them)",
+              file=sys.stderr)  # fmt: skip
         return 2
     options = _request_options(args)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -431,7 +435,7 @@ def cmd_request(args: argparse.Namespace, settings: Settings) -> int:
         runpod_api_key=args.runpod_api_key or settings.runpod_api_key,
         timeout=args.timeout,
     )
-    if args.video:
+    if args.video or args.frames_zip:
         with client:
             return _request_video(client, args, options)
     jobs = [("scene", list(args.images))] if args.scene else [
@@ -458,25 +462,27 @@ def cmd_request(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _request_video(client: Client, args: argparse.Namespace, options: dict[str, Any]) -> int:
-    """`request --video`: one sequence request, a progress bar over its frames (from each
-    chunk's summary), the files written as `video.*`."""
+    """`request --video` (or `--frames-zip`): one sequence request, a progress bar over its
+    frames (from each chunk's summary), the files written as `video.*` (`frames.*`)."""
     for name in ("fps", "max_frames", "chunk_size"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
-    with tqdm(unit="frame", desc="video") as bar:
+    stem = "video" if args.video else "frames"
+    send = client.video if args.video else client.frames_zip
+    with tqdm(unit="frame", desc=stem) as bar:
 
         def progress(summary: dict[str, Any]) -> None:
             bar.total = summary.get("frames_planned") or bar.total
             bar.update(summary.get("frames_done", bar.n) - bar.n)
 
         try:
-            result = client.video(args.video, on_progress=progress, **options)
+            result = send(args.video or args.frames_zip, on_progress=progress, **options)
         except (DA3Error, OSError) as exc:
-            tqdm.write(f"video: {exc}", file=sys.stderr)
+            tqdm.write(f"{stem}: {exc}", file=sys.stderr)
             return 1
         bar.update(result.sequence.get("frames", bar.n) - bar.n)
-    written = result.save_all(args.out, "video")
-    print(f"video: {result.sequence.get('frames')} frames; wrote {len(written)} file(s) to "
+    written = result.save_all(args.out, stem)
+    print(f"{stem}: {result.sequence.get('frames')} frames; wrote {len(written)} file(s) to "
           f"{args.out}: {', '.join(path.name for path in written)}")  # fmt: skip
     return 0
 
@@ -498,7 +504,8 @@ def job_progress_bar(stem: str) -> Iterator[Callable[[dict[str, Any]], None]]:
 
 def _request_options(args: argparse.Namespace) -> dict[str, Any]:
     """The request fields the `request` command's flags ask for."""
-    default = "trajectory,depth_frames" if getattr(args, "video", None) else "depth,preview"
+    sequence = getattr(args, "video", None) or getattr(args, "frames_zip", None)
+    default = "trajectory,depth_frames" if sequence else "depth,preview"
     outputs = (args.outputs or default).split(",")
     if args.scene:
         outputs += ["scene_ply", "scene_glb", "colmap"]

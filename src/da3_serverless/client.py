@@ -351,11 +351,33 @@ class Client:
         max_frames, start_s, end_s, chunk_size, overlap, outputs (default trajectory and
         depth_frames), model_id, process_res, output_metric, intrinsics, return_base64.
         `on_progress(summary)` gets each chunk's summary while the job runs."""
-        if isinstance(video, str) and video.startswith(("http://", "https://")):
-            payload: dict[str, Any] = {"video_url": video}
+        return self._sequence("video", video, on_progress, options)
+
+    def frames_zip(
+        self,
+        frames: str | Path | bytes,
+        *,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+        **options: Any,
+    ) -> SequenceResult:
+        """A zip of frames (file path, http(s) URL or bytes) as a sequence: its images in
+        natural name order (README "Sequences"). `options` as for `video`; with `fps`, frame
+        i's timestamp is i / fps."""
+        return self._sequence("frames_zip", frames, on_progress, options)
+
+    def _sequence(
+        self,
+        kind: str,
+        source: str | Path | bytes,
+        on_progress: Callable[[dict[str, Any]], None] | None,
+        options: dict[str, Any],
+    ) -> SequenceResult:
+        """One sequence request: `<kind>_url` for an http(s) URL, else `<kind>_base64`."""
+        if isinstance(source, str) and source.startswith(("http://", "https://")):
+            payload: dict[str, Any] = {f"{kind}_url": source}
         else:
-            data = video if isinstance(video, bytes) else Path(video).read_bytes()
-            payload = {"video_base64": base64.b64encode(data).decode("ascii")}
+            data = source if isinstance(source, bytes) else Path(source).read_bytes()
+            payload = {f"{kind}_base64": base64.b64encode(data).decode("ascii")}
         options.setdefault("outputs", ["trajectory", "depth_frames"])
         return SequenceResult(self.run({**payload, **options}, on_progress=on_progress))
 
