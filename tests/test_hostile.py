@@ -37,7 +37,7 @@ from PIL import Image
 
 import hostile_cases as hc
 from conftest import SMALL_REPO, TEST_API_KEY, examples, offline_settings
-from da3_serverless.api import download, encoding
+from da3_serverless.api import download
 from da3_serverless.api.cameras import (
     FOCAL_RANGE,
     MAX_TRANSLATION,
@@ -50,6 +50,7 @@ from da3_serverless.api.errors import ServiceError
 from da3_serverless.api.images import decode_base64
 from da3_serverless.api.schema import OUTPUT_NAMES, parse_request
 from da3_serverless.config import Settings
+from da3_serverless.exports import encoding
 from da3_serverless.inference.prediction import Prediction
 from da3_serverless.server import create_app
 from da3_serverless.server.body import check_structure, json_depth, max_json_structure
