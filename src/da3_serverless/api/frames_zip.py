@@ -65,7 +65,14 @@ def open_frames_zip(data: bytes, settings: Settings, max_frames: int | None) -> 
     """The frames of a zip's bytes (at most `max_frames`, the first in natural order), their
     sizes and compression checked, none read yet. Raises `ServiceError`: `invalid_input` (not
     a zip, no frames, encrypted or bzip2/LZMA entries), `request_too_large` (too many entries
-    or frames), `image_too_large` (a frame declared past `MAX_DOWNLOAD_BYTES`)."""
+    or frames, or bytes past `MAX_VIDEO_BYTES`), `image_too_large` (a frame declared past
+    `MAX_DOWNLOAD_BYTES`)."""
+    if len(data) > settings.max_video_bytes:
+        raise ServiceError(
+            "request_too_large",
+            f"{SOURCE} is {len(data)} bytes; this server accepts at most "
+            f"{settings.max_video_bytes} (MAX_VIDEO_BYTES): send fewer or smaller frames",
+        )
     _check_directory(data, settings)
     try:
         archive = zipfile.ZipFile(BytesIO(data))
