@@ -50,7 +50,12 @@ def start_server(snapshot_folder: Path, workspace: Path, **env: str):
             env=env, stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
-    wait_ready(url, server, log_path)
+    try:
+        wait_ready(url, server, log_path)
+    except BaseException:
+        server.terminate()
+        server.wait(60)
+        raise
     return url, server
 
 

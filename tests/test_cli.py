@@ -231,3 +231,45 @@ def test_prune_removes_only_old_outputs(service_env):
     assert done.returncode == 0, done.stderr
     assert f"removed {old}" in done.stdout and "pruned 1 file(s)" in done.stdout
     assert not os.path.exists(old) and os.path.exists(new)
+
+
+class _SequenceClient:
+    """Stands in for `Client` in `request --video`: sends the given chunk summaries to the
+    progress callback, then answers with a sequence of `frames` frames and no files."""
+
+    def __init__(self, summaries: list[dict], frames: int):
+        self.summaries, self.frames = summaries, frames
+
+    def video(self, path, on_progress, **options):
+        for summary in self.summaries:
+            on_progress(summary)
+
+        return _SequenceResult({"frames": self.frames})
+
+
+class _SequenceResult:
+    def __init__(self, sequence: dict):
+        self.sequence = sequence
+
+    def save_all(self, out, stem) -> list:
+        return []
+
+
+@pytest.mark.parametrize(
+    ("percent", "bar"), [(None, "6frame"), (75, "6/8")], ids=["no-length", "known-length"]
+)
+def test_the_video_progress_bar_has_a_total_only_for_a_known_length(capsys, percent, bar):
+    """A video that declares no length has only a cap as its planned count (2000 here): the
+    bar counts frames without a total rather than showing 6/2000."""
+    from da3_serverless.cli import _request_video
+
+    planned = 2000 if percent is None else 8
+    summaries = [
+        {"frames_done": 4, "frames_planned": planned, "percent": percent},
+        {"frames_done": 6, "frames_planned": planned, "percent": percent},
+    ]
+    args = type("Args", (), {"fps": None, "max_frames": None, "chunk_size": None,
+                             "video": "clip.mp4", "frames_zip": None, "out": "."})()  # fmt: skip
+    assert _request_video(_SequenceClient(summaries, 6), args, {}) == 0
+    err = capsys.readouterr().err
+    assert bar in err and "/2000" not in err

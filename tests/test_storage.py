@@ -348,7 +348,7 @@ def test_upload_a_file_to_s3(s3_endpoint: str, tmp_path: Path) -> None:
     assert source.read_bytes() == data
     with pytest.raises(StorageError) as info:
         store.upload(tmp_path / "gone.mkv", "gone.mkv", "video/x-matroska", saved)
-    assert str(info.value).startswith("could not read the output file gone.mkv before saving")
+    assert str(info.value).startswith("could not read the output file gone.mkv before uploading")
     assert "BUCKET_ENDPOINT_URL" not in str(info.value)
     assert len(saved) == 1
 

@@ -192,6 +192,22 @@ def test_the_planned_count_comes_from_the_headers(two_seconds, sampling, planned
         video.close()
 
 
+@pytest.mark.parametrize("container", ["mp4", "matroska"])
+def test_a_sparse_tick_on_the_last_frame_is_planned_and_taken(container):
+    """A 120 frames/s video with frames from 0 to 1.0 s (declared about 1.008 s), sampled at
+    1 frame/s: the ticks at 0 and 1.0 s both have a frame, so both are planned and taken (a
+    slack counted in frames of the sampling rate, 10 ms here, once planned only the first)."""
+    data = make_video(constant_rate(1.0 + 1 / 120, 120), container=container, rate=120)
+    video = open_video(data, Sampling(fps=1), SETTINGS)
+    try:
+        assert video.frames == 2
+        assert [frame.timestamp for frame in iter_frames(video, SETTINGS)] == pytest.approx(
+            [0.0, 1.0], abs=1e-6
+        )
+    finally:
+        video.close()
+
+
 @pytest.mark.parametrize(("max_frames", "planned"), [(None, 2000), (500, 500)])
 def test_a_stream_without_duration_plans_only_a_cap(max_frames, planned):
     data = make_video(constant_rate(1.0, 30), container="matroska", seekable=False)

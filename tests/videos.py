@@ -36,16 +36,18 @@ def make_video(
     rotation: int = 0,
     frames: list[np.ndarray] | None = None,
     seekable: bool = True,
+    rate: int = 30,
 ) -> bytes:
     """A video with one frame at each of `times` (seconds, exact to the millisecond: the
     stream's time base is 1/1000 s), panning across a photo unless `frames` are given.
     `seekable=False` writes it as a live stream is written, to an output the muxer cannot seek
     back in: Matroska then declares no duration (neither the container nor the stream) and no
-    cues, so a reader learns the length only by decoding to the end."""
+    cues, so a reader learns the length only by decoding to the end. `rate`: the stream's
+    declared frame rate (the last frame lasts 1 / rate in the declared duration)."""
     frames = frames if frames is not None else pan_frames(len(times), width, height)
     buffer = BytesIO() if seekable else _WriteOnly()
     with av.open(buffer, "w", format=container) as out:
-        stream = out.add_stream(codec, rate=30)
+        stream = out.add_stream(codec, rate=rate)
         stream.width, stream.height = frames[0].shape[1], frames[0].shape[0]
         stream.pix_fmt = "yuv420p"
         stream.time_base = Fraction(1, 1000)

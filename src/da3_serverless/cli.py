@@ -472,7 +472,8 @@ def _request_video(client: Client, args: argparse.Namespace, options: dict[str, 
     with tqdm(unit="frame", desc=stem) as bar:
 
         def progress(summary: dict[str, Any]) -> None:
-            bar.total = summary.get("frames_planned") or bar.total
+            if summary.get("percent") is not None:  # else the planned count is only a cap
+                bar.total = summary.get("frames_planned") or bar.total
             bar.update(summary.get("frames_done", bar.n) - bar.n)
 
         try:

@@ -72,12 +72,13 @@ def _check_suffix(suffix: str) -> None:
         raise ValueError(f"suffix must look like '.png' or '.tar.gz', got {suffix!r}")
 
 
-def _unreadable(source: Path, exc: OSError) -> StorageError:
-    """The error for an output file that cannot be read: the service's own temporary file (not
-    the request's, nor the volume's or the bucket's fault); its full path goes to the log."""
+def _unreadable(source: Path, exc: OSError, doing: str = "saving") -> StorageError:
+    """The error for an output file that cannot be read while `doing` ("saving" it on the
+    volume, "uploading" it): the service's own temporary file (not the request's, nor the
+    volume's or the bucket's fault); its full path goes to the log."""
     log.warning("could not read the output file %s: %s", source, exc)
     return StorageError(
-        f"could not read the output file {source.name} before saving it: "
+        f"could not read the output file {source.name} before {doing} it: "
         f"{exc.strerror or type(exc).__name__} (a temporary file this service wrote itself, "
         "not part of the request; the server log has its path)"
     )
@@ -288,7 +289,7 @@ class OutputStore:
             # Some of botocore's network errors are OSErrors too; any other is the file's.
             local = isinstance(exc, OSError) and not isinstance(exc, BotoCoreError)
             if local and isinstance(data, Path):
-                raise _unreadable(data, exc) from None
+                raise _unreadable(data, exc, "uploading") from None
             endpoint = bucket.endpoint if bucket else self._settings.bucket_endpoint_url
             host = urlsplit(endpoint or "").hostname
             setting = "the job's s3Config" if bucket else "BUCKET_ENDPOINT_URL"

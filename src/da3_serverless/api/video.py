@@ -182,8 +182,10 @@ def _planned_frames(
     rate = sampling.fps or (float(stream.average_rate) if stream.average_rate else None)
     if end is None or rate is None:
         return limit, False
-    # A hundredth of a frame of slack: containers round their durations (2.0003 s for 2 s).
-    planned = max(math.ceil((end - sampling.start_s) * rate - 0.01), 0)
+    # Ticks before the end, less the decoder's time tolerance: containers round their
+    # durations up (2.0003 s for 2 s), and `iter_frames` stops at a frame that close to the end.
+    span = end - sampling.start_s - float(TIME_TOLERANCE)
+    planned = max(math.ceil(span * rate), 0)
     if planned > cap and sampling.max_frames is None:
         raise ServiceError(
             "request_too_large",

@@ -134,7 +134,8 @@ def _chunk_cost(context: SequenceContext, request: RunRequest, source: FrameSour
     sequence writes them once) and `gaussians_ply` (every frame's cells held and filtered, up
     to `max_points` written), except that the one Gaussians' file written at the end holds up
     to `max_points` of every planned frame's cells, not of one chunk's. What the collectors
-    hold between chunks (at most (HOLD + 1) x max_points kept items, `sequence/share.py`)
+    hold (at most HOLD x max_points kept items between chunks, HOLD + 2 while one joins,
+    `sequence/share.py`)
     fits in the files' price, which is not held until the files are written."""
     points = request.max_points if wants_points(request) else None
     gaussians = request.max_points if wants_gaussians(request) else None
