@@ -15,6 +15,7 @@ import random
 import struct
 import tracemalloc
 import zipfile
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -23,6 +24,7 @@ from PIL import Image
 from conftest import TEST_API_KEY, offline_settings
 from contract_cases import serve_directory
 from da3_serverless.api.errors import ServiceError
+from da3_serverless.api.frames_zip import open_frames_zip
 from da3_serverless.api.schema import parse_request
 from da3_serverless.cli import main
 from da3_serverless.inference.cancel import CancelToken
@@ -193,12 +195,37 @@ def test_a_zip_bomb_is_refused_with_bounded_memory(tmp_path):
     assert peak < (8 << 20) // 4, peak
 
 
-def _zip(entries: list[tuple[str, bytes]], method: int = zipfile.ZIP_DEFLATED) -> bytes:
+def _zip(entries: list[tuple[str, bytes]], method: int = zipfile.ZIP_DEFLATED,
+         zip64: bool = False) -> bytes:  # fmt: skip
+    """The entries zipped by `zipfile`; with `zip64`, with zip64 end records as zipfile writes
+    them past 65,535 entries (it is told the limit is 0)."""
     buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", method) as archive:
+    limit = 0 if zip64 else zipfile.ZIP_FILECOUNT_LIMIT
+    with (
+        mock.patch.object(zipfile, "ZIP_FILECOUNT_LIMIT", limit),
+        zipfile.ZipFile(buffer, "w", method) as archive,
+    ):
         for name, data in entries:
             archive.writestr(name, data)
     return buffer.getvalue()
+
+
+def zip64_decoy(count: int) -> bytes:
+    """A central directory of `count` empty entries whose zip64 locator points at a decoy
+    zip64 end record (1 entry, 46 bytes) at the start, while the real record, the one just
+    before the locator that `zipfile` reads, declares all `count`."""
+
+    def end64(entries: int, size: int) -> bytes:
+        return struct.pack(zipfile.structEndArchive64, zipfile.stringEndArchive64, 44, 45,
+                           45, 0, 0, entries, entries, size, 56)  # fmt: skip
+
+    entry = struct.pack(zipfile.structCentralDir, zipfile.stringCentralDir, 20, 0, 20,
+                        *[0] * 15)  # fmt: skip
+    locator = struct.pack(zipfile.structEndArchive64Locator, zipfile.stringEndArchive64Locator,
+                          0, 0, 1)  # fmt: skip
+    end = struct.pack(zipfile.structEndArchive, zipfile.stringEndArchive, 0, 0, 0xFFFF,
+                      0xFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0)  # fmt: skip
+    return end64(1, 46) + entry * count + end64(count, 46 * count) + locator + end
 
 
 def _count_says(data: bytes, entries: int) -> bytes:
@@ -216,6 +243,9 @@ def test_hostile_zips_get_their_documented_errors(tmp_path):
     cases = [
         (many, "request_too_large", "has 80 entries"),
         (_count_says(many, 1), "request_too_large", "has 80 entries"),
+        (_count_says(_zip([(f"f{i}.txt", b"") for i in range(80)], zip64=True), 1),
+         "request_too_large", "has 80 entries"),  # the zip64 record's count
+        (zip64_decoy(1000), "invalid_input", "not a zip archive"),
         (frames_zip(5, extras=False), "request_too_large", "holds 5 frames"),
         (_zip([("readme.txt", b"hi"), ("__MACOSX/._a.png", b"")]), "invalid_input",
          "no image entries"),
@@ -234,6 +264,54 @@ def test_hostile_zips_get_their_documented_errors(tmp_path):
     assert "(got video_base64, frames_zip_base64)" in error.message
     error = _error(settings, {"frames_zip_base64": b64(good), "max_frames": 4})
     assert error.code == "invalid_input" and "max_frames 4" in error.message
+    decoy = zip64_decoy(200_000)  # 9.2 MB; zipfile would build 200,000 ZipInfos (~70 MiB)
+    error, peak = _traced(settings, {"frames_zip_base64": b64(decoy)})
+    assert error.code == "invalid_input" and "not a zip archive" in error.message, error
+    assert peak < 4 * len(decoy), peak  # the base64 and the bytes, refused before parsing
+
+
+def _names(entries: list[str], settings, max_frames: int | None = None) -> tuple[list, list]:
+    """(the frames' names in order, the warnings) of a zip of these (empty) entries."""
+    opened = open_frames_zip(_zip([(name, b"") for name in entries]), settings, max_frames)
+    with contextlib.closing(opened):
+        return [entry.filename for entry in opened.frames], opened.warnings
+
+
+def test_names_are_ordered_and_shown_whatever_their_length(tmp_path):
+    settings = _settings(tmp_path)
+    normal = ["f10.png", "f2.png", "F3.png", "f02.png", "f1.png", "f0.png"]
+    assert _names(normal, settings)[0] == ["f0.png", "f1.png", "f02.png", "f2.png", "F3.png",
+                                           "f10.png"]  # fmt: skip
+    digits = "1" * 5000 + ".png"  # past Python's 4300-digit limit of int()
+    assert _names([digits, "9.png", "0" * 4999 + "2.png"], settings)[0] == [
+        "0" * 4999 + "2.png", "9.png", digits]  # fmt: skip
+    long_names = [f"{i}" + "n" * 65000 + ".txt" for i in range(6)]
+    _, warnings = _names(["frame_1.png", *long_names], settings)
+    assert len(warnings) == 1 and len(warnings[0]) < 1000, len(warnings[0])
+    assert "'0nnnn" in warnings[0] and "n...'" in warnings[0] and "and 1 more" in warnings[0]
+    zipped = _zip([(digits, png(frame(0))), ("9.png", png(frame(1)))])
+    _, frames = _frames({"frames_zip_base64": b64(zipped)}, settings)
+    np.testing.assert_array_equal(np.asarray(frames[1].image), np.asarray(frame(0)))
+
+
+def test_a_dot_slash_prefix_is_no_hidden_folder(tmp_path):
+    """bsdtar writes `./frames/f1.png`; a part starting with `.` (`.hidden/`, `._f1.png`,
+    `..`) is still skipped silently."""
+    entries = ["./", "./frames/", "./frames/f10.png", "./frames/f2.png", "./frames/._f2.png",
+               "./.hidden/f1.png", "../f1.png", "frames/.x/f1.png", ".//f3.png"]  # fmt: skip
+    names, warnings = _names(entries, _settings(tmp_path))
+    assert names == [".//f3.png", "./frames/f2.png", "./frames/f10.png"] and warnings == []
+
+
+def test_max_frames_applies_before_the_frame_limit(tmp_path):
+    settings = _settings(tmp_path, max_video_frames=3)
+    payload = {"frames_zip_base64": b64(frames_zip(5, extras=False)), "max_frames": 2}
+    _, frames = _frames(payload, settings)
+    assert [f.timestamp for f in frames] == [0.0, 1.0]
+    for index, item in enumerate(frames):
+        np.testing.assert_array_equal(np.asarray(item.image), np.asarray(frame(index)))
+    error = _error(settings, {"frames_zip_base64": payload["frames_zip_base64"]})
+    assert error.code == "request_too_large" and "set max_frames" in error.message
 
 
 def test_frames_of_two_sizes_are_refused_leaving_no_file(tmp_path):

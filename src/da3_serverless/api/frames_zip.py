@@ -4,8 +4,9 @@ The archive is hostile input like any image (docs/ARCHITECTURE.md §5, §8): its
 read before Python's `zipfile` parses the central directory (at most `max_entries` entries and
 `DIRECTORY_BYTES_PER_ENTRY` bytes of directory each, whatever the count claims); the frames
 are the entries whose names end like an image (`IMAGE_SUFFIXES`) in natural name order
-(`frame_2` before `frame_10`), folders and hidden or system entries (`__MACOSX/`, names
-starting with `.`) skipped, other files skipped with a warning. Nothing is extracted to disk:
+(`frame_2` before `frame_10`), folders and hidden or system entries (`__MACOSX/`, a path part
+starting with `.` other than a lone `./`) skipped, other files skipped with a warning; at most
+`max_frames` of them, then at most `MAX_VIDEO_FRAMES`. Nothing is extracted to disk:
 each frame is read when the chunks need it, refused by its declared size before a byte is
 inflated and read with a bound (a declared size can lie), then opened by `api/images.py` as a
 single image is (formats, pixel limits, EXIF orientation).
@@ -37,8 +38,9 @@ METHODS = {zipfile.ZIP_STORED: "stored", zipfile.ZIP_DEFLATED: "deflate"}
 DIRECTORY_BYTES_PER_ENTRY = 512
 # Bytes of an entry inflated at a time.
 READ_BYTES = 1 << 16
-# Entries named in a warning at most.
+# Entries named in a warning at most, and characters shown of each name in a message.
 NAMED = 5
+NAME_CHARS = 80
 SOURCE = "frames_zip"
 
 
@@ -81,8 +83,7 @@ def open_frames_zip(data: bytes, settings: Settings, max_frames: int | None) -> 
     except Exception:  # zipfile raises BadZipFile, struct.error, ValueError... on hostile bytes
         raise _not_a_zip() from None
     try:
-        frames, skipped = _select(archive.infolist(), settings)
-        frames = frames[:max_frames] if max_frames else frames
+        frames, skipped = _select(archive.infolist(), settings, max_frames)
         for entry in frames:
             _check_entry(entry, settings)
     except BaseException:
@@ -90,7 +91,7 @@ def open_frames_zip(data: bytes, settings: Settings, max_frames: int | None) -> 
         raise
     warnings = []
     if skipped:
-        names = ", ".join(repr(name) for name in skipped[:NAMED])
+        names = ", ".join(_shown(name) for name in skipped[:NAMED])
         more = f" and {len(skipped) - NAMED} more" if len(skipped) > NAMED else ""
         warnings.append(
             f"{SOURCE}: skipped {len(skipped)} entries that are not images by their name "
@@ -101,7 +102,7 @@ def open_frames_zip(data: bytes, settings: Settings, max_frames: int | None) -> 
 
 def open_frame(frames: FramesZip, entry: zipfile.ZipInfo, settings: Settings) -> OpenedImage:
     """One frame's bytes, read with a bound, opened (header checked, pixels not decoded)."""
-    source = f"{SOURCE} entry {entry.filename!r}"
+    source = f"{SOURCE} entry {_shown(entry.filename)}"
     limit = settings.max_download_bytes
     try:
         with frames.archive.open(entry) as stream:
@@ -132,20 +133,40 @@ def _read_bounded(stream, most: int) -> bytes:
 
 
 def natural_key(name: str) -> tuple:
-    """Sort key of a name with its runs of digits as numbers: frame_2 before frame_10."""
-    parts = re.split(r"(\d+)", name)
-    return tuple(int(part) if i % 2 else part.casefold() for i, part in enumerate(parts)), name
+    """Sort key of a name with its runs of ASCII digits as numbers: frame_2 before frame_10.
+    A run compares by its length and digits without leading zeros, the order of its value
+    without `int()` (which refuses runs past 4300 digits)."""
+    parts = re.split(r"([0-9]+)", name)
+    key = []
+    for i, part in enumerate(parts):
+        digits = part.lstrip("0")
+        key.append((len(digits), digits) if i % 2 else part.casefold())
+    return tuple(key), name
 
 
-def _select(entries: list[zipfile.ZipInfo], settings: Settings):
-    """(the image entries in natural order, the names of other files skipped)."""
+def _shown(name: str) -> str:
+    """A name quoted in a message, cut to `NAME_CHARS` characters."""
+    return repr(name if len(name) <= NAME_CHARS else name[: NAME_CHARS - 3] + "...")
+
+
+def _hidden(name: str) -> bool:
+    """Whether a name is macOS's `__MACOSX/` or has a part starting with `.` (a hidden file
+    or folder, or `..`); empty and lone `.` parts (`./frames/f1.png`, as bsdtar writes) are
+    not parts."""
+    parts = [p for p in name.replace("\\", "/").split("/") if p not in ("", ".")]
+    return any(p.startswith(".") or p == "__MACOSX" for p in parts)
+
+
+def _select(entries: list[zipfile.ZipInfo], settings: Settings, max_frames: int | None):
+    """(the image entries in natural order, the first `max_frames` of them, the names of
+    other files skipped)."""
     if len(entries) > max_entries(settings):
         raise _too_many_entries(len(entries), settings)
     frames, skipped = [], []
     for entry in entries:
-        parts = entry.filename.replace("\\", "/").split("/")
-        if entry.is_dir() or any(p.startswith(".") or p == "__MACOSX" for p in parts):
+        if entry.is_dir() or _hidden(entry.filename):
             continue
+        parts = entry.filename.replace("\\", "/").split("/")
         if entry.filename.lower().endswith(IMAGE_SUFFIXES):
             frames.append(entry)
         elif parts[-1].lower() not in SYSTEM_NAMES:
@@ -156,6 +177,7 @@ def _select(entries: list[zipfile.ZipInfo], settings: Settings):
             f"{SOURCE} holds no image entries ({len(entries)} entries in all): put the frames "
             f"in the zip as {FORMATS_TEXT} files named like frame_0001.png",
         )
+    frames = sorted(frames, key=lambda entry: natural_key(entry.filename))[:max_frames]
     if len(frames) > settings.max_video_frames:
         raise ServiceError(
             "request_too_large",
@@ -163,13 +185,13 @@ def _select(entries: list[zipfile.ZipInfo], settings: Settings):
             f"{settings.max_video_frames} in a sequence (MAX_VIDEO_FRAMES): set max_frames, "
             "or send fewer frames",
         )
-    return sorted(frames, key=lambda entry: natural_key(entry.filename)), skipped
+    return frames, skipped
 
 
 def _check_entry(entry: zipfile.ZipInfo, settings: Settings) -> None:
     """Refuse an entry that is encrypted, compressed other than stored or deflate, or that
     declares more bytes than an image may have, before any of it is read."""
-    source = f"{SOURCE} entry {entry.filename!r}"
+    source = f"{SOURCE} entry {_shown(entry.filename)}"
     if entry.flag_bits & 0x1:
         raise ServiceError(
             "invalid_input", f"{source} is encrypted: zip the frames without a password"
@@ -194,21 +216,32 @@ def _check_directory(data: bytes, settings: Settings) -> None:
 
 
 def _end_record(data: bytes) -> tuple[int, int]:
-    """(entries, central directory bytes) from the archive's end record (zip64's where the
-    plain record is full). Raises `invalid_input` when there is no end record."""
-    start = max(0, len(data) - (1 << 16) - zipfile.sizeEndCentDir)
-    at = data.rfind(zipfile.stringEndArchive, start)
-    if at < 0 or at + zipfile.sizeEndCentDir > len(data):
+    """(entries, central directory bytes) from the end record `zipfile` reads (zip64's where a
+    zip64 locator precedes it). Raises `invalid_input` when there is no end record."""
+    size = zipfile.sizeEndCentDir
+    at = len(data) - size  # zipfile takes a last record without a comment as it is
+    if at < 0 or data[at : at + 4] != zipfile.stringEndArchive or data[-2:] != b"\0\0":
+        at = data.rfind(zipfile.stringEndArchive, max(0, len(data) - (1 << 16) - size))
+    if at < 0 or at + size > len(data):
         raise _not_a_zip()
-    record = struct.unpack(zipfile.structEndArchive, data[at : at + zipfile.sizeEndCentDir])
-    entries, directory_bytes = record[4], record[5]
+    record = struct.unpack(zipfile.structEndArchive, data[at : at + size])
     locator_at = at - zipfile.sizeEndCentDir64Locator
     if locator_at < 0 or data[locator_at : locator_at + 4] != zipfile.stringEndArchive64Locator:
-        return entries, directory_bytes
-    locator = struct.unpack(zipfile.structEndArchive64Locator, data[locator_at:at])
-    offset = locator[2]
-    end64 = data[offset : offset + zipfile.sizeEndCentDir64]
-    if len(end64) != zipfile.sizeEndCentDir64 or end64[:4] != zipfile.stringEndArchive64:
+        return record[4], record[5]
+    return _zip64_record(data, locator_at)
+
+
+def _zip64_record(data: bytes, locator_at: int) -> tuple[int, int]:
+    """(entries, central directory bytes) of the zip64 end record just before the locator,
+    where `zipfile` reads it; refused (`invalid_input`) unless the locator points there too,
+    so no decoy record elsewhere can pass this check while zipfile reads another."""
+    locator = struct.unpack(
+        zipfile.structEndArchive64Locator,
+        data[locator_at : locator_at + zipfile.sizeEndCentDir64Locator],
+    )
+    record_at = locator_at - zipfile.sizeEndCentDir64
+    end64 = data[max(0, record_at) : locator_at]
+    if record_at < 0 or locator[2] != record_at or end64[:4] != zipfile.stringEndArchive64:
         raise _not_a_zip()
     record64 = struct.unpack(zipfile.structEndArchive64, end64)
     return record64[7], record64[8]
