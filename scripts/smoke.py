@@ -10,7 +10,9 @@ the 3D-Gaussian head, starts RunPod's local test API around the real worker
 (`da3-serverless serve`) on it, asks each for every output with several synthetic views, and
 checks every answer: the outputs the model cannot give are refused up front, the others decode
 (PNG, .npy, OpenEXR, PLY, GLB with trimesh, the COLMAP zip) to finite values of the right
-shape. Exits non-zero, with the server's log, on the first failure.
+shape. Then a short H.264 video through the sequence path on each, every sequence output asked
+for and read back (the trajectory, the depth frames, the FFV1 and VP9 videos with PyAV, the
+scene files and the Gaussians). Exits non-zero, with the server's log, on the first failure.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import av
 import httpx
 import numpy as np
 import OpenEXR
@@ -45,6 +48,9 @@ from da3_serverless.model.checkpoint import write_random_checkpoint
 START_TIMEOUT_S = 600  # a cold start on a busy two-core machine
 REQUEST_TIMEOUT_S = 600
 PER_VIEW = ("preview", "confidence", "depth_npy", "confidence_npy", "depth_exr", "pointcloud")
+SEQUENCE_OUTPUTS = ["trajectory", "depth_frames", "depth_video", "preview_video", "scene_ply",
+                    "scene_glb", "colmap", "gaussians_ply"]  # fmt: skip
+VIDEO_FRAMES = 12
 
 
 class SmokeError(AssertionError):
@@ -59,18 +65,35 @@ def check(condition: object, what: str) -> None:
 # ---- inputs ------------------------------------------------------------------------------------
 
 
-def synthetic_views(count: int, width: int = 160, height: int = 120) -> list[dict[str, str]]:
-    """`count` PNG views of one made-up scene (a lit gradient with texture), each shifted."""
+def synthetic_scene(count: int, width: int = 160, height: int = 120) -> list[np.ndarray]:
+    """`count` RGB views of one made-up scene (a lit gradient with texture), each shifted."""
     rng = np.random.default_rng(0)
     texture = rng.integers(0, 60, (height, width + 8 * count, 3))
     ramp = np.linspace(40, 190, width + 8 * count)[None, :, None]
     scene = np.clip(texture + ramp, 0, 255).astype(np.uint8)
+    return [np.ascontiguousarray(scene[:, 8 * i : 8 * i + width]) for i in range(count)]
+
+
+def synthetic_views(count: int) -> list[dict[str, str]]:
+    """`count` PNG views of the made-up scene, as the request's `images`."""
     views = []
-    for index in range(count):
+    for pixels in synthetic_scene(count):
         out = io.BytesIO()
-        Image.fromarray(scene[:, 8 * index : 8 * index + width]).save(out, format="PNG")
+        Image.fromarray(pixels).save(out, format="PNG")
         views.append({"base64": base64.b64encode(out.getvalue()).decode()})
     return views
+
+
+def synthetic_video(count: int) -> str:
+    """A pan across the made-up scene as an H.264 MP4 at 10 frames/s, in base64."""
+    out = io.BytesIO()
+    with av.open(out, "w", format="mp4") as container:
+        stream = container.add_stream("h264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 160, 120, "yuv420p"
+        for pixels in synthetic_scene(count):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))
+        container.mux(stream.encode())
+    return base64.b64encode(out.getvalue()).decode()
 
 
 def refused_outputs(preset: str) -> set[str]:
@@ -186,6 +209,19 @@ def exercise(name: str, ask, base: dict, refused: set[str], sizes: list[tuple[in
           f"({time.perf_counter() - started:.1f} s)", flush=True)  # fmt: skip
 
 
+def exercise_sequence(name: str, ask, base: dict) -> None:
+    """A video through the chunked sequence path, every sequence output asked for."""
+    request = {key: value for key, value in base.items() if key != "images"}
+    request.update(video_base64=synthetic_video(VIDEO_FRAMES), chunk_size=4, overlap=2,
+                   outputs=SEQUENCE_OUTPUTS)  # fmt: skip
+    started = time.perf_counter()
+    status, body = ask(request)
+    check(status == 200, f"{name} video: {status} {str(body)[:500]}")
+    check_sequence(body, VIDEO_FRAMES)
+    print(f"{name}: a video of {VIDEO_FRAMES} frames, {len(SEQUENCE_OUTPUTS)} outputs ok "
+          f"({time.perf_counter() - started:.1f} s)", flush=True)  # fmt: skip
+
+
 # ---- checking ----------------------------------------------------------------------------------
 
 
@@ -267,6 +303,27 @@ def check_scene(body: dict, views: int) -> None:
     check(set(SCENE_OUTPUTS) <= set(body), "scene outputs missing")
 
 
+def check_sequence(body: dict, frames: int) -> None:
+    sequence = body["sequence"]
+    check(sequence["frames"] == frames, f"video: {sequence['frames']} frames")
+    finite(np.array([chunk["scale"] for chunk in sequence["chunks"]]), "video: chunk scales")
+    with zipfile.ZipFile(io.BytesIO(payload(body["trajectory"], "trajectory"))) as archive:
+        poses = archive.read("trajectory.tum").decode().splitlines()
+    poses = [line for line in poses if not line.startswith("#")]
+    finite(np.loadtxt(poses, ndmin=2), "trajectory")
+    check(len(poses) == frames, f"trajectory: {len(poses)} poses")
+    with zipfile.ZipFile(io.BytesIO(payload(body["depth_frames"], "depth_frames"))) as archive:
+        pngs = [n for n in archive.namelist() if n.endswith(".png")]
+    check(len(pngs) == frames, f"depth_frames: {len(pngs)} PNGs")
+    for name, codec in (("depth_video", "ffv1"), ("preview_video", "vp9")):
+        with av.open(io.BytesIO(payload(body[name], name))) as video:
+            stream = video.streams.video[0]
+            check(stream.codec_context.name == codec, f"{name}: {stream.codec_context.name}")
+            count = sum(1 for _ in video.decode(stream))
+        check(count == frames, f"{name}: {count} frames")
+    check_scene(body, frames)
+
+
 # ---- main --------------------------------------------------------------------------------------
 
 
@@ -294,11 +351,13 @@ def main() -> int:
         url = f"http://127.0.0.1:{port}"
         with running(worker, env, f"{url}/", root / "worker.log"):
             exercise("runpod worker", lambda r: ask_worker(url, r), base, refused, sizes)
+            exercise_sequence("runpod worker", lambda r: ask_worker(url, r), base)
         port = free_port()
         serve = [*cli_command(), "serve", "--host", "127.0.0.1", "--port", str(port)]
         url = f"http://127.0.0.1:{port}"
         with running(serve, env, f"{url}/ready", root / "server.log"):
             exercise("self-hosted server", lambda r: ask_server(url, r), base, refused, sizes)
+            exercise_sequence("self-hosted server", lambda r: ask_server(url, r), base)
     print(f"smoke passed in {time.perf_counter() - started:.1f} s", flush=True)
     return 0
 
