@@ -11,7 +11,8 @@ The document publishes this server's limits (`process_res`, `max_points`, `max_f
 Schema-valid is still not service-valid: what a JSON Schema cannot say about the data, the positive
 generator learns from `service_valid` (a `map_body` hook on the positive run only), and only
 that: the image sources carry a real small PNG (base64, or a URL of a local image server on
-127.0.0.1; videos become the same image, as video decoding has its own tests), at most 3
+127.0.0.1; videos and zips of frames become the same image, as their decoding has its own
+tests: tests/test_video_input.py, tests/test_frames_zip.py), at most 3
 views, cameras are plausible (a pinhole
 K, identity poses) and focal lengths positive, no `model_id` other than the loaded one, no
 anchors (tests/test_anchors.py), a sequence keeps its own rules (its outputs, overlap below
@@ -40,7 +41,7 @@ from schemathesis.config import SchemathesisConfig
 
 from conftest import TEST_API_KEY
 from da3_serverless.api.outputs import unavailable_outputs
-from da3_serverless.api.schema import SCENE_OUTPUTS, SEQUENCE_OUTPUTS, RunRequest
+from da3_serverless.api.schema import SCENE_OUTPUTS, SEQUENCE_OUTPUTS, SOURCES, RunRequest
 from da3_serverless.config import Settings
 from da3_serverless.inference.catalog import lookup_model
 from da3_serverless.server import create_app
@@ -64,7 +65,7 @@ CONFIG = SchemathesisConfig.from_dict(
         },
     }
 )
-SOURCE_KEYS = ("image_url", "image_base64", "images", "video_url", "video_base64")
+SOURCE_KEYS = SOURCES  # every frame source the contract has: a new one is mapped here too
 SEQUENCE_ONLY = ("fps", "max_frames", "start_s", "end_s", "chunk_size", "overlap")
 
 
