@@ -184,6 +184,14 @@ def test_killed_halfway_then_rerun_sends_only_what_is_missing(server, tmp_path):
         assert main(batch_argv(tmp_path / "photos", out, relay_url)) == 0
 
 
+def _ctrl_c_as_in_a_terminal() -> None:
+    """The batch's Ctrl-C as a terminal delivers it: SIGINT at its default disposition, which
+    Python turns into KeyboardInterrupt. A test run started in the background by a shell
+    without job control (`make test &`, nohup) inherits SIGINT ignored, and Python then
+    installs no handler, so the signal would be lost: the failure this test once had."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.slow
 def test_ctrl_c_finishes_the_requests_in_flight_and_sends_nothing_more(server, tmp_path):
     names = write_photos(tmp_path / "photos", 10)
@@ -193,7 +201,8 @@ def test_ctrl_c_finishes_the_requests_in_flight_and_sends_nothing_more(server, t
         argv = batch_argv(tmp_path / "photos", out, relay_url, "--concurrency", "2")
         env = {k: v for k, v in os.environ.items() if not k.startswith("DA3_")}
         process = subprocess.Popen(serve_command(*argv), cwd=REPO, stderr=log,
-                                   env={**env, "PYTHONPATH": str(REPO / "src")})  # fmt: skip
+                                   env={**env, "PYTHONPATH": str(REPO / "src")},
+                                   preexec_fn=_ctrl_c_as_in_a_terminal)  # fmt: skip
         eventually(lambda: relay.posts == 5, 120, "two requests held in flight")
         process.send_signal(signal.SIGINT)
         stopping = lambda: b"stopping" in (tmp_path / "batch.log").read_bytes()  # noqa: E731
