@@ -19,10 +19,12 @@ CI=true. Never `playwright install`: it downloads browsers.
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import re
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -102,11 +104,35 @@ def chromium_or_skip() -> Path:
     return CHROMIUM
 
 
-@pytest.mark.slow
-def test_playground_end_to_end(server, tmp_path):
+@contextlib.contextmanager
+def playground_page(server: str) -> Iterator:
+    """A fresh 1280 x 1400 page in Debian's chromium (through Playwright; the test is skipped
+    without it); any script error the page raises fails the test once the block ends."""
     chromium = chromium_or_skip()
     from playwright.sync_api import sync_playwright
 
+    errors: list[str] = []
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(chromium), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1400})
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            yield page
+        finally:
+            browser.close()
+    assert errors == []
+
+
+def keep_screenshot(page, tmp_path: Path, name: str) -> None:
+    """The whole page as `name`, kept in ARTIFACTS for a person to look at."""
+    shot = tmp_path / name
+    page.screenshot(path=str(shot), full_page=True)
+    ARTIFACTS.mkdir(exist_ok=True)
+    shutil.copy(shot, ARTIFACTS / name)
+
+
+@pytest.mark.slow
+def test_playground_end_to_end(server, tmp_path):
     html, script = (httpx.get(f"{server}{path}").text for path in ("/", "/static/app.js"))
     assert TEST_API_KEY not in html + script
     # Nothing from a CDN: the page and its modules load from this server only.
@@ -115,39 +141,28 @@ def test_playground_end_to_end(server, tmp_path):
         "three", "three/addons/controls/OrbitControls.js", "three/addons/loaders/GLTFLoader.js"
     }  # fmt: skip
     photos = three_photos(tmp_path)
-    errors: list[str] = []
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(chromium), args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 1400})
-            page.on("pageerror", lambda error: errors.append(str(error)))
-            page.goto(server)
-            check_empty_page(page)
-            check_key_kept(page)
-            fill_form(page, photos)
-            check_cancel(page)
-            page.click("#run")
-            page.wait_for_selector("body[data-state=done], body[data-state=error]", timeout=300_000)
-            assert page.get_attribute("body", "data-state") == "done", page.text_content("#status")
-            check_no_server_advice(page.text_content("#status"))
-            request, shown = page.evaluate("[__playground.request, __playground.response]")
-            direct = api_response(server, request)
-            check_scene(page, shown)
-            check_depth_views(page, direct)
-            check_downloads(page, shown, direct, tmp_path)
-            check_orbit(page)
-            check_readable_error(page)
+    with playground_page(server) as page:
+        page.goto(server)
+        check_empty_page(page)
+        check_key_kept(page)
+        fill_form(page, photos)
+        check_cancel(page)
+        page.click("#run")
+        page.wait_for_selector("body[data-state=done], body[data-state=error]", timeout=300_000)
+        assert page.get_attribute("body", "data-state") == "done", page.text_content("#status")
+        check_no_server_advice(page.text_content("#status"))
+        request, shown = page.evaluate("[__playground.request, __playground.response]")
+        direct = api_response(server, request)
+        check_scene(page, shown)
+        check_depth_views(page, direct)
+        check_downloads(page, shown, direct, tmp_path)
+        check_orbit(page)
+        check_readable_error(page)
 
-            shot = tmp_path / "playground.png"
-            page.screenshot(path=str(shot), full_page=True)
-            ARTIFACTS.mkdir(exist_ok=True)
-            shutil.copy(shot, ARTIFACTS / "playground.png")
+        keep_screenshot(page, tmp_path, "playground.png")
 
-            page.goto(f"{server}/docs")  # Swagger UI from the vendored files
-            page.wait_for_selector("[data-path='/runsync']", state="attached", timeout=60_000)
-        finally:
-            browser.close()
-    assert errors == []
+        page.goto(f"{server}/docs")  # Swagger UI from the vendored files
+        page.wait_for_selector("[data-path='/runsync']", state="attached", timeout=60_000)
 
 
 def check_empty_page(page) -> None:
@@ -377,67 +392,50 @@ def test_playground_video(server, tmp_path):
     the WebM preview plays in the video element; the line in the three.js scene runs through
     the camera centres the API returns for the same request (its TUM file, in three.js's
     axes)."""
-    chromium = chromium_or_skip()
-    from playwright.sync_api import sync_playwright
-
     clip = tmp_path / "pan.mp4"
     clip.write_bytes(make_video(constant_rate(2.0, 10)))
     polled: list[dict] = []
-    errors: list[str] = []
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(chromium), args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 1400})
-            page.on("pageerror", lambda error: errors.append(str(error)))
-            page.on("response", lambda r: "/status/" in r.url and polled.append(r.json()))
-            page.goto(server)
-            page.wait_for_selector(
-                "#model option[value='depth-anything/DA3-SMALL']", state="attached"
-            )
-            page.fill("#api-key", TEST_API_KEY)
-            page.fill("#process-res", "56")
-            page.fill("#max-points", "2000")
-            page.fill("#fps", "5")
-            page.fill("#chunk-size", "3")
-            page.set_input_files("#file", str(clip))
-            page.wait_for_function(
-                "document.getElementById('status').textContent.includes('video')"
-            )
-            check_video_cancel(page, server)
-            page.click("#run")
-            page.wait_for_selector("body[data-state=done], body[data-state=error]", timeout=120_000)
-            assert page.get_attribute("body", "data-state") == "done", page.text_content("#status")
-            request, response, shown = page.evaluate(
-                "[__playground.request, __playground.response, __playground.progress]"
-            )
-            check_video_progress(polled, shown, response)
-            chunks = len(response["sequence"]["chunks"])
-            assert page.text_content("#status").startswith(
-                f"depth-anything/DA3-SMALL: 10 frames in {chunks} chunk(s)"
-            )
-            check_trajectory(page, server, request)
-            # The WebM preview decodes in the browser: its frames' size is the depth's.
-            page.wait_for_function("document.getElementById('preview-video').videoWidth > 0")
-            size = page.evaluate(
-                "[...['videoWidth', 'videoHeight']].map(k => "
-                "document.getElementById('preview-video')[k])"
-            )
-            assert size == [response["width"] - response["width"] % 2,
-                            response["height"] - response["height"] % 2]  # fmt: skip
-            files = page.eval_on_selector_all(
-                "#downloads li", "items => items.map(i => i.dataset.file)"
-            )
-            assert sorted(files) == [
-                "da3.preview_video.webm",
-                "da3.scene.ply",
-                "da3.trajectory.zip",
-            ]
-            page.screenshot(path=str(tmp_path / "video.png"), full_page=True)
-            ARTIFACTS.mkdir(exist_ok=True)
-            shutil.copy(tmp_path / "video.png", ARTIFACTS / "playground-video.png")
-        finally:
-            browser.close()
-    assert errors == []
+    with playground_page(server) as page:
+        page.on("response", lambda r: "/status/" in r.url and polled.append(r.json()))
+        page.goto(server)
+        page.wait_for_selector("#model option[value='depth-anything/DA3-SMALL']", state="attached")
+        page.fill("#api-key", TEST_API_KEY)
+        page.fill("#process-res", "56")
+        page.fill("#max-points", "2000")
+        page.fill("#fps", "5")
+        page.fill("#chunk-size", "3")
+        page.set_input_files("#file", str(clip))
+        page.wait_for_function("document.getElementById('status').textContent.includes('video')")
+        check_video_cancel(page, server)
+        page.click("#run")
+        page.wait_for_selector("body[data-state=done], body[data-state=error]", timeout=120_000)
+        assert page.get_attribute("body", "data-state") == "done", page.text_content("#status")
+        request, response, shown = page.evaluate(
+            "[__playground.request, __playground.response, __playground.progress]"
+        )
+        check_video_progress(polled, shown, response)
+        chunks = len(response["sequence"]["chunks"])
+        assert page.text_content("#status").startswith(
+            f"depth-anything/DA3-SMALL: 10 frames in {chunks} chunk(s)"
+        )
+        check_trajectory(page, server, request)
+        # The WebM preview decodes in the browser: its frames' size is the depth's.
+        page.wait_for_function("document.getElementById('preview-video').videoWidth > 0")
+        size = page.evaluate(
+            "[...['videoWidth', 'videoHeight']].map(k => "
+            "document.getElementById('preview-video')[k])"
+        )
+        assert size == [response["width"] - response["width"] % 2,
+                        response["height"] - response["height"] % 2]  # fmt: skip
+        files = page.eval_on_selector_all(
+            "#downloads li", "items => items.map(i => i.dataset.file)"
+        )
+        assert sorted(files) == [
+            "da3.preview_video.webm",
+            "da3.scene.ply",
+            "da3.trajectory.zip",
+        ]
+        keep_screenshot(page, tmp_path, "playground-video.png")
 
 
 def check_video_cancel(page, server: str) -> None:
