@@ -29,7 +29,6 @@ class GaussianCollector:
     """Collects the owned frames' kept Gaussians chunk by chunk; `write` gives the file."""
 
     def __init__(self, request: RunRequest):
-        self.max_points = request.max_points
         self.options = scene_options(request)
         self.layout = "compact" if request.gaussians_compact else "inria"
         self.kept = EvenShare(request.max_points)

@@ -18,11 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
+from da3_serverless.api.outputs import scene_options
 from da3_serverless.api.schema import RunRequest
 from da3_serverless.exports.colmap import write_colmap_zip
 from da3_serverless.exports.glb import scene_glb
 from da3_serverless.exports.ply import scene_ply
-from da3_serverless.exports.points import FILTERS, SceneOptions, ScenePoints, fuse
+from da3_serverless.exports.points import FILTERS, ScenePoints, fuse
 from da3_serverless.inference.prediction import Prediction
 from da3_serverless.sequence.assemble import AlignedChunk
 from da3_serverless.sequence.outputs import FrameStore
@@ -37,11 +38,7 @@ class SceneCollector:
     """Collects the owned frames' points chunk by chunk; `write` gives each scene file."""
 
     def __init__(self, request: RunRequest):
-        self.max_points = request.max_points
-        self.options = SceneOptions(
-            request.conf_percentile, request.max_points, request.keep_sky, request.remove_edges,
-            request.colmap_text, request.colmap_images,
-        )  # fmt: skip
+        self.options = scene_options(request)
         self.kept = EvenShare(request.max_points)
         self.removed = dict.fromkeys(FILTERS, 0)
         self._points: ScenePoints | None = None
