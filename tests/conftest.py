@@ -3,6 +3,7 @@ loading path looks for them (a folder, or a Hugging Face cache), and service env
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -22,6 +23,32 @@ FAKE_REVISION = "0" * 40
 # tests draw a tenth of their examples there; the full suite draws them all.
 FAST_PROFILE = "fast"
 hypothesis_settings.register_profile(FAST_PROFILE, max_examples=20)
+
+
+def pytest_report_header(config) -> str:
+    """Where the run's temp files go and what room there is: a failure for want of memory or
+    disk (the giant snapshots write GB) can then be read off the log."""
+    base = config._tmp_path_factory.getbasetemp() if hasattr(config, "_tmp_path_factory") else None
+    folder = Path(base or os.environ.get("TMPDIR", "/tmp"))
+    mounts = [line.split() for line in Path("/proc/mounts").read_text().splitlines()]
+    mount = max((m for m in mounts if str(folder).startswith(m[1])), key=lambda m: len(m[1]))
+    free = shutil.disk_usage(folder).free / 2**30
+    meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+    available = int(meminfo["MemAvailable"].split()[0]) / 2**20
+    return (
+        f"temp files: {folder} on {mount[2]} ({mount[1]}), {free:.1f} GiB free; "
+        f"memory available: {available:.1f} GiB"
+    )
+
+
+def pytest_terminal_summary(terminalreporter, config) -> None:
+    """The size of what the run left in its temp folder (fixtures are to delete large
+    snapshots themselves: see random_checkpoint)."""
+    factory = getattr(config, "_tmp_path_factory", None)
+    if factory is None or factory._basetemp is None:
+        return
+    size = sum(f.stat().st_size for f in factory._basetemp.rglob("*") if f.is_file())
+    terminalreporter.write_line(f"temp files left by this run: {size / 2**20:.0f} MiB")
 
 
 def examples(full: int) -> int:
@@ -54,6 +81,22 @@ def place_in_hf_cache(snapshot: Path, cache_dir: Path, repo_id: str) -> Path:
     (repo / "refs").mkdir(exist_ok=True)
     (repo / "refs" / "main").write_text(FAKE_REVISION)
     return hub
+
+
+@contextlib.contextmanager
+def random_checkpoint(tmp_path_factory, preset: str, seed: int, **options) -> Iterator[Path]:
+    """A seeded random snapshot of `preset` in a new temp folder, deleted on leaving.
+
+    The presets above da3-small write 1.3 to 6.4 GB each, and pytest keeps its temp folders
+    until later runs: left behind, they took the suite's temp space to 14 GB, which a machine
+    whose /tmp lives in memory cannot spare. Load what the test needs inside the block."""
+    from da3_serverless.model.checkpoint import write_random_checkpoint
+
+    folder = tmp_path_factory.mktemp(preset)
+    try:
+        yield write_random_checkpoint(preset, folder, seed=seed, **options)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

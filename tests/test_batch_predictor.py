@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from batch_photos import RES, ROTATED, ROTATED_UPRIGHT_SIZE, write_batch_photos
+from conftest import random_checkpoint
 from da3_serverless.inference.cancel import Cancelled, CancelToken
 from da3_serverless.inference.prediction import Prediction
 from da3_serverless.inference.predictor import Predictor, PredictRequest
@@ -202,16 +203,16 @@ def test_small_batch_of_8_with_ray_pose_equals_one_by_one(small, photos):
 
 @pytest.mark.slow  # a 1.4 GB random checkpoint to write and load
 def test_mono_large_batch_of_8_equals_one_by_one(photos, tmp_path_factory):
-    folder = write_random_checkpoint("da3mono-large", tmp_path_factory.mktemp("mono"), seed=2)
-    batch_against_one_by_one(Predictor.from_pretrained(folder, device="cpu"), photos)
+    with random_checkpoint(tmp_path_factory, "da3mono-large", seed=2) as folder:
+        predictor = Predictor.from_pretrained(folder, device="cpu")
+    batch_against_one_by_one(predictor, photos)
 
 
 @pytest.mark.slow
 def test_nested_batch_of_8_equals_one_by_one(photos, tmp_path_factory):
-    folder = write_random_checkpoint(
-        "da3nested-giant-large", tmp_path_factory.mktemp("nested"), seed=3
-    )
-    batch_against_one_by_one(Predictor.from_pretrained(folder, device="cpu"), photos)
+    with random_checkpoint(tmp_path_factory, "da3nested-giant-large", seed=3) as folder:
+        predictor = Predictor.from_pretrained(folder, device="cpu")
+    batch_against_one_by_one(predictor, photos)
 
 
 @pytest.mark.slow  # over 30 s on two busy cores

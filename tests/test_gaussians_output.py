@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import shutil
 import subprocess
 import sys
 import tracemalloc
@@ -24,7 +23,14 @@ import plyfile
 import pytest
 from safetensors.torch import load_file, save_file
 
-from conftest import FAKE_REVISION, SMALL_REPO, TEST_API_KEY, offline_settings, place_in_hf_cache
+from conftest import (
+    FAKE_REVISION,
+    SMALL_REPO,
+    TEST_API_KEY,
+    offline_settings,
+    place_in_hf_cache,
+    random_checkpoint,
+)
 from da3_serverless.api.budget import HOST_BYTES_PER_PIXEL, estimate_cost
 from da3_serverless.api.errors import ServiceError
 from da3_serverless.api.outputs import encode_scene, unavailable_outputs
@@ -517,15 +523,12 @@ def test_through_the_server_and_the_client(service_env, still_snapshot, tmp_path
 
 
 @pytest.mark.slow
-def test_a_random_da3_giant_gives_its_gaussians(tmp_path):
+def test_a_random_da3_giant_gives_its_gaussians(tmp_path, tmp_path_factory):
     """The release's network (its checkpoint has the head by default), 2 views at process_res
     70: a standard 3DGS PLY of the filtered Gaussians, the same bytes on repeat."""
-    folder = write_random_checkpoint("da3-giant", tmp_path / "giant", seed=0)
-    try:
+    with random_checkpoint(tmp_path_factory, "da3-giant", seed=0) as folder:
         service = Service(settings_for(folder, tmp_path / "ws"))
         first, second = (service.handle(gs_request(max_points=2000)) for _ in range(2))
-    finally:
-        shutil.rmtree(folder)  # several GB
     assert decoded(first["gaussians_ply"]) == decoded(second["gaussians_ply"])
     vertices, comments = read_gaussians(decoded(first["gaussians_ply"]))
     assert 0 < len(vertices) == first["gaussians"]["points"] <= 2000

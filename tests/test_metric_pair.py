@@ -11,18 +11,19 @@ from __future__ import annotations
 
 import base64
 import io
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import SMALL_REPO, TEST_API_KEY, place_in_hf_cache
+from conftest import SMALL_REPO, TEST_API_KEY, place_in_hf_cache, random_checkpoint
 from da3_serverless.client import Client
 from da3_serverless.inference.catalog import METRIC_REPO, lookup_model
 from da3_serverless.inference.predictor import Predictor, PredictRequest
 from da3_serverless.inference.weights import WeightLocator
 from da3_serverless.model.alignment import align_to_metric
-from da3_serverless.model.checkpoint import CheckpointError, load_pair, write_random_checkpoint
+from da3_serverless.model.checkpoint import CheckpointError, load_pair
 from paths import IMAGES
 from servers import runpod_local_api, serve_process
 
@@ -35,7 +36,8 @@ TOLERANCE = 1e-4
 
 @pytest.fixture(scope="module")
 def metric_snapshot(tmp_path_factory):
-    return write_random_checkpoint("da3metric-large", tmp_path_factory.mktemp("metric"), seed=1)
+    with random_checkpoint(tmp_path_factory, "da3metric-large", seed=1) as folder:
+        yield folder
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +46,8 @@ def pair_cache(small_snapshot, metric_snapshot, tmp_path_factory):
     cache = tmp_path_factory.mktemp("pair-home")
     place_in_hf_cache(small_snapshot, cache, SMALL_REPO)
     place_in_hf_cache(metric_snapshot, cache, METRIC_REPO)
-    return cache
+    yield cache
+    shutil.rmtree(cache, ignore_errors=True)  # a copy of the 1.3 GB metric snapshot
 
 
 @pytest.fixture(scope="module")

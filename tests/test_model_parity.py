@@ -15,11 +15,11 @@ run on our network first, which is then freed before the reference is built.
 from __future__ import annotations
 
 import gc
-import shutil
 
 import pytest
 import torch
 
+from conftest import random_checkpoint
 from da3_serverless.model.alignment import SKY_THRESHOLD, exact_quantile
 from da3_serverless.model.checkpoint import load_network, write_random_checkpoint
 from da3_serverless.model.net import NetOutput
@@ -83,9 +83,14 @@ def free_memory() -> None:
 def preset_outputs(request, tmp_path_factory) -> dict[str, tuple[NetOutput, dict]]:
     """case -> (our NetOutput, the reference's outputs as a dict of FIELDS) for one preset."""
     preset = request.param
-    folder = write_random_checkpoint(preset, tmp_path_factory.mktemp(preset), seed=0)
-    nested = preset.startswith("da3nested")
+    with random_checkpoint(tmp_path_factory, preset, seed=0) as folder:  # GB for the giants
+        ours, gaussians = our_outputs(preset, folder)
+        theirs = reference_outputs(preset, folder, gaussians)
+    return {case: (ours[case], theirs[case]) for case in ours}
 
+
+def our_outputs(preset: str, folder) -> tuple[dict[str, NetOutput], dict[str, bool]]:
+    """Our network's output per case, and per case whether it was asked for Gaussians."""
     ours, gaussians = {}, {}
     _, net = load_network(folder)
     with torch.no_grad():
@@ -98,7 +103,12 @@ def preset_outputs(request, tmp_path_factory) -> dict[str, tuple[NetOutput, dict
             ours[case] = net(**inputs, use_ray_pose=ray_pose, gaussians=gaussians[case])
     del net
     free_memory()
+    return ours, gaussians
 
+
+def reference_outputs(preset: str, folder, gaussians: dict[str, bool]) -> dict[str, dict]:
+    """The reference wrapper's outputs per case, as a dict of FIELDS (and its Gaussians)."""
+    nested = preset.startswith("da3nested")
     theirs = {}
     wrapper = load_reference(preset, folder)
     with torch.no_grad():
@@ -123,9 +133,8 @@ def preset_outputs(request, tmp_path_factory) -> dict[str, tuple[NetOutput, dict
                 "gaussians": reference_gaussians(out, nested),
             }
     del wrapper
-    shutil.rmtree(folder)  # several GB for the giant presets
     free_memory()
-    return {case: (ours[case], theirs[case]) for case in ours}
+    return theirs
 
 
 def reference_gaussians(out, nested: bool) -> dict[str, torch.Tensor] | None:

@@ -11,11 +11,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from conftest import random_checkpoint
 from da3_serverless.inference.cameras import relative_to_first_view
 from da3_serverless.inference.predictor import Predictor
 from da3_serverless.inference.preprocess import MAX_PROCESS_RES, load_rgb, processing_size
 from da3_serverless.inference.preprocess import to_network_input as network_input
-from da3_serverless.model.checkpoint import write_random_checkpoint
 from paths import IMAGES
 from reference import load_reference
 
@@ -143,8 +143,8 @@ def test_bad_input_says_what_to_fix(small, images, kwargs, message):
 
 @pytest.fixture(scope="module")
 def metric_large(tmp_path_factory) -> Predictor:
-    folder = write_random_checkpoint("da3metric-large", tmp_path_factory.mktemp("metric"), seed=1)
-    return Predictor.from_pretrained(folder, device="cpu")
+    with random_checkpoint(tmp_path_factory, "da3metric-large", seed=1) as folder:
+        return Predictor.from_pretrained(folder, device="cpu")
 
 
 @pytest.mark.slow
