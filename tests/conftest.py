@@ -41,16 +41,6 @@ def pytest_report_header(config) -> str:
     )
 
 
-def pytest_terminal_summary(terminalreporter, config) -> None:
-    """The size of what the run left in its temp folder (fixtures are to delete large
-    snapshots themselves: see random_checkpoint)."""
-    factory = getattr(config, "_tmp_path_factory", None)
-    if factory is None or factory._basetemp is None:
-        return
-    size = sum(f.stat().st_size for f in factory._basetemp.rglob("*") if f.is_file())
-    terminalreporter.write_line(f"temp files left by this run: {size / 2**20:.0f} MiB")
-
-
 def examples(full: int) -> int:
     """A property test's example count: `full`, or a tenth of it (at least 20) under the
     fast profile."""

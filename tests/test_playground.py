@@ -9,7 +9,8 @@ request. Also: the models marked as /models reports them, the key kept over a re
 cancelled request, and errors and warnings as a browser user should read them.
 
 A tiny synthetic video goes in as a sequence job (/run, /status polled): the page shows each
-chunk's progress, then plays the preview_video and draws the trajectory's camera centres.
+chunk's progress, then plays the preview_video and draws the trajectory's camera centres. A zip
+of frames goes the same way, as frames_zip_base64.
 
 Needs a Chromium: Debian's (`apt-get install -y chromium`, which the Makefile runs) or the
 Chrome/Chromium a CI image already has. Without one the test skips locally and fails under
@@ -20,10 +21,12 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import io
 import os
 import re
 import shutil
 import time
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -438,6 +441,41 @@ def test_playground_video(server, tmp_path):
         keep_screenshot(page, tmp_path, "playground-video.png")
 
 
+@pytest.mark.slow
+def test_playground_frames_zip(server, tmp_path):
+    """A zip of 6 frames (crops panning across a photo) goes as frames_zip_base64, byte for
+    byte, in a sequence job: the page shows the finished sequence and draws the API's
+    trajectory for the same request."""
+    archive = tmp_path / "frames.zip"
+    with Image.open(IMAGES / "soh-000.png") as photo, zipfile.ZipFile(archive, "w") as zipped:
+        for index in range(6):
+            crop = photo.convert("RGB").crop((60 * index, 100, 60 * index + 320, 340))
+            frame = io.BytesIO()
+            crop.save(frame, format="PNG")
+            zipped.writestr(f"frames/f{index}.png", frame.getvalue())
+    with playground_page(server) as page:
+        page.goto(server)
+        page.wait_for_selector("#model option[value='depth-anything/DA3-SMALL']", state="attached")
+        page.fill("#api-key", TEST_API_KEY)
+        page.fill("#process-res", "56")
+        page.fill("#max-points", "2000")
+        page.fill("#chunk-size", "3")
+        page.set_input_files("#file", str(archive))
+        page.wait_for_function(
+            "document.getElementById('status').textContent.includes('a zip of frames')"
+        )
+        page.click("#run")
+        page.wait_for_selector("body[data-state=done], body[data-state=error]", timeout=120_000)
+        assert page.get_attribute("body", "data-state") == "done", page.text_content("#status")
+        request, response = page.evaluate("[__playground.request, __playground.response]")
+        assert base64.b64decode(request["frames_zip_base64"].split(",", 1)[1]) == (
+            archive.read_bytes()
+        )
+        assert "video_base64" not in request and response["sequence"]["frames"] == 6
+        assert page.text_content("#status").startswith("depth-anything/DA3-SMALL: 6 frames in")
+        check_trajectory(page, server, request, frames=6)
+
+
 def check_video_cancel(page, server: str) -> None:
     """Cancel while the video job runs (its status polls held by the test): the page sends
     POST /cancel/<id>, says so as no error, and the server's job ends CANCELLED."""
@@ -476,7 +514,7 @@ def check_video_progress(polled: list[dict], shown: list[str], response: dict) -
     assert [c["frames_done"] for c in chunks][-1] == response["sequence"]["frames"] == 10
 
 
-def check_trajectory(page, server: str, request: dict) -> None:
+def check_trajectory(page, server: str, request: dict, frames: int = 10) -> None:
     """The line through the camera centres is the API's trajectory for the same request, in
     three.js's axes: diag(1, -1, -1) of the TUM file's tx ty tz."""
     body = httpx.post(f"{server}/runsync", json=request, headers={"X-API-Key": TEST_API_KEY},
@@ -485,6 +523,6 @@ def check_trajectory(page, server: str, request: dict) -> None:
     centres = SequenceResult(body.json()).trajectory()[:, 1:4]
     drawn = np.array(page.evaluate("window.__trajectoryPoints"), np.float64)
     np.testing.assert_allclose(drawn, centres * [1, -1, -1], rtol=0, atol=1e-5)
-    assert page.get_attribute("#cloud", "data-cameras") == "10"
+    assert page.get_attribute("#cloud", "data-cameras") == str(frames)
     assert page.get_attribute("#cloud", "data-objects") == "2"  # the line and the points
     assert int(page.get_attribute("#cloud", "data-points")) > 100

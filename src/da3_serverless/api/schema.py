@@ -340,7 +340,8 @@ def check_limits(request: RunRequest, settings: Settings) -> None:
     if not request.is_sequence and request.view_count > settings.max_views:
         problems.append(
             f"images has {request.view_count} views but this server accepts at most "
-            f"{settings.max_views}: send fewer views per request"
+            f"{settings.max_views}: send fewer views per request (or "
+            '"sequence": true for more)'
         )
     if problems:
         raise ServiceError("invalid_input", "; ".join(problems))

@@ -3,11 +3,12 @@
 // (the returned scene_glb, loaded by three.js's GLTFLoader: points and one frustum per camera),
 // and a download for every returned output. The API key stays in its input field and this tab's
 // sessionStorage (gone when the tab closes) and goes out as the X-API-Key header; a running
-// request can be cancelled (the server cancels a job whose client went away). A video goes as a
-// sequence job through POST /run, its progress polled on GET /status (frames done, chunk); then
-// its preview_video plays and its camera trajectory (the trajectory zip's TUM poses) is drawn
-// as a line beside the scene_ply points. `window.__playground` holds the last request, response
-// and scene, `window.__trajectoryPoints` the trajectory line's vertices in the 3D scene (for tests and the curious).
+// request can be cancelled (the server cancels a job whose client went away). A video, or a zip
+// of frames, goes as a sequence job through POST /run, its progress polled on GET /status
+// (frames done, chunk); then its preview_video plays and its camera trajectory (the trajectory
+// zip's TUM poses) is drawn as a line beside the scene_ply points. `window.__playground` holds
+// the last request, response and scene, `window.__trajectoryPoints` the trajectory line's
+// vertices in the 3D scene (for tests and the curious).
 import * as THREE from "three";
 import { OrbitControls } from "three/addons/controls/OrbitControls.js";
 import { GLTFLoader } from "three/addons/loaders/GLTFLoader.js";
@@ -30,9 +31,9 @@ const SEQUENCE_FILES = {
   trajectory: "trajectory.zip", depth_frames: "depth_frames.zip", depth_video: "depth_video.mkv",
   preview_video: "preview_video.webm",
 };
-// What a video asks for: the camera path, the depth to play, the scene's points.
+// What a sequence asks for: the camera path, the depth to play, the scene's points.
 const VIDEO_OUTPUTS = ["trajectory", "preview_video", "scene_ply"];
-const POLL_MS = 250; // between two GET /status of a running video job
+const POLL_MS = 250; // between two GET /status of a running sequence job
 // Optional outputs offered as downloads: [name, label, what the model needs (see /models)]; the
 // whole scene's first, as the request asks for them.
 const EXTRAS = [
@@ -62,9 +63,9 @@ const NEEDS = {
 const state = {
   models: new Map(), // model_id -> its /models row
   photos: [], // {name, dataUri}
-  video: null, // {name, dataUri} of a chosen video (then no photos)
-  job: null, // the id of the video job in flight
-  progress: [], // every progress line shown while the last video job ran
+  sequence: null, // {name, dataUri, field} of a chosen video or zip of frames (then no photos)
+  job: null, // the id of the sequence job in flight
+  progress: [], // every progress line shown while the last sequence job ran
   request: null, // the last request body sent
   response: null, // its response
   views: [], // per view of the response: its fields
@@ -166,19 +167,19 @@ function readFile(file) {
 }
 
 async function choosePhotos(files) {
-  const video = [...files].find((file) => file.type.startsWith("video/"));
-  if (video) return chooseVideo(video);
+  const sequence = [...files].find((file) => file.type.startsWith("video/") || isZip(file));
+  if (sequence) return chooseSequence(sequence);
   const images = [...files].filter((file) => file.type.startsWith("image/") || file.type === "");
   if (!images.length) return;
   state.photos = await Promise.all(images.map(readFile));
-  state.video = null;
+  state.sequence = null;
   inputChosen();
   const kib = Math.round(images.reduce((sum, file) => sum + file.size, 0) / 1024);
   const what = images.length === 1 ? images[0].name : `${images.length} views of one scene`;
   setStatus(`${what} (${kib} KiB) ready`);
 }
 
-// A new input (photos or a video) was chosen: forget the last answer and show the input.
+// A new input (photos, a video, a zip of frames) was chosen: forget the last answer, show it.
 function inputChosen() {
   state.response = null;
   state.views = [];
@@ -189,11 +190,18 @@ function inputChosen() {
   $("run").disabled = false;
 }
 
-async function chooseVideo(file) {
-  state.video = await readFile(file);
+function isZip(file) {
+  return /zip/.test(file.type) || file.name.toLowerCase().endsWith(".zip");
+}
+
+// A video goes as video_base64, a zip of frames (in name order) as frames_zip_base64.
+async function chooseSequence(file) {
+  const zip = isZip(file);
+  state.sequence = { ...(await readFile(file)), field: zip ? "frames_zip_base64" : "video_base64" };
   state.photos = [];
   inputChosen();
-  setStatus(`${file.name} (${Math.round(file.size / 1024)} KiB) ready: a video, sent as a sequence`);
+  const what = zip ? "a zip of frames" : "a video";
+  setStatus(`${file.name} (${Math.round(file.size / 1024)} KiB) ready: ${what}, sent as a sequence`);
 }
 
 function renderThumbnails() {
@@ -252,8 +260,8 @@ function keyHeaders() {
 
 async function run(event) {
   event.preventDefault();
-  if (!state.photos.length && !state.video) return;
-  const body = state.video ? buildVideoRequest() : buildRequest();
+  if (!state.photos.length && !state.sequence) return;
+  const body = state.sequence ? buildSequenceRequest() : buildRequest();
   const headers = keyHeaders();
   document.body.dataset.state = "running";
   $("run").disabled = true;
@@ -262,7 +270,7 @@ async function run(event) {
   state.running = new AbortController();
   try {
     state.request = body;
-    if (state.video) {
+    if (state.sequence) {
       await showSequence(await runJob(body, headers, state.running.signal));
     } else {
       const response = await fetch("/runsync", {
@@ -286,7 +294,7 @@ async function run(event) {
 }
 
 // Closing the connection cancels a /runsync job on the server (it stops at its next check); a
-// video job is cancelled by POST /cancel/<id>.
+// sequence job is cancelled by POST /cancel/<id>.
 function cancel() {
   if (state.job) fetch(`/cancel/${state.job}`, { method: "POST", headers: keyHeaders() });
   if (state.running) state.running.abort();
@@ -322,12 +330,12 @@ async function show(result) {
   await showScene(result);
 }
 
-// ---- a video: one sequence job through /run and /status ------------------------------------------
+// ---- a video or a zip of frames: one sequence job through /run and /status ---------------------
 
-function buildVideoRequest() {
+function buildSequenceRequest() {
   const chunk = Number($("chunk-size").value);
   return {
-    video_base64: state.video.dataUri,
+    [state.sequence.field]: state.sequence.dataUri,
     fps: Number($("fps").value),
     max_frames: Number($("max-frames").value),
     chunk_size: chunk || undefined,
