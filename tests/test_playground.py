@@ -400,15 +400,7 @@ def test_playground_video(server, tmp_path):
     polled: list[dict] = []
     with playground_page(server) as page:
         page.on("response", lambda r: "/status/" in r.url and polled.append(r.json()))
-        page.goto(server)
-        page.wait_for_selector("#model option[value='depth-anything/DA3-SMALL']", state="attached")
-        page.fill("#api-key", TEST_API_KEY)
-        page.fill("#process-res", "56")
-        page.fill("#max-points", "2000")
-        page.fill("#fps", "5")
-        page.fill("#chunk-size", "3")
-        page.set_input_files("#file", str(clip))
-        page.wait_for_function("document.getElementById('status').textContent.includes('video')")
+        choose_sequence(page, server, clip, "a video", fps="5")
         check_video_cancel(page, server)
         page.click("#run")
         page.wait_for_selector("body[data-state=done], body[data-state=error]", timeout=120_000)
@@ -454,16 +446,7 @@ def test_playground_frames_zip(server, tmp_path):
             crop.save(frame, format="PNG")
             zipped.writestr(f"frames/f{index}.png", frame.getvalue())
     with playground_page(server) as page:
-        page.goto(server)
-        page.wait_for_selector("#model option[value='depth-anything/DA3-SMALL']", state="attached")
-        page.fill("#api-key", TEST_API_KEY)
-        page.fill("#process-res", "56")
-        page.fill("#max-points", "2000")
-        page.fill("#chunk-size", "3")
-        page.set_input_files("#file", str(archive))
-        page.wait_for_function(
-            "document.getElementById('status').textContent.includes('a zip of frames')"
-        )
+        choose_sequence(page, server, archive, "a zip of frames")
         page.click("#run")
         page.wait_for_selector("body[data-state=done], body[data-state=error]", timeout=120_000)
         assert page.get_attribute("body", "data-state") == "done", page.text_content("#status")
@@ -474,6 +457,21 @@ def test_playground_frames_zip(server, tmp_path):
         assert "video_base64" not in request and response["sequence"]["frames"] == 6
         assert page.text_content("#status").startswith("depth-anything/DA3-SMALL: 6 frames in")
         check_trajectory(page, server, request, frames=6)
+
+
+def choose_sequence(page, server: str, file: Path, what: str, **fields: str) -> None:
+    """Open the playground with the key, small sizes (process_res 56, 2000 points, chunks of
+    3) and `fields` filled in, choose `file` and wait until the page calls it `what`."""
+    page.goto(server)
+    page.wait_for_selector("#model option[value='depth-anything/DA3-SMALL']", state="attached")
+    values = {"api-key": TEST_API_KEY, "process-res": "56", "max-points": "2000",
+              "chunk-size": "3", **fields}  # fmt: skip
+    for field, value in values.items():
+        page.fill(f"#{field}", value)
+    page.set_input_files("#file", str(file))
+    page.wait_for_function(
+        "what => document.getElementById('status').textContent.includes(what)", arg=what
+    )
 
 
 def check_video_cancel(page, server: str) -> None:
