@@ -27,17 +27,20 @@ hypothesis_settings.register_profile(FAST_PROFILE, max_examples=20)
 
 def pytest_report_header(config) -> str:
     """Where the run's temp files go and what room there is: a failure for want of memory or
-    disk (the giant snapshots write GB) can then be read off the log."""
-    base = config._tmp_path_factory.getbasetemp() if hasattr(config, "_tmp_path_factory") else None
-    folder = Path(base or os.environ.get("TMPDIR", "/tmp"))
-    mounts = [line.split() for line in Path("/proc/mounts").read_text().splitlines()]
+    disk (the giant snapshots write GB) can then be read off the log. Linux only; elsewhere
+    just the folder."""
+    folder = config._tmp_path_factory.getbasetemp()
+    try:
+        mounts = [line.split() for line in Path("/proc/mounts").read_text().splitlines()]
+        meminfo = Path("/proc/meminfo").read_text().splitlines()
+    except OSError:
+        return f"temp files: {folder}"
     mount = max((m for m in mounts if str(folder).startswith(m[1])), key=lambda m: len(m[1]))
     free = shutil.disk_usage(folder).free / 2**30
-    meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
-    available = int(meminfo["MemAvailable"].split()[0]) / 2**20
+    available = next(int(line.split()[1]) for line in meminfo if line.startswith("MemAvailable"))
     return (
         f"temp files: {folder} on {mount[2]} ({mount[1]}), {free:.1f} GiB free; "
-        f"memory available: {available:.1f} GiB"
+        f"memory available: {available / 2**20:.1f} GiB"
     )
 
 
