@@ -107,7 +107,7 @@ def place_outputs(
             size = inline_size(artifact, repeated)
             if size > left:
                 raise _stored_nowhere(artifact, size, (left, budget), problems, has_bucket)
-            entry["base64"] = base64.b64encode(artifact.read()).decode("ascii")
+            entry["base64"] = _base64(artifact)
             left -= size
             warnings.append(f"{artifact.name} could not be stored, so it is inline")
         target = placed.top if artifact.view is None else placed.views[artifact.view]
@@ -142,6 +142,11 @@ def _stored_nowhere(
     )
 
 
+def _base64(artifact: Artifact) -> str:
+    """The artifact inline: its bytes (a file's, read whole) as base64 text."""
+    return base64.b64encode(artifact.read()).decode("ascii")
+
+
 def object_name(artifact: Artifact, view_count: int) -> str:
     """The artifact's name in the bucket, under its job's folder: `depth.png`,
     `depth.view1.png` (view 1 of several), `scene_ply.ply`."""
@@ -161,7 +166,7 @@ def _place(
     saved, warnings, job, name = context
     entry: dict = {"media_type": artifact.media_type}
     if inline:
-        entry["base64"] = base64.b64encode(artifact.read()).decode("ascii")
+        entry["base64"] = _base64(artifact)
     if not inline and (store.has_bucket or job.bucket is not None):
         try:
             entry["url"] = store.upload(

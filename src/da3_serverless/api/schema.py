@@ -255,17 +255,21 @@ class RunRequest(BaseModel):
         return len(self.images) if self.images is not None else 1
 
     @property
+    def has_stream(self) -> bool:
+        """Whether the source is a video or a zip of frames (a sequence by itself)."""
+        return any(getattr(self, name) is not None for name in STREAMS)
+
+    @property
     def is_sequence(self) -> bool:
         """A video, a zip of frames, or images to run as a sequence (in chunks, past
         `MAX_VIEWS`)."""
-        return self.sequence or any(getattr(self, name) is not None for name in STREAMS)
+        return self.sequence or self.has_stream
 
 
 def _check_sequence(request: RunRequest) -> None:
     """What a sequence may ask: its own outputs, one intrinsics for all frames (or, for
     images, one per image), no given poses, and `sequence` only with `images`."""
-    video = any(getattr(request, name) is not None for name in STREAMS)
-    if request.sequence and not video and request.images is None:
+    if request.sequence and not request.has_stream and request.images is None:
         raise ValueError(
             '"sequence": true goes with images (a video or a frames zip is a sequence already)'
         )
@@ -282,7 +286,7 @@ def _check_sequence(request: RunRequest) -> None:
         if len(request.focal_length_px) != 1:
             raise ValueError("a sequence takes one focal_length_px for all frames")
         request.focal_length_px = request.focal_length_px[0]
-    counts = (1,) if video else (1, request.view_count)
+    counts = (1,) if request.has_stream else (1, request.view_count)
     if request.intrinsics is not None and len(request.intrinsics) not in counts:
         raise ValueError("give one 3x3 intrinsics for all frames, or one per image")
     chunking = (request.chunk_size, request.overlap)

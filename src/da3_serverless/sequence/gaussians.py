@@ -78,8 +78,6 @@ class GaussianCollector:
             kept = {name: np.zeros((0, 4 if name == "rotations" else 3), np.float32)
                     for name in ("means", "scales", "rotations", "colors")}  # fmt: skip
             kept["opacities"] = np.zeros(0, np.float32)
-        self.removed["voxel"] += self.kept.thinned
-        self.kept.thinned = 0
         return Gaussians(**kept)
 
     def write(self, units: str) -> bytes:
@@ -93,9 +91,10 @@ class GaussianCollector:
     def summary(self) -> dict:
         """The response's `gaussians` object (the scene summary's fields, in Gaussians; the
         confidence threshold and voxel size are per chunk, so none is reported)."""
+        points = len(self.gaussians())  # thinned to max_points first, counted in `thinned`
         return {
-            "points": len(self.gaussians()),
-            "removed": dict(self.removed),
+            "points": points,
+            "removed": {**self.removed, "voxel": self.removed["voxel"] + self.kept.thinned},
             "confidence_threshold": None,
             "voxel_size": None,
         }

@@ -154,7 +154,7 @@ def _run_chunks(context, request, predictor, source, frames, chunking):
     Returns (chunk summaries, is_metric, units)."""
     size, overlap = chunking
     assembler = Assembler(overlap)
-    if any(name in SCENE_OUTPUTS for name in request.outputs):
+    if wants_points(request):
         frames.scene = SceneCollector(request)
     if wants_gaussians(request):
         frames.gaussians = GaussianCollector(request)
