@@ -164,12 +164,10 @@ def main() -> None:
         scratch = Path(temporary)
         photos = write_photos(scratch / "photos", args.photos, tuple(args.photo_size))
         (scratch / "workspace").mkdir()
-        url, server = start_server(folder, scratch / "workspace")
         try:
-            results = measure(url, scratch / "photos", photos, args, scratch)
+            with start_server(folder, scratch / "workspace") as url:
+                results = measure(url, scratch / "photos", photos, args, scratch)
         finally:
-            server.terminate()
-            server.wait(60)
             shutil.rmtree(scratch / "workspace", ignore_errors=True)
     setup = {"preset": args.preset, "process_res": args.process_res, "photos": args.photos,
              "photo_size": args.photo_size,

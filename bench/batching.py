@@ -82,11 +82,8 @@ def server_throughput(folder: Path, photos: list[Path], res: int, rounds: int, m
         for p in photos
     ]
     with tempfile.TemporaryDirectory() as workspace:
-        log_path = Path(workspace) / "serve.log"
-        url, server = start_server(
-            folder, Path(workspace), MAX_BATCH=str(max_batch), BATCH_WAIT_MS="10"
-        )
-        try:
+        settings = {"MAX_BATCH": str(max_batch), "BATCH_WAIT_MS": "10"}
+        with start_server(folder, Path(workspace), **settings) as url:
 
             def client(body: dict) -> None:
                 with httpx.Client(timeout=600) as http:
@@ -99,12 +96,9 @@ def server_throughput(folder: Path, photos: list[Path], res: int, rounds: int, m
             with concurrent.futures.ThreadPoolExecutor(CLIENTS) as pool:
                 list(pool.map(client, bodies))
             elapsed = time.perf_counter() - start
-        finally:
-            server.terminate()
-            server.wait(60)
         sizes = Counter(
             json.loads(line)["batch"]
-            for line in log_path.read_text().splitlines()
+            for line in (Path(workspace) / "serve.log").read_text().splitlines()
             if line.startswith("{") and json.loads(line).get("msg") == "batch formed"
         )
     photos_done = CLIENTS * rounds

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
-import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -19,7 +19,7 @@ sys.path.insert(0, str(REPO / "tests"))  # the reference oracle and the test vid
 
 from da3_serverless.model.checkpoint import write_random_checkpoint  # noqa: E402
 from reference import load_reference  # noqa: E402
-from servers import free_port, serve_command, wait_ready  # noqa: E402
+from servers import serve_process  # noqa: E402
 
 __all__ = ["IMAGES", "load_reference", "median_seconds", "snapshot", "start_server"]
 
@@ -32,31 +32,18 @@ def snapshot(preset: str, seed: int = 0) -> Path:
     return folder
 
 
-def start_server(snapshot_folder: Path, workspace: Path, **env: str):
-    """`da3-serverless serve` on a free port of 127.0.0.1 with the snapshot as its model, no
-    key needed, `env` added; its log in `workspace/serve.log`. Returns (URL, process) once
-    it is ready; the caller terminates it."""
+@contextlib.contextmanager
+def start_server(snapshot_folder: Path, workspace: Path, **env: str) -> Iterator[str]:
+    """`da3-serverless serve` (the tests' `serve_process`) with the snapshot as its model, no
+    key needed, `env` added, its log in `workspace/serve.log`; yields its URL once it is
+    ready and stops it on leaving."""
     workspace.mkdir(parents=True, exist_ok=True)
     env = {
-        **os.environ, "PYTHONPATH": str(REPO / "src"), "MODEL_ID": str(snapshot_folder),
-        "WORKSPACE": str(workspace), "DA3_ALLOW_UNAUTHENTICATED": "1", "MAX_QUEUE": "64",
-        "PYTHONUNBUFFERED": "1", **env,
+        **os.environ, "MODEL_ID": str(snapshot_folder), "WORKSPACE": str(workspace),
+        "DA3_ALLOW_UNAUTHENTICATED": "1", "MAX_QUEUE": "64", "PYTHONUNBUFFERED": "1", **env,
     }  # fmt: skip
-    port = free_port()
-    log_path = workspace / "serve.log"
-    with open(log_path, "wb") as log:
-        server = subprocess.Popen(
-            serve_command("serve", "--host", "127.0.0.1", "--port", str(port)),
-            env=env, stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, server, log_path)
-    except BaseException:
-        server.terminate()
-        server.wait(60)
-        raise
-    return url, server
+    with serve_process(env, workspace / "serve.log") as (url, _):
+        yield url
 
 
 def median_seconds(fn: Callable[[], object], runs: int = 5, warmup: int = 1) -> float:
