@@ -77,19 +77,42 @@ def place_in_hf_cache(snapshot: Path, cache_dir: Path, repo_id: str) -> Path:
 
 
 @contextlib.contextmanager
-def random_checkpoint(tmp_path_factory, preset: str, seed: int, **options) -> Iterator[Path]:
+def random_checkpoint(tmp_path_factory, preset: str, seed: int) -> Iterator[Path]:
     """A seeded random snapshot of `preset` in a new temp folder, deleted on leaving.
 
-    The presets above da3-small write 1.3 to 6.4 GB each, and pytest keeps its temp folders
-    until later runs: left behind, they took the suite's temp space to 14 GB, which a machine
-    whose /tmp lives in memory cannot spare. Load what the test needs inside the block."""
+    The presets above da3-small write 1.3 to 6.4 GB each, and pytest deletes the folders of
+    `tmp_path_factory` only once the run is over: left to then, they took the suite's temp
+    space to 14 GB, which a machine whose /tmp lives in memory cannot spare. Load what the
+    test needs inside the block."""
     from da3_serverless.model.checkpoint import write_random_checkpoint
 
     folder = tmp_path_factory.mktemp(preset)
     try:
-        yield write_random_checkpoint(preset, folder, seed=seed, **options)
+        yield write_random_checkpoint(preset, folder, seed=seed)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+# Output channels of the Gaussian head's last convolution: sub-pixel offset (x, y) and depth
+# offset.
+HEAD_OUT = "model.gs_head.scratch.output_conv2.2"
+OFFSET_CHANNELS = [0, 1, 36]
+
+
+@pytest.fixture(scope="module")
+def still_snapshot(tmp_path_factory) -> Path:
+    """Random da3-small (seed 0) with a 3D-Gaussian head that predicts no offsets."""
+    from safetensors.torch import load_file, save_file
+
+    from da3_serverless.model.checkpoint import WEIGHTS_NAME, write_random_checkpoint
+
+    folder = tmp_path_factory.mktemp("da3-small-gs")
+    write_random_checkpoint("da3-small", folder, seed=0, gaussians=True)
+    tensors = load_file(str(folder / WEIGHTS_NAME))
+    for leaf in ("weight", "bias"):
+        tensors[f"{HEAD_OUT}.{leaf}"][OFFSET_CHANNELS] = 0
+    save_file(tensors, str(folder / WEIGHTS_NAME))
+    return folder
 
 
 @pytest.fixture(scope="session")
@@ -134,8 +157,19 @@ def service_env(hf_cache, tmp_path) -> dict[str, str]:
 PROCESS_FIXTURES = {
     "service_env", "module_env", "transport_env", "broken_env", "hostile_env",
     "service_env_module", "served", "self_hosted", "runpod_local", "server", "strict_server",
-    "worker", "strict_worker",
+    "worker", "strict_worker", "small_server",
 }  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def small_server(hf_cache, tmp_path_factory) -> Iterator[str]:
+    """`da3-serverless serve` with the random da3-small as its model (service_env's
+    environment) for a test module; yields its URL."""
+    from servers import serve_process
+
+    env = service_env.__wrapped__(hf_cache, tmp_path_factory.mktemp("service"))
+    with serve_process(env, tmp_path_factory.mktemp("serve") / "serve.log") as (url, _):
+        yield url
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from da3_serverless.inference.prediction import Prediction
 from da3_serverless.sequence.align import Sim3
 from da3_serverless.sequence.assemble import ChunkFrames
 
@@ -81,3 +82,13 @@ def oracle_chunk(scene: Scene, frames: range, frame: Sim3, rng: np.random.Genera
         scene.intrinsics[part].copy(),
         frame.move_extrinsics(scene.extrinsics[part]),
     )
+
+
+def as_prediction(frames: ChunkFrames, sky=None, gaussians=None) -> Prediction:
+    """Oracle frames as the network's float32 `Prediction` (relative units), with `sky` and
+    `gaussians` when given."""
+    return Prediction(
+        frames.depth.astype(np.float32), frames.confidence.astype(np.float32), sky,
+        frames.intrinsics.astype(np.float32), frames.extrinsics.astype(np.float32),
+        is_metric=False, units="relative", gaussians=gaussians,
+    )  # fmt: skip

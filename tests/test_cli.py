@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import base64
 import contextlib
 import http.server
@@ -268,8 +269,8 @@ def test_the_video_progress_bar_has_a_total_only_for_a_known_length(capsys, perc
         {"frames_done": 4, "frames_planned": planned, "percent": percent},
         {"frames_done": 6, "frames_planned": planned, "percent": percent},
     ]
-    args = type("Args", (), {"fps": None, "max_frames": None, "chunk_size": None,
-                             "video": "clip.mp4", "frames_zip": None, "out": "."})()  # fmt: skip
+    args = argparse.Namespace(fps=None, max_frames=None, chunk_size=None, video="clip.mp4",
+                              frames_zip=None, out=".")  # fmt: skip
     assert _request_video(_SequenceClient(summaries, 6), args, {}) == 0
     err = capsys.readouterr().err
     assert bar in err and "/2000" not in err

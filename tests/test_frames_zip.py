@@ -29,11 +29,10 @@ from da3_serverless.api.schema import parse_request
 from da3_serverless.cli import main
 from da3_serverless.inference.cancel import CancelToken
 from da3_serverless.sequence.pipeline import run_sequence
-from da3_serverless.sequence.source import open_source
+from da3_serverless.sequence.source import Frame, FrameSource, open_source
 from da3_serverless.service import Service
 from paths import IMAGES
 from sequence_standin import standin_context
-from servers import serve_process
 
 SIZE = (32, 24)
 COUNT = 12
@@ -63,13 +62,7 @@ def frames_zip(count: int = COUNT, extras: bool = True, size=SIZE) -> bytes:
         entries += [(f"__MACOSX/clip/._frame_{i}.png", b"\x00\x05\x16\x07") for i in range(2)]
         entries += [("clip/.DS_Store", b"\x00" * 8), ("clip/notes.txt", b"shot on a phone")]
     random.Random(0).shuffle(entries)
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
-        if extras:
-            archive.writestr(zipfile.ZipInfo("clip/"), b"")
-        for name, data in entries:
-            archive.writestr(name, data)
-    return buffer.getvalue()
+    return _zip([("clip/", b"")] * extras + entries)  # a name ending in / is a folder
 
 
 def b64(data: bytes) -> str:
@@ -80,7 +73,8 @@ def _settings(tmp_path, **overrides):
     return offline_settings(None, tmp_path / "workspace", **overrides)
 
 
-def _frames(payload: dict, settings) -> list:
+def _frames(payload: dict, settings) -> tuple[FrameSource, list[Frame]]:
+    """The request's frame source (closed) and every frame it gave."""
     request = parse_request(payload, settings)
     source = open_source(request, settings, CancelToken())
     try:
@@ -120,8 +114,8 @@ def test_a_frames_zip_runs_in_chunks_with_the_stand_in(tmp_path):
 def zip_server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("zips")
     (folder / "frames.zip").write_bytes(frames_zip(6))
-    with contextlib.ExitStack() as stack:
-        yield stack.enter_context(serve_directory(folder))
+    with serve_directory(folder) as url:
+        yield url
 
 
 def test_frames_zip_url_goes_through_the_safe_download(tmp_path, zip_server):
@@ -187,7 +181,7 @@ def test_a_zip_bomb_is_refused_with_bounded_memory(tmp_path):
     assert "'frame_0.png' is 268435456 bytes uncompressed" in error.message
     assert peak < expanded // 20, peak  # the bytes in hand and a few copies, never the frame
     small = b64(bomb(8 << 20))
-    error, peak = _traced(settings, {"frames_zip_base64": small})
+    error = _error(settings, {"frames_zip_base64": small})
     assert error.code == "image_too_large" and "MAX_DOWNLOAD_BYTES" in error.message
     lying = b64(lie_about_size(bomb(8 << 20), 1000))  # declares 1000 bytes, inflates to 8 MiB
     error, peak = _traced(settings, {"frames_zip_base64": lying})
@@ -324,22 +318,13 @@ def test_frames_of_two_sizes_are_refused_leaving_no_file(tmp_path):
     assert not list((settings.workspace_dir / "sequences").iterdir())
 
 
-@pytest.fixture(scope="module")
-def self_hosted(hf_cache, tmp_path_factory):
-    import conftest
-
-    env = conftest.service_env.__wrapped__(hf_cache, tmp_path_factory.mktemp("frames"))
-    with serve_process(env, tmp_path_factory.mktemp("serve") / "serve.log") as (url, _):
-        yield url
-
-
 @pytest.mark.slow
-def test_request_frames_zip_through_the_self_hosted_server(self_hosted, tmp_path, capsys):
+def test_request_frames_zip_through_the_self_hosted_server(small_server, tmp_path, capsys):
     """`request --frames-zip` (Client.frames_zip) with the random da3-small in a real server."""
     path = tmp_path / "frames.zip"
     path.write_bytes(frames_zip(6))
     out = tmp_path / "out"
-    argv = ["request", "--frames-zip", str(path), "--endpoint", self_hosted, "--api-key",
+    argv = ["request", "--frames-zip", str(path), "--endpoint", small_server, "--api-key",
             TEST_API_KEY, "--out", str(out), "--fps", "5", "--chunk-size", "4",
             "--process-res", "56", "--relative"]  # fmt: skip
     assert main(argv) == 0
@@ -350,7 +335,7 @@ def test_request_frames_zip_through_the_self_hosted_server(self_hosted, tmp_path
     meta = json.loads((out / "frames.json").read_text())
     assert (meta["width"], meta["height"]) == SIZE and meta["sequence"]["frames"] == 6
     assert any("notes.txt" in warning for warning in meta["warnings"])
-    both = ["request", "--frames-zip", str(path), "--video", str(path), "--endpoint", self_hosted]
+    both = ["request", "--frames-zip", str(path), "--video", str(path), "--endpoint", small_server]
     assert main(both) == 2
     assert "--video or --frames-zip (one of them)" in capsys.readouterr().err
 

@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 import plyfile
 import pytest
-from safetensors.torch import load_file, save_file
 
 from conftest import (
     FAKE_REVISION,
@@ -43,7 +42,7 @@ from da3_serverless.inference.catalog import MODELS, lookup_model
 from da3_serverless.inference.prediction import Gaussians, Prediction
 from da3_serverless.inference.predictor import Predictor
 from da3_serverless.inference.preprocess import processing_size
-from da3_serverless.model.checkpoint import WEIGHTS_NAME, write_random_checkpoint
+from da3_serverless.model.checkpoint import WEIGHTS_NAME
 from da3_serverless.model.presets import GAUSSIAN_RELEASES
 from da3_serverless.service import Service
 from paths import IMAGES
@@ -62,22 +61,7 @@ COMPACT = ["x", "y", "z", "f_dc_0", "f_dc_1", "f_dc_2", "opacity",
            "scale_0", "scale_1", "scale_2", "rot_0", "rot_1", "rot_2", "rot_3"]  # fmt: skip
 # Every Gaussian: no filter, no cap (MAX_POINTS is 2 million: room for every input pixel too).
 EVERY = {"conf_percentile": 0, "keep_sky": True, "remove_edges": False, "max_points": 2_000_000}
-# Output channels of the head's last convolution: sub-pixel offset (x, y) and depth offset.
-HEAD_OUT = "model.gs_head.scratch.output_conv2.2"
-OFFSET_CHANNELS = [0, 1, 36]
 GIANT_REPO = "depth-anything/DA3-GIANT-1.1"
-
-
-@pytest.fixture(scope="module")
-def still_snapshot(tmp_path_factory) -> Path:
-    """Random da3-small (seed 0) with a 3D-Gaussian head that predicts no offsets."""
-    folder = tmp_path_factory.mktemp("da3-small-gs")
-    write_random_checkpoint("da3-small", folder, seed=0, gaussians=True)
-    tensors = load_file(str(folder / WEIGHTS_NAME))
-    for leaf in ("weight", "bias"):
-        tensors[f"{HEAD_OUT}.{leaf}"][OFFSET_CHANNELS] = 0
-    save_file(tensors, str(folder / WEIGHTS_NAME))
-    return folder
 
 
 def settings_for(model: str | Path, workspace: Path, **overrides) -> Settings:

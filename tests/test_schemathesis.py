@@ -65,7 +65,6 @@ CONFIG = SchemathesisConfig.from_dict(
         },
     }
 )
-SOURCE_KEYS = SOURCES  # every frame source the contract has: a new one is mapped here too
 SEQUENCE_ONLY = ("fps", "max_frames", "start_s", "end_s", "chunk_size", "overlap")
 
 
@@ -107,9 +106,9 @@ def service_valid(request: dict[str, Any], url: str, b64: str) -> dict[str, Any]
     """The generated (schema-valid) request made service-valid, changing only what the schema
     cannot say (see the module docstring)."""
     request = dict(request)
-    source = next(key for key in SOURCE_KEYS if request.get(key) is not None)
+    source = next(key for key in SOURCES if request.get(key) is not None)
     images = request.get("images")
-    for key in SOURCE_KEYS:
+    for key in SOURCES:
         request.pop(key, None)
     if source == "images":
         refs = [{"url": url} if ref.get("url") is not None else {"base64": b64} for ref in images]
@@ -179,10 +178,10 @@ def _schema(app, mode: GenerationMode, url: str):
         @schema.hook
         def map_body(context, body):
             if isinstance(body, dict) and isinstance(body.get("input"), dict):
-                if any(body["input"].get(k) is not None for k in SOURCE_KEYS):
+                if any(body["input"].get(k) is not None for k in SOURCES):
                     return {**body, "input": service_valid(body["input"], url, b64)}
                 return body
-            if isinstance(body, dict) and any(body.get(k) is not None for k in SOURCE_KEYS):
+            if isinstance(body, dict) and any(body.get(k) is not None for k in SOURCES):
                 return service_valid(body, url, b64)
             return body
 

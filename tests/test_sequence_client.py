@@ -15,19 +15,9 @@ import pytest
 from conftest import TEST_API_KEY
 from da3_serverless.cli import main
 from da3_serverless.client import Client
-from servers import serve_process
 from videos import constant_rate, make_video
 
 FIELDS = {"fps": 5, "chunk_size": 4, "overlap": 2, "process_res": 56, "output_metric": False}
-
-
-@pytest.fixture(scope="module")
-def self_hosted(hf_cache, tmp_path_factory):
-    import conftest
-
-    env = conftest.service_env.__wrapped__(hf_cache, tmp_path_factory.mktemp("sequence"))
-    with serve_process(env, tmp_path_factory.mktemp("serve") / "serve.log") as (url, _):
-        yield url
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +28,9 @@ def clip(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_client_video(self_hosted, clip):
+def test_client_video(small_server, clip):
     seen: list[dict] = []
-    with Client(self_hosted, api_key=TEST_API_KEY, poll_interval=0.05) as client:
+    with Client(small_server, api_key=TEST_API_KEY, poll_interval=0.05) as client:
         outputs = ["trajectory", "depth_frames", "depth_video"]
         result = client.video(clip, on_progress=seen.append, outputs=outputs, **FIELDS)
     chunks = result.sequence["chunks"]
@@ -58,9 +48,9 @@ def test_client_video(self_hosted, clip):
 
 
 @pytest.mark.slow
-def test_request_video_command(self_hosted, clip, tmp_path, capsys):
+def test_request_video_command(small_server, clip, tmp_path, capsys):
     out = tmp_path / "out"
-    argv = ["request", "--video", str(clip), "--endpoint", self_hosted, "--api-key",
+    argv = ["request", "--video", str(clip), "--endpoint", small_server, "--api-key",
             TEST_API_KEY, "--out", str(out), "--fps", "5", "--chunk-size", "4",
             "--process-res", "56", "--relative", "--outputs",
             "trajectory,depth_frames,preview_video,scene_ply,scene_glb"]  # fmt: skip
@@ -74,18 +64,18 @@ def test_request_video_command(self_hosted, clip, tmp_path, capsys):
     meta = json.loads((out / "video.json").read_text())
     assert meta["sequence"]["chunk_size"] == 4 and meta["sequence"]["overlap"] == 2
     assert (out / "video.depth_frames.zip").exists()
-    assert main(["request", "--video", str(clip), str(clip), "--endpoint", self_hosted]) == 2
+    assert main(["request", "--video", str(clip), str(clip), "--endpoint", small_server]) == 2
 
 
 @pytest.mark.slow
-def test_runpod_sdk_streams_a_sequence_from_the_self_hosted_server(self_hosted, clip, monkeypatch):
+def test_runpod_sdk_streams_a_sequence_from_the_self_hosted_server(small_server, clip, monkeypatch):
     """runpod-python's `Job.stream()` against the self-hosted `/v2/<id>/stream/<job>`: every
     chunk summary once, in order, then the final output."""
     import base64
 
     import runpod
 
-    monkeypatch.setattr(runpod, "endpoint_url_base", f"{self_hosted}/v2")
+    monkeypatch.setattr(runpod, "endpoint_url_base", f"{small_server}/v2")
     endpoint = runpod.Endpoint("local", api_key=TEST_API_KEY)
     request = {"video_base64": base64.b64encode(clip.read_bytes()).decode(),
                "outputs": ["trajectory"], **FIELDS}  # fmt: skip

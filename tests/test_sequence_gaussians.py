@@ -24,25 +24,24 @@ import torch
 from scipy.spatial.transform import Rotation
 
 from conftest import TEST_API_KEY, offline_settings
-from da3_serverless.api.budget import HOST_BYTES_PER_PIXEL, Budget, estimate_cost
+from da3_serverless.api.budget import HOST_BYTES_PER_PIXEL, estimate_cost
 from da3_serverless.api.errors import ServiceError
 from da3_serverless.api.job import JobInfo
 from da3_serverless.api.schema import RunResponse, parse_request
 from da3_serverless.exports.gaussians import FILE_BYTES_PER_GAUSSIAN
-from da3_serverless.inference.cancel import Cancelled, CancelToken
+from da3_serverless.inference.cancel import CancelToken
 from da3_serverless.inference.gaussians import moved_gaussians
 from da3_serverless.inference.prediction import Gaussians, Prediction
 from da3_serverless.inference.preprocess import processing_size
 from da3_serverless.model.spherical_harmonics import SH_C0, basis
 from da3_serverless.sequence.assemble import Assembler, world_points
 from da3_serverless.sequence.gaussians import GaussianCollector
-from da3_serverless.sequence.pipeline import run_sequence
 from da3_serverless.sequence.plan import plan_chunks
 from da3_serverless.sequence.share import HOLD
 from da3_serverless.service import Service
-from sequence_scene import HEIGHT, WIDTH, oracle_chunk, random_sim3, room_scene
-from sequence_standin import standin_context
-from test_gaussians_output import COMPACT, INRIA, read_gaussians, still_snapshot, xyz  # noqa: F401
+from sequence_scene import HEIGHT, WIDTH, as_prediction, oracle_chunk, random_sim3, room_scene
+from sequence_standin import check_chunk_price, files_left, standin_context
+from test_gaussians_output import COMPACT, INRIA, read_gaussians, settings_for, xyz
 from videos import constant_rate, make_video
 
 # Relative to the scene's extent: float32 arithmetic of the frame change (about 1e-6).
@@ -85,12 +84,7 @@ def _oracle_chunk_prediction(scene, chunk, frame, rng) -> Prediction:
         colors=rng.uniform(0, 1, size=(*shape, 3)).astype(np.float32),
         sh_rest=rng.normal(scale=0.2, size=(*shape, 3, 8)).astype(np.float32),
     )
-    return Prediction(
-        frames.depth.astype(np.float32), frames.confidence.astype(np.float32),
-        np.zeros(shape, np.float32), frames.intrinsics.astype(np.float32),
-        frames.extrinsics.astype(np.float32), is_metric=False, units="relative",
-        gaussians=gaussians,
-    )  # fmt: skip
+    return as_prediction(frames, np.zeros(shape, np.float32), gaussians)
 
 
 def test_a_chunks_gaussians_moved_by_its_sim3_sit_on_its_aligned_depth_points():
@@ -189,9 +183,9 @@ CELLS = GRID_W * GRID_H
 
 
 @pytest.fixture(scope="module")
-def gs_service(still_snapshot, tmp_path_factory) -> Service:  # noqa: F811
+def gs_service(still_snapshot, tmp_path_factory) -> Service:
     workspace = tmp_path_factory.mktemp("workspace")
-    return Service(offline_settings(None, workspace, model_id=str(still_snapshot)))
+    return Service(settings_for(still_snapshot, workspace))
 
 
 @pytest.fixture(scope="module")
@@ -205,12 +199,6 @@ def _video_request(video: bytes, **fields) -> dict:
         "chunk_size": CHUNK, "overlap": OVERLAP, "process_res": PROCESS_RES,
         "output_metric": False, "outputs": ["trajectory", "gaussians_ply"], **fields,
     }  # fmt: skip
-
-
-def _files(service: Service) -> list:
-    """Every file the service left: the sequences' workspace and the saved outputs."""
-    folders = [service.settings.workspace_dir / "sequences", service.settings.output_dir]
-    return [p for folder in folders if folder.exists() for p in folder.rglob("*") if p.is_file()]
 
 
 def test_a_videos_gaussians_sit_on_their_frames_cell_rays_once(gs_service, video):
@@ -253,8 +241,8 @@ def test_a_videos_gaussians_are_filtered_and_capped_at_max_points(gs_service, vi
     assert np.isfinite(xyz(vertices)).all()
 
 
-def test_cancel_after_a_chunk_with_gaussians_leaves_no_file(still_snapshot, tmp_path, video):  # noqa: F811
-    service = Service(offline_settings(None, tmp_path, model_id=str(still_snapshot)))
+def test_cancel_after_a_chunk_with_gaussians_leaves_no_file(still_snapshot, tmp_path, video):
+    service = Service(settings_for(still_snapshot, tmp_path))
     token = CancelToken()
     with pytest.raises(ServiceError) as caught:
         service.handle(
@@ -262,7 +250,7 @@ def test_cancel_after_a_chunk_with_gaussians_leaves_no_file(still_snapshot, tmp_
             job=JobInfo(progress=lambda summary: token.cancel("cancelled by the test")),
         )  # fmt: skip
     assert caught.value.code == "cancelled"
-    assert not _files(service)
+    assert not files_left(service.settings)
 
 
 def test_gaussians_of_a_sequence_need_the_head(hf_cache, tmp_path, video):
@@ -271,7 +259,7 @@ def test_gaussians_of_a_sequence_need_the_head(hf_cache, tmp_path, video):
     with pytest.raises(ServiceError, match="no 3D-Gaussian head") as caught:
         service.handle(_video_request(video))
     assert caught.value.code == "invalid_input"
-    assert not _files(service)
+    assert not files_left(service.settings)
 
 
 @pytest.mark.parametrize("max_points", [3000, 20_000])
@@ -291,18 +279,4 @@ def test_a_chunk_is_priced_with_its_gaussians(tmp_path, video, max_points):
     request = parse_request(_video_request(video, **fields))
     trajectory = parse_request(_video_request(video, **fields, outputs=["trajectory"]))
     context = standin_context(offline_settings(None, tmp_path))
-    context.budget = Budget(10**9, price - 1)
-    assert run_sequence(context, trajectory)["sequence"]["chunk_size"] == CHUNK
-    with pytest.raises(ServiceError, match="gaussians_ply") as caught:
-        run_sequence(context, request)
-    assert caught.value.code == "request_too_large"
-    context.budget = Budget(10**9, price)
-    context.cancel = CancelToken()  # the first run committed its token
-    context.cancel.cancel("after the budget")
-    with pytest.raises(Cancelled):
-        run_sequence(context, request)
-    assert not _files_in(tmp_path)
-
-
-def _files_in(workspace) -> list:
-    return [p for p in (workspace / "sequences").rglob("*") if p.is_file()]
+    check_chunk_price(context, trajectory, request, price, CHUNK, "gaussians_ply")

@@ -27,7 +27,7 @@ from da3_serverless.sequence.plan import plan_chunks
 from da3_serverless.service import Service
 from js_tools import read_glb_in_node
 from paths import IMAGES
-from sequence_standin import standin_context
+from sequence_standin import files_left, standin_context
 from test_scene import check_colmap, read_colmap, read_glb, read_ply
 from videos import constant_rate, make_video
 
@@ -278,8 +278,7 @@ def test_cancel_after_a_chunk_leaves_no_file(service, video):
         service.handle(_request(video), cancel=token, job=JobInfo(progress=cancel_after_first))
     assert caught.value.code == "cancelled"
     assert not list((workspace / "sequences").iterdir())
-    outputs = service.settings.output_dir
-    assert not outputs.exists() or not [p for p in outputs.rglob("*") if p.is_file()]
+    assert not files_left(service.settings)
 
 
 def test_a_stream_without_duration_runs_or_stops_at_the_limit_leaving_no_file(hf_cache, tmp_path):
@@ -303,8 +302,7 @@ def test_a_stream_without_duration_runs_or_stops_at_the_limit_leaving_no_file(hf
     assert "MAX_VIDEO_DURATION_S" in caught.value.message
     assert written == [4, 6]  # the frames at 0 to 1.0 s ran; the one at 1.033 s stopped it
     assert not list((settings.workspace_dir / "sequences").iterdir())
-    outputs = settings.output_dir
-    assert not outputs.exists() or not [p for p in outputs.rglob("*") if p.is_file()]
+    assert not files_left(settings)
 
 
 def test_outputs_as_paths_are_files_moved_from_the_frames_folder(service, video, chunked):
@@ -327,14 +325,12 @@ def test_outputs_as_paths_are_files_moved_from_the_frames_folder(service, video,
     service.store.discard(paths)  # other tests of the module check that no file is left
 
 
-def _standin(tmp_path, video: bytes, paths: bool | None = None, **settings) -> tuple[dict, object]:
-    """A sequence request through the stand-in network (no model): 10 frames in chunks of 4;
-    as paths unless MAX_RESPONSE_BYTES is set (or `paths` says)."""
+def _standin(tmp_path, video: bytes, return_base64: bool = False, **settings):
+    """A sequence request through the stand-in network (no model): 10 frames in chunks of 4,
+    the outputs asked for as paths unless `return_base64`. Returns (response, settings)."""
     config = offline_settings(None, tmp_path / "ws", **settings)
     payload = {key: value for key, value in _request(video).items() if key != "api_key"}
-    if paths is None:
-        paths = settings.get("max_response_bytes") is None
-    payload["return_base64"] = not paths
+    payload["return_base64"] = return_base64
     response = run_sequence(standin_context(config), parse_request(payload, config))
     return response, config
 
@@ -361,7 +357,7 @@ def test_outputs_stored_nowhere_past_the_budget_fail_the_request(tmp_path, video
     (tmp_path / "ws").mkdir()
     (tmp_path / "ws" / "output_images").write_bytes(b"")
     with pytest.raises(ServiceError) as caught:
-        _standin(tmp_path, video, paths=True, max_response_bytes=100)
+        _standin(tmp_path, video, max_response_bytes=100)
     assert caught.value.code == "request_too_large"
     message = caught.value.message
     assert message.startswith("trajectory could not be stored (could not save trajectory on")
@@ -382,8 +378,9 @@ def test_outputs_past_the_response_budget_go_to_the_bucket_and_volume(tmp_path, 
                       aws_secret_access_key="secret", region_name="us-east-1")  # fmt: skip
     s3.create_bucket(Bucket="sequences")
     response, config = _standin(
-        tmp_path, video, max_response_bytes=20_000, bucket_endpoint_url=f"{s3_endpoint}/sequences",
-        bucket_access_key_id="testing", bucket_secret_access_key="secret",
+        tmp_path, video, return_base64=True, max_response_bytes=20_000,
+        bucket_endpoint_url=f"{s3_endpoint}/sequences", bucket_access_key_id="testing",
+        bucket_secret_access_key="secret",
     )  # fmt: skip
     trajectory = zipfile.ZipFile(io.BytesIO(base64.b64decode(response["trajectory"]["base64"])))
     assert len(trajectory.read("trajectory.tum").decode().splitlines()) == 11
@@ -468,8 +465,7 @@ def test_runpods_stop_signal_after_a_chunk_leaves_no_file(service, video, monkey
     assert reported == [] and cancelled.is_set()
     assert [update["chunk"] for update in sent] == [0] and on_disk == [True]
     assert not list((workspace / "sequences").iterdir())
-    outputs = service.settings.output_dir
-    assert not outputs.exists() or not [p for p in outputs.rglob("*") if p.is_file()]
+    assert not files_left(service.settings)
 
 
 def test_status_shows_the_latest_progress_while_the_job_runs():

@@ -12,18 +12,15 @@ import numpy as np
 import pytest
 
 from conftest import offline_settings
-from da3_serverless.api.budget import Budget, estimate_cost
-from da3_serverless.api.errors import ServiceError
+from da3_serverless.api.budget import estimate_cost
 from da3_serverless.api.schema import parse_request
-from da3_serverless.inference.cancel import Cancelled, CancelToken
-from da3_serverless.inference.prediction import Prediction
 from da3_serverless.sequence.assemble import Assembler
 from da3_serverless.sequence.pipeline import run_sequence
 from da3_serverless.sequence.plan import plan_chunks
 from da3_serverless.sequence.scene import SceneCollector
 from da3_serverless.sequence.share import HOLD, EvenShare, even_per_frame, water_fill
-from sequence_scene import HEIGHT, WIDTH, oracle_chunk, random_sim3, room_scene
-from sequence_standin import standin_context
+from sequence_scene import HEIGHT, WIDTH, as_prediction, oracle_chunk, random_sim3, room_scene
+from sequence_standin import check_chunk_price, standin_context
 from test_scene import colmap_points, read_colmap, read_ply
 from videos import constant_rate, make_video
 
@@ -80,12 +77,7 @@ def _predictions(frames: int, seed: int):
     assembler = Assembler(OVERLAP)
     for chunk in plan_chunks(frames, CHUNK, OVERLAP):
         parts = oracle_chunk(scene, range(chunk.start, chunk.stop), random_sim3(rng), rng)
-        prediction = Prediction(
-            parts.depth.astype(np.float32), parts.confidence.astype(np.float32), None,
-            parts.intrinsics.astype(np.float32), parts.extrinsics.astype(np.float32),
-            is_metric=False, units="relative",
-        )  # fmt: skip
-        yield assembler.add(chunk, prediction)
+        yield assembler.add(chunk, as_prediction(parts))
 
 
 def test_the_scene_collector_holds_a_bounded_count_over_a_long_sequence():
@@ -158,18 +150,6 @@ def test_a_chunk_is_priced_with_its_scene_outputs(tmp_path, outputs):
     price = estimate_cost("stand-in", PROCESS_RES, frames, 3000).host_pixels
     assert price > estimate_cost("stand-in", PROCESS_RES, frames).host_pixels
     config = offline_settings(None, tmp_path / "ws")
-    context = standin_context(config)
-    context.budget = Budget(10**9, price - 1)
     plain = parse_request(_payload(video, fps=5, outputs=["trajectory"]), config)
-    assert run_sequence(context, plain)["sequence"]["chunk_size"] == CHUNK
     request = parse_request(_payload(video, fps=5, outputs=outputs), config)
-    with pytest.raises(ServiceError, match=outputs[0]) as caught:
-        run_sequence(context, request)
-    assert caught.value.code == "request_too_large"
-    assert not [p for p in (tmp_path / "ws" / "sequences").rglob("*") if p.is_file()]
-    context.budget = Budget(10**9, price)
-    context.cancel = CancelToken()  # the first run committed its token
-    context.cancel.cancel("after the budget")
-    with pytest.raises(Cancelled):
-        run_sequence(context, request)
-    assert not [p for p in (tmp_path / "ws" / "sequences").rglob("*") if p.is_file()]
+    check_chunk_price(standin_context(config), plain, request, price, CHUNK, outputs[0])

@@ -6,7 +6,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,6 +20,7 @@ import pytest
 from da3_serverless.api import storage
 from da3_serverless.api.storage import OutputStore, StorageError, parse_bucket_endpoint
 from da3_serverless.config import Settings
+from servers import free_port, wait_ready
 
 DAY = 86400.0
 
@@ -326,7 +326,7 @@ def test_upload_to_s3(s3_endpoint: str, tmp_path: Path) -> None:
 
 
 def test_upload_a_file_to_s3(s3_endpoint: str, tmp_path: Path) -> None:
-    """A file is streamed to the bucket (past boto3's 8 MB threshold: in parts) under the same
+    """A file is streamed to the bucket (past storage.UPLOAD_PART: in parts) under the same
     key as bytes would be, listed in `saved`, and read back whole through its URL; the file
     stays where it was. A missing file is a StorageError."""
     import boto3
@@ -335,7 +335,7 @@ def test_upload_a_file_to_s3(s3_endpoint: str, tmp_path: Path) -> None:
                       aws_secret_access_key="secret", region_name="us-east-1")  # fmt: skip
     s3.create_bucket(Bucket="da3-outputs")
     store = OutputStore(bucket_settings(s3_endpoint, tmp_path, "da3-outputs"))
-    data = os.urandom(9 * 1024 * 1024)
+    data = os.urandom(storage.UPLOAD_PART + 1024 * 1024)
     source = tmp_path / "depth_video.mkv"
     source.write_bytes(data)
     saved: list = []
@@ -358,22 +358,12 @@ def s3_process() -> Iterator[str]:
     """A moto S3 server in a process of its own (real HTTP on 127.0.0.1): what it stores is not
     traced by tracemalloc in this one, unlike the threaded `s3_endpoint`'s."""
     pytest.importorskip("moto.server")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     endpoint = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                httpx.get(f"{endpoint}/moto-api/")
-                break
-            except httpx.TransportError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail("the moto server did not start")
-                time.sleep(0.1)
+        wait_ready(endpoint, server, None, path="/moto-api/")
         yield endpoint
     finally:
         server.terminate()
@@ -420,12 +410,7 @@ def test_upload_failure_is_a_storage_error_without_secrets(
 
 
 def test_upload_to_unreachable_endpoint(tmp_path: Path) -> None:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    store = OutputStore(bucket_settings(f"http://127.0.0.1:{port}", tmp_path, "b"))
+    store = OutputStore(bucket_settings(f"http://127.0.0.1:{free_port()}", tmp_path, "b"))
     with pytest.raises(
         StorageError, match=r"could not upload an output to bucket 'b' at 127\.0\.0\.1"
     ):
